@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Install the Debian packages the test-suite runs for real, only when missing.
+set -euo pipefail
+need=()
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
+command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
+[ -x /usr/bin/prometheus-node-exporter ] || need+=(prometheus-node-exporter)
+if [ ${#need[@]} -eq 0 ]; then exit 0; fi
+if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+echo "installing Debian packages: ${need[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+# --no-install-recommends keeps the install small; the services are not started here.
+$SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+# Debian starts the packaged daemons; tests start their own on free ports.
+for svc in prometheus prometheus-node-exporter; do
+  (command -v systemctl >/dev/null && $SUDO systemctl stop "$svc" 2>/dev/null) || true
+  $SUDO pkill -x "$svc" 2>/dev/null || true
+done
