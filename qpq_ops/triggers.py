@@ -1,0 +1,477 @@
+"""The nine scaling triggers of the scaling guide, defined once as data.
+
+Alert rules, dashboard thresholds, the docs table and `qpq-ops check-triggers` are all
+generated from `TRIGGERS`; change a threshold here and every consumer follows.
+
+Each trigger measures one value per `instance` through a `Measure`: a small typed recipe
+that renders the trigger's PromQL (`Trigger.expr`) and that the direct-scrape evaluator
+(`qpq_ops.evaluate.direct`) computes from two scrapes of a `/metrics` page, so the
+Prometheus and the direct path cannot disagree about what is measured.
+
+The module checks itself at import: ids unique and equal to DESIGN.md's list, critical
+stricter than warning in the trigger's direction, `alert_for_s >= sustain_s`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Literal
+
+__all__ = [
+    "RUNBOOK_DOC",
+    "TRIGGERS",
+    "TRIGGER_IDS",
+    "BusyPercent",
+    "Direction",
+    "Gauge",
+    "Measure",
+    "PerMinute",
+    "Quantile",
+    "RatioPercent",
+    "Severity",
+    "Source",
+    "State",
+    "Trigger",
+    "UsedPercent",
+    "get_trigger",
+    "validate_triggers",
+    "worst_state",
+]
+
+RUNBOOK_DOC = "docs/operations/incident-response.md"
+
+# The ids fixed by DESIGN.md, in the scaling guide's order.
+TRIGGER_IDS: tuple[str, ...] = (
+    "cpu",
+    "memory",
+    "disk_usage",
+    "disk_io_latency",
+    "delivery_queue_depth",
+    "rate_limit_hits",
+    "login_failures",
+    "connections",
+    "tls_handshake_latency",
+)
+
+
+class Severity(StrEnum):
+    WARNING = "warning"
+    CRITICAL = "critical"
+
+
+class State(StrEnum):
+    OK = "ok"
+    WARNING = "warning"
+    CRITICAL = "critical"
+    NO_DATA = "no-data"
+
+
+class Direction(StrEnum):
+    """Which side of the thresholds is bad."""
+
+    ABOVE = "above"
+    BELOW = "below"
+
+
+class Source(StrEnum):
+    """Who exports the trigger's metrics."""
+
+    NODE = "node_exporter"
+    QPQ = "qpq"
+
+
+# Order used to combine states into one status (DESIGN.md's exit-code rule).
+_STATE_RANK = {State.OK: 0, State.NO_DATA: 1, State.WARNING: 2, State.CRITICAL: 3}
+
+
+def worst_state(states: list[State] | tuple[State, ...]) -> State:
+    """critical > warning > no-data > ok; an empty list is no-data (nothing evaluated)."""
+    if not states:
+        return State.NO_DATA
+    return max(states, key=lambda s: _STATE_RANK[s])
+
+
+# --- selectors -----------------------------------------------------------------------------
+
+_MATCHER_LIST = re.compile(r"^\{?(?P<inner>.*?)\}?$", re.S)
+
+
+def _inner_matchers(selector: str) -> str:
+    """'{instance="a:9090"}' or 'instance="a:9090"' -> 'instance="a:9090"'."""
+    match = _MATCHER_LIST.match(selector.strip())
+    inner = match.group("inner").strip() if match else ""
+    return inner.rstrip(",").strip()
+
+
+def _select(metric: str, fixed: str, extra: str) -> str:
+    """A vector selector: metric{fixed,extra} with empty parts left out."""
+    parts = [p for p in (fixed, extra) if p]
+    return f"{metric}{{{','.join(parts)}}}" if parts else metric
+
+
+# --- measures: what a trigger computes, rendered to PromQL or computed from scrapes -------
+
+
+@dataclass(frozen=True)
+class Gauge:
+    """A gauge summed per instance (e.g. messages waiting in all delivery queues)."""
+
+    metric: str
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return (self.metric,)
+
+    def promql(self, extra: str = "") -> str:
+        return f"sum by (instance) ({_select(self.metric, '', extra)})"
+
+
+@dataclass(frozen=True)
+class PerMinute:
+    """A counter's increase per minute, from its per-second rate over `window`."""
+
+    counter: str
+    window: str = "1m"
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return (self.counter,)
+
+    def promql(self, extra: str = "") -> str:
+        sel = _select(self.counter, "", extra)
+        return f"60 * sum by (instance) (rate({sel}[{self.window}]))"
+
+
+@dataclass(frozen=True)
+class Quantile:
+    """A quantile (e.g. p95) of a histogram's observations over `window`."""
+
+    histogram: str
+    q: float
+    window: str = "5m"
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return (f"{self.histogram}_bucket",)
+
+    def promql(self, extra: str = "") -> str:
+        sel = _select(f"{self.histogram}_bucket", "", extra)
+        return (
+            f"histogram_quantile({self.q}, "
+            f"sum by (instance, le) (rate({sel}[{self.window}])))"
+        )
+
+
+@dataclass(frozen=True)
+class RatioPercent:
+    """100 x numerator / denominator, both gauges summed per instance."""
+
+    numerator: str
+    denominator: str
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return (self.numerator, self.denominator)
+
+    def promql(self, extra: str = "") -> str:
+        num = _select(self.numerator, "", extra)
+        den = _select(self.denominator, "", extra)
+        return f"100 * sum by (instance) ({num}) / sum by (instance) ({den})"
+
+
+@dataclass(frozen=True)
+class UsedPercent:
+    """100 x (1 - available / total): memory or filesystem space in use.
+
+    `matchers` restricts the series (e.g. real filesystems only); with `per_series` the
+    ratio is taken per series (per filesystem) and the fullest one counts.
+    """
+
+    available: str
+    total: str
+    matchers: str = ""
+    per_series: bool = False
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return (self.available, self.total)
+
+    def promql(self, extra: str = "") -> str:
+        avail = _select(self.available, self.matchers, extra)
+        total = _select(self.total, self.matchers, extra)
+        if self.per_series:
+            return f"100 * max by (instance) (1 - {avail} / {total})"
+        return f"100 * (1 - sum by (instance) ({avail}) / sum by (instance) ({total}))"
+
+
+@dataclass(frozen=True)
+class BusyPercent:
+    """100 x (1 - idle share) of a per-CPU seconds counter, averaged over all CPUs."""
+
+    counter: str
+    idle_matcher: str
+    window: str = "1m"
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return (self.counter,)
+
+    def promql(self, extra: str = "") -> str:
+        sel = _select(self.counter, self.idle_matcher, extra)
+        return f"100 * (1 - avg by (instance) (rate({sel}[{self.window}])))"
+
+
+Measure = Gauge | PerMinute | Quantile | RatioPercent | UsedPercent | BusyPercent
+
+
+# --- the trigger ---------------------------------------------------------------------------
+
+Unit = Literal["percent", "seconds", "messages", "per_minute"]
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """One row of the scaling guide's trigger table.
+
+    `expr` is the PromQL of the current value, one series per `instance`; the state is
+    warning/critical when the value is beyond the threshold (strictly, as the guide's
+    "> 70%") in `direction`, and for `sustain_s > 0` only when it stayed there for the
+    whole window.
+    """
+
+    id: str
+    title: str
+    measures: str
+    unit: Unit
+    measure: Measure
+    warning: float
+    critical: float
+    sustain_s: int
+    alert_for_s: int
+    action: str
+    source: Source
+    direction: Direction = Direction.ABOVE
+
+    @property
+    def expr(self) -> str:
+        return self.measure.promql()
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """The exported metric names the expression reads."""
+        return self.measure.metrics
+
+    @property
+    def runbook_anchor(self) -> str:
+        return self.id
+
+    @property
+    def runbook(self) -> str:
+        """Relative link to the trigger's runbook section."""
+        return f"{RUNBOOK_DOC}#{self.runbook_anchor}"
+
+    def expr_with_selector(self, selector: str) -> str:
+        """The expression with extra label matchers on every series it reads.
+
+        `selector` is '{instance="a:9090"}', 'job="qpq",instance=~"n1:.*"' or ''.
+        """
+        return self.measure.promql(_inner_matchers(selector))
+
+    def threshold(self, severity: Severity) -> float:
+        return self.critical if severity is Severity.CRITICAL else self.warning
+
+    def beyond(self, value: float, threshold: float) -> bool:
+        """True when `value` is past `threshold` on the bad side."""
+        return value > threshold if self.direction is Direction.ABOVE else value < threshold
+
+    def state_for(self, value: float | None) -> State:
+        """ok/warning/critical for a value; None or NaN (absent metric) is no-data."""
+        if value is None or math.isnan(value):
+            return State.NO_DATA
+        if self.beyond(value, self.critical):
+            return State.CRITICAL
+        if self.beyond(value, self.warning):
+            return State.WARNING
+        return State.OK
+
+    def comparison(self, severity: Severity) -> str:
+        """PromQL comparison suffix for alert rules, e.g. '> 90'."""
+        op = ">" if self.direction is Direction.ABOVE else "<"
+        return f"{op} {_fmt(self.threshold(severity))}"
+
+
+def _fmt(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(value)
+
+
+_REAL_FILESYSTEMS = 'fstype!~"tmpfs|ramfs|devtmpfs|squashfs|nsfs|overlay|fuse.lxcfs"'
+
+TRIGGERS: tuple[Trigger, ...] = (
+    Trigger(
+        id="cpu",
+        title="CPU usage",
+        measures="Share of CPU time not idle, averaged over all cores, from node_exporter's "
+        "node_cpu_seconds_total.",
+        unit="percent",
+        measure=BusyPercent("node_cpu_seconds_total", 'mode="idle"'),
+        warning=70.0,
+        critical=90.0,
+        sustain_s=300,
+        alert_for_s=300,
+        action="Add CPU or scale horizontally (more worker processes, then more nodes).",
+        source=Source.NODE,
+    ),
+    Trigger(
+        id="memory",
+        title="Memory usage",
+        measures="Share of RAM not available to new allocations, from node_exporter's "
+        "node_memory_MemAvailable_bytes and node_memory_MemTotal_bytes.",
+        unit="percent",
+        measure=UsedPercent("node_memory_MemAvailable_bytes", "node_memory_MemTotal_bytes"),
+        warning=75.0,
+        critical=90.0,
+        sustain_s=0,
+        alert_for_s=120,
+        action="Increase memory; check the qpq process for leaks (process_resident_memory_bytes).",
+        source=Source.NODE,
+    ),
+    Trigger(
+        id="disk_usage",
+        title="Disk usage",
+        measures="Space used on the fullest real filesystem, from node_exporter's "
+        "node_filesystem_avail_bytes and node_filesystem_size_bytes.",
+        unit="percent",
+        measure=UsedPercent(
+            "node_filesystem_avail_bytes",
+            "node_filesystem_size_bytes",
+            matchers=_REAL_FILESYSTEMS,
+            per_series=True,
+        ),
+        warning=70.0,
+        critical=90.0,
+        sustain_s=0,
+        alert_for_s=300,
+        action="Expand the volume; clean old data (shorter retention, prune old backups).",
+        source=Source.NODE,
+    ),
+    Trigger(
+        id="disk_io_latency",
+        title="Disk I/O latency p95",
+        measures="95th percentile of storage commit time over 5 minutes, from "
+        "qpq_db_write_duration_seconds.",
+        unit="seconds",
+        measure=Quantile("qpq_db_write_duration_seconds", 0.95),
+        warning=0.005,
+        critical=0.020,
+        sustain_s=0,
+        alert_for_s=300,
+        action="Move the data directory to faster storage (NVMe SSD).",
+        source=Source.QPQ,
+    ),
+    Trigger(
+        id="delivery_queue_depth",
+        title="Delivery queue depth",
+        measures="Messages waiting for delivery in all queues, from qpq_delivery_queue_depth.",
+        unit="messages",
+        measure=Gauge("qpq_delivery_queue_depth"),
+        warning=10_000.0,
+        critical=100_000.0,
+        sustain_s=0,
+        alert_for_s=300,
+        action="Investigate stale queues (recipients that never fetch) and slow delivery.",
+        source=Source.QPQ,
+    ),
+    Trigger(
+        id="rate_limit_hits",
+        title="Rate-limit hits per minute",
+        measures="Requests refused by the rate limiter per minute, from "
+        "qpq_rate_limit_hit_total.",
+        unit="per_minute",
+        measure=PerMinute("qpq_rate_limit_hit_total"),
+        warning=100.0,
+        critical=1000.0,
+        sustain_s=0,
+        alert_for_s=120,
+        action="Investigate abuse (which accounts and addresses); adjust [rate_limit] if "
+        "legitimate traffic is refused.",
+        source=Source.QPQ,
+    ),
+    Trigger(
+        id="login_failures",
+        title="Login failures per minute",
+        measures="Failed logins per minute, from qpq_auth_login_failure_total.",
+        unit="per_minute",
+        measure=PerMinute("qpq_auth_login_failure_total"),
+        warning=50.0,
+        critical=500.0,
+        sustain_s=0,
+        alert_for_s=60,
+        action="Potential brute-force attack: find the sources, block them, tighten "
+        "[rate_limit].",
+        source=Source.QPQ,
+    ),
+    Trigger(
+        id="connections",
+        title="Connections vs cap",
+        measures="Open QUIC connections as a share of the configured cap, from "
+        "qpq_connections_active and qpq_connections_max.",
+        unit="percent",
+        measure=RatioPercent("qpq_connections_active", "qpq_connections_max"),
+        warning=80.0,
+        critical=95.0,
+        sustain_s=0,
+        alert_for_s=120,
+        action="Scale horizontally (add a node behind the UDP load balancer) or raise "
+        "[quic] max_connections if the host has room.",
+        source=Source.QPQ,
+    ),
+    Trigger(
+        id="tls_handshake_latency",
+        title="TLS handshake p95",
+        measures="95th percentile of QUIC/TLS handshake time over 5 minutes, from "
+        "qpq_tls_handshake_duration_seconds.",
+        unit="seconds",
+        measure=Quantile("qpq_tls_handshake_duration_seconds", 0.95),
+        warning=0.1,
+        critical=0.5,
+        sustain_s=0,
+        alert_for_s=300,
+        action="Add CPU (handshakes are CPU-bound); check the network path for loss.",
+        source=Source.QPQ,
+    ),
+)
+
+_BY_ID = {t.id: t for t in TRIGGERS}
+
+
+def get_trigger(trigger_id: str) -> Trigger:
+    """The trigger with this id; KeyError naming the known ids otherwise."""
+    try:
+        return _BY_ID[trigger_id]
+    except KeyError:
+        raise KeyError(
+            f"unknown trigger {trigger_id!r}; known: {', '.join(TRIGGER_IDS)}"
+        ) from None
+
+
+def validate_triggers(triggers: tuple[Trigger, ...]) -> None:
+    """Fail at import when the table is inconsistent (a swapped threshold, a lost id)."""
+    ids = tuple(t.id for t in triggers)
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"duplicate trigger ids: {ids}")
+    if ids != TRIGGER_IDS:
+        raise ValueError(f"trigger ids {ids} differ from DESIGN.md's {TRIGGER_IDS}")
+    for t in triggers:
+        if not t.beyond(t.critical, t.warning):
+            raise ValueError(
+                f"trigger {t.id}: critical {t.critical} is not stricter than "
+                f"warning {t.warning} ({t.direction})"
+            )
+        if t.sustain_s < 0 or t.alert_for_s < t.sustain_s:
+            raise ValueError(f"trigger {t.id}: need 0 <= sustain_s <= alert_for_s")
+
+
+validate_triggers(TRIGGERS)
