@@ -1,0 +1,58 @@
+"""Output helpers shared by every `qpq-ops` command.
+
+- `print_json(obj)`: the JSON document alone on stdout (what `--json` prints).
+- `out()` / `err()`: rich consoles for stdout (tables) and stderr (progress, errors).
+  They are made per call so that they follow `sys.stdout`/`sys.stderr` as swapped by
+  test runners, and drop styling off a terminal.
+- `fail(message, code)`: one clear line on stderr, then exit with `code`.
+- `STATE_STYLE`: the colour of each trigger/check state in tables.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import NoReturn
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from qpq_ops.exit_codes import ExitCode
+
+__all__ = ["STATE_STYLE", "err", "fail", "out", "print_json", "styled_state"]
+
+STATE_STYLE = {
+    "ok": "green",
+    "warning": "yellow",
+    "critical": "bold red",
+    "no-data": "magenta",
+    "skipped": "dim",
+}
+
+
+def out() -> Console:
+    return Console(file=sys.stdout, soft_wrap=False)
+
+
+def err() -> Console:
+    return Console(file=sys.stderr, soft_wrap=True)
+
+
+def print_json(obj: object) -> None:
+    """Write `obj` as indented JSON, alone, on stdout."""
+    sys.stdout.write(json.dumps(obj, indent=2, allow_nan=False) + "\n")
+    sys.stdout.flush()
+
+
+def styled_state(state: str) -> str:
+    """Rich markup for a state word, coloured by `STATE_STYLE`."""
+    style = STATE_STYLE.get(state, "")
+    return f"[{style}]{escape(state)}[/]" if style else escape(state)
+
+
+def fail(message: str, code: ExitCode = ExitCode.USAGE) -> NoReturn:
+    """Print `qpq-ops: error: message` as one line on stderr and exit with `code`."""
+    line = " ".join(message.split())
+    err().print(f"[bold red]qpq-ops: error:[/] {escape(line)}", highlight=False)
+    raise typer.Exit(int(code))

@@ -1,0 +1,280 @@
+"""Capacity planning: the scaling guide's worksheet as a pure function.
+
+`plan(CapacityInputs) -> CapacityPlan`. No I/O: the CLI reads options, files or
+Prometheus, this module only computes. Units are SI (1 KB = 10^3 B, 1 MB = 10^6 B,
+1 GB = 10^9 B); every output figure is in bytes, vCPUs or counts.
+
+Formulas (scaling guide, "Capacity planning worksheet"):
+- storage per day = users x msgs/hr x 24 x avg_msg_size + blob_uploads x avg_blob_size
+- DB growth per month = storage per day x 30
+- memory estimate = concurrent_users x 5 KB + 256 MB base
+- CPU estimate = 1 vCPU per ~2,500 concurrent connections (depends on message rate)
+
+Choices this module makes where the guide is silent (each visible in the plan):
+- the peak factor multiplies concurrent users and message rate for memory, CPU and file
+  descriptors; storage is a daily total and uses the average;
+- retention storage is sized so the retained data stays under the `disk_usage`
+  trigger's warning threshold (70 %), i.e. retained bytes / 0.70;
+- the message-rate side of the CPU estimate assumes each message costs two requests
+  (enqueue + fetch) and one vCPU serves `REQUESTS_PER_VCPU_S` requests per second;
+- a tier fits when the needs are within its upper bounds (vCPU, memory, disk, users);
+  the guide gives no ceiling for "Large" CPU, so one node stops at `SINGLE_NODE_MAX_VCPUS`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+from qpq_ops.triggers import get_trigger
+
+__all__ = [
+    "BEYOND_ONE_NODE",
+    "NOFILE",
+    "SYSCTL",
+    "TIERS",
+    "CapacityInputError",
+    "CapacityInputs",
+    "CapacityPlan",
+    "MemoryModel",
+    "Tier",
+    "plan",
+]
+
+KB = 1_000
+MB = 1_000_000
+GB = 1_000_000_000
+
+# Worksheet constants.
+MEMORY_PER_USER_BYTES = 5 * KB
+MEMORY_BASE_BYTES = 256 * MB
+USERS_PER_VCPU = 2_500
+DAYS_PER_MONTH = 30
+# Assumption: aioquic serves ~1,300-1,900 bare round trips/s per core (aioquic-notes.md);
+# with auth and storage, count 1,000 requests/s per vCPU.
+REQUESTS_PER_VCPU_S = 1_000
+REQUESTS_PER_MESSAGE = 2
+SINGLE_NODE_MAX_VCPUS = 32
+
+# Tuning section of the guide.
+NOFILE = 65_536
+SYSCTL: dict[str, int] = {
+    "net.core.rmem_max": 26_214_400,
+    "net.core.wmem_max": 26_214_400,
+    "net.core.rmem_default": 1_048_576,
+    "net.core.wmem_default": 1_048_576,
+}
+
+BEYOND_ONE_NODE = "beyond one node: scale horizontally"
+
+
+class CapacityInputError(ValueError):
+    """An input the worksheet cannot use; `field` names the option."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class CapacityInputs:
+    """The worksheet's inputs; validated on construction."""
+
+    users: int
+    """expected concurrent users (connections)"""
+    msgs_per_user_hour: float
+    """messages sent per user per hour"""
+    avg_msg_bytes: float
+    """average message size in bytes (ciphertext on the wire)"""
+    blob_uploads_per_day: float
+    """file/blob uploads per day, all users"""
+    avg_blob_mb: float
+    """average blob size in MB (10^6 bytes)"""
+    retention_days: int
+    """days messages and blobs are kept"""
+    peak_factor: float = 1.0
+    """peak concurrent load / average load (>= 1)"""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise CapacityInputError(f.name, f"must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise CapacityInputError(f.name, f"must be finite, got {value!r}")
+        for name in ("users", "retention_days"):
+            if not float(getattr(self, name)).is_integer():
+                raise CapacityInputError(name, f"must be a whole number, got {getattr(self, name)}")
+        for name in ("users", "avg_msg_bytes", "retention_days"):
+            if getattr(self, name) <= 0:
+                raise CapacityInputError(name, f"must be greater than 0, got {getattr(self, name)}")
+        for name in ("msgs_per_user_hour", "blob_uploads_per_day", "avg_blob_mb"):
+            if getattr(self, name) < 0:
+                raise CapacityInputError(name, f"must be 0 or more, got {getattr(self, name)}")
+        if self.peak_factor < 1:
+            raise CapacityInputError(
+                "peak_factor", f"must be 1 or more (peak / average), got {self.peak_factor}"
+            )
+
+
+@dataclass(frozen=True)
+class Tier:
+    """A row of the guide's single-node sizing table; `None` upper bound = no ceiling."""
+
+    name: str
+    purpose: str
+    vcpus_min: int
+    vcpus_max: int | None
+    memory_min_bytes: int
+    memory_max_bytes: int | None
+    disk_min_bytes: int
+    disk_max_bytes: int | None
+    users_max: int | None
+    cpu: str
+    memory: str
+    disk: str
+    network: str
+    supports: str
+
+
+TIERS: tuple[Tier, ...] = (
+    Tier("Minimum", "development / small team", 1, 1, 512 * MB, 512 * MB, 10 * GB, 10 * GB,
+         100, "1 vCPU", "512 MB", "10 GB SSD", "100 Mbps",
+         "~100 concurrent users, light traffic"),
+    Tier("Recommended", "production", 2, 4, 2 * GB, 4 * GB, 50 * GB, 100 * GB, 5_000,
+         "2-4 vCPU", "2-4 GB", "50-100 GB NVMe SSD", "1 Gbps",
+         "~1,000-5,000 concurrent users"),
+    Tier("Large", "high traffic", 8, SINGLE_NODE_MAX_VCPUS, 8 * GB, 16 * GB, 500 * GB, None,
+         None, "8+ vCPU", "8-16 GB", "500 GB+ NVMe SSD (RAID 10)", "10 Gbps",
+         "~10,000+ concurrent users"),
+)
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """The guide's per-item memory model (for comparison with the worksheet figure)."""
+
+    connections_bytes: int
+    sessions_bytes: int
+    rate_limit_bytes: int
+    waiters_bytes: int
+    storage_pool_bytes: int
+    base_process_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return (self.connections_bytes + self.sessions_bytes + self.rate_limit_bytes
+                + self.waiters_bytes + self.storage_pool_bytes + self.base_process_bytes)
+
+
+@dataclass(frozen=True)
+class CapacityPlan:
+    inputs: CapacityInputs
+    peak_users: int
+    message_bytes_per_day: int
+    blob_bytes_per_day: int
+    storage_per_day_bytes: int
+    db_growth_per_month_bytes: int
+    retained_bytes: int
+    """storage per day x retention days"""
+    retention_storage_bytes: int
+    """retained bytes with headroom: the volume to provision for data"""
+    disk_headroom_fill_ratio: float
+    memory_bytes: int
+    memory_model: MemoryModel
+    peak_messages_per_s: float
+    vcpus_for_connections: int
+    vcpus_for_messages: int
+    vcpus: int
+    tier: str
+    """a `TIERS` name, or `BEYOND_ONE_NODE`"""
+    host_vcpus: int
+    """what to provision: the tier's floor or the need, whichever is larger"""
+    host_memory_bytes: int
+    host_disk_bytes: int
+    nofile: int
+    sysctl: dict[str, int]
+
+
+def memory_model(users: int) -> MemoryModel:
+    """The guide's model: 5 KB/connection, 200 B/session, 100 B per rate-limit entry and
+    per waiter, 50 MB storage pool, 30 MB base process."""
+    return MemoryModel(
+        connections_bytes=users * 5 * KB,
+        sessions_bytes=users * 200,
+        rate_limit_bytes=users * 100,
+        waiters_bytes=users * 100,
+        storage_pool_bytes=50 * MB,
+        base_process_bytes=30 * MB,
+    )
+
+
+def _fits(tier: Tier, vcpus: int, memory: int, disk: int, users: int) -> bool:
+    def within(need: int, ceiling: int | None) -> bool:
+        return ceiling is None or need <= ceiling
+
+    return (within(vcpus, tier.vcpus_max) and within(memory, tier.memory_max_bytes)
+            and within(disk, tier.disk_max_bytes) and within(users, tier.users_max))
+
+
+def _nofile(peak_users: int) -> int:
+    # QUIC connections share one UDP socket, but the WebSocket bridge holds one TCP socket
+    # per client: keep two descriptors per peak user, never below the guide's 65,536.
+    need = 2 * peak_users
+    return max(NOFILE, 1 << (need - 1).bit_length())
+
+
+def plan(inputs: CapacityInputs) -> CapacityPlan:
+    """Apply the worksheet to `inputs`. Pure; figures are rounded up to whole units."""
+    peak_users = math.ceil(inputs.users * inputs.peak_factor)
+    message_bytes = math.ceil(
+        inputs.users * inputs.msgs_per_user_hour * 24 * inputs.avg_msg_bytes
+    )
+    blob_bytes = math.ceil(inputs.blob_uploads_per_day * inputs.avg_blob_mb * MB)
+    per_day = message_bytes + blob_bytes
+    retained = per_day * inputs.retention_days
+    fill_ratio = get_trigger("disk_usage").warning / 100
+    retention_storage = math.ceil(retained / fill_ratio)
+
+    memory = peak_users * MEMORY_PER_USER_BYTES + MEMORY_BASE_BYTES
+    peak_rate = inputs.users * inputs.msgs_per_user_hour / 3600 * inputs.peak_factor
+    vcpus_conn = max(1, math.ceil(peak_users / USERS_PER_VCPU))
+    vcpus_msgs = max(1, math.ceil(peak_rate * REQUESTS_PER_MESSAGE / REQUESTS_PER_VCPU_S))
+    vcpus = max(vcpus_conn, vcpus_msgs)
+
+    chosen = next(
+        (t for t in TIERS if _fits(t, vcpus, memory, retention_storage, peak_users)), None
+    )
+    if chosen is None:
+        tier_name, host_vcpus, host_memory = BEYOND_ONE_NODE, vcpus, memory
+    else:
+        tier_name = chosen.name
+        host_vcpus = max(chosen.vcpus_min, vcpus)
+        host_memory = max(chosen.memory_min_bytes, memory)
+    host_disk = retention_storage if chosen is None else max(
+        chosen.disk_min_bytes, retention_storage
+    )
+
+    return CapacityPlan(
+        inputs=inputs,
+        peak_users=peak_users,
+        message_bytes_per_day=message_bytes,
+        blob_bytes_per_day=blob_bytes,
+        storage_per_day_bytes=per_day,
+        db_growth_per_month_bytes=per_day * DAYS_PER_MONTH,
+        retained_bytes=retained,
+        retention_storage_bytes=retention_storage,
+        disk_headroom_fill_ratio=fill_ratio,
+        memory_bytes=memory,
+        memory_model=memory_model(peak_users),
+        peak_messages_per_s=peak_rate,
+        vcpus_for_connections=vcpus_conn,
+        vcpus_for_messages=vcpus_msgs,
+        vcpus=vcpus,
+        tier=tier_name,
+        host_vcpus=host_vcpus,
+        host_memory_bytes=host_memory,
+        host_disk_bytes=host_disk,
+        nofile=_nofile(peak_users),
+        sysctl=dict(SYSCTL),
+    )
