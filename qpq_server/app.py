@@ -1,0 +1,155 @@
+"""`qpq-server run`: wire config, secrets, storage, auth, metrics and transports together,
+then serve until SIGTERM (drain) with SIGHUP reloading tokens and the TLS certificate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+from qpq_server.auth.access import AccessTokens
+from qpq_server.auth.opaque import OpaqueServer
+from qpq_server.auth.sessions import SessionSigner
+from qpq_server.config import Config, load_config, parse_hostport
+from qpq_server.datadir import session_key_path
+from qpq_server.errors import ConfigError, StorageError
+from qpq_server.http import HealthServer
+from qpq_server.metrics import ServerMetrics
+from qpq_server.notifier import InProcessNotifier
+from qpq_server.secrets import load_secrets
+from qpq_server.service import Service
+from qpq_server.storage import open_storage
+from qpq_server.tls import certificate_not_after
+from qpq_server.transport.quic import QuicListener
+
+__all__ = ["RESTORE_STATE_KEY", "ServerApp", "run_server"]
+
+log = logging.getLogger("qpq.server")
+
+RESTORE_STATE_KEY = "restore_state"
+"""Meta key set by `qpq-ops restore`; the server refuses to start until it reads 'done'."""
+
+
+class ServerApp:
+    def __init__(self, config_path: Path) -> None:
+        self.config_path = config_path
+        self.config: Config = load_config(config_path)
+        self.env_file = config_path.parent / ".env"
+        self.secrets = load_secrets(self.env_file)
+        self.metrics = ServerMetrics()
+        self.storage = open_storage(self.config, self.secrets.db_key,
+                                    on_commit=self.metrics.db_write_duration_seconds.observe)
+        self.ready = False
+        self._stop = asyncio.Event()
+
+    def _session_signer(self) -> SessionSigner:
+        path = session_key_path(self.config.data_dir)
+        try:
+            key = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read session key {path}: {exc.strerror}") from None
+        return SessionSigner(key, self.config.server.session_ttl_s)
+
+    async def run(self) -> None:
+        await self.storage.open()
+        try:
+            await self._serve()
+        finally:
+            await self.storage.close()
+
+    async def _serve(self) -> None:
+        cfg = self.config
+        restore_state = await self.storage.get_meta(RESTORE_STATE_KEY)
+        if restore_state not in (None, "done"):
+            raise StorageError(
+                f"this data dir was restored and its restore is not finished "
+                f"(state {restore_state!r}); run the restore's key-package purge first"
+            )
+        self.service = Service(
+            config=cfg, storage=self.storage,
+            opaque=OpaqueServer(cfg.data_dir / "opaque"), signer=self._session_signer(),
+            access=AccessTokens(self.secrets.auth_tokens), metrics=self.metrics,
+            notifier=InProcessNotifier(),
+        )
+        await self.service.start()
+        self.metrics.tls_cert_expiry_timestamp_seconds.set(
+            certificate_not_after(cfg.tls_cert_path))
+        self.listener = QuicListener(cfg, self.service)
+        host, port = parse_hostport(cfg.server.listen)
+        try:
+            await self.listener.start(host, port)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on UDP {cfg.server.listen}: {exc.strerror}") from None
+        mhost, mport = parse_hostport(cfg.metrics.listen)
+        try:
+            health = HealthServer(mhost, mport, self.metrics.registry, lambda: self.ready)
+        except OSError as exc:
+            self.listener.close()
+            raise ConfigError(
+                f"cannot listen on TCP {cfg.metrics.listen} for metrics: {exc.strerror}"
+            ) from None
+        health.start()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._stop.set)
+        loop.add_signal_handler(signal.SIGINT, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        self._write_pid()
+        self.ready = True
+        log.info("serving", extra={"listen": cfg.server.listen, "quic_port": self.listener.port,
+                                   "metrics": cfg.metrics.listen, "domain": cfg.server.domain})
+        try:
+            await self._stop.wait()
+            await self._drain()
+        finally:
+            self.ready = False
+            health.stop()
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            with contextlib.suppress(OSError):
+                cfg.pid_path.unlink()
+
+    def _write_pid(self) -> None:
+        path = self.config.pid_path
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(f"{os.getpid()}\n")
+        os.replace(tmp, path)
+
+    def reload(self) -> None:
+        """SIGHUP: re-read access tokens and the TLS certificate; connections stay up."""
+        try:
+            secrets = load_secrets(self.env_file)
+            self.service.access.replace(secrets.auth_tokens)
+            self.listener.reload_certificate()
+            self.metrics.tls_cert_expiry_timestamp_seconds.set(
+                certificate_not_after(self.config.tls_cert_path))
+        except (ConfigError, OSError, ValueError) as exc:
+            log.error("reload failed; keeping the previous tokens and certificate",
+                      extra={"error": str(exc)})
+            return
+        log.info("reloaded access tokens and TLS certificate",
+                 extra={"tokens": len(secrets.auth_tokens)})
+
+    async def _drain(self) -> None:
+        """Stop taking work, answer parked fetches, let in-flight requests commit."""
+        log.info("draining")
+        self.ready = False
+        self.listener.stop_accepting()
+        self.service.draining = True
+        self.service.notifier.wake_all()
+        deadline = time.monotonic() + self.config.server.shutdown_grace_s
+        while self.listener.in_flight_requests and time.monotonic() < deadline:
+            self.service.notifier.wake_all()
+            await asyncio.sleep(0.02)
+        self.listener.close()
+        await asyncio.sleep(0.05)  # let CONNECTION_CLOSE datagrams leave
+        log.info("stopped")
+
+
+def run_server(config_path: Path) -> None:
+    app = ServerApp(config_path)
+    asyncio.run(app.run())

@@ -1,0 +1,1 @@
+"""Authentication: access token, OPAQUE accounts, MAC-signed session tokens."""

@@ -1,0 +1,75 @@
+"""Session tokens any worker process can verify: HMAC-SHA256 over (user, expiry, nonce).
+
+No server-side session table is needed, so several processes on one host (or several
+hosts sharing the key) accept each other's sessions.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import os
+from dataclasses import dataclass
+
+import msgpack
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hmac as crypto_hmac
+
+from qpq_server.errors import InvalidSession
+
+__all__ = ["Session", "SessionSigner"]
+
+_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Session:
+    username: str
+    expires_at: float
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+class SessionSigner:
+    def __init__(self, key: bytes, ttl_s: float) -> None:
+        if len(key) < 32:
+            raise ValueError("session key must be at least 32 bytes")
+        self._key = key
+        self._ttl = ttl_s
+
+    def __repr__(self) -> str:
+        return f"SessionSigner(ttl_s={self._ttl})"
+
+    def _mac(self, body: bytes) -> bytes:
+        h = crypto_hmac.HMAC(self._key, hashes.SHA256())
+        h.update(body)
+        return h.finalize()
+
+    def issue(self, username: str, now: float) -> tuple[str, float]:
+        expires = now + self._ttl
+        body = msgpack.packb([_VERSION, username, expires, os.urandom(12)], use_bin_type=True)
+        return f"{_b64(body)}.{_b64(self._mac(body))}", expires
+
+    def verify(self, token: str, now: float) -> Session:
+        try:
+            body_text, mac_text = token.split(".", 1)
+            body, mac = _unb64(body_text), _unb64(mac_text)
+        except (ValueError, TypeError):
+            raise InvalidSession("session token is malformed") from None
+        if not hmac.compare_digest(mac, self._mac(body)):
+            raise InvalidSession("session token signature does not verify")
+        try:
+            version, username, expires, _nonce = msgpack.unpackb(body, raw=False)
+        except (ValueError, TypeError, msgpack.ExtraData):
+            raise InvalidSession("session token is malformed") from None
+        if version != _VERSION or not isinstance(username, str):
+            raise InvalidSession("session token version is not supported")
+        if float(expires) <= now:
+            raise InvalidSession("session expired; log in again")
+        return Session(username=username, expires_at=float(expires))

@@ -1,0 +1,148 @@
+"""High-level client operations: register, login, send, receive (decrypting locally)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import opaque_ke_py as opaque
+
+from qpq_server.client.connection import ClientError, QpqConnection
+from qpq_server.client.e2e import DecryptError, RecipientKey, open_envelope, seal
+from qpq_server.client.profile import Profile
+
+__all__ = ["QpqClient", "ReceivedMessage"]
+
+KEY_PACKAGE_TARGET = 20
+KEY_PACKAGE_LOW_WATER = 10
+
+
+@dataclass(frozen=True)
+class ReceivedMessage:
+    id: int
+    sender: str
+    text: str
+    sent_at: float
+    content: dict[str, Any]
+
+
+class QpqClient:
+    def __init__(self, connection: QpqConnection, profile_dir: Path) -> None:
+        self.conn = connection
+        self.profile_dir = profile_dir
+        self._profiles: dict[str, Profile] = {}
+
+    def profile(self, username: str) -> Profile:
+        if username not in self._profiles:
+            self._profiles[username] = Profile.load_or_create(self.profile_dir, username)
+        return self._profiles[username]
+
+    async def register(self, username: str, password: str) -> None:
+        start = opaque.client_registration_start(password.encode())
+        response = await self.conn.call("register_start", username=username,
+                                        request=start.get_message())
+        finish = opaque.client_registration_finish(password.encode(), start.get_state(),
+                                                   response["response"])
+        await self.conn.call("register_finish", username=username, upload=finish.get_message())
+        await self.login(username, password)
+
+    async def login(self, username: str, password: str) -> Profile:
+        start = opaque.client_login_start(password.encode())
+        response = await self.conn.call("login_start", username=username,
+                                        request=start.get_message())
+        try:
+            finish = opaque.client_login_finish(password.encode(), start.get_state(),
+                                                response["response"])
+        except ValueError:
+            # Tell the server too, so its failure counter sees the attempt.
+            await self.conn.call_raw({"op": "login_finish", "login_id": response["login_id"],
+                                      "finalization": b""})
+            raise ClientError("login_failed", "wrong username or password") from None
+        result = await self.conn.call("login_finish", login_id=response["login_id"],
+                                      finalization=finish.get_message())
+        profile = self.profile(username)
+        profile.session, profile.session_expires = result["session"], result["expires_at"]
+        profile.save()
+        await self.publish_keys(profile)
+        return profile
+
+    def has_session(self, username: str) -> bool:
+        profile = self.profile(username)
+        return bool(profile.session) and profile.session_expires > time.time() + 30
+
+    def _session(self, username: str) -> str:
+        profile = self.profile(username)
+        if not profile.session:
+            raise ClientError("invalid_session", f"{username} is not logged in")
+        return profile.session
+
+    async def publish_keys(self, profile: Profile) -> int:
+        session = self._session(profile.username)
+        result = await self.conn.call(
+            "publish_keys", session=session,
+            identity_key=None if profile.published_identity else profile.identity_public,
+            key_packages=[])
+        count = int(result["key_packages"])
+        profile.published_identity = True
+        if count < KEY_PACKAGE_LOW_WATER:
+            fresh = profile.new_one_time_keys(KEY_PACKAGE_TARGET - count)
+            profile.save()  # private halves on disk before the public halves are published
+            result = await self.conn.call("publish_keys", session=session, key_packages=fresh)
+            count = int(result["key_packages"])
+        profile.save()
+        return count
+
+    async def send(self, sender: str, recipients: Sequence[str], content: dict[str, Any],
+                   ) -> list[int]:
+        session = self._session(sender)
+        keys = []
+        for name in dict.fromkeys(recipients):
+            bundle = await self.conn.call("get_keys", session=session, username=name)
+            public = bundle["key_package"] or bundle["identity_key"]
+            keys.append(RecipientKey(name, bytes(public)))
+        envelope = seal(content, sender, keys)
+        result = await self.conn.call("enqueue", session=session, recipients=list(recipients),
+                                      payload=envelope)
+        return list(result["ids"])
+
+    async def send_text(self, sender: str, recipients: Sequence[str], text: str) -> list[int]:
+        return await self.send(sender, recipients,
+                               {"type": "text", "text": text, "sent_at": time.time()})
+
+    async def receive(self, username: str, wait_s: float = 0.0,
+                      limit: int = 500) -> list[ReceivedMessage]:
+        """Fetch, decrypt, then ack; undecryptable messages are reported and acked too."""
+        session = self._session(username)
+        profile = self.profile(username)
+        timeout = self.conn.timeout + wait_s
+        result = await self.conn.call("fetch", timeout=timeout, session=session,
+                                      wait_s=wait_s, limit=limit)
+        received: list[ReceivedMessage] = []
+        used_keys: list[bytes] = []
+        for item in result["messages"]:
+            try:
+                sender, rpk, content = open_envelope(item["payload"], username,
+                                                     profile.private_key_for)
+            except DecryptError as exc:
+                content = {"type": "error", "text": f"[undecryptable message: {exc}]"}
+                sender, rpk = item["from"], b""
+            if sender != item["from"]:
+                content = {"type": "error",
+                           "text": f"[message claims sender {sender!r} but came from "
+                                   f"{item['from']!r}; dropped]"}
+                sender = item["from"]
+            used_keys.append(rpk)
+            received.append(ReceivedMessage(
+                id=int(item["id"]), sender=sender, text=str(content.get("text", "")),
+                sent_at=float(item["sent_at"]), content=content))
+        if received:
+            await self.conn.call("ack", session=session, ids=[m.id for m in received])
+            for rpk in used_keys:
+                profile.forget_one_time(rpk)
+            profile.save()
+            if len(profile.one_time) < KEY_PACKAGE_LOW_WATER:
+                await self.publish_keys(profile)
+        return received

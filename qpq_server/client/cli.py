@@ -1,0 +1,173 @@
+"""`qpq-client`: register, log in, send and receive end-to-end-encrypted messages."""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+
+from qpq_server.client.api import QpqClient
+from qpq_server.client.connection import ClientError, connect
+from qpq_server.client.profile import default_profile_dir
+
+__all__ = ["app", "main"]
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    name="qpq-client",
+    help="Talk to a qpq server: messages are encrypted on this machine before they leave it.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+@dataclass(frozen=True)
+class Options:
+    server: str
+    auth_token: str
+    ca: Path | None
+    profile: Path
+    server_name: str | None
+    timeout: float
+
+
+@app.callback()
+def options(
+    ctx: typer.Context,
+    server: Annotated[str, typer.Option(help="Server address HOST:PORT.",
+                                        envvar="QPQ_SERVER")] = "127.0.0.1:7000",
+    auth_token: Annotated[str | None, typer.Option(
+        help="Server access token (prefer the QPQ_AUTH_TOKEN environment variable: "
+             "command lines are visible to other users).",
+        envvar="QPQ_AUTH_TOKEN", show_envvar=True)] = None,
+    ca: Annotated[Path | None, typer.Option(help="CA certificate (PEM) to trust for the "
+                                            "server, e.g. DATA_DIR/tls/cert.pem.")] = None,
+    profile: Annotated[Path | None, typer.Option(
+        help="Directory holding your private keys (default ~/.local/share/qpq-client).")] = None,
+    server_name: Annotated[str | None, typer.Option(
+        help="TLS name to verify (default: the host part of --server).")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for each request.")] = 10.0,
+) -> None:
+    """Global options come before the command, e.g.
+    `qpq-client --server 127.0.0.1:7000 --ca data/tls/cert.pem recv alice`."""
+    if not auth_token:
+        _die("usage", "no access token: set QPQ_AUTH_TOKEN (or --auth-token)", 64)
+    ctx.obj = Options(server, auth_token or "", ca, profile or default_profile_dir(),
+                      server_name, timeout)
+
+
+def _die(code: str, message: str, exit_code: int = 1) -> typer.Exit:
+    print(f"qpq-client: error: {code}: {message}", file=sys.stderr)
+    raise typer.Exit(exit_code)
+
+
+def _password(prompt: str) -> str:
+    value = os.environ.get("QPQ_PASSWORD")
+    if value:
+        return value
+    if not sys.stdin.isatty():
+        _die("usage", "no password: set QPQ_PASSWORD or run in a terminal to be prompted", 64)
+    return getpass.getpass(prompt)
+
+
+def _run(opts: Options, work: Callable[[QpqClient], Awaitable[T]]) -> T:
+    async def main() -> T:
+        async with connect(opts.server, opts.auth_token, ca=opts.ca,
+                           server_name=opts.server_name, timeout=opts.timeout) as conn:
+            return await work(QpqClient(conn, opts.profile))
+
+    try:
+        return asyncio.run(main())
+    except ClientError as exc:
+        raise _die(exc.code, exc.message) from None
+    except OSError as exc:
+        raise _die("io", str(exc)) from None
+
+
+async def _ensure_login(client: QpqClient, user: str) -> None:
+    if not client.has_session(user):
+        await client.login(user, _password(f"password for {user}: "))
+
+
+@app.command()
+def register(ctx: typer.Context, user: str) -> None:
+    """Create an account (OPAQUE: the server never sees your password) and publish keys."""
+    opts: Options = ctx.obj
+    password = _password(f"new password for {user}: ")
+    _run(opts, lambda c: c.register(user, password))
+    print(f"registered {user}")
+
+
+@app.command()
+def login(ctx: typer.Context, user: str) -> None:
+    """Log in and keep the session in the profile; tops up one-time key packages."""
+    opts: Options = ctx.obj
+    password = _password(f"password for {user}: ")
+
+    async def work(c: QpqClient) -> None:
+        await c.login(user, password)
+
+    _run(opts, work)
+    print(f"logged in as {user}")
+
+
+@app.command()
+def send(
+    ctx: typer.Context,
+    sender: Annotated[str, typer.Argument(metavar="FROM")],
+    recipient: Annotated[str, typer.Argument(metavar="TO", help="Recipient; several as a,b,c")],
+    text: Annotated[str | None, typer.Argument(help="Message text (default: read stdin).")] = None,
+) -> None:
+    """Encrypt TEXT (or stdin) to TO's published keys and send it."""
+    opts: Options = ctx.obj
+    body = text if text is not None else sys.stdin.read()
+    recipients = [r for r in recipient.split(",") if r]
+
+    async def work(c: QpqClient) -> list[int]:
+        await _ensure_login(c, sender)
+        return await c.send_text(sender, recipients, body)
+
+    ids = _run(opts, work)
+    print(f"sent to {', '.join(recipients)} ({len(ids)} queued)")
+
+
+@app.command()
+def recv(
+    ctx: typer.Context,
+    user: str,
+    wait: Annotated[float, typer.Option(help="Long-poll up to SECONDS for a message.")] = 0.0,
+    out: Annotated[Path | None, typer.Option(help="Directory for received files.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per message.")] = False,
+) -> None:
+    """Fetch, decrypt and acknowledge USER's pending messages."""
+    opts: Options = ctx.obj
+
+    async def work(c: QpqClient) -> list[object]:
+        await _ensure_login(c, user)
+        return list(await c.receive(user, wait_s=wait))
+
+    from qpq_server.client.api import ReceivedMessage
+
+    for message in _run(opts, work):
+        assert isinstance(message, ReceivedMessage)
+        if as_json:
+            print(json.dumps({"from": message.sender, "text": message.text,
+                              "sent_at": message.sent_at}))
+        else:
+            stamp = datetime.fromtimestamp(message.sent_at, UTC).strftime("%Y-%m-%d %H:%M:%S")
+            print(f"[{stamp}] {message.sender}: {message.text}")
+
+
+def main() -> None:
+    app()

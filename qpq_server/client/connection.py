@@ -1,0 +1,188 @@
+"""A QUIC connection to a qpq server: one request per stream, futures per stream.
+
+We resolve the handshake ourselves on `HandshakeCompleted` (aioquic's wait_connected
+can miss it when wrapped in timeouts) and read `StreamDataReceived` directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.events import (
+    ConnectionTerminated,
+    HandshakeCompleted,
+    QuicEvent,
+    StreamDataReceived,
+    StreamReset,
+)
+
+from qpq_server.protocol.codec import FrameDecoder, encode_frame
+
+__all__ = ["ClientError", "QpqConnection", "connect"]
+
+ALPN = "qpq/1"
+_MAX_RESPONSE = 64 * 1024 * 1024
+
+
+class ClientError(Exception):
+    """A request failed: `code` is the server's stable error code (or a client one)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class _ClientProtocol(QuicConnectionProtocol):
+    def __init__(self, quic: QuicConnection, **kwargs: Any) -> None:
+        super().__init__(quic, **kwargs)
+        loop = asyncio.get_running_loop()
+        self.handshake: asyncio.Future[None] = loop.create_future()
+        self._pending: dict[int, tuple[FrameDecoder, asyncio.Future[dict[str, Any]]]] = {}
+        self.terminated: str | None = None
+
+    def request(self, message: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
+        if self.terminated is not None:
+            raise ClientError("connection_closed", self.terminated)
+        sid = self._quic.get_next_available_stream_id()
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[sid] = (FrameDecoder(_MAX_RESPONSE), future)
+        self._quic.send_stream_data(sid, encode_frame(message), end_stream=True)
+        self.transmit()
+        return future
+
+    def send_raw(self, data: bytes, end_stream: bool = True) -> asyncio.Future[dict[str, Any]]:
+        """Send arbitrary bytes on a new stream (tests use this for hostile input)."""
+        sid = self._quic.get_next_available_stream_id()
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[sid] = (FrameDecoder(_MAX_RESPONSE), future)
+        self._quic.send_stream_data(sid, data, end_stream=end_stream)
+        self.transmit()
+        return future
+
+    def quic_event_received(self, event: QuicEvent) -> None:
+        if isinstance(event, HandshakeCompleted):
+            if not self.handshake.done():
+                self.handshake.set_result(None)
+        elif isinstance(event, StreamDataReceived):
+            entry = self._pending.get(event.stream_id)
+            if entry is None:
+                return
+            decoder, future = entry
+            try:
+                frames = decoder.feed(event.data)
+            except Exception as exc:
+                self._pending.pop(event.stream_id, None)
+                if not future.done():
+                    future.set_exception(ClientError("bad_response", str(exc)))
+                return
+            if frames:
+                self._pending.pop(event.stream_id, None)
+                if not future.done():
+                    future.set_result(frames[0])
+            elif event.end_stream:
+                self._pending.pop(event.stream_id, None)
+                if not future.done():
+                    future.set_exception(ClientError("bad_response", "stream ended early"))
+        elif isinstance(event, StreamReset):
+            entry = self._pending.pop(event.stream_id, None)
+            if entry and not entry[1].done():
+                entry[1].set_exception(ClientError("stream_reset", "server reset the stream"))
+        elif isinstance(event, ConnectionTerminated):
+            reason = event.reason_phrase or f"connection closed (error {event.error_code})"
+            self.terminated = reason
+            error = ClientError("connection_closed", reason)
+            if not self.handshake.done():
+                self.handshake.set_exception(error)
+            for _decoder, future in self._pending.values():
+                if not future.done():
+                    future.set_exception(error)
+            self._pending.clear()
+
+
+class QpqConnection:
+    """An open, token-authenticated connection. Use `call(op, **fields)`."""
+
+    def __init__(self, protocol: _ClientProtocol, timeout: float) -> None:
+        self._protocol = protocol
+        self.timeout = timeout
+
+    @property
+    def protocol(self) -> _ClientProtocol:
+        return self._protocol
+
+    async def call_raw(self, message: dict[str, Any], timeout: float | None = None,
+                       ) -> dict[str, Any]:
+        async with asyncio.timeout(timeout or self.timeout):
+            return await self._protocol.request(message)
+
+    async def call(self, op: str, timeout: float | None = None, **fields: Any) -> dict[str, Any]:
+        response = await self.call_raw({"op": op, **fields}, timeout)
+        if not response.get("ok"):
+            error = response.get("error") or {}
+            raise ClientError(str(error.get("code", "unknown")), str(error.get("message", "")))
+        return response
+
+    def ping(self) -> None:
+        self._protocol._quic.send_ping(0)
+        self._protocol.transmit()
+
+
+def _parse_server(server: str) -> tuple[str, int]:
+    host, sep, port = server.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ClientError("usage", f"--server must be HOST:PORT, got {server!r}")
+    return host.strip("[]"), int(port)
+
+
+@asynccontextmanager
+async def connect(server: str, auth_token: str, *, ca: Path | None = None,
+                  server_name: str | None = None, timeout: float = 10.0,
+                  idle_timeout: float = 60.0, hello: bool = True,
+                  ) -> AsyncIterator[QpqConnection]:
+    """Connect, complete the TLS 1.3 handshake, present the access token."""
+    host, port = _parse_server(server)
+    configuration = QuicConfiguration(is_client=True, alpn_protocols=[ALPN],
+                                      idle_timeout=idle_timeout,
+                                      server_name=server_name or host)
+    if ca is not None:
+        try:
+            configuration.load_verify_locations(cafile=str(ca))
+        except (OSError, ssl.SSLError) as exc:
+            raise ClientError("usage", f"cannot read CA certificate {ca}: {exc}") from None
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except OSError as exc:
+        raise ClientError("unreachable", f"cannot resolve {host}: {exc}") from None
+    family, _, _, _, addr = infos[0]
+    quic = QuicConnection(configuration=configuration)
+    transport, proto = await loop.create_datagram_endpoint(
+        lambda: _ClientProtocol(quic), family=family,
+        local_addr=("0.0.0.0", 0) if family == socket.AF_INET else ("::", 0))
+    protocol = proto
+    try:
+        protocol.connect(addr)
+        try:
+            async with asyncio.timeout(timeout):
+                await protocol.handshake
+        except TimeoutError:
+            raise ClientError("unreachable", f"no QUIC handshake with {server} "
+                              f"within {timeout:g}s") from None
+        connection = QpqConnection(protocol, timeout)
+        if hello:
+            await connection.call("hello", token=auth_token)
+        yield connection
+    finally:
+        protocol.close()
+        await asyncio.sleep(0)
+        transport.close()

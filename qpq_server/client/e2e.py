@@ -1,0 +1,94 @@
+"""End-to-end encryption of message payloads (the server only ever sees the output).
+
+A fresh content key encrypts the content once (ChaCha20-Poly1305); for each recipient
+the content key is wrapped to the recipient's published X25519 key (a one-time key
+package when one was available, else the identity key) via an ephemeral X25519
+exchange and HKDF-SHA256. The sender's name is bound as associated data.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+__all__ = ["DecryptError", "RecipientKey", "open_envelope", "public_bytes", "seal"]
+
+_VERSION = 1
+_RAW = serialization.Encoding.Raw, serialization.PublicFormat.Raw
+
+
+class DecryptError(Exception):
+    """The envelope is malformed, not for us, or was tampered with."""
+
+
+@dataclass(frozen=True)
+class RecipientKey:
+    username: str
+    public_key: bytes  # 32-byte X25519
+
+
+def public_bytes(private: X25519PrivateKey) -> bytes:
+    return private.public_key().public_bytes(*_RAW)
+
+
+def _wrap_key(shared: bytes, epk: bytes, rpk: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                info=b"qpq/1 wrap|" + epk + rpk).derive(shared)
+
+
+def seal(content: dict[str, Any], sender: str, recipients: Sequence[RecipientKey]) -> bytes:
+    content_key = ChaCha20Poly1305.generate_key()
+    aad = b"qpq/1|" + sender.encode()
+    nonce = os.urandom(12)
+    body = ChaCha20Poly1305(content_key).encrypt(
+        nonce, msgpack.packb(content, use_bin_type=True), aad)
+    keys: dict[str, dict[str, bytes]] = {}
+    for recipient in recipients:
+        ephemeral = X25519PrivateKey.generate()
+        epk = public_bytes(ephemeral)
+        shared = ephemeral.exchange(X25519PublicKey.from_public_bytes(recipient.public_key))
+        wrap_nonce = os.urandom(12)
+        wrapped = ChaCha20Poly1305(_wrap_key(shared, epk, recipient.public_key)).encrypt(
+            wrap_nonce, content_key, aad)
+        keys[recipient.username] = {"epk": epk, "rpk": recipient.public_key,
+                                    "n": wrap_nonce, "w": wrapped}
+    return bytes(msgpack.packb({"v": _VERSION, "from": sender, "n": nonce, "ct": body,
+                                "k": keys}, use_bin_type=True))
+
+
+def open_envelope(envelope: bytes, me: str,
+                  private_key_for: Callable[[bytes], X25519PrivateKey | None],
+                  ) -> tuple[str, bytes, dict[str, Any]]:
+    """Return (sender, recipient public key used, content)."""
+    try:
+        data = msgpack.unpackb(envelope, raw=False)
+        sender, nonce, body, entry = data["from"], data["n"], data["ct"], data["k"][me]
+        epk, rpk, wrap_nonce, wrapped = entry["epk"], entry["rpk"], entry["n"], entry["w"]
+        if data.get("v") != _VERSION or not isinstance(sender, str):
+            raise DecryptError("unsupported envelope version")
+    except (KeyError, TypeError, ValueError, msgpack.ExtraData) as exc:
+        raise DecryptError(f"malformed envelope: {exc}") from None
+    private = private_key_for(rpk)
+    if private is None:
+        raise DecryptError("no private key for the key this message was sent to")
+    aad = b"qpq/1|" + sender.encode()
+    try:
+        shared = private.exchange(X25519PublicKey.from_public_bytes(epk))
+        content_key = ChaCha20Poly1305(_wrap_key(shared, epk, rpk)).decrypt(
+            wrap_nonce, wrapped, aad)
+        content = msgpack.unpackb(ChaCha20Poly1305(content_key).decrypt(nonce, body, aad),
+                                  raw=False)
+    except (InvalidTag, ValueError) as exc:
+        raise DecryptError("message failed authentication (tampered or wrong key)") from exc
+    if not isinstance(content, dict):
+        raise DecryptError("malformed content")
+    return sender, rpk, content

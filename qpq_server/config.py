@@ -1,0 +1,320 @@
+"""Server configuration: typed frozen dataclasses loaded from `qpq-server.toml`.
+
+Relative paths are resolved against the config file's directory. `validate_config`
+collects every problem (unknown keys, wrong types, out-of-range values, missing
+referenced files) so `check-config` can report them all at once.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from qpq_server.errors import ConfigError
+
+__all__ = [
+    "Config",
+    "FederationConfig",
+    "FederationPeer",
+    "MetricsConfig",
+    "QuicConfig",
+    "RateLimitConfig",
+    "ServerConfig",
+    "StorageConfig",
+    "WebSocketConfig",
+    "load_config",
+    "parse_hostport",
+    "validate_config",
+]
+
+
+def parse_hostport(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: str = "0.0.0.0:7000"
+    domain: str = "localhost"
+    data_dir: str = "data"
+    tls_cert: str = "tls/cert.pem"
+    tls_key: str = "tls/key.pem"
+    pid_file: str = "qpq-server.pid"
+    session_ttl_s: int = 86400
+    log_level: str = "info"
+    shutdown_grace_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class QuicConfig:
+    idle_timeout_s: float = 300.0
+    max_concurrent_bidi_streams: int = 100
+    max_connections: int = 10000
+    max_frame_bytes: int = 1048576
+    handshake_timeout_s: float = 10.0
+    max_handshakes_in_flight: int = 256
+    retry: str = "auto"
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    backend: str = "sqlcipher"
+    pool_size: int = 4
+    path: str = "qpq.db"
+    wal_autocheckpoint: int = 2000
+    busy_timeout_ms: int = 5000
+    max_batch: int = 64
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = "127.0.0.1:9090"
+
+
+@dataclass(frozen=True)
+class RateLimitConfig:
+    enabled: bool = True
+    account_rate_per_s: float = 20.0
+    account_burst: int = 40
+    address_rate_per_s: float = 50.0
+    address_burst: int = 100
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_recipients: int = 100
+    max_key_packages: int = 200
+    max_fetch_batch: int = 500
+    max_wait_s: float = 60.0
+    max_username_bytes: int = 64
+
+
+@dataclass(frozen=True)
+class FederationPeer:
+    domain: str = ""
+    address: str = ""
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    enabled: bool = False
+    domain: str = ""
+    listen: str = "0.0.0.0:7001"
+    federation_cert: str = ""
+    federation_key: str = ""
+    federation_ca: str = ""
+    peers: tuple[FederationPeer, ...] = ()
+
+
+@dataclass(frozen=True)
+class WebSocketConfig:
+    enabled: bool = False
+    listen: str = "127.0.0.1:7080"
+
+
+@dataclass(frozen=True)
+class Config:
+    base_dir: Path
+    server: ServerConfig = field(default_factory=ServerConfig)
+    quic: QuicConfig = field(default_factory=QuicConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    websocket: WebSocketConfig = field(default_factory=WebSocketConfig)
+
+    def path(self, value: str) -> Path:
+        """Resolve a config path relative to the config file's directory."""
+        p = Path(value)
+        return p if p.is_absolute() else (self.base_dir / p)
+
+    @property
+    def data_dir(self) -> Path:
+        return self.path(self.server.data_dir)
+
+    def data_path(self, value: str) -> Path:
+        p = Path(value)
+        return p if p.is_absolute() else (self.data_dir / p)
+
+    @property
+    def tls_cert_path(self) -> Path:
+        return self.path(self.server.tls_cert)
+
+    @property
+    def tls_key_path(self) -> Path:
+        return self.path(self.server.tls_key)
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_path(self.storage.path)
+
+    @property
+    def pid_path(self) -> Path:
+        return self.data_path(self.server.pid_file)
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "server": ServerConfig,
+    "quic": QuicConfig,
+    "storage": StorageConfig,
+    "metrics": MetricsConfig,
+    "rate_limit": RateLimitConfig,
+    "limits": LimitsConfig,
+    "federation": FederationConfig,
+    "websocket": WebSocketConfig,
+}
+
+_ENUMS = {
+    ("quic", "retry"): {"auto", "always", "never"},
+    ("storage", "backend"): {"sqlcipher", "file", "postgres"},
+    ("server", "log_level"): {"debug", "info", "warning", "error"},
+}
+_POSITIVE = {
+    ("quic", "idle_timeout_s"),
+    ("quic", "max_concurrent_bidi_streams"),
+    ("quic", "max_connections"),
+    ("quic", "handshake_timeout_s"),
+    ("quic", "max_handshakes_in_flight"),
+    ("storage", "pool_size"),
+    ("storage", "max_batch"),
+    ("server", "session_ttl_s"),
+    ("rate_limit", "account_rate_per_s"),
+    ("rate_limit", "account_burst"),
+    ("rate_limit", "address_rate_per_s"),
+    ("rate_limit", "address_burst"),
+}
+_HOSTPORTS = {("server", "listen"), ("metrics", "listen"), ("federation", "listen"),
+              ("websocket", "listen")}
+
+
+def _type_ok(value: Any, default: Any) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if isinstance(default, str):
+        return isinstance(value, str)
+    return True
+
+
+def _build_section(name: str, raw: Any, problems: list[str]) -> Any:
+    cls = _SECTIONS[name]
+    if not isinstance(raw, dict):
+        problems.append(f"[{name}] must be a table")
+        return cls()
+    defaults = cls()
+    known = {f.name for f in fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if name == "federation" and key == "peers":
+            values["peers"] = _build_peers(value, problems)
+            continue
+        if key not in known:
+            problems.append(f"[{name}] unknown key {key!r}")
+            continue
+        default = getattr(defaults, key)
+        if not _type_ok(value, default):
+            problems.append(
+                f"[{name}] {key} must be {type(default).__name__}, got {type(value).__name__}"
+            )
+            continue
+        if isinstance(default, float):
+            value = float(value)
+        allowed = _ENUMS.get((name, key))
+        if allowed and value not in allowed:
+            problems.append(f"[{name}] {key} must be one of {sorted(allowed)}, got {value!r}")
+            continue
+        if (name, key) in _POSITIVE and value <= 0:
+            problems.append(f"[{name}] {key} must be > 0, got {value}")
+            continue
+        if (name, key) in _HOSTPORTS:
+            try:
+                parse_hostport(value)
+            except ValueError as exc:
+                problems.append(f"[{name}] {key}: {exc}")
+                continue
+        values[key] = value
+    return cls(**values)
+
+
+def _build_peers(raw: Any, problems: list[str]) -> tuple[FederationPeer, ...]:
+    if not isinstance(raw, list):
+        problems.append("[[federation.peers]] must be an array of tables")
+        return ()
+    peers = []
+    for item in raw:
+        if not isinstance(item, dict) or set(item) - {"domain", "address"}:
+            problems.append("[[federation.peers]] entries take only domain and address")
+            continue
+        peers.append(FederationPeer(str(item.get("domain", "")), str(item.get("address", ""))))
+    return tuple(peers)
+
+
+def _parse(path: Path) -> tuple[Config, list[str]]:
+    problems: list[str] = []
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except PermissionError:
+        raise ConfigError(f"config file not readable: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    sections: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name not in _SECTIONS:
+            problems.append(f"unknown section [{name}]")
+            continue
+        sections[name] = _build_section(name, value, problems)
+    config = Config(base_dir=path.resolve().parent, **sections)
+    q = config.quic
+    if q.max_frame_bytes < 1024 or q.max_frame_bytes > 64 * 1024 * 1024:
+        problems.append("[quic] max_frame_bytes must be between 1024 and 67108864")
+    if q.idle_timeout_s > 3600:
+        problems.append("[quic] idle_timeout_s must be at most 3600")
+    if q.max_concurrent_bidi_streams > 10000:
+        problems.append("[quic] max_concurrent_bidi_streams must be at most 10000")
+    return config, problems
+
+
+def _file_problems(config: Config) -> list[str]:
+    problems = []
+    for label, p in (("tls_cert", config.tls_cert_path), ("tls_key", config.tls_key_path)):
+        if not p.is_file():
+            problems.append(f"[server] {label}: file not found: {p}")
+    if not config.data_dir.is_dir():
+        problems.append(f"[server] data_dir: directory not found: {config.data_dir}")
+    fed = config.federation
+    if fed.enabled:
+        for label, value in (("federation_cert", fed.federation_cert),
+                             ("federation_key", fed.federation_key),
+                             ("federation_ca", fed.federation_ca)):
+            if not value or not config.path(value).is_file():
+                problems.append(f"[federation] {label}: file not found: {value or '(unset)'}")
+    return problems
+
+
+def validate_config(path: Path) -> list[str]:
+    """Every problem with the config file at `path` (empty list when valid)."""
+    try:
+        config, problems = _parse(path)
+    except ConfigError as exc:
+        return [str(exc)]
+    return problems + _file_problems(config)
+
+
+def load_config(path: Path) -> Config:
+    """Load and validate; raise ConfigError naming the first problems."""
+    config, problems = _parse(path)
+    problems += _file_problems(config)
+    if problems:
+        raise ConfigError(f"{path}: " + "; ".join(problems))
+    return config

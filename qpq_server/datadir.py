@@ -1,0 +1,73 @@
+"""The data dir layout and `qpq-server init`."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+import tomli_w
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from qpq_server.auth.opaque import create_setup
+from qpq_server.errors import ConfigError
+from qpq_server.secrets import write_env_file
+from qpq_server.tls import write_private_file, write_self_signed
+
+__all__ = ["CONFIG_NAME", "init_data_dir", "session_key_path"]
+
+CONFIG_NAME = "qpq-server.toml"
+
+
+def session_key_path(data_dir: Path) -> Path:
+    return data_dir / "keys" / "session.key"
+
+
+def default_config(domain: str) -> dict[str, dict[str, object]]:
+    return {
+        "server": {"listen": "0.0.0.0:7000", "domain": domain, "data_dir": ".",
+                   "tls_cert": "tls/cert.pem", "tls_key": "tls/key.pem"},
+        "quic": {"idle_timeout_s": 300, "max_concurrent_bidi_streams": 100,
+                 "max_connections": 10000, "max_frame_bytes": 1048576,
+                 "handshake_timeout_s": 10, "max_handshakes_in_flight": 256, "retry": "auto"},
+        "storage": {"backend": "sqlcipher", "pool_size": 4},
+        "metrics": {"listen": "127.0.0.1:9090"},
+        "rate_limit": {"account_rate_per_s": 20.0, "account_burst": 40,
+                       "address_rate_per_s": 50.0, "address_burst": 100},
+        "federation": {"enabled": False},
+        "websocket": {"enabled": False, "listen": "127.0.0.1:7080"},
+    }
+
+
+def init_data_dir(data_dir: Path, domain: str = "localhost") -> list[Path]:
+    """Create config, TLS, secrets, OPAQUE setup and server keys. Never overwrites."""
+    env_path = data_dir / ".env"
+    config_path = data_dir / CONFIG_NAME
+    existing = [p for p in (env_path, config_path, data_dir / "opaque", data_dir / "tls")
+                if p.exists()]
+    if existing:
+        raise ConfigError(
+            f"{data_dir} is already initialised ({existing[0].name} exists); "
+            "refusing to overwrite secrets"
+        )
+    data_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(data_dir, 0o700)
+    write_self_signed(data_dir / "tls" / "cert.pem", data_dir / "tls" / "key.pem", domain)
+    (data_dir / "opaque").mkdir(mode=0o700)
+    create_setup(data_dir / "opaque", version=1)
+    write_private_file(session_key_path(data_dir), secrets.token_bytes(32))
+    signing_key = ed25519.Ed25519PrivateKey.generate()
+    write_private_file(
+        data_dir / "kt" / "signing_key.pem",
+        signing_key.private_bytes(serialization.Encoding.PEM,
+                                  serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()),
+    )
+    (data_dir / "blobs").mkdir(mode=0o700, exist_ok=True)
+    write_env_file(env_path, {
+        "QPQ_AUTH_TOKEN": secrets.token_urlsafe(32),
+        "QPQ_DB_KEY": secrets.token_hex(32),
+    })
+    write_private_file(config_path, tomli_w.dumps(default_config(domain)).encode(), 0o640)
+    return [config_path, data_dir / "tls" / "cert.pem", env_path]

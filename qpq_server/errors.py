@@ -1,0 +1,113 @@
+"""The qpq error tree. Every class has a stable string `code`.
+
+    QpqError
+    ├── ConfigError              bad or missing configuration / secrets
+    ├── StorageError             the database cannot be opened or used
+    │   └── WrongDatabaseKey     SQLCipher key does not open the database
+    └── RequestError             a client request answered with an error
+        ├── BadFrame             malformed, truncated or oversize frame
+        ├── BadRequest           unknown op, missing field, wrong type
+        ├── Unauthenticated      missing/wrong access token
+        ├── InvalidSession       missing, tampered or expired session token
+        ├── LoginFailed          wrong password or unknown user (indistinguishable)
+        ├── UserExists           registration of a taken username
+        ├── UnknownUser          enqueue/key fetch for a user that does not exist
+        ├── RateLimited          token bucket empty
+        ├── TooLarge             payload above a configured limit
+        ├── NotFound             referenced object does not exist
+        ├── ServerBusy           server draining or at a limit
+        └── Internal             unexpected failure (details only in the log)
+
+The `code` is used verbatim in wire error responses, in the `code` label of
+`qpq_rpc_errors_total` and in logs.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BadFrame",
+    "BadRequest",
+    "ConfigError",
+    "Internal",
+    "InvalidSession",
+    "LoginFailed",
+    "NotFound",
+    "QpqError",
+    "RateLimited",
+    "RequestError",
+    "ServerBusy",
+    "StorageError",
+    "TooLarge",
+    "Unauthenticated",
+    "UnknownUser",
+    "UserExists",
+    "WrongDatabaseKey",
+]
+
+
+class QpqError(Exception):
+    code = "error"
+
+
+class ConfigError(QpqError):
+    code = "config_error"
+
+
+class StorageError(QpqError):
+    code = "storage_error"
+
+
+class WrongDatabaseKey(StorageError):
+    code = "wrong_db_key"
+
+
+class RequestError(QpqError):
+    code = "bad_request"
+
+
+class BadFrame(RequestError):
+    code = "bad_frame"
+
+
+class BadRequest(RequestError):
+    code = "bad_request"
+
+
+class Unauthenticated(RequestError):
+    code = "unauthenticated"
+
+
+class InvalidSession(RequestError):
+    code = "invalid_session"
+
+
+class LoginFailed(RequestError):
+    code = "login_failed"
+
+
+class UserExists(RequestError):
+    code = "user_exists"
+
+
+class UnknownUser(RequestError):
+    code = "unknown_user"
+
+
+class RateLimited(RequestError):
+    code = "rate_limited"
+
+
+class TooLarge(RequestError):
+    code = "too_large"
+
+
+class NotFound(RequestError):
+    code = "not_found"
+
+
+class ServerBusy(RequestError):
+    code = "server_busy"
+
+
+class Internal(RequestError):
+    code = "internal"

@@ -1,0 +1,64 @@
+"""The metrics and health HTTP listener: `/metrics`, `/healthz`, `/readyz`.
+
+A small threaded WSGI server: scrapes never wait on the event loop, and a wedged loop
+still answers `/healthz` (while `/readyz` reflects whether we are serving).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, make_wsgi_app
+
+__all__ = ["HealthServer"]
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class HealthServer:
+    def __init__(self, host: str, port: int, registry: CollectorRegistry,
+                 ready: Callable[[], bool]) -> None:
+        metrics_app = make_wsgi_app(registry)
+
+        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+            path = environ.get("PATH_INFO", "")
+            if path == "/healthz":
+                start_response("200 OK", [("Content-Type", "text/plain")])
+                return [b"ok\n"]
+            if path == "/readyz":
+                if ready():
+                    start_response("200 OK", [("Content-Type", "text/plain")])
+                    return [b"ready\n"]
+                start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
+                return [b"not ready\n"]
+            if path == "/metrics":
+                return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found: try /metrics, /healthz or /readyz\n"]
+
+        self._server = make_server(host, port, app, server_class=_ThreadingWSGIServer,
+                                   handler_class=_QuietHandler)
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        name="qpq-metrics-http", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

@@ -1,0 +1,312 @@
+"""Request handling: one validated request in, one response map out.
+
+Transport-independent (QUIC today, the WebSocket bridge later): the transport owns a
+`ConnectionState` per connection and calls `Service.handle` for each request frame.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from qpq_server.auth.access import AccessTokens
+from qpq_server.auth.opaque import OpaqueServer, PendingLogin
+from qpq_server.auth.sessions import SessionSigner
+from qpq_server.config import Config
+from qpq_server.errors import (
+    BadRequest,
+    Internal,
+    LoginFailed,
+    NotFound,
+    QpqError,
+    RateLimited,
+    RequestError,
+    ServerBusy,
+    Unauthenticated,
+    UnknownUser,
+)
+from qpq_server.metrics import ServerMetrics
+from qpq_server.notifier import InProcessNotifier
+from qpq_server.protocol import validate as v
+from qpq_server.ratelimit import RateLimiter
+from qpq_server.storage.base import Storage
+
+__all__ = ["ConnectionState", "Service"]
+
+log = logging.getLogger("qpq.service")
+
+_MAX_PENDING_LOGINS = 8
+_OPAQUE_MSG_MAX = 1024
+_KEY_BYTES = 32
+_KEY_PACKAGE_MAX = 1024
+
+Handler = Callable[[dict[str, Any], "ConnectionState"], Awaitable[dict[str, Any]]]
+
+
+@dataclass
+class ConnectionState:
+    """What the server knows about one client connection."""
+
+    peer: str
+    authenticated: bool = False
+    logged_in_as: set[str] = field(default_factory=set)
+    pending_logins: dict[int, PendingLogin] = field(default_factory=dict)
+
+
+class Service:
+    def __init__(self, *, config: Config, storage: Storage, opaque: OpaqueServer,
+                 signer: SessionSigner, access: AccessTokens, metrics: ServerMetrics,
+                 notifier: InProcessNotifier,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.storage = storage
+        self.opaque = opaque
+        self.signer = signer
+        self.access = access
+        self.metrics = metrics
+        self.notifier = notifier
+        self.clock = clock
+        rl = config.rate_limit
+        self._account_limiter = RateLimiter(rl.account_rate_per_s, rl.account_burst)
+        self._address_limiter = RateLimiter(rl.address_rate_per_s, rl.address_burst)
+        self._login_ids = itertools.count(1)
+        self.draining = False
+        self._handlers: dict[str, Handler] = {
+            "hello": self._hello,
+            "ping": self._ping,
+            "register_start": self._register_start,
+            "register_finish": self._register_finish,
+            "login_start": self._login_start,
+            "login_finish": self._login_finish,
+            "publish_keys": self._publish_keys,
+            "get_keys": self._get_keys,
+            "enqueue": self._enqueue,
+            "fetch": self._fetch,
+            "ack": self._ack,
+        }
+
+    @property
+    def ops(self) -> frozenset[str]:
+        return frozenset(self._handlers)
+
+    def register_op(self, name: str, handler: Handler) -> None:
+        """Let feature modules (blobs, key transparency) add operations."""
+        self._handlers[name] = handler
+
+    async def start(self) -> None:
+        self.metrics.delivery_queue_depth.set(await self.storage.queue_depth())
+
+    # -- entry point -------------------------------------------------------------------
+    async def handle(self, request: dict[str, Any], conn: ConnectionState) -> dict[str, Any]:
+        op = request.get("op")
+        op_label = op if isinstance(op, str) and op in self._handlers else "unknown"
+        started = time.perf_counter()
+        try:
+            if not isinstance(op, str):
+                raise BadRequest("field 'op' must be a string")
+            handler = self._handlers.get(op)
+            if handler is None:
+                raise BadRequest(f"unknown op {op[:64]!r}")
+            if self.config.rate_limit.enabled and not self._address_limiter.allow(
+                conn.peer, self.clock()
+            ):
+                self.metrics.rate_limit_hit_total.labels(scope="address").inc()
+                raise RateLimited("too many requests from this address; slow down")
+            if op != "hello" and not conn.authenticated:
+                raise Unauthenticated("present the access token with 'hello' first")
+            response = await handler(request, conn)
+            response["ok"] = True
+            return response
+        except RequestError as exc:
+            return self._error(op_label, exc)
+        except QpqError as exc:
+            log.error("request failed", extra={"op": op_label, "code": exc.code})
+            return self._error(op_label, Internal("internal error"))
+        except Exception:
+            log.exception("unexpected error handling request", extra={"op": op_label})
+            return self._error(op_label, Internal("internal error"))
+        finally:
+            self.metrics.rpc_duration_seconds.labels(op=op_label).observe(
+                time.perf_counter() - started)
+
+    def _error(self, op: str, exc: RequestError) -> dict[str, Any]:
+        self.metrics.rpc_errors_total.labels(op=op, code=exc.code).inc()
+        return {"ok": False, "error": {"code": exc.code, "message": str(exc)}}
+
+    def _session_user(self, request: dict[str, Any]) -> str:
+        token = v.get_str(request, "session", max_len=512)
+        assert token is not None
+        user = self.signer.verify(token, self.clock()).username
+        if self.config.rate_limit.enabled and not self._account_limiter.allow(
+            "u:" + user, self.clock()
+        ):
+            self.metrics.rate_limit_hit_total.labels(scope="account").inc()
+            raise RateLimited("too many requests for this account; slow down")
+        return user
+
+    # -- handlers ----------------------------------------------------------------------
+    async def _hello(self, request: dict[str, Any], conn: ConnectionState) -> dict[str, Any]:
+        token = v.get_str(request, "token", max_len=512)
+        assert token is not None
+        if not self.access.check(token):
+            self.metrics.auth_login_failure_total.inc()
+            raise Unauthenticated("access token rejected")
+        conn.authenticated = True
+        return {"protocol": "qpq/1", "domain": self.config.server.domain,
+                "max_frame_bytes": self.config.quic.max_frame_bytes}
+
+    async def _ping(self, request: dict[str, Any], conn: ConnectionState) -> dict[str, Any]:
+        return {"time": self.clock()}
+
+    async def _register_start(self, request: dict[str, Any],
+                              conn: ConnectionState) -> dict[str, Any]:
+        username = v.get_username(request)
+        message = v.get_bytes(request, "request", max_len=_OPAQUE_MSG_MAX)
+        assert message is not None
+        return {"response": self.opaque.registration_start(username, message)}
+
+    async def _register_finish(self, request: dict[str, Any],
+                               conn: ConnectionState) -> dict[str, Any]:
+        username = v.get_username(request)
+        upload = v.get_bytes(request, "upload", max_len=_OPAQUE_MSG_MAX)
+        assert upload is not None
+        record = self.opaque.registration_finish(upload)
+        await self.storage.create_account(username, record, self.opaque.current_version,
+                                          self.clock())
+        log.info("account registered", extra={"user": username})
+        return {}
+
+    async def _login_start(self, request: dict[str, Any],
+                           conn: ConnectionState) -> dict[str, Any]:
+        username = v.get_username(request)
+        message = v.get_bytes(request, "request", max_len=_OPAQUE_MSG_MAX)
+        assert message is not None
+        if self.config.rate_limit.enabled and not self._account_limiter.allow(
+            "login:" + username, self.clock()
+        ):
+            self.metrics.rate_limit_hit_total.labels(scope="account").inc()
+            raise RateLimited("too many login attempts for this account; slow down")
+        account = await self.storage.get_account(username)
+        response, pending = self.opaque.login_start(
+            username, message,
+            account.password_file if account else None,
+            account.setup_version if account else None,
+        )
+        if len(conn.pending_logins) >= _MAX_PENDING_LOGINS:
+            conn.pending_logins.pop(next(iter(conn.pending_logins)))
+        login_id = next(self._login_ids)
+        conn.pending_logins[login_id] = pending
+        return {"response": response, "login_id": login_id}
+
+    async def _login_finish(self, request: dict[str, Any],
+                            conn: ConnectionState) -> dict[str, Any]:
+        login_id = v.get_int(request, "login_id", lo=0, hi=2**63)
+        finalization = v.get_bytes(request, "finalization", max_len=_OPAQUE_MSG_MAX)
+        assert finalization is not None
+        # pop: server login state is single-use, so a replayed finalization fails.
+        pending = conn.pending_logins.pop(login_id, None)
+        if pending is None:
+            self.metrics.auth_login_failure_total.inc()
+            raise LoginFailed("no login in progress with this id (expired or replayed)")
+        try:
+            self.opaque.login_finish(pending, finalization)
+        except LoginFailed:
+            self.metrics.auth_login_failure_total.inc()
+            log.info("login failed", extra={"user": pending.username})
+            raise
+        self.metrics.auth_login_success_total.inc()
+        if pending.username not in conn.logged_in_as:
+            conn.logged_in_as.add(pending.username)
+            self.metrics.sessions_active.inc()
+        token, expires = self.signer.issue(pending.username, self.clock())
+        log.info("login succeeded", extra={"user": pending.username})
+        return {"session": token, "expires_at": expires,
+                "setup_version": pending.setup_version}
+
+    async def _publish_keys(self, request: dict[str, Any],
+                            conn: ConnectionState) -> dict[str, Any]:
+        user = self._session_user(request)
+        identity = v.get_bytes(request, "identity_key", max_len=_KEY_BYTES, min_len=_KEY_BYTES,
+                               required=False)
+        packages = v.get_bytes_list(request, "key_packages",
+                                    max_items=self.config.limits.max_key_packages,
+                                    max_len=_KEY_PACKAGE_MAX)
+        if identity is not None:
+            await self.storage.set_identity_key(user, identity)
+        count = await self.storage.add_key_packages(user, packages) if packages else (
+            await self.storage.count_key_packages(user))
+        return {"key_packages": count}
+
+    async def _get_keys(self, request: dict[str, Any], conn: ConnectionState) -> dict[str, Any]:
+        self._session_user(request)
+        username = v.get_username(request)
+        account = await self.storage.get_account(username)
+        if account is None:
+            raise UnknownUser(f"no user {username!r}")
+        if account.identity_key is None:
+            raise NotFound(f"user {username!r} has not published keys yet")
+        package = await self.storage.take_key_package(username)
+        return {
+            "identity_key": account.identity_key,
+            "key_package": package.key_package if package else None,
+            "key_package_id": package.id if package else None,
+        }
+
+    async def _enqueue(self, request: dict[str, Any], conn: ConnectionState) -> dict[str, Any]:
+        sender = self._session_user(request)
+        recipients = v.get_str_list(request, "recipients",
+                                    max_items=self.config.limits.max_recipients)
+        if not recipients:
+            raise BadRequest("field 'recipients' must not be empty")
+        payload = v.get_bytes(request, "payload", max_len=self.config.quic.max_frame_bytes)
+        assert payload is not None
+        recipients = list(dict.fromkeys(recipients))
+        missing = set(recipients) - await self.storage.existing_users(recipients)
+        if missing:
+            raise UnknownUser("unknown recipient(s): " + ", ".join(sorted(missing)))
+        if self.draining:
+            raise ServerBusy("server is shutting down; retry on reconnect")
+        ids = await self.storage.enqueue(sender, recipients, payload, self.clock())
+        self.metrics.enqueue_total.inc(len(ids))
+        self.metrics.delivery_queue_depth.inc(len(ids))
+        self.notifier.notify(recipients)
+        return {"ids": ids}
+
+    async def _fetch(self, request: dict[str, Any], conn: ConnectionState) -> dict[str, Any]:
+        user = self._session_user(request)
+        limits = self.config.limits
+        limit = v.get_int(request, "limit", lo=1, hi=limits.max_fetch_batch,
+                          default=limits.max_fetch_batch)
+        wait_s = v.get_float(request, "wait_s", lo=0.0, hi=limits.max_wait_s, default=0.0)
+        self.metrics.fetch_total.inc()
+        messages = await self.storage.fetch(user, limit)
+        if not messages and wait_s > 0 and not self.draining:
+            self.metrics.delivery_waiters.inc()
+            try:
+                woken = await self.notifier.wait(user, wait_s)
+            finally:
+                self.metrics.delivery_waiters.dec()
+            if woken:
+                messages = await self.storage.fetch(user, limit)
+        return {"messages": [
+            {"id": m.id, "from": m.sender, "payload": m.payload, "sent_at": m.sent_at}
+            for m in messages
+        ]}
+
+    async def _ack(self, request: dict[str, Any], conn: ConnectionState) -> dict[str, Any]:
+        user = self._session_user(request)
+        ids = v.get_int_list(request, "ids", max_items=self.config.limits.max_fetch_batch)
+        deleted = await self.storage.ack(user, ids)
+        self.metrics.delivery_queue_depth.dec(deleted)
+        return {"deleted": deleted}
+
+    def connection_closed(self, conn: ConnectionState) -> None:
+        self.metrics.sessions_active.dec(len(conn.logged_in_as))
+        conn.logged_in_as.clear()
+        conn.pending_logins.clear()
+
+

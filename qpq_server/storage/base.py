@@ -1,0 +1,86 @@
+"""The storage interface every backend implements (sqlcipher today; file, postgres next).
+
+All methods are coroutines: backends do blocking work on worker threads (or a native
+async driver) so the event loop never blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+__all__ = ["Account", "CommitObserver", "KeyPackage", "Storage", "StoredMessage"]
+
+CommitObserver = Callable[[float], None]
+"""Called with the duration in seconds of each durable commit (for the I/O latency metric)."""
+
+
+@dataclass(frozen=True)
+class Account:
+    username: str
+    password_file: bytes
+    setup_version: int
+    identity_key: bytes | None
+    created_at: float
+
+
+@dataclass(frozen=True)
+class KeyPackage:
+    id: int
+    key_package: bytes
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    id: int
+    recipient: str
+    sender: str
+    payload: bytes
+    sent_at: float
+
+
+class Storage(Protocol):
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def create_account(
+        self, username: str, password_file: bytes, setup_version: int, now: float
+    ) -> None:
+        """Raise UserExists when the name is taken."""
+
+    async def get_account(self, username: str) -> Account | None: ...
+
+    async def update_password_file(
+        self, username: str, password_file: bytes, setup_version: int
+    ) -> None: ...
+
+    async def existing_users(self, usernames: Sequence[str]) -> set[str]: ...
+
+    async def set_identity_key(self, username: str, identity_key: bytes) -> None: ...
+
+    async def add_key_packages(self, username: str, packages: Sequence[bytes]) -> int:
+        """Store one-time key packages; return how many the user now has."""
+
+    async def take_key_package(self, username: str) -> KeyPackage | None:
+        """Remove and return one key package (each is handed out at most once)."""
+
+    async def count_key_packages(self, username: str) -> int: ...
+
+    async def enqueue(
+        self, sender: str, recipients: Sequence[str], payload: bytes, now: float
+    ) -> list[int]:
+        """Durably store one message per recipient; return ids once committed."""
+
+    async def fetch(self, recipient: str, limit: int) -> list[StoredMessage]:
+        """Pending messages for recipient, oldest first."""
+
+    async def ack(self, recipient: str, message_ids: Sequence[int]) -> int:
+        """Delete delivered messages of recipient; return how many were deleted."""
+
+    async def queue_depth(self) -> int: ...
+
+    async def get_meta(self, key: str) -> str | None: ...
+
+    async def set_meta(self, key: str, value: str) -> None: ...

@@ -1,0 +1,24 @@
+"""Pick the storage backend named by `[storage] backend`."""
+
+from __future__ import annotations
+
+from qpq_server.config import Config
+from qpq_server.errors import ConfigError
+from qpq_server.secrets import Secret
+from qpq_server.storage.base import CommitObserver, Storage
+from qpq_server.storage.sqlcipher import SqlCipherStorage
+
+__all__ = ["open_storage"]
+
+
+def open_storage(config: Config, db_key: Secret,
+                 on_commit: CommitObserver | None = None) -> Storage:
+    backend = config.storage.backend
+    if backend == "sqlcipher":
+        s = config.storage
+        return SqlCipherStorage(
+            config.db_path, db_key, pool_size=s.pool_size, max_batch=s.max_batch,
+            busy_timeout_ms=s.busy_timeout_ms, wal_autocheckpoint=s.wal_autocheckpoint,
+            on_commit=on_commit,
+        )
+    raise ConfigError(f"[storage] backend {backend!r} is not available in this build")

@@ -1,0 +1,385 @@
+"""SQLCipher storage: WAL, synchronous=FULL, one writer thread with grouped commits,
+and a bounded pool of reader threads.
+
+Why a single writer: SQLite allows one writer at a time anyway; funnelling writes
+through one thread lets concurrent enqueues share a commit (one fsync for many
+messages) while each is still acknowledged only after its commit is durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import re
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sqlcipher3
+
+from qpq_server.errors import StorageError, UserExists, WrongDatabaseKey
+from qpq_server.secrets import Secret
+from qpq_server.storage.base import Account, CommitObserver, KeyPackage, StoredMessage
+from qpq_server.storage.migrations import MIGRATIONS, SCHEMA_VERSION
+
+__all__ = ["SqlCipherStorage", "connect_sqlcipher", "key_pragma"]
+
+T = TypeVar("T")
+Connection = Any  # sqlcipher3 ships no type stubs
+_HEX_KEY = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+def key_pragma(db_key: Secret) -> str:
+    """A 64-hex-digit key is used as a raw key (no KDF); anything else as a passphrase."""
+    value = db_key.reveal()
+    if _HEX_KEY.match(value):
+        return f"PRAGMA key = \"x'{value}'\""
+    return "PRAGMA key = '" + value.replace("'", "''") + "'"
+
+
+def connect_sqlcipher(path: Path, db_key: Secret, *, busy_timeout_ms: int = 5000,
+                      wal_autocheckpoint: int = 2000) -> Connection:
+    """Open and key a connection; raise WrongDatabaseKey if the key does not open it."""
+    conn = sqlcipher3.connect(str(path), isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute(key_pragma(db_key))
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlcipher3.DatabaseError as exc:
+        conn.close()
+        raise WrongDatabaseKey(
+            f"QPQ_DB_KEY does not open {path} (wrong key, or not a qpq database)"
+        ) from exc
+    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+    conn.execute("PRAGMA journal_mode = WAL")
+    # FULL: with NORMAL the last commits before a power loss can roll back.
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute(f"PRAGMA wal_autocheckpoint = {int(wal_autocheckpoint)}")
+    conn.execute("PRAGMA foreign_keys = ON")
+    return conn
+
+
+def migrate(conn: Connection) -> int:
+    (version,) = conn.execute("PRAGMA user_version").fetchone()
+    if version > SCHEMA_VERSION:
+        raise StorageError(
+            f"database schema version {version} is newer than this server ({SCHEMA_VERSION})"
+        )
+    for target in range(version, SCHEMA_VERSION):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in MIGRATIONS[target].split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {target + 1}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    return SCHEMA_VERSION
+
+
+@dataclass
+class _WriteJob:
+    fn: Callable[[Connection], Any]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Any]
+
+
+class SqlCipherStorage:
+    def __init__(self, path: Path, db_key: Secret, *, pool_size: int = 4,
+                 max_batch: int = 64, busy_timeout_ms: int = 5000,
+                 wal_autocheckpoint: int = 2000,
+                 on_commit: CommitObserver | None = None) -> None:
+        self._path = path
+        self._key = db_key
+        self._readers = max(1, pool_size - 1)  # one connection is the writer's
+        self._max_batch = max_batch
+        self._busy_timeout_ms = busy_timeout_ms
+        self._wal_autocheckpoint = wal_autocheckpoint
+        self._on_commit = on_commit
+        self._jobs: queue.Queue[_WriteJob | None] = queue.Queue()
+        self._writer: threading.Thread | None = None
+        self._writer_conn: Connection | None = None
+        self._local = threading.local()
+        self._reader_conns: list[Connection] = []
+        self._reader_lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def _connect(self) -> Connection:
+        return connect_sqlcipher(self._path, self._key, busy_timeout_ms=self._busy_timeout_ms,
+                                 wal_autocheckpoint=self._wal_autocheckpoint)
+
+    async def open(self) -> None:
+        def setup() -> Connection:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            conn = self._connect()
+            migrate(conn)
+            return conn
+
+        self._writer_conn = await asyncio.to_thread(setup)
+        self._pool = ThreadPoolExecutor(self._readers, thread_name_prefix="qpq-db-read")
+        self._writer = threading.Thread(target=self._write_loop, name="qpq-db-write",
+                                        daemon=True)
+        self._writer.start()
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._jobs.put(None)
+            await asyncio.to_thread(self._writer.join)
+            self._writer = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        with self._reader_lock:
+            for conn in self._reader_conns:
+                conn.close()
+            self._reader_conns.clear()
+        if self._writer_conn is not None:
+            self._writer_conn.close()
+            self._writer_conn = None
+
+    # -- plumbing ----------------------------------------------------------------------
+    def _write_loop(self) -> None:
+        conn = self._writer_conn
+        assert conn is not None
+        while True:
+            first = self._jobs.get()
+            if first is None:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < self._max_batch:
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    stop = True
+                    break
+                batch.append(job)
+            self._run_batch(conn, batch)
+            if stop:
+                return
+
+    def _run_batch(self, conn: Connection, batch: list[_WriteJob]) -> None:
+        results: list[tuple[_WriteJob, Any, BaseException | None]] = []
+        started = time.perf_counter()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for job in batch:
+                # A savepoint per job: one job's failure (say a taken username) must not
+                # roll back the others sharing this commit.
+                conn.execute("SAVEPOINT job")
+                try:
+                    result = job.fn(conn)
+                    conn.execute("RELEASE job")
+                    results.append((job, result, None))
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                    results.append((job, None, exc))
+            conn.execute("COMMIT")
+        except Exception as exc:
+            with contextlib.suppress(Exception):  # already failing: report the first error
+                conn.execute("ROLLBACK")
+            error = StorageError(f"commit failed: {exc}")
+            for job in batch:
+                job.loop.call_soon_threadsafe(_settle, job.future, None, error)
+            return
+        if self._on_commit is not None:
+            self._on_commit(time.perf_counter() - started)
+        for job, result, job_error in results:
+            job.loop.call_soon_threadsafe(_settle, job.future, result, job_error)
+
+    async def _write(self, fn: Callable[[Connection], T]) -> T:
+        if self._writer is None:
+            raise StorageError("storage is closed")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._jobs.put(_WriteJob(fn, loop, future))
+        return await future
+
+    def _reader(self) -> Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            self._local.conn = conn
+            with self._reader_lock:
+                self._reader_conns.append(conn)
+        return conn
+
+    async def _read(self, fn: Callable[[Connection], T]) -> T:
+        if self._pool is None:
+            raise StorageError("storage is closed")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, lambda: fn(self._reader()))
+
+    # -- accounts ----------------------------------------------------------------------
+    async def create_account(self, username: str, password_file: bytes, setup_version: int,
+                             now: float) -> None:
+        def run(conn: Connection) -> None:
+            try:
+                conn.execute(
+                    "INSERT INTO accounts(username, password_file, setup_version, created_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    (username, password_file, setup_version, now),
+                )
+            except sqlcipher3.IntegrityError:
+                raise UserExists(f"username {username!r} is taken") from None
+
+        await self._write(run)
+
+    async def get_account(self, username: str) -> Account | None:
+        def run(conn: Connection) -> Account | None:
+            row = conn.execute(
+                "SELECT username, password_file, setup_version, identity_key, created_at"
+                " FROM accounts WHERE username = ?",
+                (username,),
+            ).fetchone()
+            return Account(*row) if row else None
+
+        return await self._read(run)
+
+    async def update_password_file(self, username: str, password_file: bytes,
+                                   setup_version: int) -> None:
+        await self._write(lambda conn: conn.execute(
+            "UPDATE accounts SET password_file = ?, setup_version = ? WHERE username = ?",
+            (password_file, setup_version, username),
+        ))
+
+    async def existing_users(self, usernames: Sequence[str]) -> set[str]:
+        names = list(dict.fromkeys(usernames))
+
+        def run(conn: Connection) -> set[str]:
+            marks = ",".join("?" * len(names))
+            rows = conn.execute(
+                f"SELECT username FROM accounts WHERE username IN ({marks})",  # noqa: S608
+                names,
+            ).fetchall()
+            return {r[0] for r in rows}
+
+        return await self._read(run) if names else set()
+
+    async def set_identity_key(self, username: str, identity_key: bytes) -> None:
+        await self._write(lambda conn: conn.execute(
+            "UPDATE accounts SET identity_key = ? WHERE username = ?", (identity_key, username)
+        ))
+
+    # -- key packages ------------------------------------------------------------------
+    async def add_key_packages(self, username: str, packages: Sequence[bytes]) -> int:
+        def run(conn: Connection) -> int:
+            conn.executemany(
+                "INSERT INTO key_packages(username, key_package) VALUES (?, ?)",
+                [(username, p) for p in packages],
+            )
+            (count,) = conn.execute(
+                "SELECT count(*) FROM key_packages WHERE username = ?", (username,)
+            ).fetchone()
+            return int(count)
+
+        return await self._write(run)
+
+    async def take_key_package(self, username: str) -> KeyPackage | None:
+        def run(conn: Connection) -> KeyPackage | None:
+            # Inside the writer's transaction: the select and delete are atomic, so a
+            # one-time key is never handed to two senders.
+            row = conn.execute(
+                "SELECT id, key_package FROM key_packages WHERE username = ? ORDER BY id LIMIT 1",
+                (username,),
+            ).fetchone()
+            if row is None:
+                return None
+            conn.execute("DELETE FROM key_packages WHERE id = ?", (row[0],))
+            return KeyPackage(int(row[0]), bytes(row[1]))
+
+        return await self._write(run)
+
+    async def count_key_packages(self, username: str) -> int:
+        def run(conn: Connection) -> int:
+            (count,) = conn.execute(
+                "SELECT count(*) FROM key_packages WHERE username = ?", (username,)
+            ).fetchone()
+            return int(count)
+
+        return await self._read(run)
+
+    # -- delivery ----------------------------------------------------------------------
+    async def enqueue(self, sender: str, recipients: Sequence[str], payload: bytes,
+                      now: float) -> list[int]:
+        def run(conn: Connection) -> list[int]:
+            ids = []
+            for recipient in recipients:
+                cur = conn.execute(
+                    "INSERT INTO messages(recipient, sender, payload, sent_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    (recipient, sender, payload, now),
+                )
+                ids.append(int(cur.lastrowid))
+            return ids
+
+        return await self._write(run)
+
+    async def fetch(self, recipient: str, limit: int) -> list[StoredMessage]:
+        def run(conn: Connection) -> list[StoredMessage]:
+            rows = conn.execute(
+                "SELECT id, recipient, sender, payload, sent_at FROM messages"
+                " WHERE recipient = ? ORDER BY id LIMIT ?",
+                (recipient, limit),
+            ).fetchall()
+            return [StoredMessage(int(r[0]), r[1], r[2], bytes(r[3]), float(r[4])) for r in rows]
+
+        return await self._read(run)
+
+    async def ack(self, recipient: str, message_ids: Sequence[int]) -> int:
+        ids = list(message_ids)
+
+        def run(conn: Connection) -> int:
+            deleted = 0
+            for chunk_start in range(0, len(ids), 500):
+                chunk = ids[chunk_start : chunk_start + 500]
+                marks = ",".join("?" * len(chunk))
+                cur = conn.execute(
+                    f"DELETE FROM messages WHERE recipient = ? AND id IN ({marks})",  # noqa: S608
+                    [recipient, *chunk],
+                )
+                deleted += cur.rowcount
+            return deleted
+
+        return await self._write(run) if ids else 0
+
+    async def queue_depth(self) -> int:
+        def run(conn: Connection) -> int:
+            (count,) = conn.execute("SELECT count(*) FROM messages").fetchone()
+            return int(count)
+
+        return await self._read(run)
+
+    # -- metadata ----------------------------------------------------------------------
+    async def get_meta(self, key: str) -> str | None:
+        def run(conn: Connection) -> str | None:
+            row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+            return str(row[0]) if row else None
+
+        return await self._read(run)
+
+    async def set_meta(self, key: str, value: str) -> None:
+        await self._write(lambda conn: conn.execute(
+            "INSERT INTO meta(key, value) VALUES (?, ?)"
+            " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        ))
+
+
+def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)

@@ -1,0 +1,1 @@
+"""Network transports: QUIC (the only module importing aioquic.asyncio)."""

@@ -1,0 +1,258 @@
+"""QUIC transport on aioquic: one request per bidirectional stream.
+
+We handle `StreamDataReceived` ourselves (aioquic's stream-reader path never prunes
+its per-stream dict), resolve the handshake on `HandshakeCompleted`, and apply the
+connection cap, handshake flood limits and the stream limit here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.asyncio.server import QuicServer, serve
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.events import (
+    ConnectionTerminated,
+    HandshakeCompleted,
+    QuicEvent,
+    StreamDataReceived,
+    StreamReset,
+)
+from aioquic.quic.retry import QuicRetryTokenHandler
+
+from qpq_server.config import Config
+from qpq_server.errors import QpqError, RequestError
+from qpq_server.protocol.codec import FrameDecoder, encode_frame
+from qpq_server.service import ConnectionState, Service
+
+__all__ = ["ALPN", "QuicListener", "quic_server_configuration"]
+
+log = logging.getLogger("qpq.quic")
+
+ALPN = "qpq/1"
+# QUIC application error codes used when we refuse or close a connection.
+ERR_CAPACITY = 0x100
+ERR_HANDSHAKE = 0x101
+ERR_SHUTDOWN = 0x102
+
+
+def quic_server_configuration(config: Config) -> QuicConfiguration:
+    qc = QuicConfiguration(
+        is_client=False,
+        alpn_protocols=[ALPN],
+        idle_timeout=config.quic.idle_timeout_s,
+        max_datagram_frame_size=None,
+    )
+    qc.load_cert_chain(str(config.tls_cert_path), str(config.tls_key_path))
+    return qc
+
+
+class _Tracker:
+    """Connection counts shared by all protocols of one listener."""
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.handshaking = 0
+        self.in_flight_requests = 0
+        self.accepting = True
+        self.protocols: set[QpqServerProtocol] = set()
+
+
+class QpqServerProtocol(QuicConnectionProtocol):
+    def __init__(self, quic: QuicConnection, *, service: Service, config: Config,
+                 tracker: _Tracker, on_handshaking_changed: Callable[[], None],
+                 **kwargs: Any) -> None:
+        super().__init__(quic, **kwargs)
+        self._service = service
+        self._config = config
+        self._tracker = tracker
+        self._on_handshaking_changed = on_handshaking_changed
+        self._decoders: dict[int, FrameDecoder] = {}
+        self._answered: set[int] = set()
+        self._state = ConnectionState(peer="unknown")
+        self._started = time.perf_counter()
+        self._handshake_done = False
+        self._gone = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        # aioquic has no max-streams option: it hard-codes 128 in QuicConnection.__init__.
+        limit = config.quic.max_concurrent_bidi_streams
+        quic._local_max_streams_bidi.value = limit
+        quic._local_max_streams_bidi.sent = limit
+        metrics = service.metrics
+        refuse = self._refusal_reason()
+        tracker.active += 1
+        tracker.handshaking += 1
+        tracker.protocols.add(self)
+        metrics.connections_active.set(tracker.active)
+        on_handshaking_changed()
+        self._refuse = refuse
+        if refuse is not None:
+            metrics.connections_refused_total.labels(reason=refuse[0]).inc()
+        else:
+            self._timeout = asyncio.get_running_loop().call_later(
+                config.quic.handshake_timeout_s, self._handshake_timed_out)
+
+    def _refusal_reason(self) -> tuple[str, str] | None:
+        t, q = self._tracker, self._config.quic
+        if not t.accepting:
+            return "draining", "server is shutting down"
+        if t.active >= q.max_connections:
+            return "cap", f"server at its connection cap ({q.max_connections}); try later"
+        if t.handshaking >= q.max_handshakes_in_flight:
+            return "handshakes", "too many handshakes in flight; try later"
+        return None
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        if self._state.peer == "unknown":
+            self._state.peer = str(addr[0])
+        super().datagram_received(data, addr)
+        if self._refuse is not None and not self._gone:
+            # Closed after the first Initial is processed, so the client can read why.
+            self._quic.close(error_code=ERR_CAPACITY, reason_phrase=self._refuse[1])
+            self._refuse = None
+            self.transmit()
+
+    def _handshake_timed_out(self) -> None:
+        if not self._handshake_done and not self._gone:
+            self._service.metrics.connections_refused_total.labels(reason="handshake_timeout").inc()
+            self._quic.close(error_code=ERR_HANDSHAKE, reason_phrase="handshake timed out")
+            self.transmit()
+
+    def _end_handshake(self) -> None:
+        if not self._handshake_done:
+            self._handshake_done = True
+            self._tracker.handshaking -= 1
+            self._on_handshaking_changed()
+
+    def quic_event_received(self, event: QuicEvent) -> None:
+        if isinstance(event, HandshakeCompleted):
+            self._end_handshake()
+            self._timeout.cancel()
+            self._service.metrics.tls_handshake_duration_seconds.observe(
+                time.perf_counter() - self._started)
+        elif isinstance(event, StreamDataReceived):
+            self._stream_data(event)
+        elif isinstance(event, StreamReset):
+            self._decoders.pop(event.stream_id, None)
+        elif isinstance(event, ConnectionTerminated):
+            self._terminated()
+
+    def _stream_data(self, event: StreamDataReceived) -> None:
+        sid = event.stream_id
+        if sid % 4 != 0 or sid in self._answered:
+            return  # only client-initiated bidi streams carry requests; one per stream
+        decoder = self._decoders.get(sid)
+        if decoder is None:
+            decoder = self._decoders[sid] = FrameDecoder(self._config.quic.max_frame_bytes)
+        try:
+            frames = decoder.feed(event.data)
+            if not frames and event.end_stream:
+                decoder.finish()
+        except RequestError as exc:
+            self._reply(sid, self._service._error("frame", exc))
+            return
+        if frames:
+            self._decoders.pop(sid, None)
+            self._answered.add(sid)
+            task = asyncio.get_running_loop().create_task(self._serve_request(sid, frames[0]))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _serve_request(self, sid: int, request: dict[str, Any]) -> None:
+        self._tracker.in_flight_requests += 1
+        try:
+            response = await self._service.handle(request, self._state)
+        except QpqError:  # handle() maps errors itself; this is belt and braces
+            response = {"ok": False, "error": {"code": "internal", "message": "internal error"}}
+        finally:
+            self._tracker.in_flight_requests -= 1
+        self._reply(sid, response)
+
+    def _reply(self, sid: int, response: dict[str, Any]) -> None:
+        self._decoders.pop(sid, None)
+        self._answered.add(sid)
+        if self._gone:
+            return
+        try:
+            self._quic.send_stream_data(sid, encode_frame(response), end_stream=True)
+        except (ValueError, AssertionError):
+            return  # stream already reset or closed by the peer
+        self.transmit()
+        if len(self._answered) > 4096:
+            self._answered = {s for s in self._answered if s >= sid - 4 * 4096}
+
+    def _terminated(self) -> None:
+        if self._gone:
+            return
+        self._gone = True
+        self._end_handshake()
+        if hasattr(self, "_timeout"):
+            self._timeout.cancel()
+        self._tracker.active -= 1
+        self._tracker.protocols.discard(self)
+        self._service.metrics.connections_active.set(self._tracker.active)
+        self._service.connection_closed(self._state)
+        self._decoders.clear()
+
+    def close_for_shutdown(self) -> None:
+        if not self._gone:
+            self._quic.close(error_code=ERR_SHUTDOWN, reason_phrase="server shutting down")
+            self.transmit()
+
+
+class QuicListener:
+    def __init__(self, config: Config, service: Service) -> None:
+        self._config = config
+        self._service = service
+        self._tracker = _Tracker()
+        self.configuration = quic_server_configuration(config)
+        self._server: QuicServer | None = None
+        self._retry_handler = QuicRetryTokenHandler()
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None and self._server._transport is not None
+        return int(self._server._transport.get_extra_info("sockname")[1])
+
+    @property
+    def in_flight_requests(self) -> int:
+        return self._tracker.in_flight_requests
+
+    def _update_retry(self) -> None:
+        """`retry = auto`: ask for address validation only while handshakes pile up."""
+        if self._server is None or self._config.quic.retry != "auto":
+            return
+        busy = self._tracker.handshaking > self._config.quic.max_handshakes_in_flight // 2
+        self._server._retry = self._retry_handler if busy else None  # type: ignore[assignment]
+
+    async def start(self, host: str, port: int) -> None:
+        def factory(quic: QuicConnection, **kwargs: Any) -> QpqServerProtocol:
+            return QpqServerProtocol(quic, service=self._service, config=self._config,
+                                     tracker=self._tracker,
+                                     on_handshaking_changed=self._update_retry, **kwargs)
+
+        self._server = await serve(host, port, configuration=self.configuration,
+                                   create_protocol=factory,
+                                   retry=self._config.quic.retry == "always")
+        self._service.metrics.connections_max.set(self._config.quic.max_connections)
+
+    def reload_certificate(self) -> None:
+        """New handshakes use the new certificate; established connections keep theirs."""
+        self.configuration.load_cert_chain(str(self._config.tls_cert_path),
+                                           str(self._config.tls_key_path))
+
+    def stop_accepting(self) -> None:
+        self._tracker.accepting = False
+
+    def close(self) -> None:
+        for protocol in list(self._tracker.protocols):
+            protocol.close_for_shutdown()
+        if self._server is not None:
+            self._server.close()
+            self._server = None
