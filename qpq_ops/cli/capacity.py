@@ -184,7 +184,7 @@ def _print_plan(result: CapacityPlan, sources: dict[str, str]) -> None:
 
 
 @app.command("plan")
-def plan_command(  # noqa: PLR0917 - one parameter per option
+def plan_command(
     users: Annotated[str | None, typer.Option(
         "--users", metavar="N", help="Expected concurrent users (connections).")] = None,
     msgs_per_user_hour: Annotated[str | None, typer.Option(

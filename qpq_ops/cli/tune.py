@@ -1,5 +1,162 @@
-"""`qpq-ops tune` command group (not built yet)."""
+"""`qpq-ops tune sysctl|ulimits`: print, write or check the host settings QUIC needs."""
+
+from __future__ import annotations
+
+import resource
+import sys
+from pathlib import Path
+from typing import Annotated
 
 import typer
+from rich.table import Table
 
-app = typer.Typer(help="(not built yet)", no_args_is_help=True)
+from qpq_ops._console import err, fail, out, print_json
+from qpq_ops.capacity import NOFILE, SYSCTL
+from qpq_ops.exit_codes import ExitCode
+from qpq_ops.tuning import (
+    LIMITS_D_PATH,
+    SYSCTL_PATH,
+    SYSTEMD_DROPIN_PATH,
+    CheckState,
+    SettingCheck,
+    check_nofile,
+    check_sysctl,
+    render_limits_d,
+    render_sysctl_conf,
+    render_systemd_dropin,
+    write_atomic,
+)
+
+__all__ = ["app", "checks_exit_code", "checks_json", "sysctl", "ulimits"]
+
+app = typer.Typer(
+    help="Host tuning for QUIC: UDP buffers (sysctl) and the open-files limit. "
+    "Prints the recommended files; changes nothing unless --write is given.",
+    no_args_is_help=True,
+)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON alone on stdout.")]
+
+
+def checks_exit_code(checks: list[SettingCheck]) -> ExitCode:
+    """1 when any setting is below, else 3 when any could not be read, else 0."""
+    states = {c.state for c in checks}
+    if CheckState.BELOW in states:
+        return ExitCode.WARNING
+    if CheckState.UNKNOWN in states:
+        return ExitCode.CANNOT_EVALUATE
+    return ExitCode.OK
+
+
+def _live_json(value: int | None) -> int | str | None:
+    return "unlimited" if value == resource.RLIM_INFINITY else value
+
+
+def checks_json(checks: list[SettingCheck]) -> list[dict[str, object]]:
+    return [
+        {"name": c.name, "recommended": c.recommended, "live": _live_json(c.live),
+         "state": str(c.state), "fix": c.fix}
+        for c in checks
+    ]
+
+
+def _print_checks(checks: list[SettingCheck], title: str) -> None:
+    table = Table(title=title, title_justify="left")
+    table.add_column("setting")
+    table.add_column("recommended", justify="right")
+    table.add_column("live", justify="right")
+    table.add_column("state")
+    for c in checks:
+        live = "?" if c.live is None else str(_live_json(c.live))
+        style = {"ok": "green", "below": "yellow", "unknown": "magenta"}[c.state]
+        table.add_row(c.name, str(c.recommended), live, f"[{style}]{c.state}[/]")
+    out().print(table)
+    below = [c for c in checks if c.state is not CheckState.OK]
+    if below:
+        out().print(f"Fix: {below[0].fix}", highlight=False, soft_wrap=True)
+
+
+def _write(path: Path, text: str) -> None:
+    try:
+        write_atomic(path, text)
+    except OSError as exc:
+        fail(f"cannot write {path}: {exc.strerror or exc}", ExitCode.CANNOT_EVALUATE)
+    err().print(f"wrote {path}", highlight=False)
+
+
+@app.command("sysctl")
+def sysctl(
+    write: Annotated[Path | None, typer.Option(
+        "--write", metavar="PATH",
+        help=f"Write the file atomically to PATH (e.g. {SYSCTL_PATH}; then run "
+        "`sysctl -p PATH`).")] = None,
+    check: Annotated[bool, typer.Option(
+        "--check", help="Compare with the live values; exit 1 when any is below.")] = False,
+    proc_sys: Annotated[Path, typer.Option(
+        "--proc-sys", metavar="DIR", help="Where live values are read from.")] = Path("/proc/sys"),
+    json_out: JsonOpt = False,
+) -> None:
+    """UDP socket buffers for QUIC (net.core.rmem/wmem max and default).
+
+    Without options, prints the recommended /etc/sysctl.d/99-qpq.conf.
+    """
+    text = render_sysctl_conf()
+    if write is not None:
+        _write(write, text)
+    if check:
+        checks = check_sysctl(proc_sys)
+        if json_out:
+            print_json({"file": str(SYSCTL_PATH), "settings": SYSCTL,
+                        "checks": checks_json(checks)})
+        else:
+            _print_checks(checks, f"sysctl (live from {proc_sys})")
+        raise typer.Exit(int(checks_exit_code(checks)))
+    if json_out:
+        print_json({"file": str(SYSCTL_PATH), "settings": SYSCTL, "content": text})
+    elif write is None:
+        sys.stdout.write(text)
+
+
+@app.command("ulimits")
+def ulimits(
+    write: Annotated[Path | None, typer.Option(
+        "--write", metavar="PATH",
+        help=f"Write the systemd drop-in atomically to PATH (e.g. {SYSTEMD_DROPIN_PATH}).",
+    )] = None,
+    write_limits_d: Annotated[Path | None, typer.Option(
+        "--write-limits-d", metavar="PATH",
+        help=f"Write the pam_limits file atomically to PATH (e.g. {LIMITS_D_PATH}).",
+    )] = None,
+    check: Annotated[bool, typer.Option(
+        "--check", help="Compare the soft/hard open-files limits with 65536; exit 1 when "
+        "below.")] = False,
+    pid: Annotated[int | None, typer.Option(
+        help="Check this process (e.g. the server's pid) instead of qpq-ops itself.")] = None,
+    proc: Annotated[Path, typer.Option(
+        "--proc", metavar="DIR", help="Where /proc/PID/limits is read from.")] = Path("/proc"),
+    user: Annotated[str, typer.Option(help="Service user named in the limits.d file.")] = "qpq",
+    json_out: JsonOpt = False,
+) -> None:
+    """Open-files limit (LimitNOFILE=65536): systemd drop-in and limits.d file.
+
+    Without options, prints both recommended files.
+    """
+    dropin, limits_d = render_systemd_dropin(), render_limits_d(user)
+    if write is not None:
+        _write(write, dropin)
+    if write_limits_d is not None:
+        _write(write_limits_d, limits_d)
+    if check:
+        checks = check_nofile(pid, proc)
+        if json_out:
+            print_json({"nofile": NOFILE, "checks": checks_json(checks)})
+        else:
+            _print_checks(checks, "open-files limit")
+        raise typer.Exit(int(checks_exit_code(checks)))
+    if json_out:
+        print_json({"nofile": NOFILE,
+                    "files": {str(SYSTEMD_DROPIN_PATH): dropin, str(LIMITS_D_PATH): limits_d}})
+    elif write is None and write_limits_d is None:
+        sys.stdout.write(
+            f"# --- {SYSTEMD_DROPIN_PATH}\n{dropin}\n# --- {LIMITS_D_PATH}\n{limits_d}"
+        )

@@ -1,0 +1,164 @@
+"""tune sysctl / ulimits: print, write atomically, check live values (fake and real)."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from qpq_ops.cli import app
+
+runner = CliRunner()
+
+RECOMMENDED = {
+    "net.core.rmem_max": 26214400, "net.core.wmem_max": 26214400,
+    "net.core.rmem_default": 1048576, "net.core.wmem_default": 1048576,
+}
+
+LIMITS = """Limit                     Soft Limit           Hard Limit           Units
+Max cpu time              unlimited            unlimited            seconds
+Max open files            {soft:<20} {hard:<20} files
+Max locked memory         8388608              8388608              bytes
+"""
+
+
+def fake_proc_sys(root: Path, values: dict[str, int]) -> Path:
+    for key, value in values.items():
+        path = root.joinpath(*key.split("."))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{value}\n")
+    return root
+
+
+def fake_limits(root: Path, pid: int, soft: str, hard: str) -> Path:
+    (root / str(pid)).mkdir(parents=True)
+    (root / str(pid) / "limits").write_text(LIMITS.format(soft=soft, hard=hard))
+    return root
+
+
+def test_sysctl_prints_the_guide_settings() -> None:
+    result = runner.invoke(app, ["tune", "sysctl"])
+    assert result.exit_code == 0
+    lines = [ln for ln in result.stdout.splitlines() if ln and not ln.startswith("#")]
+    assert lines == [f"{k} = {v}" for k, v in RECOMMENDED.items()]
+
+
+def test_sysctl_write_is_atomic_and_matches_print(tmp_path: Path) -> None:
+    target = tmp_path / "sysctl.d" / "99-qpq.conf"
+    target.parent.mkdir()
+    target.write_text("old\n")
+    result = runner.invoke(app, ["tune", "sysctl", "--write", str(target)])
+    assert result.exit_code == 0, result.output
+    assert target.read_text() == runner.invoke(app, ["tune", "sysctl"]).stdout
+    assert oct(target.stat().st_mode & 0o777) == "0o644"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["99-qpq.conf"]
+    assert f"wrote {target}" in result.stderr
+
+
+def test_sysctl_write_to_impossible_path_fails_in_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = runner.invoke(app, ["tune", "sysctl", "--write", str(blocker / "x.conf")])
+    assert result.exit_code == 3
+    assert result.stderr.count("\n") == 1 and "cannot write" in result.stderr
+
+
+def test_sysctl_check_passes_when_live_values_meet_the_guide(tmp_path: Path) -> None:
+    root = fake_proc_sys(tmp_path, {**RECOMMENDED, "net.core.rmem_max": 33554432})
+    result = runner.invoke(app, ["tune", "sysctl", "--check", "--proc-sys", str(root)])
+    assert result.exit_code == 0, result.output
+    assert "below" not in result.stdout
+
+
+def test_sysctl_check_exits_1_when_a_value_is_below(tmp_path: Path) -> None:
+    root = fake_proc_sys(tmp_path, {**RECOMMENDED, "net.core.wmem_default": 212992})
+    result = runner.invoke(app, ["tune", "sysctl", "--check", "--proc-sys", str(root),
+                                 "--json"])
+    assert result.exit_code == 1
+    doc = json.loads(result.stdout)
+    states = {c["name"]: (c["live"], c["state"]) for c in doc["checks"]}
+    assert states["net.core.wmem_default"] == (212992, "below")
+    assert states["net.core.rmem_max"] == (26214400, "ok")
+    assert doc["settings"] == RECOMMENDED
+
+
+def test_sysctl_check_exits_3_when_values_cannot_be_read(tmp_path: Path) -> None:
+    root = fake_proc_sys(tmp_path, {"net.core.rmem_max": 26214400})
+    (tmp_path / "net" / "core" / "wmem_max").write_text("garbage\n")
+    result = runner.invoke(app, ["tune", "sysctl", "--check", "--proc-sys", str(root),
+                                 "--json"])
+    assert result.exit_code == 3
+    assert {c["state"] for c in json.loads(result.stdout)["checks"]} == {"ok", "unknown"}
+
+
+def test_ulimits_prints_dropin_and_limits_d() -> None:
+    result = runner.invoke(app, ["tune", "ulimits", "--user", "qpqsvc"])
+    assert result.exit_code == 0
+    assert "[Service]\nLimitNOFILE=65536\n" in result.stdout
+    assert "qpqsvc soft nofile 65536\nqpqsvc hard nofile 65536\n" in result.stdout
+
+
+def test_ulimits_write_both_files(tmp_path: Path) -> None:
+    dropin = tmp_path / "qpq-server.service.d" / "limits.conf"
+    limits = tmp_path / "limits.d" / "99-qpq.conf"
+    result = runner.invoke(app, ["tune", "ulimits", "--write", str(dropin),
+                                 "--write-limits-d", str(limits)])
+    assert result.exit_code == 0, result.output
+    assert "LimitNOFILE=65536" in dropin.read_text().splitlines()
+    assert "qpq hard nofile 65536" in limits.read_text().splitlines()
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize(("soft", "hard", "code"), [
+    ("65536", "65536", 0), ("unlimited", "unlimited", 0), ("1024", "65536", 1),
+    ("65536", "4096", 1),
+])
+def test_ulimits_check_reads_proc_pid_limits(tmp_path: Path, soft: str, hard: str,
+                                             code: int) -> None:
+    root = fake_limits(tmp_path, 4242, soft, hard)
+    result = runner.invoke(app, ["tune", "ulimits", "--check", "--pid", "4242",
+                                 "--proc", str(root), "--json"])
+    assert result.exit_code == code, result.output
+    live = [c["live"] for c in json.loads(result.stdout)["checks"]]
+    assert live == [int(v) if v.isdigit() else v for v in (soft, hard)]
+
+
+def test_ulimits_check_unknown_pid_exits_3(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["tune", "ulimits", "--check", "--pid", "99999999",
+                                 "--proc", str(tmp_path)])
+    assert result.exit_code == 3
+
+
+def _lowered() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (512, 1024))
+
+
+def test_ulimits_check_of_a_real_process_with_low_limits_exits_1() -> None:
+    proc = subprocess.Popen(["sleep", "30"], preexec_fn=_lowered)
+    try:
+        result = runner.invoke(app, ["tune", "ulimits", "--check", "--pid", str(proc.pid),
+                                     "--json"])
+        assert result.exit_code == 1
+        assert [c["live"] for c in json.loads(result.stdout)["checks"]] == [512, 1024]
+    finally:
+        proc.kill()
+        proc.wait(timeout=5)
+
+
+def test_ulimits_check_of_qpq_ops_itself_uses_its_own_rlimit() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", "from qpq_ops.cli import main; main()",
+         "tune", "ulimits", "--check", "--json"],
+        preexec_fn=_lowered, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert out.returncode == 1, out.stderr
+    checks = json.loads(out.stdout)["checks"]
+    assert [c["live"] for c in checks] == [512, 1024]
+    assert checks[0]["name"] == "nofile soft (this process)"
