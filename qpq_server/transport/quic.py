@@ -24,6 +24,7 @@ from aioquic.quic.events import (
     StreamDataReceived,
     StreamReset,
 )
+from aioquic.quic.packet import QuicErrorCode, QuicFrameType
 from aioquic.quic.retry import QuicRetryTokenHandler
 
 from qpq_server.config import Config
@@ -36,9 +37,7 @@ __all__ = ["ALPN", "QuicListener", "quic_server_configuration"]
 log = logging.getLogger("qpq.quic")
 
 ALPN = "qpq/1"
-# QUIC application error codes used when we refuse or close a connection.
-ERR_CAPACITY = 0x100
-ERR_HANDSHAKE = 0x101
+# QUIC application error code sent to clients when the server shuts down.
 ERR_SHUTDOWN = 0x102
 
 
@@ -113,15 +112,20 @@ class QpqServerProtocol(QuicConnectionProtocol):
             self._state.peer = str(addr[0])
         super().datagram_received(data, addr)
         if self._refuse is not None and not self._gone:
-            # Closed after the first Initial is processed, so the client can read why.
-            self._quic.close(error_code=ERR_CAPACITY, reason_phrase=self._refuse[1])
+            # Closed after the first Initial is processed, so the client can read why. A
+            # transport-level CONNECTION_REFUSED keeps the reason phrase; an application
+            # close sent before the handshake completes would have it stripped.
+            self._quic.close(error_code=QuicErrorCode.CONNECTION_REFUSED,
+                             frame_type=QuicFrameType.PADDING, reason_phrase=self._refuse[1])
             self._refuse = None
             self.transmit()
 
     def _handshake_timed_out(self) -> None:
         if not self._handshake_done and not self._gone:
             self._service.metrics.connections_refused_total.labels(reason="handshake_timeout").inc()
-            self._quic.close(error_code=ERR_HANDSHAKE, reason_phrase="handshake timed out")
+            self._quic.close(error_code=QuicErrorCode.CONNECTION_REFUSED,
+                             frame_type=QuicFrameType.PADDING,
+                             reason_phrase="handshake timed out")
             self.transmit()
 
     def _end_handshake(self) -> None:
