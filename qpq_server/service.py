@@ -82,6 +82,8 @@ class Service:
             "register_finish": self._register_finish,
             "login_start": self._login_start,
             "login_finish": self._login_finish,
+            "reregister_start": self._reregister_start,
+            "reregister_finish": self._reregister_finish,
             "publish_keys": self._publish_keys,
             "get_keys": self._get_keys,
             "enqueue": self._enqueue,
@@ -225,7 +227,28 @@ class Service:
         token, expires = self.signer.issue(pending.username, self.clock())
         log.info("login succeeded", extra={"user": pending.username})
         return {"session": token, "expires_at": expires,
-                "setup_version": pending.setup_version}
+                "setup_version": pending.setup_version,
+                "current_setup_version": self.opaque.current_version}
+
+    async def _reregister_start(self, request: dict[str, Any],
+                                conn: ConnectionState) -> dict[str, Any]:
+        """After an OPAQUE setup rotation: a logged-in user re-registers under the new
+        setup (the client knows the password it just logged in with)."""
+        user = self._session_user(request)
+        message = v.get_bytes(request, "request", max_len=_OPAQUE_MSG_MAX)
+        assert message is not None
+        return {"response": self.opaque.registration_start(user, message)}
+
+    async def _reregister_finish(self, request: dict[str, Any],
+                                 conn: ConnectionState) -> dict[str, Any]:
+        user = self._session_user(request)
+        upload = v.get_bytes(request, "upload", max_len=_OPAQUE_MSG_MAX)
+        assert upload is not None
+        record = self.opaque.registration_finish(upload)
+        await self.storage.update_password_file(user, record, self.opaque.current_version)
+        log.info("account moved to the current OPAQUE setup",
+                 extra={"user": user, "setup_version": self.opaque.current_version})
+        return {"setup_version": self.opaque.current_version}
 
     async def _publish_keys(self, request: dict[str, Any],
                             conn: ConnectionState) -> dict[str, Any]:

@@ -66,8 +66,19 @@ class QpqClient:
         profile = self.profile(username)
         profile.session, profile.session_expires = result["session"], result["expires_at"]
         profile.save()
+        if result.get("setup_version", 0) < result.get("current_setup_version", 0):
+            await self._reregister(profile.session, password)
         await self.publish_keys(profile)
         return profile
+
+    async def _reregister(self, session: str, password: str) -> None:
+        """The server rotated its OPAQUE setup: move our record to the new one."""
+        start = opaque.client_registration_start(password.encode())
+        response = await self.conn.call("reregister_start", session=session,
+                                        request=start.get_message())
+        finish = opaque.client_registration_finish(password.encode(), start.get_state(),
+                                                   response["response"])
+        await self.conn.call("reregister_finish", session=session, upload=finish.get_message())
 
     def has_session(self, username: str) -> bool:
         profile = self.profile(username)

@@ -281,3 +281,33 @@ def test_client_cli_round_trip(tmp_path: Path) -> None:
         assert "Traceback" not in unreachable.stderr
 
 
+
+
+async def test_accounts_survive_an_opaque_setup_rotation(tmp_path: Path) -> None:
+    from qpq_server.auth.opaque import create_setup
+
+    config = init_data_dir(tmp_path / "d")
+    srv = start_server(config)
+    try:
+        async with client_factory_for(srv, tmp_path / "p")() as c:
+            await c.register("rot_u", "pw")
+    finally:
+        srv.stop()
+    create_setup(config.parent / "opaque", version=2)  # what `qpq-ops rotate opaque` does
+    srv = start_server(config)
+    try:
+        async with client_factory_for(srv, tmp_path / "p")() as c:
+            await c.login("rot_u", "pw")  # old record still logs in, then moves to v2
+            with pytest.raises(ClientError):
+                await c.login("rot_u", "wrong")
+        assert "account moved to the current OPAQUE setup" in srv.log()
+    finally:
+        srv.stop()
+    (config.parent / "opaque" / "setup-v1.bin").unlink()  # old setup retired
+    (config.parent / "opaque" / "dummy-v1.bin").unlink()
+    srv = start_server(config)
+    try:
+        async with client_factory_for(srv, tmp_path / "p")() as c:
+            await c.login("rot_u", "pw")
+    finally:
+        srv.stop()
