@@ -1,5 +1,108 @@
-"""`qpq-ops render` command group (not built yet)."""
+"""`qpq-ops render alerts|rules-tests|dashboard|docs|all`: regenerate the bundle's files.
+
+Every generated file (alert and recording rules, promtool tests, the Grafana dashboard,
+the operations docs) comes from `qpq_ops.triggers` and the other definitions in code.
+`--check` writes nothing and exits 1 when a file under the root differs from what
+would be rendered, so CI catches a hand edit or a forgotten regeneration.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
 
 import typer
+from rich.table import Table
 
-app = typer.Typer(help="(not built yet)", no_args_is_help=True)
+from qpq_ops._console import err, fail, out, print_json
+from qpq_ops.exit_codes import ExitCode
+from qpq_ops.render import Artefact, FileStatus, RenderedFile, check_files, render, write_files
+
+__all__ = ["app"]
+
+app = typer.Typer(
+    help="Regenerate the monitoring bundle from the trigger definition: Prometheus alert "
+    "and recording rules, promtool tests, the Grafana dashboard and the operations docs. "
+    "Paths are relative to --root (default: the current directory, run it from the "
+    "repository root). With --check nothing is written and the exit code is 1 when a "
+    "file differs.",
+    no_args_is_help=True,
+)
+
+RootOpt = Annotated[
+    Path,
+    typer.Option("--root", help="Output root: the repository checkout to write into or check.",
+                 file_okay=False),
+]
+CheckOpt = Annotated[
+    bool,
+    typer.Option("--check", help="Write nothing; exit 1 if any file differs or is missing."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON alone on stdout.")]
+
+
+def _run(artefact: Artefact, root: Path, check: bool, as_json: bool) -> None:
+    if not root.is_dir():
+        fail(f"output root {root} is not a directory")
+    files: tuple[RenderedFile, ...] = render(artefact)
+    try:
+        results = check_files(files, root) if check else write_files(files, root)
+    except OSError as exc:
+        fail(f"cannot write under {root}: {exc.strerror or exc}", ExitCode.CANNOT_EVALUATE)
+    stale = [f for f, status in results if status in (FileStatus.DIFFERS, FileStatus.MISSING)]
+    if as_json:
+        print_json({
+            "root": str(root.resolve()),
+            "check": check,
+            "files": [{"path": str(f.path), "status": str(status)} for f, status in results],
+        })
+    else:
+        table = Table(title=f"qpq-ops render {artefact}", title_justify="left")
+        table.add_column("file")
+        table.add_column("status")
+        style = {FileStatus.WRITTEN: "cyan", FileStatus.UNCHANGED: "green",
+                 FileStatus.DIFFERS: "bold red", FileStatus.MISSING: "bold red"}
+        for f, status in results:
+            table.add_row(str(f.path), f"[{style[status]}]{status}[/]")
+        out().print(table)
+    if check and stale:
+        err().print(
+            f"qpq-ops: {len(stale)} generated file(s) differ from the code: "
+            + ", ".join(str(f.path) for f in stale)
+            + "; run `qpq-ops render all` and commit the result.",
+            highlight=False, soft_wrap=True,
+        )
+        raise typer.Exit(int(ExitCode.WARNING))
+
+
+@app.command("alerts")
+def alerts(root: RootOpt = Path("."), check: CheckOpt = False, as_json: JsonOpt = False) -> None:
+    """prometheus/alerts/qpq-alerts.yml and prometheus/rules/qpq-recording.yml."""
+    _run(Artefact.ALERTS, root, check, as_json)
+
+
+@app.command("rules-tests")
+def rules_tests(root: RootOpt = Path("."), check: CheckOpt = False,
+                as_json: JsonOpt = False) -> None:
+    """prometheus/tests/*.yml: promtool tests driving every alert."""
+    _run(Artefact.RULES_TESTS, root, check, as_json)
+
+
+@app.command("dashboard")
+def dashboard(root: RootOpt = Path("."), check: CheckOpt = False,
+              as_json: JsonOpt = False) -> None:
+    """dashboards/qpq-overview.json (Grafana)."""
+    _run(Artefact.DASHBOARD, root, check, as_json)
+
+
+@app.command("docs")
+def docs(root: RootOpt = Path("."), check: CheckOpt = False, as_json: JsonOpt = False) -> None:
+    """docs/operations/{monitoring,incident-response,scaling-guide}.md."""
+    _run(Artefact.DOCS, root, check, as_json)
+
+
+@app.command("all")
+def render_all(root: RootOpt = Path("."), check: CheckOpt = False,
+               as_json: JsonOpt = False) -> None:
+    """Every generated file of the bundle."""
+    _run(Artefact.ALL, root, check, as_json)

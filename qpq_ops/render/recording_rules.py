@@ -1,0 +1,110 @@
+"""Recording rules: `prometheus/rules/qpq-recording.yml`.
+
+One recorded series per scaling trigger (its value per instance, which the alert rules
+compare and the dashboard plots against the same thresholds), plus the rates and
+latency quantiles the dashboard draws. Every expression is computed once per
+evaluation instead of once per panel refresh and alert.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+from qpq_ops.render._files import RenderedFile, yaml_document
+from qpq_ops.render.selectors import RATE_WINDOW
+from qpq_ops.triggers import TRIGGERS, Trigger
+
+__all__ = [
+    "PATH",
+    "QUANTILES",
+    "RecordingRule",
+    "latency_record",
+    "rate_record",
+    "recording_rules",
+    "render",
+    "trigger_record",
+]
+
+PATH = PurePosixPath("prometheus/rules/qpq-recording.yml")
+
+QUANTILES: tuple[tuple[str, float], ...] = (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))
+
+# Counters the dashboard shows as per-second rates, with the labels kept beside instance.
+_RATES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("qpq_enqueue_total", ()),
+    ("qpq_fetch_total", ()),
+    ("qpq_auth_login_success_total", ()),
+    ("qpq_auth_login_failure_total", ()),
+    ("qpq_rate_limit_hit_total", ()),
+    ("qpq_rpc_errors_total", ("op", "code")),
+    ("qpq_federation_relay_total", ("peer", "result")),
+)
+
+# Histograms the dashboard shows as p50/p95/p99, with the labels kept beside instance.
+_LATENCIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("qpq_tls_handshake_duration_seconds", ()),
+    ("qpq_rpc_duration_seconds", ("op",)),
+    ("qpq_db_write_duration_seconds", ()),
+)
+
+
+@dataclass(frozen=True)
+class RecordingRule:
+    record: str
+    expr: str
+
+
+def _level(extra: tuple[str, ...]) -> str:
+    return "_".join(("instance", *extra))
+
+
+def trigger_record(trigger: Trigger) -> str:
+    """Name of the recorded value of a trigger, e.g. `instance:qpq_trigger_cpu:value`."""
+    return f"instance:qpq_trigger_{trigger.id}:value"
+
+
+def rate_record(counter: str, extra: tuple[str, ...] = ()) -> str:
+    """`qpq_fetch_total` -> `instance:qpq_fetch:rate5m`."""
+    base = counter.removesuffix("_total")
+    return f"{_level(extra)}:{base}:rate{RATE_WINDOW}"
+
+
+def latency_record(histogram: str, quantile_name: str, extra: tuple[str, ...] = ()) -> str:
+    """`qpq_rpc_duration_seconds`, p95, (op,) -> `instance_op:qpq_rpc_duration_seconds:p95`."""
+    return f"{_level(extra)}:{histogram}:{quantile_name}"
+
+
+def _by(extra: tuple[str, ...], *more: str) -> str:
+    return ", ".join(("instance", *extra, *more))
+
+
+def recording_rules() -> tuple[RecordingRule, ...]:
+    # The trigger's own expression, verbatim: the value alerts compare is the value
+    # `qpq-ops check-triggers` reports (one series per instance by the Trigger contract).
+    rules = [RecordingRule(trigger_record(t), t.expr) for t in TRIGGERS]
+    for counter, extra in _RATES:
+        rules.append(RecordingRule(
+            rate_record(counter, extra),
+            f"sum by ({_by(extra)}) (rate({counter}[{RATE_WINDOW}]))",
+        ))
+    for histogram, extra in _LATENCIES:
+        for name, q in QUANTILES:
+            rules.append(RecordingRule(
+                latency_record(histogram, name, extra),
+                f"histogram_quantile({q}, sum by ({_by(extra, 'le')}) "
+                f"(rate({histogram}_bucket[{RATE_WINDOW}])))",
+            ))
+    return tuple(rules)
+
+
+def render() -> RenderedFile:
+    doc = {
+        "groups": [
+            {
+                "name": "qpq-recording",
+                "rules": [{"record": r.record, "expr": r.expr} for r in recording_rules()],
+            }
+        ]
+    }
+    return RenderedFile(PATH, yaml_document(doc, "qpq_ops/render/recording_rules.py"))
