@@ -31,6 +31,7 @@ __all__ = ["ClientError", "QpqConnection", "connect"]
 
 ALPN = "qpq/1"
 _MAX_RESPONSE = 64 * 1024 * 1024
+_RATE_LIMIT_RETRIES = 6
 
 
 class ClientError(Exception):
@@ -126,11 +127,20 @@ class QpqConnection:
             return await self._protocol.request(message)
 
     async def call(self, op: str, timeout: float | None = None, **fields: Any) -> dict[str, Any]:
-        response = await self.call_raw({"op": op, **fields}, timeout)
-        if not response.get("ok"):
+        """Send one request; back off and retry while the server says `rate_limited`
+        (a refused request did nothing, so retrying it is safe)."""
+        delay = 0.1
+        for attempt in range(_RATE_LIMIT_RETRIES + 1):
+            response = await self.call_raw({"op": op, **fields}, timeout)
+            if response.get("ok"):
+                return response
             error = response.get("error") or {}
-            raise ClientError(str(error.get("code", "unknown")), str(error.get("message", "")))
-        return response
+            code = str(error.get("code", "unknown"))
+            if code != "rate_limited" or attempt == _RATE_LIMIT_RETRIES:
+                raise ClientError(code, str(error.get("message", "")))
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+        raise AssertionError("unreachable")
 
     def ping(self) -> None:
         self._protocol._quic.send_ping(0)
