@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from qpq_server.client import QpqClient, QpqConnection, connect  # noqa: E402
-from tests.helpers.server import RunningServer, running_server  # noqa: E402
+from qpq_server.client import QpqClient, QpqConnection, connect
+from tests.helpers.server import RunningServer, running_server
 
 
 def rss_kb(pid: int) -> int:

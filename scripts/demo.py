@@ -71,7 +71,8 @@ async def traffic(quic: str, token: str, ca: Path, profiles: Path) -> None:
         client = QpqClient(conn, profiles)
         for user in ("alice", "bob"):
             await client.register(user, f"demo password of {user}")
-            console.print(f"  registered [bold]{user}[/] (OPAQUE: the server never saw the password)")
+            console.print(f"  registered [bold]{user}[/] (OPAQUE: the server never saw "
+                          "the password)")
         started = time.perf_counter()
         for i in range(MESSAGES_EACH_WAY):
             await client.send_text("alice", ["bob"], f"hello bob #{i}")
