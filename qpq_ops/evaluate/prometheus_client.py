@@ -55,6 +55,10 @@ class PrometheusQuerier:
             raise SourceError(
                 f"Prometheus at {self.url} answered HTTP {code} to a query"
             ) from None
+        except requests.JSONDecodeError:
+            raise SourceError(
+                f"Prometheus at {self.url} answered with malformed JSON"
+            ) from None
         except requests.Timeout:
             raise SourceError(
                 f"Prometheus at {self.url} did not answer within {self.timeout:g} s"

@@ -1,0 +1,115 @@
+"""Direct mode: no Prometheus at hand, so scrape `/metrics` twice and compute.
+
+The qpq server's page (and node_exporter's, when given) is scraped at the start and
+after `sample_s` seconds; counters become rates over that interval and histograms a
+quantile of the interval's observations. A trigger that needs history (a sustain window)
+is reported as no-data "not evaluable in direct mode" rather than guessed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+
+from qpq_ops.evaluate.exposition import Exposition, ParseError, compute, parse
+from qpq_ops.evaluate.model import Evaluation, TriggerResult
+from qpq_ops.evaluate.prometheus_client import SourceError
+from qpq_ops.triggers import TRIGGERS, Quantile, Source, State, Trigger
+
+__all__ = ["evaluate_direct", "http_url", "metrics_endpoint", "scrape"]
+
+
+def http_url(url: str) -> str:
+    """`url` with http:// added when it has no scheme; SourceError if it is not http(s)."""
+    full = url if "://" in url else f"http://{url}"
+    parts = urlsplit(full)
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise SourceError(f"not an http(s) URL: {url!r}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SourceError(f"not an http(s) URL: {url!r}")
+    return full
+
+
+def metrics_endpoint(url: str) -> str:
+    """'http://h:9090' -> 'http://h:9090/metrics'; a URL with a path is kept as given."""
+    parts = urlsplit(http_url(url))
+    path = parts.path if parts.path not in ("", "/") else "/metrics"
+    return urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
+
+
+def scrape(client: httpx.Client, url: str) -> tuple[Exposition, float]:
+    """One scrape: (parsed samples, monotonic time it was taken)."""
+    try:
+        response = client.get(url)
+    except httpx.TimeoutException:
+        raise SourceError(f"{url} did not answer within the timeout") from None
+    except httpx.HTTPError as exc:
+        raise SourceError(f"cannot reach {url}: {type(exc).__name__}") from None
+    taken = time.monotonic()
+    if response.status_code != 200:
+        raise SourceError(f"{url} answered HTTP {response.status_code}")
+    try:
+        return parse(response.text), taken
+    except ParseError as exc:
+        raise SourceError(f"{url} is not a Prometheus metrics page: {exc}") from None
+
+
+def _result(trigger: Trigger, instance: str, first: Exposition, second: Exposition,
+            dt: float) -> TriggerResult:
+    if trigger.sustain_s > 0:
+        return TriggerResult(
+            trigger, instance, State.NO_DATA, None,
+            note=f"not evaluable in direct mode: needs {trigger.sustain_s} s of history "
+            "(use --prometheus-url)",
+        )
+    value = compute(trigger.measure, first, second, dt)
+    if value is None:
+        return TriggerResult(trigger, instance, State.NO_DATA, None,
+                             note="metric absent: " + ", ".join(trigger.metrics))
+    if math.isnan(value) and isinstance(trigger.measure, Quantile):
+        return TriggerResult(trigger, instance, State.OK, None,
+                             note=f"no observations in the {dt:.1f} s sample")
+    return TriggerResult(trigger, instance, trigger.state_for(value), value)
+
+
+def evaluate_direct(
+    metrics_url: str,
+    *,
+    node_metrics_url: str | None = None,
+    sample_s: float = 10.0,
+    timeout: float = 10.0,
+    triggers: Sequence[Trigger] = TRIGGERS,
+) -> Evaluation:
+    """Scrape twice, `sample_s` apart, and evaluate `triggers`. Raises `SourceError`."""
+    sources = {Source.QPQ: metrics_endpoint(metrics_url)}
+    if node_metrics_url is not None:
+        sources[Source.NODE] = metrics_endpoint(node_metrics_url)
+    started = time.time()
+    with httpx.Client(timeout=timeout) as client, ThreadPoolExecutor(2) as pool:
+        def scrape_all() -> dict[Source, tuple[Exposition, float]]:
+            futures = {src: pool.submit(scrape, client, url) for src, url in sources.items()}
+            return {src: future.result() for src, future in futures.items()}
+
+        first = scrape_all()
+        time.sleep(sample_s)
+        second = scrape_all()
+
+    results = []
+    for trigger in triggers:
+        if trigger.source not in sources:
+            results.append(TriggerResult(
+                trigger, None, State.NO_DATA, None,
+                note="host metric: give --node-metrics-url (node_exporter)",
+            ))
+            continue
+        instance = urlsplit(sources[trigger.source]).netloc
+        (a, ta), (b, tb) = first[trigger.source], second[trigger.source]
+        results.append(_result(trigger, instance, a, b, max(tb - ta, 1e-3)))
+    return Evaluation("direct", sources[Source.QPQ], started, tuple(results))

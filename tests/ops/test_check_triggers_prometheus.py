@@ -1,0 +1,272 @@
+"""check-triggers against a real Prometheus scraping a real qpq server, a real
+node_exporter and a test exporter that serves chosen values for fake instances.
+
+Ten minutes of the test exporter's history are backfilled with promtool before
+Prometheus starts, so the production 5-minute sustain window is evaluated for real
+without waiting for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from qpq_ops.cli import app
+from qpq_ops.evaluate.prometheus import evaluate_prometheus
+from qpq_ops.triggers import TRIGGER_IDS, State, get_trigger
+from tests.helpers.ports import free_port
+from tests.helpers.prometheus import RunningPrometheus, ScrapeJob, running_prometheus
+from tests.helpers.server import RunningServer, running_server
+from tests.ops.fake_exporter import (
+    CRIT,
+    OK,
+    WARN,
+    FakeExporter,
+    FakeInstance,
+    Profile,
+    expected_values,
+    serving,
+)
+
+runner = CliRunner()
+
+@dataclass
+class Stack:
+    prom: RunningPrometheus
+    exporter: FakeExporter
+    server: RunningServer
+    started: float
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    tmp = tmp_path_factory.mktemp("prom-stack")
+    now = time.time()
+    t0 = now - 600
+    exporter = FakeExporter([
+        FakeInstance("ok", [(t0, OK)]),
+        FakeInstance("warn", [(t0, WARN)]),
+        FakeInstance("crit", [(t0, CRIT)]),
+        FakeInstance("partial", [(t0, Profile(queue_depth=5, conn_active=1, conn_max=100))]),
+        # CPU at 95 % only for the last two minutes: not sustained for five.
+        FakeInstance("late", [(t0, None), (now - 120, Profile(cpu_busy=95))]),
+        # CPU and queue critical all along except a dip 280-180 s ago (queue: 100-90 s ago).
+        FakeInstance("dip", [
+            (t0, Profile(cpu_busy=95, queue_depth=200_000)),
+            (now - 280, Profile(cpu_busy=10, queue_depth=200_000)),
+            (now - 180, Profile(cpu_busy=95, queue_depth=200_000)),
+            (now - 100, Profile(cpu_busy=95, queue_depth=0)),
+            (now - 90, Profile(cpu_busy=95, queue_depth=200_000)),
+        ]),
+    ])
+    node_port = free_port()
+    node = subprocess.Popen(
+        ["prometheus-node-exporter", f"--web.listen-address=127.0.0.1:{node_port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        with serving(exporter), running_server(tmp) as server:
+            jobs = [
+                ScrapeJob("fake", [exporter.hostport], honor_labels=True),
+                ScrapeJob("qpq", [server.metrics_url.removeprefix("http://")],
+                          instance="realhost"),
+                ScrapeJob("node", [f"127.0.0.1:{node_port}"], instance="realhost"),
+            ]
+            history = exporter.history(t0, now, 2.0, job="fake")
+            with running_prometheus(tmp, jobs, history=history) as prom:
+                prom.wait_for_targets_up()
+                # rate() needs two samples of the real targets
+                for metric in ("qpq_connections_max", "node_memory_MemTotal_bytes"):
+                    prom.wait_for(f'count_over_time({metric}{{instance="realhost"}}[1m]) >= 3')
+                yield Stack(prom, exporter, server, now)
+    finally:
+        node.terminate()
+        node.wait(timeout=10)
+
+
+def check(stack: Stack, *args: str) -> tuple[int, dict]:  # type: ignore[type-arg]
+    result = runner.invoke(app, ["check-triggers", "--prometheus-url", stack.prom.url,
+                                 "--json", *args])
+    assert result.exit_code in (0, 1, 2, 3), result.output
+    return result.exit_code, json.loads(result.stdout)
+
+
+@pytest.mark.parametrize(("instance", "profile", "state", "code"), [
+    ("ok", OK, "ok", 0), ("warn", WARN, "warning", 1), ("crit", CRIT, "critical", 2),
+])
+def test_each_trigger_reaches_its_state_with_the_expected_value(
+    stack: Stack, instance: str, profile: Profile, state: str, code: int,
+) -> None:
+    exit_code, doc = check(stack, "--instance", instance)
+    assert exit_code == code
+    assert doc["status"] == state
+    assert [t["id"] for t in doc["triggers"]] == list(TRIGGER_IDS)
+    want = expected_values(profile)
+    for row in doc["triggers"]:
+        assert row["instance"] == instance
+        assert row["state"] == state, row
+        assert row["value"] == pytest.approx(want[row["id"]], rel=0.03), row
+        trig = get_trigger(row["id"])
+        assert (row["warning"], row["critical"], row["unit"], row["action"]) == (
+            trig.warning, trig.critical, trig.unit, trig.action)
+
+
+def test_instance_without_series_is_no_data_and_exits_3(stack: Stack) -> None:
+    exit_code, doc = check(stack, "--instance", "nowhere:9090")
+    assert exit_code == 3
+    assert doc["status"] == "no-data"
+    assert {t["state"] for t in doc["triggers"]} == {"no-data"}
+    assert all(t["value"] is None for t in doc["triggers"])
+
+
+def test_absent_metrics_are_no_data_never_ok(stack: Stack) -> None:
+    exit_code, doc = check(stack, "--instance", "partial")
+    states = {t["id"]: t["state"] for t in doc["triggers"]}
+    assert states["delivery_queue_depth"] == "ok"
+    assert states["connections"] == "ok"
+    for absent in ("cpu", "memory", "disk_usage", "disk_io_latency", "rate_limit_hits",
+                   "login_failures", "tls_handshake_latency"):
+        assert states[absent] == "no-data"
+    assert exit_code == 3
+
+
+def test_several_instances_are_evaluated_separately(stack: Stack) -> None:
+    exit_code, doc = check(stack, "--instance", "ok", "--instance", "crit",
+                           "--instance", "nowhere", "--trigger", "connections")
+    rows = {t["instance"]: t["state"] for t in doc["triggers"]}
+    assert rows == {"ok": "ok", "crit": "critical", "nowhere": "no-data"}
+    assert exit_code == 2
+
+
+def test_without_selector_every_instance_gets_a_row(stack: Stack) -> None:
+    exit_code, doc = check(stack, "--trigger", "delivery_queue_depth", "--job", "fake")
+    rows = {t["instance"]: t["state"] for t in doc["triggers"]}
+    assert rows == {"ok": "ok", "warn": "warning", "crit": "critical", "partial": "ok",
+                    "dip": "critical"}
+    assert exit_code == 2
+
+
+def test_cpu_sustained_over_the_production_window(stack: Stack) -> None:
+    _, doc = check(stack, "--trigger", "cpu", "--job", "fake")
+    rows = {t["instance"]: t for t in doc["triggers"]}
+    assert rows["crit"]["state"] == "critical"
+    assert rows["warn"]["state"] == "warning"
+    # 95 % for two minutes only: the five-minute condition has not held.
+    assert rows["late"]["state"] == "ok"
+    assert rows["late"]["current"] == pytest.approx(95, abs=3)
+    assert "not sustained" in rows["late"]["note"]
+    # 95 % now, but it dipped to 10 % within the window: not sustained either.
+    assert rows["dip"]["state"] == "ok"
+    assert rows["dip"]["current"] == pytest.approx(95, abs=1)
+    assert rows["dip"]["value"] < 70
+
+
+def test_sustain_scale_compresses_the_window_for_tests(stack: Stack) -> None:
+    # A 60 s window: the late instance has held 95 % for longer, the dip is older.
+    _, doc = check(stack, "--trigger", "cpu", "--instance", "late", "--instance", "dip",
+                   "--sustain-scale", "0.2")
+    assert {t["instance"]: t["state"] for t in doc["triggers"]} == {
+        "late": "critical", "dip": "critical"}
+
+
+def test_sustained_gauge_needs_the_whole_window(stack: Stack) -> None:
+    sustained_queue = dataclasses.replace(get_trigger("delivery_queue_depth"),
+                                          sustain_s=300, alert_for_s=300)
+    full = evaluate_prometheus(stack.prom.url, triggers=[sustained_queue],
+                               instances=["dip", "crit"])
+    states = {r.instance: r.state for r in full.results}
+    assert states == {"dip": State.OK, "crit": State.CRITICAL}
+    dip = next(r for r in full.results if r.instance == "dip")
+    assert dip.value == 0 and dip.current == 200_000
+    # with a 30 s window the dip (90-100 s ago) is outside it
+    short = evaluate_prometheus(stack.prom.url, triggers=[sustained_queue],
+                                instances=["dip"], sustain_scale=0.1)
+    assert short.results[0].state is State.CRITICAL
+
+
+def test_real_server_and_node_exporter_relabelled_to_one_instance(stack: Stack) -> None:
+    exit_code, doc = check(stack, "--instance", "realhost")
+    rows = {t["id"]: t for t in doc["triggers"]}
+    for qpq_trigger in ("disk_io_latency", "delivery_queue_depth", "rate_limit_hits",
+                        "login_failures", "connections", "tls_handshake_latency"):
+        assert rows[qpq_trigger]["state"] == "ok", rows[qpq_trigger]
+    assert rows["connections"]["value"] == 0
+    assert rows["delivery_queue_depth"]["value"] == 0
+    # Prometheus has seen the real host for seconds: CPU cannot be sustained yet.
+    assert rows["cpu"]["state"] == "ok" and "not sustained" in rows["cpu"]["note"]
+    for host_trigger in ("memory", "disk_usage"):
+        assert rows[host_trigger]["state"] != "no-data"
+        assert 0 < rows[host_trigger]["value"] < 100
+    assert exit_code in (0, 1, 2)
+
+
+def test_job_selector_restricts_series(stack: Stack) -> None:
+    _, doc = check(stack, "--job", "qpq", "--trigger", "connections")
+    assert [(t["instance"], t["state"]) for t in doc["triggers"]] == [("realhost", "ok")]
+
+
+def test_table_output_names_triggers_states_and_actions(stack: Stack) -> None:
+    result = runner.invoke(app, ["check-triggers", "--prometheus-url", stack.prom.url,
+                                 "--instance", "crit"], env={"COLUMNS": "250"})
+    assert result.exit_code == 2
+    for text in ("CPU usage", "critical", "95.0 %", "200,000", "1,000.0/min",
+                 "Scale horizontally", "2,425.0 ms"):
+        assert text in result.stdout, text
+
+
+def test_environment_variable_gives_the_prometheus_url(stack: Stack) -> None:
+    result = runner.invoke(app, ["check-triggers", "--json", "--instance", "warn"],
+                           env={"QPQ_PROMETHEUS_URL": stack.prom.url})
+    assert result.exit_code == 1
+    assert json.loads(result.stdout)["status"] == "warning"
+
+
+def test_watch_re_evaluates_and_prints_one_json_line_per_pass(stack: Stack) -> None:
+    result = runner.invoke(app, ["check-triggers", "--prometheus-url", stack.prom.url,
+                                 "--instance", "warn", "--json", "--watch", "0.2",
+                                 "--count", "3"])
+    assert result.exit_code == 1
+    docs = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(docs) == 3
+    assert all(d["status"] == "warning" for d in docs)
+    assert docs[0]["evaluated_at"] < docs[2]["evaluated_at"]
+
+
+def test_watch_table_mode_exits_with_last_status(stack: Stack) -> None:
+    result = runner.invoke(app, ["check-triggers", "--prometheus-url", stack.prom.url,
+                                 "--instance", "ok", "--watch", "0.1", "--count", "2"])
+    assert result.exit_code == 0
+    assert "Scaling triggers" in result.stdout
+
+
+def test_capacity_plan_from_prometheus_uses_observed_load(stack: Stack) -> None:
+    result = runner.invoke(app, ["capacity", "plan", "--from-prometheus", stack.prom.url,
+                                 "--lookback", "5m", "--avg-msg-bytes", "1000",
+                                 "--blob-uploads-per-day", "0", "--avg-blob-mb", "0",
+                                 "--retention-days", "30", "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    peak = 10 + 850 + 990 + 1  # ok + warn + crit + partial (+ the idle real server)
+    assert doc["inputs"]["users"] == peak
+    per_hour = (2 + 3 + 5) * 3600
+    assert doc["inputs"]["msgs_per_user_hour"] == pytest.approx(per_hour / peak, rel=0.03)
+    assert doc["input_sources"]["users"] == "prometheus"
+    assert doc["storage_per_day_bytes"] == pytest.approx(per_hour * 24 * 1000, rel=0.03)
+
+
+def test_capacity_from_prometheus_without_qpq_metrics_exits_3(stack: Stack,
+                                                             tmp_path: Path) -> None:
+    with running_prometheus(tmp_path) as empty:
+        result = runner.invoke(app, ["capacity", "plan", "--from-prometheus", empty.url,
+                                     "--avg-msg-bytes", "1000", "--blob-uploads-per-day",
+                                     "0", "--avg-blob-mb", "0", "--retention-days", "30"])
+    assert result.exit_code == 3
+    assert "no qpq_connections_active" in result.stderr
