@@ -60,6 +60,9 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("qpq_connections_active", MetricType.GAUGE, "open QUIC connections"),
     MetricSpec("qpq_connections_max", MetricType.GAUGE,
                "configured connection cap (triggers compare the two)"),
+    MetricSpec("qpq_connections_refused_total", MetricType.COUNTER,
+               "connections refused (cap reached, handshake flood, draining); "
+               "beyond DESIGN.md's table", labels=("reason",)),
     MetricSpec("qpq_sessions_active", MetricType.GAUGE, "live sessions"),
     MetricSpec("qpq_tls_handshake_duration_seconds", MetricType.HISTOGRAM,
                "QUIC/TLS handshake time"),

@@ -32,12 +32,14 @@ from qpq_ops.render.units import duration_text
 from qpq_ops.triggers import TRIGGERS, Direction, Severity, Trigger
 
 __all__ = [
+    "BACKUP_PATH",
     "HEALTH_PATH",
     "TRIGGERS_PATH",
     "AlertCheck",
     "ExpectedAlert",
     "SampleCheck",
     "TestGroup",
+    "backup_groups",
     "health_groups",
     "render",
     "trigger_group",
@@ -46,6 +48,9 @@ __all__ = [
 
 TRIGGERS_PATH = PurePosixPath("prometheus/tests/qpq-triggers-test.yml")
 HEALTH_PATH = PurePosixPath("prometheus/tests/qpq-health-test.yml")
+BACKUP_PATH = PurePosixPath("prometheus/tests/qpq-backup-test.yml")
+"""Backups are tested over 27 hours; own file, evaluated every 5 minutes to stay fast."""
+BACKUP_EVALUATION_S = 300
 
 
 @dataclass(frozen=True)
@@ -231,7 +236,11 @@ def _backup() -> TestGroup:
 
 
 def health_groups() -> tuple[TestGroup, ...]:
-    return (_instance_down(), _udp_errors(), _tls_expiry(), _backup())
+    return (_instance_down(), _udp_errors(), _tls_expiry())
+
+
+def backup_groups() -> tuple[TestGroup, ...]:
+    return (_backup(),)
 
 
 def _series_doc(group: TestGroup) -> list[dict[str, str]]:
@@ -278,10 +287,11 @@ def _rule_files() -> list[str]:
             f"../{ALERTS_PATH.relative_to('prometheus')}"]
 
 
-def _test_file(path: PurePosixPath, groups: tuple[TestGroup, ...]) -> RenderedFile:
+def _test_file(path: PurePosixPath, groups: tuple[TestGroup, ...],
+               evaluation_s: int = 60) -> RenderedFile:
     doc = {
         "rule_files": _rule_files(),
-        "evaluation_interval": "1m",
+        "evaluation_interval": duration_text(evaluation_s),
         "tests": [_group_doc(g) for g in groups],
     }
     return RenderedFile(path, yaml_document(doc, "qpq_ops/render/rules_tests.py"))
@@ -299,6 +309,7 @@ def _check_coverage(groups: tuple[TestGroup, ...]) -> None:
 
 def render() -> tuple[RenderedFile, ...]:
     trigger_groups = tuple(trigger_group(t) for t in TRIGGERS)
-    health = health_groups()
-    _check_coverage(trigger_groups + health)
-    return (_test_file(TRIGGERS_PATH, trigger_groups), _test_file(HEALTH_PATH, health))
+    health, backup = health_groups(), backup_groups()
+    _check_coverage(trigger_groups + health + backup)
+    return (_test_file(TRIGGERS_PATH, trigger_groups), _test_file(HEALTH_PATH, health),
+            _test_file(BACKUP_PATH, backup, BACKUP_EVALUATION_S))

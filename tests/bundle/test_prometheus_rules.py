@@ -1,0 +1,159 @@
+"""Prometheus config, rules and promtool tests: valid, covering every trigger, and able to fail."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qpq_ops.render import alerts as alerts_module
+from qpq_ops.render import rules_tests
+from qpq_ops.render.alerts import all_alerts, trigger_alert_name
+from qpq_ops.render.measure_series import series_for
+from qpq_ops.render.selectors import NODE_JOB, PROMETHEUS_JOB, QPQ_JOB
+from qpq_ops.render.units import duration_text
+from qpq_ops.triggers import TRIGGERS, Severity, get_trigger
+from tests.bundle.conftest import tool
+
+
+def promtool(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([tool("promtool"), *args], capture_output=True, text=True,
+                          timeout=60, cwd=cwd)
+
+
+def _rules(path: Path) -> list[dict[str, object]]:
+    doc = yaml.safe_load(path.read_text())
+    return [rule for group in doc["groups"] for rule in group["rules"]]
+
+
+def test_promtool_check_config_accepts_prometheus_yml_and_its_rule_files(repo: Path) -> None:
+    result = promtool("check", "config", str(repo / "prometheus/prometheus.yml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 rule files found" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("name", ["rules/qpq-recording.yml", "alerts/qpq-alerts.yml"])
+def test_promtool_check_rules_accepts_generated_rules(repo: Path, name: str) -> None:
+    result = promtool("check", "rules", str(repo / "prometheus" / name))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_promtool_test_rules_passes(repo: Path) -> None:
+    tests = sorted(str(p) for p in (repo / "prometheus/tests").glob("*.yml"))
+    assert len(tests) == 3
+    result = promtool("test", "rules", *tests)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _mutated_bundle(repo: Path, tmp_path: Path, old: str, new: str) -> list[str]:
+    bundle = tmp_path / "prometheus"
+    shutil.copytree(repo / "prometheus", bundle)
+    alerts = bundle / "alerts/qpq-alerts.yml"
+    text = alerts.read_text()
+    assert old in text
+    alerts.write_text(text.replace(old, new, 1))
+    return sorted(str(p) for p in (bundle / "tests").glob("*.yml"))
+
+
+@pytest.mark.parametrize(("old", "new"), [
+    ("instance:qpq_trigger_cpu:value > 70", "instance:qpq_trigger_cpu:value > 85"),
+    ("instance:qpq_trigger_connections:value > 95", "instance:qpq_trigger_connections:value > 99"),
+    ("    for: 5m\n", "    for: 1m\n"),
+    ("severity: critical\n      trigger: memory", "severity: warning\n      trigger: memory"),
+    ("time() < 1209600", "time() < 86400"),
+], ids=["cpu-warning-threshold", "connections-critical-threshold", "for-window", "severity",
+        "tls-expiry-window"])
+def test_promtool_tests_fail_when_an_alert_rule_drifts(
+        repo: Path, tmp_path: Path, old: str, new: str) -> None:
+    result = promtool("test", "rules", *_mutated_bundle(repo, tmp_path, old, new))
+    assert result.returncode != 0, result.stdout
+
+
+def test_every_trigger_has_warning_and_critical_alerts_as_defined(repo: Path) -> None:
+    rules = {r["alert"]: r for r in _rules(repo / "prometheus/alerts/qpq-alerts.yml")
+             if "alert" in r}
+    for trigger in TRIGGERS:
+        for severity in Severity:
+            rule = rules[trigger_alert_name(trigger, severity)]
+            assert rule["for"] == duration_text(trigger.alert_for_s)
+            assert rule["expr"].endswith(trigger.comparison(severity)), rule["expr"]
+            assert rule["labels"] == {"severity": str(severity), "trigger": trigger.id}
+            annotations = rule["annotations"]
+            assert annotations["runbook_url"] == f"{trigger.runbook}"
+            assert "$value" in annotations["description"]
+
+
+def test_health_alerts_cover_instance_down_udp_buffers_tls_expiry_and_backups(
+        repo: Path) -> None:
+    rules = _rules(repo / "prometheus/alerts/qpq-alerts.yml")
+    exprs = {r["alert"]: r["expr"] for r in rules if "alert" in r}
+    assert exprs["qpq_instance_down"].startswith("up{")
+    assert "node_netstat_Udp_RcvbufErrors" in exprs["qpq_udp_receive_buffer_errors"]
+    assert "qpq_tls_cert_expiry_timestamp_seconds" in exprs["qpq_tls_cert_expiry_warning"]
+    backup = [r for r in rules if r.get("alert") == "qpq_backup_stale"]
+    assert {r["labels"]["reason"] for r in backup} == {"too_old", "missing"}
+    assert any("> 93600" in r["expr"] for r in backup)  # 26 hours
+    assert any("unless" in r["expr"] for r in backup)  # absent metric
+
+
+def test_every_alert_is_driven_through_firing_and_not_firing(repo: Path) -> None:
+    fired: set[str] = set()
+    quiet: set[str] = set()
+    for path in (repo / "prometheus/tests").glob("*.yml"):
+        for test in yaml.safe_load(path.read_text())["tests"]:
+            for check in test["alert_rule_test"]:
+                (fired if check["exp_alerts"] else quiet).add(check["alertname"])
+    names = {a.name for a in all_alerts()}
+    assert names - fired == set(), "never seen firing"
+    assert names - quiet == set(), "never seen quiet"
+
+
+def test_each_trigger_has_a_test_group_checking_its_recorded_value(repo: Path) -> None:
+    doc = yaml.safe_load((repo / "prometheus/tests/qpq-triggers-test.yml").read_text())
+    groups = {t["name"]: t for t in doc["tests"]}
+    for trigger in TRIGGERS:
+        group = groups[f"trigger {trigger.id}"]
+        exprs = [c["expr"] for c in group["promql_expr_test"]]
+        assert exprs == [f"round(instance:qpq_trigger_{trigger.id}:value, 0.000001)"]
+
+
+def test_a_trigger_of_an_unknown_measure_kind_cannot_be_rendered() -> None:
+    @dataclasses.dataclass(frozen=True)
+    class NewMeasure:
+        metric: str = "qpq_new"
+
+        def promql(self, extra: str = "") -> str:
+            return self.metric
+
+    trigger = dataclasses.replace(get_trigger("cpu"), id="new", measure=NewMeasure())  # type: ignore[arg-type]
+    with pytest.raises(NotImplementedError, match="no promtool input recipe"):
+        series_for(trigger, "n1", 1.0)
+    with pytest.raises(NotImplementedError):
+        rules_tests.trigger_group(trigger)
+
+
+def test_an_alert_without_a_promtool_scenario_fails_rendering(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    extra = dataclasses.replace(alerts_module.HEALTH_ALERTS[0], name="qpq_untested")
+    monkeypatch.setattr(alerts_module, "HEALTH_ALERTS", (*alerts_module.HEALTH_ALERTS, extra))
+    with pytest.raises(ValueError, match="qpq_untested"):
+        rules_tests.render()
+
+
+def test_prometheus_yml_scrapes_the_jobs_the_rules_select(repo: Path) -> None:
+    config = yaml.safe_load((repo / "prometheus/prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert set(jobs) == {QPQ_JOB, NODE_JOB, PROMETHEUS_JOB}
+    assert jobs[QPQ_JOB].get("metrics_path", "/metrics") == "/metrics"
+    for job, port in ((QPQ_JOB, "9090"), (NODE_JOB, "9100"), (PROMETHEUS_JOB, "9091")):
+        for static in jobs[job]["static_configs"]:
+            assert all(t.endswith(f":{port}") for t in static["targets"]), static
+            assert static["labels"]["instance"], "targets carry a node-name instance label"
+    qpq_instances = {s["labels"]["instance"] for s in jobs[QPQ_JOB]["static_configs"]}
+    node_instances = {s["labels"]["instance"] for s in jobs[NODE_JOB]["static_configs"]}
+    assert qpq_instances == node_instances  # server and host series join on instance
+    assert config["rule_files"] == ["rules/*.yml", "alerts/*.yml"]
