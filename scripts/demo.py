@@ -105,18 +105,60 @@ def show_metrics(metrics: str) -> None:
     console.print(table)
 
 
-def check_triggers(metrics: str) -> None:
+NODE_EXPORTER = Path("/usr/bin/prometheus-node-exporter")
+
+
+def start_node_exporter() -> tuple[subprocess.Popen[bytes] | None, str | None]:
+    """Host metrics for the CPU/memory/disk triggers, when Debian's node_exporter is here."""
+    if not NODE_EXPORTER.exists():
+        return None, None
+    address = f"127.0.0.1:{free_port(socket.SOCK_STREAM)}"
+    process = subprocess.Popen([str(NODE_EXPORTER), f"--web.listen-address={address}"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(f"http://{address}/metrics", timeout=1)
+            return process, f"http://{address}/metrics"
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    process.kill()
+    return None, None
+
+
+async def background_traffic(quic: str, token: str, ca: Path, profiles: Path,
+                             seconds: float) -> None:
+    """Keep messages flowing while check-triggers samples, so rates and latencies move."""
+    async with connect(quic, token, ca=ca, server_name="localhost") as conn:
+        client = QpqClient(conn, profiles)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            await client.send_text("alice", ["bob"], "background")
+            await client.receive("bob")
+            await asyncio.sleep(0.1)
+    async with connect(quic, token, ca=ca, server_name="localhost") as conn:
+        pass  # a fresh handshake inside the window feeds the handshake-latency trigger
+
+
+def check_triggers(metrics: str, node_url: str | None, traffic_args: tuple[str, str, Path, Path],
+                   ) -> None:
     console.rule("qpq-ops check-triggers (direct mode, no Prometheus needed)")
-    result = subprocess.run(
-        [str(BIN / "qpq-ops"), "check-triggers", "--metrics-url", f"http://{metrics}/metrics",
-         "--sample", "2"], check=False)
-    console.print(f"check-triggers exit code: {result.returncode} "
+    command = [str(BIN / "qpq-ops"), "check-triggers", "--metrics-url",
+               f"http://{metrics}/metrics", "--sample", "3"]
+    if node_url:
+        command += ["--node-metrics-url", node_url]
+    ops = subprocess.Popen(command)
+    asyncio.run(background_traffic(*traffic_args, seconds=2.5))
+    result = ops.wait(timeout=60)
+    ops_code = result
+    console.print(f"check-triggers exit code: {ops_code} "
                   "(0 ok, 1 warning, 2 critical, 3 cannot evaluate everything)")
 
 
 def main() -> int:
     data_dir = Path(tempfile.mkdtemp(prefix="qpq-demo-"))
     process: subprocess.Popen[bytes] | None = None
+    node: subprocess.Popen[bytes] | None = None
     try:
         console.rule("qpq demo")
         config_path, quic, metrics = init(data_dir / "data")
@@ -128,10 +170,12 @@ def main() -> int:
                                    stdout=log, stderr=subprocess.STDOUT, env=env)
         wait_ready(metrics, process)
         console.print(f"qpq-server up: QUIC on {quic} (ALPN qpq/1), metrics on {metrics}")
-        asyncio.run(traffic(quic, secrets["QPQ_AUTH_TOKEN"], data_dir / "data" / "tls" /
-                            "cert.pem", data_dir / "profiles"))
+        traffic_args = (quic, secrets["QPQ_AUTH_TOKEN"], data_dir / "data" / "tls" / "cert.pem",
+                        data_dir / "profiles")
+        asyncio.run(traffic(*traffic_args))
         show_metrics(metrics)
-        check_triggers(metrics)
+        node, node_url = start_node_exporter()
+        check_triggers(metrics, node_url, traffic_args)
         return 0
     except KeyboardInterrupt:
         console.print("\ninterrupted: stopping the server")
@@ -140,6 +184,9 @@ def main() -> int:
         console.print(f"[red]client error[/]: {exc}")
         return 1
     finally:
+        if node is not None:
+            node.terminate()
+            node.wait(timeout=10)
         if process is not None and process.poll() is None:
             process.send_signal(signal.SIGTERM)
             try:
