@@ -15,12 +15,14 @@ from typing import Any
 from qpq_server.errors import ConfigError
 
 __all__ = [
+    "BlobsConfig",
     "Config",
     "FederationConfig",
     "FederationPeer",
     "MetricsConfig",
     "QuicConfig",
     "RateLimitConfig",
+    "RetentionConfig",
     "ServerConfig",
     "StorageConfig",
     "WebSocketConfig",
@@ -69,6 +71,7 @@ class StorageConfig:
     wal_autocheckpoint: int = 2000
     busy_timeout_ms: int = 5000
     max_batch: int = 64
+    file_dir: str = "store"  # the file backend's directory (relative to data_dir)
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,19 @@ class LimitsConfig:
     max_fetch_batch: int = 500
     max_wait_s: float = 60.0
     max_username_bytes: int = 64
+
+
+@dataclass(frozen=True)
+class BlobsConfig:
+    max_blob_bytes: int = 104857600  # 100 MiB of ciphertext per attachment
+    quota_bytes_per_account: int = 1073741824  # 1 GiB held per uploader
+    chunk_bytes: int = 262144  # download chunk frame size (capped by max_frame_bytes)
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    days: float = 30.0  # unreferenced blobs older than this are deleted
+    sweep_interval_s: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -126,6 +142,8 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    blobs: BlobsConfig = field(default_factory=BlobsConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     websocket: WebSocketConfig = field(default_factory=WebSocketConfig)
 
@@ -155,6 +173,18 @@ class Config:
         return self.data_path(self.storage.path)
 
     @property
+    def blobs_dir(self) -> Path:
+        return self.data_dir / "blobs"
+
+    @property
+    def file_store_dir(self) -> Path:
+        return self.data_path(self.storage.file_dir)
+
+    @property
+    def kt_signing_key_path(self) -> Path:
+        return self.data_dir / "kt" / "signing_key.pem"
+
+    @property
     def pid_path(self) -> Path:
         return self.data_path(self.server.pid_file)
 
@@ -166,6 +196,8 @@ _SECTIONS: dict[str, type[Any]] = {
     "metrics": MetricsConfig,
     "rate_limit": RateLimitConfig,
     "limits": LimitsConfig,
+    "blobs": BlobsConfig,
+    "retention": RetentionConfig,
     "federation": FederationConfig,
     "websocket": WebSocketConfig,
 }
@@ -184,6 +216,11 @@ _POSITIVE = {
     ("storage", "pool_size"),
     ("storage", "max_batch"),
     ("server", "session_ttl_s"),
+    ("blobs", "max_blob_bytes"),
+    ("blobs", "quota_bytes_per_account"),
+    ("blobs", "chunk_bytes"),
+    ("retention", "days"),
+    ("retention", "sweep_interval_s"),
     ("rate_limit", "account_rate_per_s"),
     ("rate_limit", "account_burst"),
     ("rate_limit", "address_rate_per_s"),

@@ -35,6 +35,8 @@ def default_config(domain: str) -> dict[str, dict[str, object]]:
         "metrics": {"listen": "127.0.0.1:9090"},
         "rate_limit": {"account_rate_per_s": 20.0, "account_burst": 40,
                        "address_rate_per_s": 50.0, "address_burst": 100},
+        "blobs": {"max_blob_bytes": 104857600, "quota_bytes_per_account": 1073741824},
+        "retention": {"days": 30},
         "federation": {"enabled": False},
         "websocket": {"enabled": False, "listen": "127.0.0.1:7080"},
     }

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["Account", "CommitObserver", "KeyPackage", "Storage", "StoredMessage"]
+__all__ = ["Account", "CommitObserver", "KeyPackage", "KtLeaf", "Storage", "StoredMessage"]
 
 CommitObserver = Callable[[float], None]
 """Called with the duration in seconds of each durable commit (for the I/O latency metric)."""
@@ -40,6 +40,16 @@ class StoredMessage:
     sent_at: float
 
 
+@dataclass(frozen=True)
+class KtLeaf:
+    """One key-transparency log entry: the RFC 9162 leaf input, in log order."""
+
+    index: int
+    username: str
+    leaf: bytes
+    created_at: float
+
+
 class Storage(Protocol):
     async def open(self) -> None: ...
 
@@ -59,6 +69,15 @@ class Storage(Protocol):
     async def existing_users(self, usernames: Sequence[str]) -> set[str]: ...
 
     async def set_identity_key(self, username: str, identity_key: bytes) -> None: ...
+
+    async def publish_identity_key(
+        self, username: str, identity_key: bytes, kt_leaf: bytes, now: float
+    ) -> int:
+        """Set the identity key and append its key-transparency leaf in one durable
+        commit; return the leaf's index (0-based, consecutive)."""
+
+    async def kt_leaves(self, start: int = 0) -> list[KtLeaf]:
+        """Key-transparency leaves from index `start` on, in log order."""
 
     async def add_key_packages(self, username: str, packages: Sequence[bytes]) -> int:
         """Store one-time key packages; return how many the user now has."""

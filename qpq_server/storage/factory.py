@@ -6,6 +6,7 @@ from qpq_server.config import Config
 from qpq_server.errors import ConfigError
 from qpq_server.secrets import Secret
 from qpq_server.storage.base import CommitObserver, Storage
+from qpq_server.storage.filestore import FileStorage
 from qpq_server.storage.sqlcipher import SqlCipherStorage
 
 __all__ = ["open_storage"]
@@ -21,4 +22,7 @@ def open_storage(config: Config, db_key: Secret,
             busy_timeout_ms=s.busy_timeout_ms, wal_autocheckpoint=s.wal_autocheckpoint,
             on_commit=on_commit,
         )
+    if backend == "file":
+        return FileStorage(config.file_store_dir, pool_size=config.storage.pool_size,
+                           on_commit=on_commit)
     raise ConfigError(f"[storage] backend {backend!r} is not available in this build")

@@ -24,7 +24,7 @@ import sqlcipher3
 
 from qpq_server.errors import StorageError, UserExists, WrongDatabaseKey
 from qpq_server.secrets import Secret
-from qpq_server.storage.base import Account, CommitObserver, KeyPackage, StoredMessage
+from qpq_server.storage.base import Account, CommitObserver, KeyPackage, KtLeaf, StoredMessage
 from qpq_server.storage.migrations import MIGRATIONS, SCHEMA_VERSION
 
 __all__ = ["SqlCipherStorage", "connect_sqlcipher", "key_pragma"]
@@ -270,6 +270,28 @@ class SqlCipherStorage:
         await self._write(lambda conn: conn.execute(
             "UPDATE accounts SET identity_key = ? WHERE username = ?", (identity_key, username)
         ))
+
+    async def publish_identity_key(self, username: str, identity_key: bytes, kt_leaf: bytes,
+                                   now: float) -> int:
+        def run(conn: Connection) -> int:
+            cur = conn.execute("UPDATE accounts SET identity_key = ? WHERE username = ?",
+                               (identity_key, username))
+            if cur.rowcount != 1:
+                raise StorageError(f"no account {username!r} to publish a key for")
+            (index,) = conn.execute("SELECT coalesce(max(idx) + 1, 0) FROM kt_leaves").fetchone()
+            conn.execute("INSERT INTO kt_leaves(idx, username, leaf, created_at)"
+                         " VALUES (?, ?, ?, ?)", (index, username, kt_leaf, now))
+            return int(index)
+
+        return await self._write(run)
+
+    async def kt_leaves(self, start: int = 0) -> list[KtLeaf]:
+        def run(conn: Connection) -> list[KtLeaf]:
+            rows = conn.execute("SELECT idx, username, leaf, created_at FROM kt_leaves"
+                                " WHERE idx >= ? ORDER BY idx", (start,)).fetchall()
+            return [KtLeaf(int(r[0]), r[1], bytes(r[2]), float(r[3])) for r in rows]
+
+        return await self._read(run)
 
     # -- key packages ------------------------------------------------------------------
     async def add_key_packages(self, username: str, packages: Sequence[bytes]) -> int:

@@ -1,0 +1,162 @@
+"""One behaviour contract for every storage backend (parametrized: sqlcipher, file)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from qpq_server.errors import UserExists
+from qpq_server.storage.base import Storage
+from tests.storage.conftest import StorageFactory
+
+
+async def make_users(storage: Storage, *names: str) -> None:
+    for name in names:
+        await storage.create_account(name, b"pf-" + name.encode(), 1, 1000.0)
+
+
+async def test_account_is_created_read_and_updated(storage: Storage) -> None:
+    assert await storage.get_account("alice") is None
+    await storage.create_account("alice", b"record", 1, 1234.5)
+    account = await storage.get_account("alice")
+    assert account is not None
+    assert (account.username, account.password_file, account.setup_version,
+            account.identity_key, account.created_at) == ("alice", b"record", 1, None, 1234.5)
+    await storage.update_password_file("alice", b"record2", 2)
+    await storage.set_identity_key("alice", b"k" * 32)
+    account = await storage.get_account("alice")
+    assert account is not None
+    assert (account.password_file, account.setup_version, account.identity_key) == (
+        b"record2", 2, b"k" * 32)
+
+
+async def test_taken_username_is_refused_and_first_account_kept(storage: Storage) -> None:
+    await storage.create_account("bob", b"first", 1, 1.0)
+    with pytest.raises(UserExists):
+        await storage.create_account("bob", b"second", 1, 2.0)
+    account = await storage.get_account("bob")
+    assert account is not None and account.password_file == b"first"
+
+
+async def test_dot_usernames_are_ordinary_names(storage: Storage) -> None:
+    await make_users(storage, ".", "..", "a.b")
+    assert await storage.existing_users([".", "..", "a.b", "nobody"]) == {".", "..", "a.b"}
+    await storage.enqueue("..", ["."], b"dots", 1.0)
+    assert [m.payload for m in await storage.fetch(".", 10)] == [b"dots"]
+    assert await storage.fetch("..", 10) == []
+
+
+async def test_existing_users_reports_only_known_names(storage: Storage) -> None:
+    await make_users(storage, "u1", "u2")
+    assert await storage.existing_users(["u1", "u2", "u3", "u1"]) == {"u1", "u2"}
+    assert await storage.existing_users([]) == set()
+
+
+async def test_key_packages_are_handed_out_once_oldest_first(storage: Storage) -> None:
+    await make_users(storage, "kp")
+    assert await storage.count_key_packages("kp") == 0
+    assert await storage.add_key_packages("kp", [b"p1", b"p2"]) == 2
+    assert await storage.add_key_packages("kp", [b"p3"]) == 3
+    taken = [await storage.take_key_package("kp") for _ in range(4)]
+    assert [t.key_package if t else None for t in taken] == [b"p1", b"p2", b"p3", None]
+    ids = [t.id for t in taken if t]
+    assert ids == sorted(ids) and len(set(ids)) == 3
+    assert await storage.count_key_packages("kp") == 0
+
+
+async def test_concurrent_takes_never_share_a_key_package(storage: Storage) -> None:
+    await make_users(storage, "hot")
+    await storage.add_key_packages("hot", [bytes([i]) * 8 for i in range(10)])
+    results = await asyncio.gather(*(storage.take_key_package("hot") for _ in range(25)))
+    packages = [r.key_package for r in results if r is not None]
+    assert len(packages) == 10 and len(set(packages)) == 10
+
+
+async def test_messages_are_queued_per_recipient_in_order(storage: Storage) -> None:
+    await make_users(storage, "s", "r1", "r2")
+    first = await storage.enqueue("s", ["r1", "r2"], b"hello", 10.0)
+    assert len(first) == 2 and len(set(first)) == 2
+    for i in range(5):
+        await storage.enqueue("s", ["r1"], b"m%d" % i, 11.0 + i)
+    assert await storage.queue_depth() == 7
+    got = await storage.fetch("r1", 100)
+    assert [m.payload for m in got] == [b"hello", b"m0", b"m1", b"m2", b"m3", b"m4"]
+    assert all(m.recipient == "r1" and m.sender == "s" for m in got)
+    assert [m.sent_at for m in got] == [10.0, 11.0, 12.0, 13.0, 14.0, 15.0]
+    assert [m.id for m in got] == sorted(m.id for m in got)
+    assert [m.payload for m in await storage.fetch("r1", 2)] == [b"hello", b"m0"]
+    assert [m.payload for m in await storage.fetch("r2", 100)] == [b"hello"]
+
+
+async def test_ack_deletes_only_the_recipients_own_messages(storage: Storage) -> None:
+    await make_users(storage, "s", "r1", "r2")
+    (id1,) = await storage.enqueue("s", ["r1"], b"for r1", 1.0)
+    (id2,) = await storage.enqueue("s", ["r2"], b"for r2", 1.0)
+    assert await storage.ack("r1", [id2]) == 0  # not r1's message
+    assert await storage.ack("r1", [id1, id1, 999_999]) == 1
+    assert await storage.ack("r1", []) == 0
+    assert await storage.fetch("r1", 10) == []
+    assert [m.id for m in await storage.fetch("r2", 10)] == [id2]
+    assert await storage.queue_depth() == 1
+
+
+async def test_concurrent_enqueues_all_land_with_distinct_ids(storage: Storage) -> None:
+    await make_users(storage, "s", "r")
+    batches = await asyncio.gather(*(storage.enqueue("s", ["r"], b"x%d" % i, 1.0)
+                                     for i in range(40)))
+    ids = [i for batch in batches for i in batch]
+    assert len(set(ids)) == 40
+    assert len(await storage.fetch("r", 100)) == 40
+
+
+async def test_meta_values_are_set_and_overwritten(storage: Storage) -> None:
+    assert await storage.get_meta("restore_state") is None
+    await storage.set_meta("restore_state", "pending")
+    await storage.set_meta("restore_state", "done")
+    await storage.set_meta("other", "1")
+    assert await storage.get_meta("restore_state") == "done"
+    assert await storage.get_meta("other") == "1"
+
+
+async def test_identity_publication_appends_consecutive_kt_leaves(storage: Storage) -> None:
+    await make_users(storage, "a", "b")
+    assert await storage.kt_leaves() == []
+    assert await storage.publish_identity_key("a", b"A" * 32, b"leaf-a1", 5.0) == 0
+    assert await storage.publish_identity_key("b", b"B" * 32, b"leaf-b1", 6.0) == 1
+    assert await storage.publish_identity_key("a", b"C" * 32, b"leaf-a2", 7.0) == 2
+    leaves = await storage.kt_leaves()
+    assert [(x.index, x.username, x.leaf, x.created_at) for x in leaves] == [
+        (0, "a", b"leaf-a1", 5.0), (1, "b", b"leaf-b1", 6.0), (2, "a", b"leaf-a2", 7.0)]
+    assert [x.index for x in await storage.kt_leaves(start=2)] == [2]
+    account = await storage.get_account("a")
+    assert account is not None and account.identity_key == b"C" * 32
+
+
+async def test_everything_survives_a_reopen_and_ids_do_not_repeat(
+        storage_factory: StorageFactory) -> None:
+    s = storage_factory()
+    await s.open()
+    await make_users(s, "s", "r")
+    await s.add_key_packages("r", [b"kp1", b"kp2"])
+    (before,) = await s.enqueue("s", ["r"], b"kept", 1.0)
+    (acked,) = await s.enqueue("s", ["r"], b"gone", 2.0)
+    assert await s.ack("r", [acked]) == 1
+    await s.publish_identity_key("r", b"R" * 32, b"leaf", 3.0)
+    await s.set_meta("k", "v")
+    await s.close()
+
+    s = storage_factory()
+    await s.open()
+    try:
+        assert await s.existing_users(["s", "r"]) == {"s", "r"}
+        assert [m.payload for m in await s.fetch("r", 10)] == [b"kept"]
+        assert await s.queue_depth() == 1
+        assert await s.count_key_packages("r") == 2
+        assert [x.leaf for x in await s.kt_leaves()] == [b"leaf"]
+        assert await s.get_meta("k") == "v"
+        (after,) = await s.enqueue("s", ["r"], b"new", 4.0)
+        assert after > max(before, acked)
+        assert await s.publish_identity_key("s", b"S" * 32, b"leaf2", 5.0) == 1
+    finally:
+        await s.close()
