@@ -109,3 +109,16 @@ def test_provisioning_points_grafana_at_the_dashboards_and_prometheus(repo: Path
     mounts = compose["services"]["grafana"]["volumes"]
     assert f"./dashboards:{provider['options']['path']}:ro" in mounts
     assert "./grafana-provisioning:/etc/grafana/provisioning:ro" in mounts
+
+
+def test_committed_dashboard_decodes_with_grafanas_own_models(repo: Path) -> None:
+    """The JSON round-trips through grafana-foundation-sdk's typed Dashboard model."""
+    from grafana_foundation_sdk.cog.encoder import JSONEncoder
+    from grafana_foundation_sdk.cog.plugins import register_default_plugins
+    from grafana_foundation_sdk.models.dashboard import Dashboard as DashboardModel
+
+    register_default_plugins()
+    original = json.loads((repo / "dashboards/qpq-overview.json").read_text())
+    decoded = DashboardModel.from_json(original)
+    again = json.loads(JSONEncoder(sort_keys=True).encode(decoded))
+    assert again == original
