@@ -76,8 +76,8 @@ class QpqServerProtocol(QuicConnectionProtocol):
         self._answered: set[int] = set()
         self._state = ConnectionState(peer="unknown")
         self._started = time.perf_counter()
-        self._handshake_done = False
         self._gone = False
+        self._timeout: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         # aioquic has no max-streams option: it hard-codes 128 in QuicConnection.__init__.
         limit = config.quic.max_concurrent_bidi_streams
@@ -85,15 +85,19 @@ class QpqServerProtocol(QuicConnectionProtocol):
         quic._local_max_streams_bidi.sent = limit
         metrics = service.metrics
         refuse = self._refusal_reason()
-        tracker.active += 1
-        tracker.handshaking += 1
-        tracker.protocols.add(self)
-        metrics.connections_active.set(tracker.active)
-        on_handshaking_changed()
         self._refuse = refuse
+        # A refused connection is not counted: it only lingers in aioquic's table until
+        # its CONNECTION_CLOSE has been sent.
+        self._counted = refuse is None
+        self._handshake_done = refuse is not None
         if refuse is not None:
             metrics.connections_refused_total.labels(reason=refuse[0]).inc()
         else:
+            tracker.active += 1
+            tracker.handshaking += 1
+            tracker.protocols.add(self)
+            metrics.connections_active.set(tracker.active)
+            on_handshaking_changed()
             self._timeout = asyncio.get_running_loop().call_later(
                 config.quic.handshake_timeout_s, self._handshake_timed_out)
 
@@ -127,6 +131,7 @@ class QpqServerProtocol(QuicConnectionProtocol):
                              frame_type=QuicFrameType.PADDING,
                              reason_phrase="handshake timed out")
             self.transmit()
+            self._end_handshake()  # free the slot now, not after the close lingers
 
     def _end_handshake(self) -> None:
         if not self._handshake_done:
@@ -137,7 +142,8 @@ class QpqServerProtocol(QuicConnectionProtocol):
     def quic_event_received(self, event: QuicEvent) -> None:
         if isinstance(event, HandshakeCompleted):
             self._end_handshake()
-            self._timeout.cancel()
+            if self._timeout is not None:
+                self._timeout.cancel()
             self._service.metrics.tls_handshake_duration_seconds.observe(
                 time.perf_counter() - self._started)
         elif isinstance(event, StreamDataReceived):
@@ -195,14 +201,16 @@ class QpqServerProtocol(QuicConnectionProtocol):
         if self._gone:
             return
         self._gone = True
+        self._decoders.clear()
+        if not self._counted:
+            return
         self._end_handshake()
-        if hasattr(self, "_timeout"):
+        if self._timeout is not None:
             self._timeout.cancel()
         self._tracker.active -= 1
         self._tracker.protocols.discard(self)
         self._service.metrics.connections_active.set(self._tracker.active)
         self._service.connection_closed(self._state)
-        self._decoders.clear()
 
     def close_for_shutdown(self) -> None:
         if not self._gone:

@@ -1,0 +1,64 @@
+"""QUIC flood defences: half-open handshakes are capped and timed out; retry validates."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import httpx
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+
+from qpq_server.client import connect
+from tests.helpers.server import RunningServer, running_server
+
+
+def refused(srv: RunningServer, reason: str) -> float:
+    for line in httpx.get(srv.metrics_url + "/metrics").text.splitlines():
+        if line.startswith(f'qpq_connections_refused_total{{reason="{reason}"}}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def send_half_open_handshakes(srv: RunningServer, count: int) -> socket.socket:
+    """Send only the client's first flight for `count` connections, then go silent."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    addr = ("127.0.0.1", srv.quic_port)
+    for _ in range(count):
+        quic = QuicConnection(configuration=QuicConfiguration(
+            is_client=True, alpn_protocols=["qpq/1"], server_name="localhost"))
+        quic.connect(addr, now=time.monotonic())
+        for data, _ in quic.datagrams_to_send(now=time.monotonic()):
+            sock.sendto(data, addr)
+    return sock
+
+
+async def test_half_open_handshakes_are_capped_then_timed_out(tmp_path: Path) -> None:
+    overrides = {"quic": {"max_handshakes_in_flight": 4, "handshake_timeout_s": 1.0,
+                          "retry": "never"}}
+    with running_server(tmp_path, overrides=overrides) as srv:
+        sock = send_half_open_handshakes(srv, 10)
+        try:
+            deadline = time.monotonic() + 5
+            while refused(srv, "handshakes") < 6 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert refused(srv, "handshakes") >= 6  # 4 admitted, the rest refused
+            deadline = time.monotonic() + 10
+            while refused(srv, "handshake_timeout") < 4 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert refused(srv, "handshake_timeout") >= 4
+            # once the half-open ones are gone, a real client gets in
+            async with connect(srv.address, srv.auth_token, ca=srv.ca_cert,
+                               server_name="localhost") as conn:
+                assert (await conn.call("ping"))["ok"]
+        finally:
+            sock.close()
+
+
+async def test_retry_always_still_serves_real_clients(tmp_path: Path) -> None:
+    with running_server(tmp_path, overrides={"quic": {"retry": "always"}}) as srv:
+        async with connect(srv.address, srv.auth_token, ca=srv.ca_cert,
+                           server_name="localhost") as conn:
+            assert (await conn.call("ping"))["ok"]
