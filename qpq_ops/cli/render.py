@@ -18,21 +18,22 @@ from qpq_ops._console import err, fail, out, print_json
 from qpq_ops.exit_codes import ExitCode
 from qpq_ops.render import Artefact, FileStatus, RenderedFile, check_files, render, write_files
 
-__all__ = ["app"]
+__all__ = ["app", "default_root"]
 
 app = typer.Typer(
     help="Regenerate the monitoring bundle from the trigger definition: Prometheus alert "
     "and recording rules, promtool tests, the Grafana dashboard and the operations docs. "
-    "Paths are relative to --root (default: the current directory, run it from the "
-    "repository root). With --check nothing is written and the exit code is 1 when a "
-    "file differs.",
+    "Paths are relative to --root (default: the qpq checkout around the current "
+    "directory). With --check nothing is written and the exit code is 1 when a file "
+    "differs.",
     no_args_is_help=True,
 )
 
 RootOpt = Annotated[
-    Path,
-    typer.Option("--root", help="Output root: the repository checkout to write into or check.",
-                 file_okay=False),
+    Path | None,
+    typer.Option("--root", help="Output root: the checkout to write into or check. Default: "
+                 "the qpq repository containing the current directory, else the current "
+                 "directory.", file_okay=False, show_default=False),
 ]
 CheckOpt = Annotated[
     bool,
@@ -41,7 +42,17 @@ CheckOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON alone on stdout.")]
 
 
-def _run(artefact: Artefact, root: Path, check: bool, as_json: bool) -> None:
+def default_root(start: Path) -> Path:
+    """The nearest directory from `start` up whose pyproject.toml is qpq's, else `start`."""
+    for candidate in (start, *start.parents):
+        pyproject = candidate / "pyproject.toml"
+        if pyproject.is_file() and 'name = "qpq"' in pyproject.read_text(errors="replace"):
+            return candidate
+    return start
+
+
+def _run(artefact: Artefact, root: Path | None, check: bool, as_json: bool) -> None:
+    root = default_root(Path.cwd()) if root is None else root
     if not root.is_dir():
         fail(f"output root {root} is not a directory")
     files: tuple[RenderedFile, ...] = render(artefact)
@@ -76,33 +87,33 @@ def _run(artefact: Artefact, root: Path, check: bool, as_json: bool) -> None:
 
 
 @app.command("alerts")
-def alerts(root: RootOpt = Path("."), check: CheckOpt = False, as_json: JsonOpt = False) -> None:
+def alerts(root: RootOpt = None, check: CheckOpt = False, as_json: JsonOpt = False) -> None:
     """prometheus/alerts/qpq-alerts.yml and prometheus/rules/qpq-recording.yml."""
     _run(Artefact.ALERTS, root, check, as_json)
 
 
 @app.command("rules-tests")
-def rules_tests(root: RootOpt = Path("."), check: CheckOpt = False,
+def rules_tests(root: RootOpt = None, check: CheckOpt = False,
                 as_json: JsonOpt = False) -> None:
     """prometheus/tests/*.yml: promtool tests driving every alert."""
     _run(Artefact.RULES_TESTS, root, check, as_json)
 
 
 @app.command("dashboard")
-def dashboard(root: RootOpt = Path("."), check: CheckOpt = False,
+def dashboard(root: RootOpt = None, check: CheckOpt = False,
               as_json: JsonOpt = False) -> None:
     """dashboards/qpq-overview.json (Grafana)."""
     _run(Artefact.DASHBOARD, root, check, as_json)
 
 
 @app.command("docs")
-def docs(root: RootOpt = Path("."), check: CheckOpt = False, as_json: JsonOpt = False) -> None:
+def docs(root: RootOpt = None, check: CheckOpt = False, as_json: JsonOpt = False) -> None:
     """docs/operations/{monitoring,incident-response,scaling-guide}.md."""
     _run(Artefact.DOCS, root, check, as_json)
 
 
 @app.command("all")
-def render_all(root: RootOpt = Path("."), check: CheckOpt = False,
+def render_all(root: RootOpt = None, check: CheckOpt = False,
                as_json: JsonOpt = False) -> None:
     """Every generated file of the bundle."""
     _run(Artefact.ALL, root, check, as_json)

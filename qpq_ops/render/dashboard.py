@@ -176,8 +176,15 @@ def layout() -> tuple[RowSpec, ...]:
                       "cap (qpq_connections_max, [quic] max_connections).",
                       (_q(f"qpq_connections_active{SEL}", "{{instance}} active"),
                        _q(f"qpq_connections_max{SEL}", "{{instance}} cap")),
-                      width=12),
-            _trigger_panel("connections", width=12),
+                      width=8),
+            _trigger_panel("connections", width=8),
+            PanelSpec("Refused connections",
+                      "Connections refused per second, by reason (cap reached, handshake "
+                      "flood, draining); qpq_connections_refused_total. Refusals at the cap "
+                      "mean clients are being turned away: see the connections trigger.",
+                      (_q(_rate("qpq_connections_refused_total", ("reason",)),
+                          "{{instance}} {{reason}}"),),
+                      unit="reqps", width=8),
         )),
         RowSpec("Latency", (
             _trigger_panel("tls_handshake_latency", "TLS handshake p50 / p95 / p99",

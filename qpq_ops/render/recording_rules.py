@@ -38,6 +38,7 @@ _RATES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("qpq_auth_login_failure_total", ()),
     ("qpq_rate_limit_hit_total", ()),
     ("qpq_rpc_errors_total", ("op", "code")),
+    ("qpq_connections_refused_total", ("reason",)),
     ("qpq_federation_relay_total", ("peer", "result")),
 )
 

@@ -107,3 +107,19 @@ def test_unwritable_root_fails_with_one_line(tmp_path: Path) -> None:
 def test_unknown_artefact_is_a_usage_error() -> None:
     result = runner.invoke(app, ["render", "grafana"])
     assert result.exit_code == 2
+
+
+def test_default_root_is_the_qpq_checkout_around_the_current_directory(
+        repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(repo / "qpq_ops" / "render")
+    result = runner.invoke(app, ["render", "all", "--check", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["root"] == str(repo)
+
+
+def test_default_root_outside_a_checkout_is_the_current_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["render", "alerts", "--json"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "prometheus/alerts/qpq-alerts.yml").is_file()
