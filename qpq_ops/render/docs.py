@@ -18,7 +18,7 @@ from qpq_ops.render._files import HEADER, RenderedFile
 from qpq_ops.render.alerts import AlertRule, all_alerts
 from qpq_ops.render.runbooks import RUNBOOKS, Runbook
 from qpq_ops.render.units import duration_text, human_value
-from qpq_ops.triggers import TRIGGERS, Severity, Trigger
+from qpq_ops.triggers import TRIGGERS, Severity, Trigger, get_trigger
 
 __all__ = ["DOCS", "EXAMPLE_INPUTS", "RunbookSection", "render", "runbook_sections"]
 
@@ -75,6 +75,7 @@ def _environment() -> jinja2.Environment:
         header=HEADER,
         tables=tables,
         triggers=TRIGGERS,
+        disk_usage=get_trigger("disk_usage"),
         sections=runbook_sections(),
         capacity=capacity,
         example=capacity.plan(EXAMPLE_INPUTS),
