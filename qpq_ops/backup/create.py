@@ -1,0 +1,138 @@
+"""`backup create`: an online, consistent archive of a running (or stopped) server."""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from qpq_ops.backup.archive import ArchiveWriter
+from qpq_ops.backup.database import snapshot_database
+from qpq_ops.backup.deployment import Deployment
+from qpq_ops.backup.errors import OpsError, Refused
+from qpq_ops.backup.layout import DB_MEMBER, source_files
+from qpq_ops.backup.manifest import (
+    FORMAT,
+    FORMAT_VERSION,
+    Manifest,
+    Member,
+    archive_name,
+    fingerprint,
+)
+from qpq_ops.backup.textfile import write_backup_metrics
+from qpq_server import __version__ as server_version
+
+__all__ = ["BackupRequest", "BackupResult", "create_backup", "planned_bytes"]
+
+ProgressFn = Callable[[int], None]
+_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+@dataclass(frozen=True)
+class BackupRequest:
+    deployment: Deployment
+    dest: Path
+    include_secrets: bool = False
+    textfile_dir: Path | None = None  # None: do not write the metric
+
+
+@dataclass(frozen=True)
+class BackupResult:
+    archive: Path
+    manifest: Manifest
+    size_bytes: int
+    duration_s: float
+    metrics_file: Path | None
+
+
+def planned_bytes(dep: Deployment, include_secrets: bool) -> int:
+    """What the progress bar counts: snapshot pages plus archived file bytes (estimate)."""
+    total = dep.db_path.stat().st_size if dep.db_path.is_file() else 0
+    return total + sum(s.path.stat().st_size for s in source_files(dep, include_secrets))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def create_backup(req: BackupRequest, progress: ProgressFn | None = None,
+                  now: Callable[[], float] = time.time) -> BackupResult:
+    """Snapshot the database, archive it with the blob store and OPAQUE setups (and the
+    secrets when asked), write under a temp name, fsync, rename. A failure at any point
+    leaves no file under the final name and removes the temp files."""
+    dep = req.deployment
+    db_key = dep.db_key()
+    if db_key is None:
+        raise Refused(f"QPQ_DB_KEY is not set (environment or {dep.env_file})")
+    if dep.config.storage.backend == "postgres":
+        raise Refused("backend 'postgres' is backed up with pg_dump, not qpq-ops backup")
+    if not dep.db_path.is_file():
+        raise OpsError(f"database not found: {dep.db_path} (has the server ever run?)")
+    started = now()
+    try:
+        req.dest.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OpsError(f"cannot create {req.dest}: {exc.strerror}") from None
+    token = f".qpq-backup-{os.getpid()}-{int(started * 1000)}"
+    tmp_db = req.dest / f"{token}.db"
+    tmp_archive = req.dest / f"{token}.partial"
+    try:
+        snap = snapshot_database(dep.db_path, tmp_db, db_key, progress)
+        members: list[Member] = []
+        with tmp_archive.open("xb") as fh:
+            os.fchmod(fh.fileno(), 0o600)
+            writer = ArchiveWriter(fh)
+            size, digest = writer.add_file(DB_MEMBER, tmp_db)
+            members.append(Member(DB_MEMBER, "database", size, digest))
+            tmp_db.unlink()
+            for src in source_files(dep, req.include_secrets):
+                size, digest = writer.add_file(src.member, src.path, progress)
+                members.append(Member(src.member, src.kind, size, digest))
+            created = dt.datetime.fromtimestamp(started, dt.UTC)
+            manifest = Manifest(
+                format=FORMAT, format_version=FORMAT_VERSION, server_version=server_version,
+                schema_version=snap.schema_version,
+                created_at=created.isoformat().replace("+00:00", "Z"),
+                snapshot_at_unix=snap.snapshot_at_unix, domain=dep.config.server.domain,
+                storage_backend=dep.config.storage.backend,
+                includes_secrets=req.include_secrets,
+                db_key_fingerprint=fingerprint(db_key), row_counts=snap.row_counts,
+                members=tuple(members),
+            ).signed(db_key)
+            writer.add_bytes("manifest.json", manifest.to_json())
+            writer.close()
+            fh.flush()
+            os.fsync(fh.fileno())
+        final = req.dest / archive_name(created, server_version, snap.schema_version,
+                                        req.include_secrets)
+        if final.exists():
+            raise Refused(f"{final} already exists; not overwriting a backup")
+        os.replace(tmp_archive, final)
+        _fsync_dir(req.dest)
+    except OSError as exc:
+        if exc.errno in _FULL:
+            raise OpsError(f"destination {req.dest} is full ({exc.strerror}); "
+                           "no backup was written") from None
+        raise OpsError(f"backup failed: {exc.strerror or exc}; no backup was written") from None
+    finally:
+        tmp_db.unlink(missing_ok=True)
+        tmp_archive.unlink(missing_ok=True)
+    finished = now()
+    size_bytes = final.stat().st_size
+    metrics_file = None
+    if req.textfile_dir is not None:
+        try:
+            metrics_file = write_backup_metrics(req.textfile_dir, finished, size_bytes,
+                                                finished - started)
+        except OSError as exc:
+            raise OpsError(f"backup {final.name} written, but the textfile metric in "
+                           f"{req.textfile_dir} could not be: {exc.strerror}") from None
+    return BackupResult(final, manifest, size_bytes, finished - started, metrics_file)

@@ -1,0 +1,145 @@
+"""The post-restore doctor: does the restored data dir hold up, row by row and blob by blob?
+
+Checks (each reported, none stops the others):
+- the database opens with the key; `cipher_integrity_check` and `integrity_check` pass;
+- the restore's key-package purge is recorded as done and no key package is left;
+- every row of every table decodes: it is read in full, and each column of the known
+  tables has the storage type the server writes (SQLite itself would accept anything);
+- every account's OPAQUE setup version has its `opaque/setup-vN.bin`;
+- every blob a table references is present in `blobs/`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qpq_ops.backup.database import check_integrity, open_db
+from qpq_ops.backup.deployment import Deployment
+from qpq_ops.backup.errors import OpsError
+from qpq_ops.backup.purge import DONE, restore_state
+from qpq_server.secrets import Secret
+
+__all__ = ["DoctorCheck", "DoctorReport", "run_doctor"]
+
+Connection = Any
+_TYPES: dict[str, dict[str, tuple[str, ...]]] = {
+    "accounts": {"username": ("text",), "password_file": ("blob",),
+                 "setup_version": ("integer",), "identity_key": ("blob", "null"),
+                 "created_at": ("real", "integer")},
+    "key_packages": {"id": ("integer",), "username": ("text",), "key_package": ("blob",)},
+    "messages": {"id": ("integer",), "recipient": ("text",), "sender": ("text",),
+                 "payload": ("blob",), "sent_at": ("real", "integer")},
+    "meta": {"key": ("text",), "value": ("text",)},
+    "kt_leaves": {"idx": ("integer",), "username": ("text",), "leaf": ("blob",),
+                  "created_at": ("real", "integer")},
+}
+_BLOB_REF_COLUMNS = ("sha256", "blob_id", "digest", "blob_hash")
+_SETUP = re.compile(r"^setup-v(\d+)\.bin$")
+
+
+@dataclass(frozen=True)
+class DoctorCheck:
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class DoctorReport:
+    checks: tuple[DoctorCheck, ...]
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+
+def _tables(conn: Connection) -> list[str]:
+    return [r[0] for r in conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+        " ORDER BY name")]
+
+
+def _rows_decode(conn: Connection) -> DoctorCheck:
+    bad: list[str] = []
+    total = 0
+    for table in _tables(conn):
+        for _row in conn.execute(f'SELECT * FROM "{table}"'):  # noqa: S608 (names from schema)
+            total += 1
+        for column, allowed in _TYPES.get(table, {}).items():
+            marks = ",".join(f"'{t}'" for t in allowed)
+            (count,) = conn.execute(
+                f'SELECT count(*) FROM "{table}" WHERE typeof("{column}") NOT IN ({marks})'  # noqa: S608
+            ).fetchone()
+            if count:
+                bad.append(f"{table}.{column}: {count} rows of the wrong type")
+    detail = "; ".join(bad) if bad else f"{total} rows read in full, types as expected"
+    return DoctorCheck("rows decode", not bad, detail)
+
+
+def _opaque_setups(conn: Connection, opaque_dir: Path) -> DoctorCheck:
+    have = {int(m.group(1)) for p in (opaque_dir.iterdir() if opaque_dir.is_dir() else ())
+            if (m := _SETUP.match(p.name))}
+    used = {int(r[0]): int(r[1]) for r in conn.execute(
+        "SELECT setup_version, count(*) FROM accounts GROUP BY setup_version")}
+    missing = {v: n for v, n in used.items() if v not in have}
+    if missing:
+        return DoctorCheck("OPAQUE setups", False, "; ".join(
+            f"{n} accounts need opaque/setup-v{v}.bin, which is missing"
+            for v, n in sorted(missing.items())))
+    return DoctorCheck("OPAQUE setups", bool(have),
+                       f"setups {sorted(have)}; accounts per setup {dict(sorted(used.items()))}"
+                       if have else f"no OPAQUE setup in {opaque_dir}")
+
+
+def _blob_refs(conn: Connection, blobs_dir: Path) -> DoctorCheck:
+    present = {p.name.split(".")[0] for p in blobs_dir.rglob("*") if p.is_file()} \
+        if blobs_dir.is_dir() else set()
+    missing: list[str] = []
+    referenced = 0
+    for table in _tables(conn):
+        columns = [r[1] for r in conn.execute(f'PRAGMA table_info("{table}")')]
+        for column in columns:
+            if column not in _BLOB_REF_COLUMNS or "blob" not in table:
+                continue
+            for (ref,) in conn.execute(f'SELECT "{column}" FROM "{table}"'):  # noqa: S608
+                referenced += 1
+                name = ref.hex() if isinstance(ref, bytes) else str(ref)
+                if name not in present:
+                    missing.append(name)
+    if missing:
+        return DoctorCheck("blobs present", False,
+                           f"{len(missing)} of {referenced} referenced blobs missing "
+                           f"(first: {missing[0]})")
+    return DoctorCheck("blobs present", True,
+                       f"{referenced} referenced, {len(present)} files in {blobs_dir.name}/")
+
+
+def run_doctor(dep: Deployment, db_key: Secret) -> DoctorReport:
+    """Check the data dir of `dep` (the server should be stopped, not required)."""
+    checks: list[DoctorCheck] = []
+    try:
+        conn = open_db(dep.db_path, db_key)
+    except OpsError as exc:
+        return DoctorReport((DoctorCheck("database opens", False, str(exc)),))
+    try:
+        checks.append(DoctorCheck("database opens", True, f"{dep.db_path} opens with the key"))
+        integrity = check_integrity(conn)
+        checks.append(DoctorCheck(
+            "integrity", integrity.ok,
+            "cipher_integrity_check and integrity_check pass" if integrity.ok else
+            "; ".join((*integrity.cipher_problems, *integrity.integrity))[:500]))
+        state = restore_state(conn)
+        (left,) = conn.execute("SELECT count(*) FROM key_packages").fetchone()
+        purge_ok = state in (None, DONE) and (state is None or left == 0)
+        checks.append(DoctorCheck(
+            "key packages purged", purge_ok,
+            f"restore_state={state or 'unset'}, {left} one-time key packages stored"))
+        checks.append(_rows_decode(conn))
+        checks.append(_opaque_setups(conn, dep.data_dir / "opaque"))
+        checks.append(_blob_refs(conn, dep.data_dir / "blobs"))
+    finally:
+        conn.close()
+    return DoctorReport(tuple(checks))

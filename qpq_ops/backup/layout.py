@@ -1,0 +1,108 @@
+"""Which files of a deployment go into an archive, and where each member restores to.
+
+Member names:
+- `db/qpq.db`                 the SQLCipher database (an online snapshot, still encrypted)
+- `data/blobs/...`            the blob store, file by file
+- `data/opaque/...`           the OPAQUE server setups (`setup-vN.bin`, `dummy-vN.bin`)
+- `data/files/...`            the `file` storage backend's tree, when that backend is used
+- `secrets/env`               the `.env` beside the config (only with --include-secrets)
+- `secrets/tls_cert`, `secrets/tls_key`   the serving certificate and key
+- `secrets/data/...`          key files under the data dir: `kt/`, `keys/`, `federation/`
+- `secrets/federation_{cert,key,ca}`      federation files configured outside the data dir
+
+Secrets stay out by default: a key stored beside the data it protects protects nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from qpq_ops.backup.deployment import Deployment
+from qpq_ops.backup.errors import ArchiveDamaged
+
+__all__ = ["DATA_TREES", "DB_MEMBER", "SECRET_TREES", "Source", "restore_target",
+           "safe_member_path", "source_files"]
+
+DB_MEMBER = "db/qpq.db"
+DATA_TREES = {"blobs": "blob", "opaque": "opaque", "files": "file_store"}
+"""Trees under the data dir that are data (member `data/<tree>/...`), by kind."""
+SECRET_TREES = ("kt", "keys", "federation")
+"""Trees under the data dir that hold keys (member `secrets/data/<tree>/...`)."""
+
+
+@dataclass(frozen=True)
+class Source:
+    member: str
+    kind: str
+    path: Path
+
+
+def _tree(root: Path, prefix: str, kind: str) -> Iterator[Source]:
+    if not root.is_dir():
+        return
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and not path.name.startswith(".") and not path.is_symlink():
+            rel = path.relative_to(root).as_posix()
+            yield Source(f"{prefix}/{rel}", kind, path)
+
+
+def _federation_files(dep: Deployment) -> Iterator[Source]:
+    fed = dep.config.federation
+    for label, value in (("federation_cert", fed.federation_cert),
+                         ("federation_key", fed.federation_key),
+                         ("federation_ca", fed.federation_ca)):
+        if not value:
+            continue
+        path = dep.config.path(value)
+        if path.is_file() and not path.resolve().is_relative_to(dep.data_dir.resolve()):
+            yield Source(f"secrets/{label}", "secret", path)
+
+
+def source_files(dep: Deployment, include_secrets: bool) -> list[Source]:
+    """Every file to archive besides the database snapshot, in a stable order."""
+    found: list[Source] = []
+    for tree, kind in DATA_TREES.items():
+        found.extend(_tree(dep.data_dir / tree, f"data/{tree}", kind))
+    if include_secrets:
+        if dep.env_file.is_file():
+            found.append(Source("secrets/env", "secret", dep.env_file))
+        found.append(Source("secrets/tls_cert", "secret", dep.config.tls_cert_path))
+        found.append(Source("secrets/tls_key", "secret", dep.config.tls_key_path))
+        for tree in SECRET_TREES:
+            found.extend(_tree(dep.data_dir / tree, f"secrets/data/{tree}", "secret"))
+        found.extend(_federation_files(dep))
+    return found
+
+
+def safe_member_path(name: str) -> PurePosixPath:
+    path = PurePosixPath(name)
+    if path.is_absolute() or ".." in path.parts or not path.parts:
+        raise ArchiveDamaged(f"archive member {name!r} has an unsafe path")
+    return path
+
+
+def restore_target(dep: Deployment, member: str) -> Path:
+    """Where a member goes on restore (members outside the known layout are refused)."""
+    path = safe_member_path(member)
+    parts = path.parts
+    if member == DB_MEMBER:
+        return dep.db_path
+    if parts[0] == "data" and len(parts) >= 3 and parts[1] in DATA_TREES:
+        return dep.data_dir.joinpath(*parts[1:])
+    if parts[0] == "secrets":
+        fed = dep.config.federation
+        fixed = {
+            "secrets/env": dep.env_file,
+            "secrets/tls_cert": dep.config.tls_cert_path,
+            "secrets/tls_key": dep.config.tls_key_path,
+            "secrets/federation_cert": dep.config.path(fed.federation_cert or "federation/cert"),
+            "secrets/federation_key": dep.config.path(fed.federation_key or "federation/key"),
+            "secrets/federation_ca": dep.config.path(fed.federation_ca or "federation/ca"),
+        }
+        if member in fixed:
+            return fixed[member]
+        if len(parts) >= 4 and parts[1] == "data" and parts[2] in SECRET_TREES:
+            return dep.data_dir.joinpath(*parts[2:])
+    raise ArchiveDamaged(f"archive member {member!r} is not part of the qpq backup layout")

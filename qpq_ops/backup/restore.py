@@ -1,0 +1,251 @@
+"""`restore`: verify an archive, stage it, move the old data aside, place it, purge.
+
+Nothing in the data dir changes until the archive has been fully extracted to a staging
+dir inside the data dir and verified there (checksums, key, integrity, row counts). The
+old data is then moved aside into `DATA_DIR/pre-restore-<time>/` (never deleted). See
+`purge.py` for the end-to-end-encryption step and its crash-safe sequence.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from qpq_ops.backup.archive import ExtractedMember, extract_archive, read_manifest
+from qpq_ops.backup.database import open_db, schema_version
+from qpq_ops.backup.deployment import Deployment
+from qpq_ops.backup.doctor import DoctorReport, run_doctor
+from qpq_ops.backup.errors import ArchiveDamaged, OpsError, Refused
+from qpq_ops.backup.layout import DATA_TREES, DB_MEMBER, SECRET_TREES, restore_target
+from qpq_ops.backup.manifest import Manifest
+from qpq_ops.backup.purge import PENDING_PURGE, complete_purge, mark_pending_purge, restore_state
+from qpq_ops.backup.server_process import running_pid
+from qpq_ops.backup.verify import check_extracted
+from qpq_server.secrets import Secret, read_env_file, write_env_file
+from qpq_server.storage.migrations import SCHEMA_VERSION
+from qpq_server.storage.sqlcipher import key_pragma, migrate
+
+__all__ = ["RestoreRequest", "RestoreResult", "existing_data", "restore_archive",
+           "resume_restore"]
+
+ProgressFn = Callable[[int], None]
+_DB_SIDECARS = ("-wal", "-shm")
+
+
+@dataclass(frozen=True)
+class RestoreRequest:
+    archive: Path
+    deployment: Deployment
+    force: bool = False
+    with_secrets: bool = False
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    manifest: Manifest | None
+    aside_dir: Path | None          # where the previous data went (None: nothing to move)
+    purged_key_packages: int
+    rekeyed: bool                   # re-encrypted to the data dir's own key
+    migrated_from: int | None       # schema version before forced migrations
+    secrets_restored: bool
+    env_key_written: bool           # QPQ_DB_KEY added to a .env that had none
+    doctor: DoctorReport
+
+
+def existing_data(dep: Deployment) -> list[Path]:
+    """What makes a data dir non-empty: a database or any stored blob/file."""
+    found = [p for p in (dep.db_path, *(Path(f"{dep.db_path}{s}") for s in _DB_SIDECARS))
+             if p.exists()]
+    for tree in ("blobs", "files"):
+        root = dep.data_dir / tree
+        if root.is_dir() and any(p.is_file() for p in root.rglob("*")):
+            found.append(root)
+    return found
+
+
+def _precheck(req: RestoreRequest) -> Manifest:
+    dep = req.deployment
+    pid = running_pid(dep.config)
+    if pid is not None:
+        raise Refused(f"qpq-server is running (pid {pid}) on {dep.data_dir}; stop it first "
+                      "(restore never writes under a running server, even with --force)")
+    existing = existing_data(dep)
+    if existing and not req.force:
+        raise Refused(f"{dep.data_dir} already holds data ({existing[0].name}); pass --force "
+                      "to move it aside into pre-restore-<time>/ and restore over it")
+    manifest = read_manifest(req.archive)
+    if manifest.schema_version > SCHEMA_VERSION:
+        raise Refused(f"archive schema {manifest.schema_version} is newer than this server's "
+                      f"({SCHEMA_VERSION}); upgrade qpq first")
+    if manifest.schema_version != SCHEMA_VERSION and not req.force:
+        raise Refused(f"archive schema {manifest.schema_version} differs from this server's "
+                      f"({SCHEMA_VERSION}); pass --force to restore and run the migrations")
+    if req.with_secrets and not manifest.includes_secrets:
+        raise Refused("--with-secrets given but the archive holds no secrets "
+                      "(it was made without --include-secrets)")
+    return manifest
+
+
+def _archive_env_key(members: list[ExtractedMember]) -> Secret | None:
+    env = next((m for m in members if m.name == "secrets/env"), None)
+    value = read_env_file(env.path).get("QPQ_DB_KEY", "") if env else ""
+    return Secret(value) if value else None
+
+
+def _keys(req: RestoreRequest, members: list[ExtractedMember],
+          ) -> tuple[Secret, Secret | None]:
+    """(key that opens the archive, key the restored database must end up under)."""
+    dep = req.deployment
+    provided = os.environ.get("QPQ_DB_KEY")
+    in_archive = _archive_env_key(members)
+    target_value = read_env_file(dep.env_file).get("QPQ_DB_KEY", "")
+    target = Secret(target_value) if target_value else None
+    opening = Secret(provided) if provided else (in_archive or target)
+    if opening is None:
+        raise Refused("no database key: set QPQ_DB_KEY to the key the archive was made with "
+                      f"(or put it in {dep.env_file})")
+    final = in_archive if req.with_secrets else target
+    return opening, final
+
+
+def _move_aside(path: Path, aside: Path, data_dir: Path) -> None:
+    if not path.exists():
+        return
+    try:
+        rel = path.relative_to(data_dir)
+    except ValueError:
+        rel = Path("outside") / path.name
+    dest = aside / rel
+    dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.replace(path, dest)
+
+
+def _place_database(staged: Path, live: Path, aside: Path, data_dir: Path) -> None:
+    """The old database is hard-linked aside (so there is never a moment without a
+    database file), its WAL and shm moved aside (so they are never applied to the new
+    file), then the staged file replaces it in one rename."""
+    live.parent.mkdir(parents=True, exist_ok=True)
+    if live.exists():
+        keep = aside / live.name
+        keep.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            os.link(live, keep)
+        except OSError:
+            shutil.copy2(live, keep)
+    for suffix in _DB_SIDECARS:
+        _move_aside(Path(f"{live}{suffix}"), aside, data_dir)
+    os.replace(staged, live)
+
+
+def _place_tree(staging_root: Path, target: Path, aside: Path, data_dir: Path) -> None:
+    _move_aside(target, aside, data_dir)
+    if staging_root.is_dir():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging_root, target)
+    else:
+        target.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+
+def _place(req: RestoreRequest, staging: Path, members: list[ExtractedMember],
+           aside: Path) -> None:
+    dep = req.deployment
+    data_dir = dep.data_dir
+    _place_database(staging / DB_MEMBER, dep.db_path, aside, data_dir)
+    for tree in DATA_TREES:
+        if tree == "files" and not (staging / "data" / tree).is_dir():
+            continue  # no file backend in this archive: leave any existing tree alone
+        _place_tree(staging / "data" / tree, data_dir / tree, aside, data_dir)
+    if not req.with_secrets:
+        return
+    for tree in SECRET_TREES:
+        if (staging / "secrets" / "data" / tree).is_dir():
+            _place_tree(staging / "secrets" / "data" / tree, data_dir / tree, aside, data_dir)
+    for member in members:
+        if member.name.startswith("secrets/") and not member.name.startswith("secrets/data/"):
+            target = restore_target(dep, member.name)
+            _move_aside(target, aside, data_dir)
+            target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.replace(member.path, target)
+
+
+def restore_archive(req: RestoreRequest, progress: ProgressFn | None = None) -> RestoreResult:
+    dep = req.deployment
+    _precheck(req)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    dep.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    staging = dep.data_dir / f".qpq-restore-{stamp}-{os.getpid()}"
+    staging.mkdir(mode=0o700)
+    aside = dep.data_dir / f"pre-restore-{stamp}"
+    try:
+        try:
+            manifest, members = extract_archive(req.archive, staging, progress)
+        except OSError as exc:
+            raise OpsError(f"cannot stage the archive in {dep.data_dir}: "
+                           f"{exc.strerror or exc}; nothing was changed") from None
+        opening, final = _keys(req, members)
+        _checked, problems = check_extracted(manifest, members, opening)
+        if problems:
+            raise ArchiveDamaged(f"{req.archive.name} failed verification, nothing was "
+                                 f"changed: {'; '.join(problems[:3])}")
+        names = {m.name for m in members}
+        if DB_MEMBER not in names:
+            raise ArchiveDamaged(f"{req.archive.name} holds no database")
+        conn = open_db(staging / DB_MEMBER, opening)
+        migrated_from = None
+        rekeyed = False
+        try:
+            mark_pending_purge(conn, req.archive.name)
+            version = schema_version(conn)
+            if version != SCHEMA_VERSION:
+                migrated_from = version
+                migrate(conn)
+            if final is not None and final.reveal() != opening.reveal():
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                conn.execute(key_pragma(final).replace("PRAGMA key", "PRAGMA rekey", 1))
+                rekeyed = True
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            conn.close()
+        # -- from here on the data dir changes ------------------------------------------
+        _place(req, staging, members, aside)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    live_key = final or opening
+    env_key_written = False
+    if not read_env_file(dep.env_file).get("QPQ_DB_KEY"):
+        values = read_env_file(dep.env_file)
+        values["QPQ_DB_KEY"] = live_key.reveal()
+        write_env_file(dep.env_file, values)
+        env_key_written = True
+    purged = _finish(dep, live_key)
+    return RestoreResult(
+        manifest=manifest, aside_dir=aside if aside.exists() else None,
+        purged_key_packages=purged, rekeyed=rekeyed, migrated_from=migrated_from,
+        secrets_restored=req.with_secrets, env_key_written=env_key_written,
+        doctor=run_doctor(dep, live_key))
+
+
+def _finish(dep: Deployment, db_key: Secret) -> int:
+    conn = open_db(dep.db_path, db_key)
+    try:
+        return complete_purge(conn) if restore_state(conn) == PENDING_PURGE else 0
+    finally:
+        conn.close()
+
+
+def resume_restore(dep: Deployment) -> RestoreResult:
+    """Finish an interrupted restore: run the purge step if it is pending, then the doctor."""
+    pid = running_pid(dep.config)
+    if pid is not None:
+        raise Refused(f"qpq-server is running (pid {pid}); a pending restore cannot be "
+                      "running, nothing to resume")
+    db_key = dep.db_key()
+    if db_key is None:
+        raise Refused(f"QPQ_DB_KEY is not set (environment or {dep.env_file})")
+    purged = _finish(dep, db_key)
+    return RestoreResult(None, None, purged, False, None, False, False,
+                         run_doctor(dep, db_key))

@@ -1,0 +1,114 @@
+"""`backup verify`: every check a restore relies on, run on a copy, reporting all problems.
+
+Checks: the archive reads to its end; every member matches the manifest's size and
+sha256 and nothing is missing or extra; blobs named by their sha256 hash to their name;
+with the database key: the manifest MAC, the database opens, `PRAGMA
+cipher_integrity_check` and `PRAGMA integrity_check` pass, schema version and row counts
+match the manifest.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from qpq_ops.backup.archive import ExtractedMember, extract_archive
+from qpq_ops.backup.database import check_integrity, open_db, row_counts, schema_version
+from qpq_ops.backup.errors import OpsError, WrongKey
+from qpq_ops.backup.layout import DB_MEMBER
+from qpq_ops.backup.manifest import Manifest, fingerprint
+from qpq_server.secrets import Secret
+
+__all__ = ["VerifyReport", "check_extracted", "verify_archive"]
+
+ProgressFn = Callable[[int], None]
+_SHA256_NAME = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    archive: Path
+    manifest: Manifest
+    members_checked: int
+    database_checked: bool  # False when no key was available: checksums only
+    problems: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _member_problems(manifest: Manifest, members: list[ExtractedMember]) -> list[str]:
+    problems = []
+    found = {m.name: m for m in members}
+    for expected in manifest.members:
+        got = found.get(expected.name)
+        if got is None:
+            what = "blob" if expected.kind == "blob" else "member"
+            problems.append(f"missing {what} {expected.name}")
+        elif got.size != expected.size or got.sha256 != expected.sha256:
+            problems.append(f"checksum mismatch in {expected.name} (tampered or corrupted)")
+        elif expected.kind == "blob":
+            stem = Path(expected.name).name.split(".")[0]
+            if _SHA256_NAME.match(stem) and stem != got.sha256:
+                problems.append(f"blob {expected.name} does not hash to its name")
+    listed = {m.name for m in manifest.members}
+    problems += [f"unexpected member {name} (not in the manifest)"
+                 for name in sorted(set(found) - listed)]
+    return problems
+
+
+def check_extracted(manifest: Manifest, members: list[ExtractedMember],
+                    db_key: Secret | None) -> tuple[bool, list[str]]:
+    """Compare extracted members with the manifest; with a key, check the database too.
+
+    Raises WrongKey when the key does not open the database.
+    """
+    problems = _member_problems(manifest, members)
+    if db_key is None:
+        return False, problems
+    if not manifest.mac_ok(db_key):
+        if fingerprint(db_key) != manifest.db_key_fingerprint:
+            raise WrongKey("the database key is not the one this archive was made with "
+                           f"(archive key {manifest.db_key_fingerprint}, "
+                           f"given key {fingerprint(db_key)})")
+        problems.append("manifest MAC does not match (manifest edited after the backup)")
+    db = next((m for m in members if m.name == DB_MEMBER), None)
+    if db is None:
+        return False, problems
+    conn = open_db(db.path, db_key)
+    try:
+        report = check_integrity(conn)
+        problems += [f"cipher_integrity_check: {p}" for p in report.cipher_problems]
+        if report.integrity != ("ok",):
+            problems += [f"integrity_check: {p}" for p in report.integrity[:10]]
+        version = schema_version(conn)
+        if version != manifest.schema_version:
+            problems.append(f"database schema {version} but manifest says "
+                            f"{manifest.schema_version}")
+        counts = row_counts(conn)
+        for table, expected in manifest.row_counts.items():
+            if counts.get(table) != expected:
+                problems.append(f"table {table}: {counts.get(table)} rows, manifest says "
+                                f"{expected}")
+    finally:
+        conn.close()
+    return True, problems
+
+
+def verify_archive(archive: Path, db_key: Secret | None, work_dir: Path | None = None,
+                   progress: ProgressFn | None = None) -> VerifyReport:
+    """Extract into a scratch dir beside the archive (or `work_dir`), check, clean up."""
+    scratch = Path(tempfile.mkdtemp(prefix=".qpq-verify-", dir=work_dir or archive.parent))
+    try:
+        manifest, members = extract_archive(archive, scratch, progress)
+        checked, problems = check_extracted(manifest, members, db_key)
+    except OSError as exc:
+        raise OpsError(f"cannot verify {archive.name}: {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return VerifyReport(archive, manifest, len(members), checked, tuple(problems))
