@@ -16,7 +16,7 @@ import httpx
 import pytest
 import yaml
 
-from qpq_ops.metrics_catalog import METRICS, MetricSource
+from qpq_ops.metrics_catalog import METRICS, MetricSource, sample_names
 from qpq_ops.triggers import TRIGGERS
 from tests.bundle.conftest import NodeExporter
 from tests.bundle.exposition import Exposition, parse_exposition
@@ -116,6 +116,9 @@ def test_server_exports_every_catalogued_metric_with_its_type(server_metrics: Ex
             continue
         assert spec.name in server_metrics.types, f"{spec.name} not exported by qpq-server"
         assert server_metrics.types[spec.name] == str(spec.type), spec.name
+        if not spec.labels:  # a labelled family has samples only once a child exists
+            for sample in sample_names(spec):
+                assert sample in server_metrics.samples, f"{sample} has no sample line"
 
 
 def test_catalogue_lists_every_qpq_metric_the_server_exports(server_metrics: Exposition) -> None:
