@@ -19,6 +19,7 @@ from qpq_server.config import Config, load_config, parse_hostport
 from qpq_server.datadir import session_key_path
 from qpq_server.errors import ConfigError, StorageError
 from qpq_server.http import HealthServer
+from qpq_server.kt.log import KtLog, load_signer, register_kt_ops
 from qpq_server.metrics import ServerMetrics
 from qpq_server.notifier import InProcessNotifier
 from qpq_server.secrets import load_secrets
@@ -70,12 +71,16 @@ class ServerApp:
                 f"this data dir was restored and its restore is not finished "
                 f"(state {restore_state!r}); run the restore's key-package purge first"
             )
+        kt = KtLog(self.storage, load_signer(cfg.kt_signing_key_path),
+                   on_size=self.metrics.kt_log_size.set)
+        await kt.load()
         self.service = Service(
             config=cfg, storage=self.storage,
             opaque=OpaqueServer(cfg.data_dir / "opaque"), signer=self._session_signer(),
             access=AccessTokens(self.secrets.auth_tokens), metrics=self.metrics,
-            notifier=InProcessNotifier(),
+            notifier=InProcessNotifier(), kt=kt,
         )
+        register_kt_ops(self.service, kt)
         await self.service.start()
         self.metrics.tls_cert_expiry_timestamp_seconds.set(
             certificate_not_after(cfg.tls_cert_path))

@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qpq_server.auth.access import AccessTokens
 from qpq_server.auth.opaque import OpaqueServer, PendingLogin
@@ -34,6 +34,9 @@ from qpq_server.notifier import InProcessNotifier
 from qpq_server.protocol import validate as v
 from qpq_server.ratelimit import RateLimiter
 from qpq_server.storage.base import Storage
+
+if TYPE_CHECKING:
+    from qpq_server.kt.log import KtLog
 
 __all__ = ["ConnectionState", "Service"]
 
@@ -60,7 +63,7 @@ class ConnectionState:
 class Service:
     def __init__(self, *, config: Config, storage: Storage, opaque: OpaqueServer,
                  signer: SessionSigner, access: AccessTokens, metrics: ServerMetrics,
-                 notifier: InProcessNotifier,
+                 notifier: InProcessNotifier, kt: KtLog | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.storage = storage
@@ -69,6 +72,7 @@ class Service:
         self.access = access
         self.metrics = metrics
         self.notifier = notifier
+        self.kt = kt
         self.clock = clock
         rl = config.rate_limit
         self._account_limiter = RateLimiter(rl.account_rate_per_s, rl.account_burst)
@@ -259,7 +263,10 @@ class Service:
                                     max_items=self.config.limits.max_key_packages,
                                     max_len=_KEY_PACKAGE_MAX)
         if identity is not None:
-            await self.storage.set_identity_key(user, identity)
+            if self.kt is not None:  # logged: clients verify every key they fetch
+                await self.kt.publish(user, identity)
+            else:
+                await self.storage.set_identity_key(user, identity)
         count = await self.storage.add_key_packages(user, packages) if packages else (
             await self.storage.count_key_packages(user))
         return {"key_packages": count}
@@ -277,6 +284,7 @@ class Service:
             "identity_key": account.identity_key,
             "key_package": package.key_package if package else None,
             "key_package_id": package.id if package else None,
+            "kt": self.kt.proof_for(username, account.identity_key) if self.kt else None,
         }
 
     async def _enqueue(self, request: dict[str, Any], conn: ConnectionState) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import opaque_ke_py as opaque
 
 from qpq_server.client.connection import ClientError, QpqConnection
 from qpq_server.client.e2e import DecryptError, RecipientKey, open_envelope, seal
+from qpq_server.client.kt import KtVerifier
 from qpq_server.client.profile import Profile
 
 __all__ = ["QpqClient", "ReceivedMessage"]
@@ -34,6 +35,7 @@ class QpqClient:
         self.conn = connection
         self.profile_dir = profile_dir
         self._profiles: dict[str, Profile] = {}
+        self.kt = KtVerifier(connection, profile_dir)
 
     def profile(self, username: str) -> Profile:
         if username not in self._profiles:
@@ -112,6 +114,8 @@ class QpqClient:
         keys = []
         for name in dict.fromkeys(recipients):
             bundle = await self.conn.call("get_keys", session=session, username=name)
+            # Never encrypt to a key the server's signed, append-only log does not show.
+            await self.kt.verify_key(name, bytes(bundle["identity_key"]), bundle.get("kt"))
             public = bundle["key_package"] or bundle["identity_key"]
             keys.append(RecipientKey(name, bytes(public)))
         envelope = seal(content, sender, keys)

@@ -17,11 +17,14 @@ import typer
 
 from qpq_server.client.api import QpqClient
 from qpq_server.client.connection import ClientError, connect
+from qpq_server.client.kt import KeyVerified, KtViolation
 from qpq_server.client.profile import default_profile_dir
 
 __all__ = ["app", "main"]
 
 T = TypeVar("T")
+KT_VIOLATION_EXIT = 2
+"""Exit code when the server's key-transparency log fails verification."""
 
 app = typer.Typer(
     name="qpq-client",
@@ -89,6 +92,8 @@ def _run(opts: Options, work: Callable[[QpqClient], Awaitable[T]]) -> T:
 
     try:
         return asyncio.run(main())
+    except KtViolation as exc:
+        raise _die(exc.code, exc.message, KT_VIOLATION_EXIT) from None
     except ClientError as exc:
         raise _die(exc.code, exc.message) from None
     except OSError as exc:
@@ -167,6 +172,39 @@ def recv(
         else:
             stamp = datetime.fromtimestamp(message.sent_at, UTC).strftime("%Y-%m-%d %H:%M:%S")
             print(f"[{stamp}] {message.sender}: {message.text}")
+
+
+kt_app = typer.Typer(help="Key transparency: check the server's signed, append-only log of "
+                          "identity keys.", no_args_is_help=True)
+app.add_typer(kt_app, name="kt")
+
+
+@kt_app.command("verify")
+def kt_verify(
+    ctx: typer.Context,
+    user: str,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Check that USER's current identity key is in the server's signed log, and that the
+    log only grew since the tree head pinned in your profile. Exit 2, loudly, when the
+    server forked, truncated or rewrote its log."""
+    opts: Options = ctx.obj
+
+    async def work(c: QpqClient) -> KeyVerified:
+        return await c.kt.lookup(user)
+
+    result = _run(opts, work)
+    if as_json:
+        print(json.dumps({
+            "user": result.username, "identity_key": result.identity_key.hex(),
+            "leaf_index": result.leaf_index, "tree_size": result.head.size,
+            "root": result.head.root.hex(), "previous_size": result.previous_size,
+            "verified": True}))
+        return
+    since = ("first contact: tree head pinned" if result.previous_size is None else
+             f"consistent with the pinned head of size {result.previous_size}")
+    print(f"{user}: identity key {result.identity_key.hex()[:16]}... is leaf "
+          f"{result.leaf_index} of the signed log (size {result.head.size}); {since}")
 
 
 def main() -> None:

@@ -113,9 +113,10 @@ class _ClientProtocol(QuicConnectionProtocol):
 class QpqConnection:
     """An open, token-authenticated connection. Use `call(op, **fields)`."""
 
-    def __init__(self, protocol: _ClientProtocol, timeout: float) -> None:
+    def __init__(self, protocol: _ClientProtocol, timeout: float, server: str = "") -> None:
         self._protocol = protocol
         self.timeout = timeout
+        self.server = server  # HOST:PORT as given: names the server's pinned KT head
 
     @property
     def protocol(self) -> _ClientProtocol:
@@ -188,7 +189,7 @@ async def connect(server: str, auth_token: str, *, ca: Path | None = None,
         except TimeoutError:
             raise ClientError("unreachable", f"no QUIC handshake with {server} "
                               f"within {timeout:g}s") from None
-        connection = QpqConnection(protocol, timeout)
+        connection = QpqConnection(protocol, timeout, server)
         if hello:
             await connection.call("hello", token=auth_token)
         yield connection
