@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from qpq_ops.triggers import TRIGGERS
 from tests.bundle.conftest import NodeExporter
 from tests.bundle.exposition import Exposition, parse_exposition
 from tests.bundle.promql_names import metric_names
-from tests.helpers.server import running_server
+from tests.helpers.server import BIN, RunningServer, running_server
 
 _LABEL_VALUES = re.compile(r"^label_values\((.*),\s*[A-Za-z_][A-Za-z0-9_]*\)$")
 """Grafana's `label_values(selector, label)`: only the selector is PromQL."""
@@ -31,24 +32,27 @@ PROMETHEUS_SYNTHETIC = {"up"}
 
 
 @pytest.fixture(scope="module")
-def server_metrics(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Exposition]:
-    with running_server(tmp_path_factory.mktemp("qpq")) as server:
-        yield parse_exposition(httpx.get(server.metrics_url + "/metrics", timeout=10).text)
-
-
-def _backup_textfile(directory: Path) -> None:
-    """What `qpq-ops backup create --textfile-dir` leaves for node_exporter."""
-    lines = []
-    for spec in METRICS:
-        if spec.source is MetricSource.BACKUP_TEXTFILE:
-            lines += [f"# HELP {spec.name} {spec.help}", f"# TYPE {spec.name} {spec.type}",
-                      f"{spec.name} 1"]
-    (directory / "qpq_backup.prom").write_text("\n".join(lines) + "\n")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    with running_server(tmp_path_factory.mktemp("qpq")) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
-def node_metrics(node_exporter: NodeExporter) -> Exposition:
-    _backup_textfile(node_exporter.textfile_dir)
+def server_metrics(server: RunningServer) -> Exposition:
+    return parse_exposition(httpx.get(server.metrics_url + "/metrics", timeout=10).text)
+
+
+@pytest.fixture(scope="module")
+def node_metrics(node_exporter: NodeExporter, server: RunningServer,
+                 tmp_path_factory: pytest.TempPathFactory) -> Exposition:
+    """node_exporter after a real `qpq-ops backup create` wrote its textfile metrics."""
+    dest = tmp_path_factory.mktemp("backups")
+    result = subprocess.run(
+        [str(BIN / "qpq-ops"), "backup", "create", "--config", str(server.config_path),
+         "--dest", str(dest), "--textfile-dir", str(node_exporter.textfile_dir)],
+        capture_output=True, text=True, timeout=120, env=server.env,
+    )
+    assert result.returncode == 0, result.stderr
     return parse_exposition(httpx.get(node_exporter.url + "/metrics", timeout=10).text)
 
 

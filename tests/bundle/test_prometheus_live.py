@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 
+from qpq_ops.backup.textfile import TEXTFILE_NAME, write_backup_metrics
 from qpq_ops.render.recording_rules import trigger_record
 from qpq_ops.render.selectors import NODE_JOB, QPQ_JOB
 from qpq_ops.triggers import TRIGGERS
@@ -78,17 +79,13 @@ def test_backup_alert_is_pending_without_a_backup_and_clears_after_one(
         tmp_path: Path, repo: Path, node_exporter: NodeExporter) -> None:
     rule_files = [repo / "prometheus/alerts/qpq-alerts.yml"]
     jobs = [ScrapeJob(NODE_JOB, [node_exporter.url.removeprefix("http://")], instance=NODE)]
-    textfile = node_exporter.textfile_dir / "qpq_backup.prom"
-    textfile.unlink(missing_ok=True)
+    (node_exporter.textfile_dir / TEXTFILE_NAME).unlink(missing_ok=True)
     with running_prometheus(tmp_path, jobs, rule_files=rule_files) as prom:
         prom.wait_for_targets_up()
         missing = ('ALERTS{alertname="qpq_backup_stale",reason="missing",'
                    f'alertstate="pending",instance="{NODE}"}}')
         prom.wait_for(missing, timeout=20)
-        # What `qpq-ops backup create` leaves behind: a fresh success timestamp.
-        tmp = textfile.with_suffix(".tmp")
-        tmp.write_text("# TYPE qpq_backup_last_success_timestamp_seconds gauge\n"
-                       f"qpq_backup_last_success_timestamp_seconds {time.time():.0f}\n")
-        tmp.rename(textfile)
+        # The writer `qpq-ops backup create` uses, after a successful backup.
+        write_backup_metrics(node_exporter.textfile_dir, time.time(), 1000, 1.0)
         prom.wait_for(missing, lambda result: not result, timeout=20)
         assert prom.query('ALERTS{alertname="qpq_backup_stale"}') == []
