@@ -24,7 +24,7 @@ from qpq_ops.capacity import (
 from qpq_ops.evaluate.prometheus_client import PrometheusQuerier, SourceError
 from qpq_ops.exit_codes import ExitCode
 
-__all__ = ["app", "observed_load", "plan_command"]
+__all__ = ["app", "inputs_from_file", "observed_load", "plan_command"]
 
 app = typer.Typer(
     help="Size a qpq deployment: storage, memory, vCPUs, sizing tier and host tuning.",
@@ -82,6 +82,19 @@ def _read_file(path: Path) -> dict[str, object]:
                  f"known: {', '.join(n.replace('_', '-') for n in _INPUT_NAMES)}")
         values[name] = value
     return values
+
+
+def inputs_from_file(path: Path) -> CapacityInputs:
+    """Every input from a YAML/TOML file (as `--from-file`); exits 64 when unusable."""
+    raw = _read_file(path)
+    missing = [n for n in _INPUT_NAMES if n not in raw and n != "peak_factor"]
+    if missing:
+        fail(f"{path}: missing input(s): " + ", ".join(n.replace("_", "-") for n in missing))
+    numbers = {name: _number(name, value) for name, value in raw.items()}
+    try:
+        return CapacityInputs(**numbers)  # type: ignore[arg-type]
+    except CapacityInputError as exc:
+        fail(f"{path}: {exc}")
 
 
 def observed_load(url: str, lookback: str, timeout: float) -> dict[str, float | int]:

@@ -3,7 +3,9 @@
 For a sustained trigger (`sustain_s > 0`) the state comes from the least bad value over
 the window, `min_over_time((expr)[W:step])` (max for "below" triggers), and only when the
 series covers the whole window (`count_over_time` of the same subquery): a CPU at 95 %
-for two minutes of a five-minute window is not yet "sustained".
+for two minutes of a five-minute window is not yet "sustained". The subquery step is a
+twentieth of the window (15 s for 5 minutes, about one scrape interval), so a dip shorter
+than a step can go unseen.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A small typed wrapper over `prometheus-api-client` for instant queries.
+"""A small typed wrapper over `prometheus-api-client`: instant queries and targets.
 
 Every failure (unreachable, timeout, 4xx/5xx, malformed JSON, an unexpected shape) is
 translated at this boundary into one `SourceError` with a one-line message.
@@ -7,7 +7,8 @@ translated at this boundary into one `SourceError` with a one-line message.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import requests
@@ -15,7 +16,7 @@ from prometheus_api_client import PrometheusConnect
 from prometheus_api_client.exceptions import PrometheusApiClientException
 from urllib3.util.retry import Retry
 
-__all__ = ["PromSample", "PrometheusQuerier", "SourceError"]
+__all__ = ["PromSample", "PromTarget", "PrometheusQuerier", "SourceError"]
 
 
 class SourceError(Exception):
@@ -26,6 +27,18 @@ class SourceError(Exception):
 class PromSample:
     labels: Mapping[str, str]
     value: float
+
+
+@dataclass(frozen=True)
+class PromTarget:
+    """One active scrape target."""
+
+    scrape_url: str
+    job: str
+    instance: str
+    health: str
+    """"up", "down" or "unknown\""""
+    last_error: str
 
 
 _STATUS = re.compile(r"HTTP Status Code (\d+)")
@@ -45,20 +58,16 @@ class PrometheusQuerier:
     def close(self) -> None:
         self._prom.close()
 
-    def query(self, expr: str, at: float | None = None) -> list[PromSample]:
-        params = {} if at is None else {"time": f"{at:.3f}"}
+    @contextmanager
+    def _translated(self) -> Iterator[None]:
         try:
-            raw: object = self._prom.custom_query(expr, params=params)
+            yield
         except PrometheusApiClientException as exc:
             status = _STATUS.search(str(exc))
             code = status.group(1) if status else "error"
-            raise SourceError(
-                f"Prometheus at {self.url} answered HTTP {code} to a query"
-            ) from None
+            raise SourceError(f"Prometheus at {self.url} answered HTTP {code}") from None
         except requests.JSONDecodeError:
-            raise SourceError(
-                f"Prometheus at {self.url} answered with malformed JSON"
-            ) from None
+            raise SourceError(f"Prometheus at {self.url} answered with malformed JSON") from None
         except requests.Timeout:
             raise SourceError(
                 f"Prometheus at {self.url} did not answer within {self.timeout:g} s"
@@ -68,10 +77,32 @@ class PrometheusQuerier:
         except requests.RequestException as exc:
             raise SourceError(f"request to Prometheus at {self.url} failed: {exc}") from None
         except (ValueError, KeyError, TypeError):
-            raise SourceError(
-                f"Prometheus at {self.url} answered with malformed JSON"
-            ) from None
+            raise SourceError(f"Prometheus at {self.url} answered with malformed JSON") from None
+
+    def query(self, expr: str, at: float | None = None) -> list[PromSample]:
+        params = {} if at is None else {"time": f"{at:.3f}"}
+        with self._translated():
+            raw: object = self._prom.custom_query(expr, params=params)
         return _parse_vector(raw, self.url)
+
+    def targets(self) -> list[PromTarget]:
+        with self._translated():
+            raw: object = self._prom.get_targets(state="active")
+        bad = SourceError(f"Prometheus at {self.url} answered with an unexpected target list")
+        active = raw.get("activeTargets") if isinstance(raw, dict) else None
+        if not isinstance(active, list):
+            raise bad
+        targets = []
+        for item in active:
+            if not isinstance(item, dict) or not isinstance(item.get("labels"), dict):
+                raise bad
+            labels = item["labels"]
+            targets.append(PromTarget(
+                scrape_url=str(item.get("scrapeUrl", "")), job=str(labels.get("job", "")),
+                instance=str(labels.get("instance", "")), health=str(item.get("health", "")),
+                last_error=str(item.get("lastError", "")),
+            ))
+        return targets
 
 
 def _parse_vector(raw: object, url: str) -> list[PromSample]:
@@ -91,4 +122,3 @@ def _parse_vector(raw: object, url: str) -> list[PromSample]:
             raise bad from None
         samples.append(PromSample({str(k): str(v) for k, v in metric.items()}, number))
     return samples
-

@@ -58,13 +58,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         FakeInstance("partial", [(t0, Profile(queue_depth=5, conn_active=1, conn_max=100))]),
         # CPU at 95 % only for the last two minutes: not sustained for five.
         FakeInstance("late", [(t0, None), (now - 120, Profile(cpu_busy=95))]),
-        # CPU and queue critical all along except a dip 280-180 s ago (queue: 100-90 s ago).
+        # CPU and queue critical all along except a dip 280-180 s ago (queue: 110-80 s
+        # ago, longer than the 15 s subquery step).
         FakeInstance("dip", [
             (t0, Profile(cpu_busy=95, queue_depth=200_000)),
             (now - 280, Profile(cpu_busy=10, queue_depth=200_000)),
             (now - 180, Profile(cpu_busy=95, queue_depth=200_000)),
-            (now - 100, Profile(cpu_busy=95, queue_depth=0)),
-            (now - 90, Profile(cpu_busy=95, queue_depth=200_000)),
+            (now - 110, Profile(cpu_busy=95, queue_depth=0)),
+            (now - 80, Profile(cpu_busy=95, queue_depth=200_000)),
         ]),
     ])
     node_port = free_port()
@@ -186,7 +187,7 @@ def test_sustained_gauge_needs_the_whole_window(stack: Stack) -> None:
     assert states == {"dip": State.OK, "crit": State.CRITICAL}
     dip = next(r for r in full.results if r.instance == "dip")
     assert dip.value == 0 and dip.current == 200_000
-    # with a 30 s window the dip (90-100 s ago) is outside it
+    # with a 30 s window the dip (80-110 s ago) is outside it
     short = evaluate_prometheus(stack.prom.url, triggers=[sustained_queue],
                                 instances=["dip"], sustain_scale=0.1)
     assert short.results[0].state is State.CRITICAL
