@@ -93,7 +93,8 @@ RUNBOOKS: tuple[Runbook, ...] = (
         fix=(
             "Expand the volume (the guide sizes 50-100 GB NVMe for production); size "
             "retention with `qpq-ops capacity plan --retention-days N`.",
-            "Prune old backups: `qpq-ops backup prune /path/to/backups ...`.",
+            "Prune old backups: `qpq-ops backup prune /path/to/backups --keep-last 14 --dry-run`, "
+            "then without `--dry-run`.",
             "Shorten message and blob retention if the plan allows it.",
         ),
     ),
