@@ -49,7 +49,7 @@ from grafana_foundation_sdk.models.dashboard import (
 from qpq_ops.render._files import HEADER, RenderedFile
 from qpq_ops.render.recording_rules import latency_record, rate_record, trigger_record
 from qpq_ops.render.selectors import NODE_JOB, QPQ_JOB
-from qpq_ops.render.units import grafana_unit, human_value
+from qpq_ops.render.units import duration_text, grafana_unit, human_value
 from qpq_ops.triggers import TRIGGERS, Direction, Trigger, get_trigger
 
 __all__ = ["PATH", "UID", "PanelSpec", "Query", "RowSpec", "build", "layout", "render"]
@@ -108,7 +108,8 @@ def _thresholds_text(trigger: Trigger) -> str:
     side = ">" if trigger.direction is Direction.ABOVE else "<"
     return (f"Trigger `{trigger.id}`: warning {side} {human_value(trigger.unit, trigger.warning)}"
             f", critical {side} {human_value(trigger.unit, trigger.critical)}"
-            + (f", alert after {trigger.alert_for_s}s." if trigger.alert_for_s else "."))
+            + (f", alert after {duration_text(trigger.alert_for_s)}."
+               if trigger.alert_for_s else "."))
 
 
 def _trigger_panel(trigger_id: str, title: str | None = None, width: int = 8,
