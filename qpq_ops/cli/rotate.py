@@ -1,5 +1,198 @@
-"""`qpq-ops rotate` command group (not built yet)."""
+"""`qpq-ops rotate auth-token|tls|federation|db-key|opaque`: rotate every secret."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
 
 import typer
+from rich.table import Table
 
-app = typer.Typer(help="(not built yet)", no_args_is_help=True)
+from qpq_ops._console import err, fail, out, print_json
+from qpq_ops.backup import OpsError
+from qpq_ops.cli.backup import deployment_or_fail
+from qpq_ops.exit_codes import ExitCode
+from qpq_ops.rotate import (
+    RotationResult,
+    finish_auth_token,
+    finish_opaque,
+    read_audit,
+    rotate_auth_token,
+    rotate_db_key,
+    rotate_federation,
+    rotate_opaque,
+    rotate_tls,
+)
+from qpq_ops.rotate.auth_token import DEFAULT_GRACE_S
+
+__all__ = ["app"]
+
+app = typer.Typer(
+    help="Rotate secrets: each command shows its plan with --dry-run, never prints a "
+    "secret, and records what/when/fingerprint in DATA_DIR/audit/rotations.jsonl.",
+    no_args_is_help=True,
+)
+
+ConfigOpt = Annotated[Path, typer.Option("--config", help="The server's qpq-server.toml.")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Show the plan; change nothing.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON alone on stdout.")]
+ReloadOpt = Annotated[str | None, typer.Option(
+    "--reload-command", help="Reload with this command (e.g. 'systemctl reload qpq-server') "
+    "instead of SIGHUP to the pid in the data dir's pid file.")]
+
+
+def _report(result: RotationResult, json_out: bool) -> None:
+    if json_out:
+        print_json({"kind": result.kind, "action": result.action, "dry_run": result.dry_run,
+                    "fingerprint": result.fingerprint or None,
+                    "previous_fingerprint": result.previous_fingerprint or None,
+                    "steps": list(result.steps), "next_steps": list(result.next_steps),
+                    "reload": result.reload or None, "warnings": list(result.warnings)})
+    else:
+        title = f"rotate {result.kind}" + (" --finish" if result.action == "finish" else "")
+        table = Table(title=title + (" (dry run: nothing changed)" if result.dry_run else ""),
+                      show_header=False)
+        for step in result.steps:
+            table.add_row("would" if result.dry_run else "done", step)
+        if result.fingerprint:
+            table.add_row("new", result.fingerprint)
+        if result.previous_fingerprint:
+            table.add_row("previous", result.previous_fingerprint)
+        if result.reload:
+            table.add_row("server", result.reload)
+        for step in result.next_steps:
+            table.add_row("next", step)
+        out().print(table)
+        for warning in result.warnings:
+            err().print(f"[yellow]warning:[/] {warning}")
+    raise typer.Exit(int(ExitCode.WARNING if result.warnings else ExitCode.OK))
+
+
+def _run(action: Callable[[], RotationResult], json_out: bool) -> None:
+    try:
+        result = action()
+    except OpsError as exc:
+        fail(str(exc), exc.exit_code)
+    _report(result, json_out)
+
+
+@app.command("auth-token")
+def auth_token(
+    config: ConfigOpt,
+    finish: Annotated[bool, typer.Option(
+        "--finish", help="End the grace period: stop accepting the previous token.")] = False,
+    grace_hours: Annotated[float, typer.Option(
+        "--grace-hours", min=0, help="How long the previous token stays valid.")
+    ] = DEFAULT_GRACE_S / 3600,
+    force: Annotated[bool, typer.Option(
+        "--force", help="With --finish: finish before the grace period ends.")] = False,
+    reload_command: ReloadOpt = None,
+    dry_run: DryRunOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """New random access token; the old one is accepted until `--finish` (after the grace
+    period). The server reloads (SIGHUP) without dropping connections. The token is
+    written to the .env beside the config, never printed."""
+    dep = deployment_or_fail(config)
+    if finish:
+        _run(lambda: finish_auth_token(dep, dry_run=dry_run, force=force,
+                                       reload_command=reload_command), json_out)
+    _run(lambda: rotate_auth_token(dep, dry_run=dry_run, grace_s=grace_hours * 3600,
+                                   reload_command=reload_command), json_out)
+
+
+@app.command("tls")
+def tls(
+    config: ConfigOpt,
+    cert: Annotated[Path | None, typer.Option(
+        "--cert", help="Install this certificate (PEM chain, leaf first) instead of "
+        "generating a self-signed one.")] = None,
+    key: Annotated[Path | None, typer.Option("--key", help="Its private key (PEM).")] = None,
+    days: Annotated[int, typer.Option("--days", min=1,
+                                      help="Validity of a self-signed certificate.")] = 365,
+    reload_command: ReloadOpt = None,
+    dry_run: DryRunOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """New TLS key and certificate (self-signed, or a provided pair checked to match and
+    be valid), then a reload: new handshakes use it, open connections stay up."""
+    dep = deployment_or_fail(config)
+    _run(lambda: rotate_tls(dep, dry_run=dry_run, cert=cert, key=key, days=days,
+                            reload_command=reload_command), json_out)
+
+
+@app.command("federation")
+def federation(
+    config: ConfigOpt,
+    new_ca: Annotated[bool, typer.Option(
+        "--new-ca", help="Also replace the federation CA (peers must then trust the new "
+        "one: the steps are printed).")] = False,
+    days: Annotated[int, typer.Option("--days", min=1, help="Certificate validity.")] = 365,
+    dry_run: DryRunOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """New federation key + certificate signed by the federation CA (made if missing)."""
+    dep = deployment_or_fail(config)
+    _run(lambda: rotate_federation(dep, dry_run=dry_run, new_ca=new_ca, days=days), json_out)
+
+
+@app.command("db-key")
+def db_key(
+    config: ConfigOpt,
+    backup_dest: Annotated[Path | None, typer.Option(
+        "--backup-dest", help="Where the verified pre-rotation backup goes "
+        "(default DATA_DIR/pre-rotation-backups).")] = None,
+    stop: Annotated[bool, typer.Option(
+        "--stop", help="Stop a running server (SIGTERM via its pid file, it drains) "
+        "instead of refusing.")] = False,
+    dry_run: DryRunOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Re-encrypt the database under a new key (PRAGMA rekey) with the server stopped,
+    after a verified backup; the new key goes to the .env atomically. A wrong current
+    key aborts with nothing changed."""
+    dep = deployment_or_fail(config)
+    _run(lambda: rotate_db_key(dep, dry_run=dry_run, backup_dest=backup_dest, stop=stop),
+         json_out)
+
+
+@app.command("opaque")
+def opaque(
+    config: ConfigOpt,
+    finish: Annotated[bool, typer.Option(
+        "--finish", help="Retire old setups that no account uses any more.")] = False,
+    restart_command: Annotated[str | None, typer.Option(
+        "--restart-command", help="Restart the server with this command (it loads setups "
+        "only at start), e.g. 'systemctl restart qpq-server'.")] = None,
+    dry_run: DryRunOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """New OPAQUE server setup. Accounts under older setups keep logging in and move to the
+    new one at their next login; nobody is locked out."""
+    dep = deployment_or_fail(config)
+    if finish:
+        _run(lambda: finish_opaque(dep, dry_run=dry_run, restart_command=restart_command),
+             json_out)
+    _run(lambda: rotate_opaque(dep, dry_run=dry_run, restart_command=restart_command),
+         json_out)
+
+
+@app.command("audit")
+def audit(config: ConfigOpt, json_out: JsonOpt = False) -> None:
+    """Show the rotation audit log (what, when, who, fingerprints; never secrets)."""
+    dep = deployment_or_fail(config)
+    records = read_audit(dep.data_dir)
+    if json_out:
+        print_json({"records": [{"time": r.time, "kind": r.kind, "action": r.action,
+                                 "fingerprint": r.fingerprint or None,
+                                 "previous_fingerprint": r.previous_fingerprint or None,
+                                 "user": r.user, "host": r.host, "details": r.details}
+                                for r in records]})
+        return
+    table = Table(title=f"rotations of {dep.data_dir}")
+    for col in ("time (UTC)", "kind", "action", "fingerprint", "user"):
+        table.add_column(col)
+    for r in records:
+        table.add_row(r.time[:19], r.kind, r.action, r.fingerprint, r.user)
+    out().print(table)

@@ -1,0 +1,180 @@
+"""`rotate federation`: a new federation key + certificate signed by the federation CA.
+
+Paths come from `[federation] federation_cert / federation_key / federation_ca`, else
+`DATA_DIR/federation/{cert,key,ca}.pem`; the CA's private key is `ca-key.pem` beside the
+CA certificate. Without a CA (or with `--new-ca`) a new CA is made first; the previous
+CA stays in `ca-bundle.pem` (new + previous) so both are trusted during the switch, and
+the steps peers must take are returned. Federation certificates carry both serverAuth
+and clientAuth: the federation link is mutual TLS.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from qpq_ops.backup.deployment import Deployment
+from qpq_ops.backup.errors import Refused
+from qpq_ops.rotate.audit import AuditRecord, append_audit
+from qpq_ops.rotate.certs import cert_fingerprint, key_pem, pem
+from qpq_ops.rotate.result import RotationResult
+from qpq_server.tls import write_private_file
+
+__all__ = ["FederationPaths", "federation_paths", "rotate_federation"]
+
+KIND = "federation"
+
+
+@dataclass(frozen=True)
+class FederationPaths:
+    cert: Path
+    key: Path
+    ca: Path
+
+    @property
+    def ca_key(self) -> Path:
+        return self.ca.with_name("ca-key.pem")
+
+    @property
+    def ca_bundle(self) -> Path:
+        return self.ca.with_name("ca-bundle.pem")
+
+
+def federation_paths(dep: Deployment) -> FederationPaths:
+    fed, cfg = dep.config.federation, dep.config
+    base = dep.data_dir / "federation"
+    return FederationPaths(
+        cfg.path(fed.federation_cert) if fed.federation_cert else base / "cert.pem",
+        cfg.path(fed.federation_key) if fed.federation_key else base / "key.pem",
+        cfg.path(fed.federation_ca) if fed.federation_ca else base / "ca.pem",
+    )
+
+
+def _new_ca(domain: str, now: dt.datetime, days: int,
+            ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"qpq federation CA {domain}"),
+                      x509.NameAttribute(NameOID.ORGANIZATION_NAME, domain)])
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(
+                digital_signature=False, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(ski, critical=False)
+            .sign(key, hashes.SHA256()))
+    return cert, key
+
+
+def _leaf(domain: str, ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey,
+          now: dt.datetime, days: int) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    not_after = min(now + dt.timedelta(days=days), ca.not_valid_after_utc)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, domain)]))
+            .issuer_name(ca.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(not_after)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(domain)]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                                  ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    return cert, key
+
+
+def _load_ca(paths: FederationPaths,
+             ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None:
+    if not paths.ca.is_file():
+        return None
+    if not paths.ca_key.is_file():
+        raise Refused(f"the federation CA {paths.ca} exists but its key {paths.ca_key} does "
+                      "not: sign a CSR with that CA yourself, or pass --new-ca")
+    try:
+        cert = x509.load_pem_x509_certificate(paths.ca.read_bytes())
+        key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise Refused(f"cannot read the federation CA: {type(exc).__name__}") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise Refused(f"{paths.ca_key}: only EC CA keys are supported")
+    return cert, key
+
+
+def rotate_federation(dep: Deployment, *, dry_run: bool, new_ca: bool = False,
+                      days: int = 365, ca_days: int = 3650,
+                      now: Callable[[], float] = time.time) -> RotationResult:
+    paths = federation_paths(dep)
+    domain = dep.config.federation.domain or dep.config.server.domain
+    moment = dt.datetime.fromtimestamp(now(), dt.UTC)
+    existing_ca = None if new_ca else _load_ca(paths)
+    make_ca = new_ca or existing_ca is None
+    old_leaf = x509.load_pem_x509_certificate(paths.cert.read_bytes()) \
+        if paths.cert.is_file() else None
+    steps = []
+    if make_ca:
+        steps.append(f"create a new federation CA at {paths.ca} (key {paths.ca_key})")
+    steps.append(f"issue a new federation key + certificate for {domain!r} at {paths.cert}")
+    next_steps: list[str] = []
+    if make_ca:
+        next_steps += [
+            f"send {paths.ca} (the CA certificate, never ca-key.pem) to the operator of "
+            "every federation peer",
+            "each peer adds it to its federation_ca trust (keep the previous CA there "
+            f"until this node presents the new certificate; {paths.ca_bundle.name} holds "
+            "both)",
+            "peers reload or restart their federation listener",
+            "once every peer trusts the new CA, remove the previous CA from their trust",
+        ]
+    else:
+        next_steps.append("peers need do nothing: they already trust this CA")
+    next_steps.append("restart qpq-server so its federation listener presents the new "
+                      "certificate (federation reload on SIGHUP is not built yet)")
+    if dry_run:
+        return RotationResult(KIND, "rotate", True, "",
+                              cert_fingerprint(old_leaf) if old_leaf else "", tuple(steps),
+                              tuple(next_steps))
+    if make_ca:
+        ca_cert, ca_key = _new_ca(domain, moment, ca_days)
+        old_ca = paths.ca.read_bytes() if paths.ca.is_file() else b""
+        for path in (paths.ca, paths.ca_key):
+            if path.is_file():
+                write_private_file(path.with_name(path.name + ".previous"), path.read_bytes())
+        write_private_file(paths.ca_key, key_pem(ca_key))
+        write_private_file(paths.ca, pem(ca_cert), 0o644)
+        write_private_file(paths.ca_bundle, pem(ca_cert) + old_ca, 0o644)
+    else:
+        assert existing_ca is not None
+        ca_cert, ca_key = existing_ca
+    leaf, leaf_key = _leaf(domain, ca_cert, ca_key, moment, days)
+    leaf.verify_directly_issued_by(ca_cert)
+    for path in (paths.cert, paths.key):
+        if path.is_file():
+            write_private_file(path.with_name(path.name + ".previous"), path.read_bytes())
+    write_private_file(paths.key, key_pem(leaf_key))
+    write_private_file(paths.cert, pem(leaf), 0o644)
+    record = append_audit(dep.data_dir, AuditRecord(
+        KIND, "rotate", now(), cert_fingerprint(leaf),
+        cert_fingerprint(old_leaf) if old_leaf else "",
+        {"ca": cert_fingerprint(ca_cert), "new_ca": str(make_ca).lower(), "domain": domain}))
+    return RotationResult(KIND, "rotate", False, record.fingerprint,
+                          record.previous_fingerprint, tuple(steps), tuple(next_steps),
+                          "not reloaded: restart the server to use the new certificate")
