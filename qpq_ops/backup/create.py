@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import errno
 import os
+import resource
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,6 +55,21 @@ def planned_bytes(dep: Deployment, include_secrets: bool) -> int:
     """What the progress bar counts: snapshot pages plus archived file bytes (estimate)."""
     total = dep.db_path.stat().st_size if dep.db_path.is_file() else 0
     return total + sum(s.path.stat().st_size for s in source_files(dep, include_secrets))
+
+
+def _full_reason(dest: Path, needed: int) -> str:
+    """Why `dest` cannot take `needed` more bytes, if it cannot (SQLite reports a full
+    disk or a file size limit only as a generic I/O error, so look for ourselves)."""
+    try:
+        free = shutil.disk_usage(dest).free
+    except OSError:
+        return ""
+    if free < needed:
+        return f"{free / 1e6:,.1f} MB free, about {needed / 1e6:,.1f} MB needed"
+    soft, _hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        return f"files there may not grow past {soft} bytes (RLIMIT_FSIZE / quota)"
+    return ""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -118,8 +135,9 @@ def create_backup(req: BackupRequest, progress: ProgressFn | None = None,
         os.replace(tmp_archive, final)
         _fsync_dir(req.dest)
     except OSError as exc:
-        if exc.errno in _FULL:
-            raise OpsError(f"destination {req.dest} is full ({exc.strerror}); "
+        full = _full_reason(req.dest, planned_bytes(dep, req.include_secrets))
+        if exc.errno in _FULL or full:
+            raise OpsError(f"destination {req.dest} is full ({full or exc.strerror}); "
                            "no backup was written") from None
         raise OpsError(f"backup failed: {exc.strerror or exc}; no backup was written") from None
     finally:

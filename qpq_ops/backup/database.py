@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qpq_ops.backup.errors import ArchiveDamaged, OpsError, WrongKey
+from qpq_ops.backup.errors import OpsError, WrongKey
 from qpq_server.errors import WrongDatabaseKey
 from qpq_server.secrets import Secret
 from qpq_server.storage.sqlcipher import connect_sqlcipher, key_pragma
@@ -128,5 +128,5 @@ def check_integrity(conn: Connection) -> IntegrityReport:
         cipher = tuple(str(r[0]) for r in conn.execute("PRAGMA cipher_integrity_check"))
         integrity = tuple(str(r[0]) for r in conn.execute("PRAGMA integrity_check"))
     except Exception as exc:  # sqlcipher3.DatabaseError on a damaged file
-        raise ArchiveDamaged(f"database integrity check failed: {exc}") from None
+        return IntegrityReport((f"integrity check failed: {exc}",), ())
     return IntegrityReport(cipher, integrity)

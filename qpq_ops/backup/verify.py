@@ -78,8 +78,8 @@ def check_extracted(manifest: Manifest, members: list[ExtractedMember],
                            f"given key {fingerprint(db_key)})")
         problems.append("manifest MAC does not match (manifest edited after the backup)")
     db = next((m for m in members if m.name == DB_MEMBER), None)
-    if db is None:
-        return False, problems
+    if db is None or any(DB_MEMBER in p for p in problems):
+        return False, problems  # a damaged copy: its checksum problem says enough
     conn = open_db(db.path, db_key)
     try:
         report = check_integrity(conn)
