@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 from rich.console import Group, RenderableType
 from rich.live import Live
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -102,7 +103,8 @@ def check_triggers(
     instance: Annotated[list[str] | None, typer.Option(
         "--instance", metavar="INSTANCE",
         help="Only this `instance` label (repeatable); each is evaluated separately and "
-        "reported no-data when it has no series.",
+        "reported no-data when it has no series. Host and qpq triggers match one instance "
+        "when the scrape config relabels node_exporter and the server to the node's name.",
     )] = None,
     job: Annotated[str | None, typer.Option(
         "--job", metavar="JOB", help="Only series with this `job` label.")] = None,
@@ -129,6 +131,10 @@ def check_triggers(
     States: ok, warning, critical, no-data (a missing metric is never ok). Exit code:
     2 if any trigger is critical, else 1 if any is warning, else 3 if any has no data or
     the source failed, else 0.
+
+    Examples: `check-triggers --prometheus-url http://127.0.0.1:9091 --instance node1`;
+    without Prometheus, `check-triggers --metrics-url 127.0.0.1:9090 --node-metrics-url
+    127.0.0.1:9100 --sample 15` (CPU needs history: no-data in this mode).
     """
     if prometheus_url is None and metrics_url is None:
         prometheus_url = os.environ.get("QPQ_PROMETHEUS_URL") or None
@@ -157,7 +163,8 @@ def check_triggers(
                                        job=job, timeout=timeout, sustain_scale=sustain_scale)
         assert metrics_url is not None
         return evaluate_direct(metrics_url, node_metrics_url=node_metrics_url,
-                               sample_s=sample, timeout=timeout, triggers=chosen)
+                               sample_s=sample, timeout=timeout, triggers=chosen,
+                               sleep=_sampling_progress)
 
     if watch is None:
         try:
@@ -170,6 +177,17 @@ def check_triggers(
             out().print(evaluation_table(evaluation))
         raise typer.Exit(int(evaluation.exit_code))
     raise typer.Exit(int(_watch(evaluate, watch, count, json_out)))
+
+
+def _sampling_progress(seconds: float) -> None:
+    """Wait between the two scrapes with a transient progress bar on stderr."""
+    columns = (TextColumn("sampling counters"), BarColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err(), transient=True) as progress:
+        task = progress.add_task("sample", total=seconds)
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(0.1, left))
+            progress.update(task, completed=seconds - max(0.0, deadline - time.monotonic()))
 
 
 def _watch(evaluate: Callable[[], Evaluation], every: float, count: int | None,

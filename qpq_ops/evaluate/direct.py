@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit, urlunsplit
 
@@ -86,8 +86,12 @@ def evaluate_direct(
     sample_s: float = 10.0,
     timeout: float = 10.0,
     triggers: Sequence[Trigger] = TRIGGERS,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> Evaluation:
-    """Scrape twice, `sample_s` apart, and evaluate `triggers`. Raises `SourceError`."""
+    """Scrape twice, `sample_s` apart (waiting with `sleep`), and evaluate `triggers`.
+
+    Raises `SourceError` (one line) when a page cannot be fetched or parsed.
+    """
     sources = {Source.QPQ: metrics_endpoint(metrics_url)}
     if node_metrics_url is not None:
         sources[Source.NODE] = metrics_endpoint(node_metrics_url)
@@ -98,7 +102,7 @@ def evaluate_direct(
             return {src: future.result() for src, future in futures.items()}
 
         first = scrape_all()
-        time.sleep(sample_s)
+        sleep(sample_s)
         second = scrape_all()
 
     results = []
