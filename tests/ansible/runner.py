@@ -1,0 +1,161 @@
+"""Run the real playbooks with `ansible-playbook` against localhost, into a temporary root.
+
+The roles take `qpq_root` (every managed path is written below it) and
+`qpq_service_manager: none` (no systemctl), so a deploy here never touches the real host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.helpers.ports import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+PLAYBOOKS = REPO / "playbooks"
+ROLES = PLAYBOOKS / "roles"
+BIN = Path(sys.executable).parent
+PLAYBOOK_NAMES = ("deploy.yml", "backup.yml", "restore.yml", "rotate-keys.yml")
+AUTH_TOKEN = "test-token-0123456789abcdefghijklmnopqrstuv"
+
+_RECAP = re.compile(
+    r"^(?P<host>\S+)\s*:\s*ok=(?P<ok>\d+)\s+changed=(?P<changed>\d+)\s+"
+    r"unreachable=(?P<unreachable>\d+)\s+failed=(?P<failed>\d+)\s+skipped=(?P<skipped>\d+)",
+    re.MULTILINE,
+)
+
+
+@dataclass(frozen=True)
+class PlaybookRun:
+    rc: int
+    output: str
+    recap: Mapping[str, int]
+
+    @property
+    def changed(self) -> int:
+        return self.recap.get("changed", -1)
+
+    def changed_tasks(self) -> list[str]:
+        """Task headers followed by a `changed:` line, for failure messages."""
+        names: list[str] = []
+        task = ""
+        for line in self.output.splitlines():
+            if line.startswith("TASK ["):
+                task = line.split("]")[0] + "]"
+            elif line.startswith("changed:") and task not in names:
+                names.append(task)
+        return names
+
+
+def ansible_env(work: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("QPQ_", "ANSIBLE_"))}
+    env.update(
+        ANSIBLE_CONFIG=str(PLAYBOOKS / "ansible.cfg"),
+        ANSIBLE_NOCOLOR="1",
+        ANSIBLE_FORCE_COLOR="0",
+        ANSIBLE_LOCAL_TEMP=str(work / "ansible-local"),
+        ANSIBLE_REMOTE_TEMP=str(work / "ansible-remote"),
+        ANSIBLE_RETRY_FILES_ENABLED="0",
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}",
+    )
+    return env
+
+
+def write_inventory(path: Path) -> Path:
+    """localhost in both groups the playbooks act on, run with this interpreter."""
+    host = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
+    inventory = {"all": {"children": {
+        "qpq_servers": {"hosts": {"localhost": host}},
+        "qpq_monitoring": {"hosts": {"localhost": host}},
+    }}}
+    path.write_text(yaml.safe_dump(inventory))
+    return path
+
+
+def run_playbook(playbook: str, work: Path, extra_vars: Mapping[str, Any], *,
+                 check: bool = False, tags: str | None = None,
+                 timeout: float = 240.0) -> PlaybookRun:
+    """One `ansible-playbook` run; extra vars go in as JSON so types survive."""
+    work.mkdir(parents=True, exist_ok=True)
+    inventory = write_inventory(work / "inventory.yml")
+    vars_file = work / "extra-vars.json"
+    vars_file.write_text(json.dumps(dict(extra_vars)))
+    cmd = [str(BIN / "ansible-playbook"), "-i", str(inventory), str(PLAYBOOKS / playbook),
+           "-e", f"@{vars_file}"]
+    if check:
+        cmd.append("--check")
+    if tags:
+        cmd += ["--tags", tags]
+    proc = subprocess.run(cmd, cwd=PLAYBOOKS, env=ansible_env(work), capture_output=True,
+                          text=True, timeout=timeout, check=False)
+    output = proc.stdout + proc.stderr
+    recap: dict[str, int] = {}
+    for match in _RECAP.finditer(output):
+        for key in ("ok", "changed", "unreachable", "failed", "skipped"):
+            recap[key] = recap.get(key, 0) + int(match.group(key))
+    return PlaybookRun(rc=proc.returncode, output=output, recap=recap)
+
+
+def build_wheelhouse(dest: Path) -> Path:
+    """Build the qpq wheel and all its dependencies once; returns the qpq wheel.
+
+    Sources are copied out first so parallel test workers never share a build dir.
+    """
+    src = dest / "src"
+    src.mkdir(parents=True, exist_ok=True)
+    for name in ("pyproject.toml", "README.md"):
+        if (REPO / name).exists():
+            shutil.copy2(REPO / name, src / name)
+    for package in ("qpq_server", "qpq_ops"):
+        shutil.copytree(REPO / package, src / package,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    wheels = dest / "wheels"
+    subprocess.run([str(BIN / "pip"), "wheel", "-q", "--disable-pip-version-check",
+                    "-w", str(wheels), str(src)],
+                   check=True, capture_output=True, timeout=300)
+    (wheel,) = wheels.glob("qpq-*.whl")
+    return wheel
+
+
+def fake_proc(root: Path, settings: Mapping[str, int]) -> Path:
+    """A proc tree whose sys/ holds the given kernel values (as if already applied)."""
+    for name, value in settings.items():
+        path = root / "sys" / name.replace(".", "/")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{value}\n")
+    return root
+
+
+def role_defaults(role: str) -> dict[str, Any]:
+    data = yaml.safe_load((ROLES / role / "defaults" / "main.yml").read_text())
+    return dict(data or {})
+
+
+def deploy_vars(root: Path, proc: Path, wheel: Path) -> dict[str, Any]:
+    """Everything deploy.yml needs to run into `root` on this machine."""
+    return {
+        "qpq_root": str(root),
+        "qpq_service_manager": "none",
+        "ansible_become": False,
+        "qpq_sysctl_proc_root": str(proc),
+        "qpq_server_domain": "chat.example.org",
+        "qpq_server_python": sys.executable,
+        "qpq_server_wheel": str(wheel),
+        "qpq_server_pip_extra_args": f"--no-index --find-links {wheel.parent}",
+        "qpq_server_listen": f"127.0.0.1:{free_port(socket.SOCK_DGRAM)}",
+        "qpq_server_metrics_listen": f"127.0.0.1:{free_port()}",
+        "qpq_server_auth_token": AUTH_TOKEN,
+        "qpq_prometheus_install_packages": False,
+        "qpq_grafana_install": False,
+    }

@@ -1,0 +1,162 @@
+"""Playbooks and roles without running them: syntax, lint, documented variables, handlers."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.ansible.runner import (
+    BIN,
+    PLAYBOOK_NAMES,
+    PLAYBOOKS,
+    REPO,
+    ROLES,
+    ansible_env,
+    role_defaults,
+)
+
+pytestmark = pytest.mark.timeout(240)
+
+ROLE_NAMES = sorted(p.name for p in ROLES.iterdir() if (p / "tasks" / "main.yml").exists())
+EXPECTED_ROLES = ["qpq_backup", "qpq_grafana", "qpq_prometheus", "qpq_rotate", "qpq_server",
+                  "qpq_sysctl", "qpq_ulimits"]
+
+
+def argument_specs(role: str) -> dict[str, Any]:
+    data = yaml.safe_load((ROLES / role / "meta" / "argument_specs.yml").read_text())
+    return dict(data["argument_specs"])
+
+
+def test_every_role_of_the_issue_exists() -> None:
+    assert ROLE_NAMES == EXPECTED_ROLES
+
+
+@pytest.mark.parametrize("playbook", PLAYBOOK_NAMES)
+def test_playbook_passes_syntax_check_with_the_example_inventory(playbook: str,
+                                                                 tmp_path: Path) -> None:
+    run = subprocess.run(
+        [str(BIN / "ansible-playbook"), "-i", str(PLAYBOOKS / "inventory.example.yml"),
+         "--syntax-check", str(PLAYBOOKS / playbook)],
+        cwd=PLAYBOOKS, env=ansible_env(tmp_path), capture_output=True, text=True, timeout=120,
+        check=False)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_ansible_lint_production_profile_is_clean(tmp_path: Path) -> None:
+    env = ansible_env(tmp_path)
+    env["ANSIBLE_HOME"] = str(tmp_path / "ansible-home")
+    run = subprocess.run([str(BIN / "ansible-lint"), "--offline", "playbooks/"], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=200, check=False)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    assert "Profile 'production' was required, and it passed" in run.stdout + run.stderr
+
+
+@pytest.mark.parametrize("role", EXPECTED_ROLES)
+def test_role_defaults_and_argument_specs_document_the_same_variables(role: str) -> None:
+    defaults = role_defaults(role)
+    specs = argument_specs(role)
+    assert "main" in specs
+    options: dict[str, dict[str, Any]] = {}
+    for entry in specs.values():
+        for name, spec in entry["options"].items():
+            assert options.setdefault(name, spec) == spec, f"{name} differs between entry points"
+    optional = {name for name, spec in options.items() if not spec.get("required")}
+    assert set(defaults) == optional
+    for name in optional:
+        assert options[name].get("default") == defaults[name], name
+        assert options[name].get("description"), name
+        assert options[name].get("type"), name
+    # Required variables have no default, but defaults/main.yml still mentions them.
+    text = (ROLES / role / "defaults" / "main.yml").read_text()
+    for name in set(options) - optional:
+        assert f"# {name}: (required)" in text, name
+
+
+@pytest.mark.parametrize("role", EXPECTED_ROLES)
+def test_every_role_variable_carries_the_role_prefix(role: str) -> None:
+    names = set(role_defaults(role))
+    for entry in argument_specs(role).values():
+        names |= set(entry["options"])
+    internal = yaml.safe_load((ROLES / role / "vars" / "main.yml").read_text()) or {}
+    assert all(name.startswith(role + "_") for name in names), names
+    assert all(name.startswith("_" + role + "_") for name in internal), list(internal)
+
+
+@pytest.mark.parametrize("role", EXPECTED_ROLES)
+def test_every_role_checks_its_inputs_first(role: str) -> None:
+    tasks = yaml.safe_load((ROLES / role / "tasks" / "main.yml").read_text())
+    assert tasks[0]["ansible.builtin.import_tasks"] == "preflight.yml"
+    preflight = yaml.safe_load((ROLES / role / "tasks" / "preflight.yml").read_text())
+    assert any("ansible.builtin.assert" in task for task in preflight)
+    for task in tasks:
+        assert role in task["tags"], task["name"]
+
+
+@pytest.mark.parametrize(("role", "restart_flag"), [
+    ("qpq_server", "_qpq_server_restarted"),
+    ("qpq_prometheus", "_qpq_prometheus_restarted"),
+])
+def test_reload_handler_skips_itself_after_a_restart(role: str, restart_flag: str) -> None:
+    handlers = yaml.safe_load((ROLES / role / "handlers" / "main.yml").read_text())
+    states = [h["ansible.builtin.systemd_service"]["state"] for h in handlers]
+    assert states == ["restarted", "reloaded"]  # restart runs first in a flush
+    restart, reload = handlers
+    assert restart["register"] == restart_flag
+    assert f"{restart_flag} is not defined or {restart_flag} is skipped" in reload["when"]
+
+
+def test_config_files_are_written_through_their_checker() -> None:
+    validators = []
+    for path in ROLES.glob("*/tasks/*.yml"):
+        validators += re.findall(r"validate: (.+)", path.read_text())
+    joined = "\n".join(validators)
+    assert "/qpq-server check-config %s" in joined
+    assert "{{ qpq_prometheus_promtool }} check config %s" in joined
+    assert "{{ qpq_prometheus_promtool }} check rules %s" in joined
+
+
+def test_secret_tasks_never_log() -> None:
+    text = (ROLES / "qpq_server" / "tasks" / "configure.yml").read_text()
+    tasks = yaml.safe_load(text)
+    secret = [t for t in tasks if "QPQ_" in json.dumps(t)]
+    assert len(secret) == 2
+    assert all(t.get("no_log") is True for t in secret)
+
+
+def test_role_tuning_defaults_are_qpq_ops_tune_defaults(tmp_path: Path) -> None:
+    sysctl = json.loads(subprocess.run([str(BIN / "qpq-ops"), "tune", "sysctl", "--json"],
+                                       capture_output=True, text=True, check=True,
+                                       timeout=60).stdout)
+    assert role_defaults("qpq_sysctl")["qpq_sysctl_settings"] == sysctl["settings"]
+    assert role_defaults("qpq_sysctl")["qpq_sysctl_conf_path"] == sysctl["file"]
+    ulimits = json.loads(subprocess.run([str(BIN / "qpq-ops"), "tune", "ulimits", "--json"],
+                                        capture_output=True, text=True, check=True,
+                                        timeout=60).stdout)
+    assert role_defaults("qpq_ulimits")["qpq_ulimits_nofile"] == ulimits["nofile"]
+    assert role_defaults("qpq_ulimits")["qpq_ulimits_limits_path"] in ulimits["files"]
+
+
+def test_example_inventory_has_a_single_node_and_a_multi_node_group(tmp_path: Path) -> None:
+    run = subprocess.run([str(BIN / "ansible-inventory"), "-i",
+                          str(PLAYBOOKS / "inventory.example.yml"), "--list"],
+                         env=ansible_env(tmp_path), capture_output=True, text=True, timeout=60,
+                         check=True)
+    inventory = json.loads(run.stdout)
+    assert len(inventory["single_node"]["hosts"]) == 1
+    assert len(inventory["multi_node"]["hosts"]) >= 2
+    assert set(inventory["qpq_servers"]["children"]) == {"single_node", "multi_node"}
+    assert "single_node" in inventory["qpq_monitoring"]["children"]
+    for host in inventory["multi_node"]["hosts"] + inventory["single_node"]["hosts"]:
+        assert inventory["_meta"]["hostvars"][host]["qpq_server_domain"]
+
+
+def test_readme_shows_the_command_of_every_playbook() -> None:
+    readme = (PLAYBOOKS / "README.md").read_text()
+    for playbook in PLAYBOOK_NAMES:
+        assert re.search(rf"ansible-playbook -i \S+ {re.escape(playbook)}", readme), playbook
