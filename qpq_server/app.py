@@ -15,6 +15,8 @@ from pathlib import Path
 from qpq_server.auth.access import AccessTokens
 from qpq_server.auth.opaque import OpaqueServer
 from qpq_server.auth.sessions import SessionSigner
+from qpq_server.blobs.store import BlobStore
+from qpq_server.blobs.transfer import BlobTransfers, register_blob_ops
 from qpq_server.config import Config, load_config, parse_hostport
 from qpq_server.datadir import session_key_path
 from qpq_server.errors import ConfigError, StorageError
@@ -74,17 +76,24 @@ class ServerApp:
         kt = KtLog(self.storage, load_signer(cfg.kt_signing_key_path),
                    on_size=self.metrics.kt_log_size.set)
         await kt.load()
+        blobs = BlobStore(cfg.blobs_dir, max_blob_bytes=cfg.blobs.max_blob_bytes,
+                          quota_bytes_per_account=cfg.blobs.quota_bytes_per_account,
+                          retention_s=cfg.retention.days * 86400,
+                          on_bytes=self.metrics.blob_bytes.set)
+        await blobs.open()
         self.service = Service(
             config=cfg, storage=self.storage,
             opaque=OpaqueServer(cfg.data_dir / "opaque"), signer=self._session_signer(),
             access=AccessTokens(self.secrets.auth_tokens), metrics=self.metrics,
-            notifier=InProcessNotifier(), kt=kt,
+            notifier=InProcessNotifier(), kt=kt, blobs=blobs,
         )
         register_kt_ops(self.service, kt)
+        register_blob_ops(self.service)
         await self.service.start()
         self.metrics.tls_cert_expiry_timestamp_seconds.set(
             certificate_not_after(cfg.tls_cert_path))
-        self.listener = QuicListener(cfg, self.service)
+        self.listener = QuicListener(cfg, self.service, BlobTransfers(
+            self.service, blobs, cfg.quic.max_frame_bytes, cfg.blobs.chunk_bytes))
         host, port = parse_hostport(cfg.server.listen)
         try:
             await self.listener.start(host, port)
@@ -103,6 +112,7 @@ class ServerApp:
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+        sweeper = loop.create_task(self._sweep_blobs(blobs))
         self._write_pid()
         self.ready = True
         log.info("serving", extra={"listen": cfg.server.listen, "quic_port": self.listener.port,
@@ -112,11 +122,23 @@ class ServerApp:
             await self._drain()
         finally:
             self.ready = False
+            sweeper.cancel()
             health.stop()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             with contextlib.suppress(OSError):
                 cfg.pid_path.unlink()
+
+    async def _sweep_blobs(self, blobs: BlobStore) -> None:
+        """Delete expired, unreferenced blobs at start and every sweep interval."""
+        while True:
+            try:
+                expired = await blobs.sweep()
+                if expired:
+                    log.info("expired blobs deleted", extra={"count": len(expired)})
+            except OSError as exc:
+                log.error("blob sweep failed", extra={"error": str(exc)})
+            await asyncio.sleep(self.config.retention.sweep_interval_s)
 
     def _write_pid(self) -> None:
         path = self.config.pid_path

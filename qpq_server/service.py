@@ -36,6 +36,7 @@ from qpq_server.ratelimit import RateLimiter
 from qpq_server.storage.base import Storage
 
 if TYPE_CHECKING:
+    from qpq_server.blobs.store import BlobStore
     from qpq_server.kt.log import KtLog
 
 __all__ = ["ConnectionState", "Service"]
@@ -46,6 +47,7 @@ _MAX_PENDING_LOGINS = 8
 _OPAQUE_MSG_MAX = 1024
 _KEY_BYTES = 32
 _KEY_PACKAGE_MAX = 1024
+_MAX_BLOBS_PER_MESSAGE = 16
 
 Handler = Callable[[dict[str, Any], "ConnectionState"], Awaitable[dict[str, Any]]]
 
@@ -64,7 +66,7 @@ class Service:
     def __init__(self, *, config: Config, storage: Storage, opaque: OpaqueServer,
                  signer: SessionSigner, access: AccessTokens, metrics: ServerMetrics,
                  notifier: InProcessNotifier, kt: KtLog | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 blobs: BlobStore | None = None, clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.storage = storage
         self.opaque = opaque
@@ -73,6 +75,7 @@ class Service:
         self.metrics = metrics
         self.notifier = notifier
         self.kt = kt
+        self.blobs = blobs
         self.clock = clock
         rl = config.rate_limit
         self._account_limiter = RateLimiter(rl.account_rate_per_s, rl.account_burst)
@@ -138,6 +141,20 @@ class Service:
         finally:
             self.metrics.rpc_duration_seconds.labels(op=op_label).observe(
                 time.perf_counter() - started)
+
+    def authorize_stream(self, request: dict[str, Any], conn: ConnectionState) -> str:
+        """The checks of `handle` for requests a transport streams itself (blobs):
+        address rate limit, access token, draining, session. Returns the user."""
+        if self.config.rate_limit.enabled and not self._address_limiter.allow(
+            conn.peer, self.clock()
+        ):
+            self.metrics.rate_limit_hit_total.labels(scope="address").inc()
+            raise RateLimited("too many requests from this address; slow down")
+        if not conn.authenticated:
+            raise Unauthenticated("present the access token with 'hello' first")
+        if self.draining:
+            raise ServerBusy("server is shutting down; retry on reconnect")
+        return self._session_user(request)
 
     def _error(self, op: str, exc: RequestError) -> dict[str, Any]:
         self.metrics.rpc_errors_total.labels(op=op, code=exc.code).inc()
@@ -296,11 +313,19 @@ class Service:
         payload = v.get_bytes(request, "payload", max_len=self.config.quic.max_frame_bytes)
         assert payload is not None
         recipients = list(dict.fromkeys(recipients))
+        blob_ids = [b.hex() for b in v.get_bytes_list(
+            request, "blobs", max_items=_MAX_BLOBS_PER_MESSAGE, max_len=32)
+        ] if request.get("blobs") is not None else []
         missing = set(recipients) - await self.storage.existing_users(recipients)
         if missing:
             raise UnknownUser("unknown recipient(s): " + ", ".join(sorted(missing)))
+        if blob_ids and (self.blobs is None
+                         or any(self.blobs.get(b) is None for b in blob_ids)):
+            raise NotFound("the message names a blob this server does not hold")
         if self.draining:
             raise ServerBusy("server is shutting down; retry on reconnect")
+        if blob_ids and self.blobs is not None:  # keep them until each recipient fetched
+            await self.blobs.add_refs(blob_ids, recipients)
         ids = await self.storage.enqueue(sender, recipients, payload, self.clock())
         self.metrics.enqueue_total.inc(len(ids))
         self.metrics.delivery_queue_depth.inc(len(ids))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +15,7 @@ import opaque_ke_py as opaque
 
 from qpq_server.client.connection import ClientError, QpqConnection
 from qpq_server.client.e2e import DecryptError, RecipientKey, open_envelope, seal
+from qpq_server.client.files import FileDecryptError, decrypt_stream, encrypt_stream
 from qpq_server.client.kt import KtVerifier
 from qpq_server.client.profile import Profile
 
@@ -28,6 +32,21 @@ class ReceivedMessage:
     text: str
     sent_at: float
     content: dict[str, Any]
+
+
+def _safe_name(name: str) -> str:
+    """The sender chooses the name: keep only a plain file name."""
+    base = Path(name.replace("\\", "/")).name.lstrip(".")
+    return base or "attachment"
+
+
+def _free_name(directory: Path, name: str) -> Path:
+    target = directory / name
+    stem, suffix, n = target.stem, target.suffix, 1
+    while target.exists():
+        target = directory / f"{stem} ({n}){suffix}"
+        n += 1
+    return target
 
 
 class QpqClient:
@@ -109,7 +128,7 @@ class QpqClient:
         return count
 
     async def send(self, sender: str, recipients: Sequence[str], content: dict[str, Any],
-                   ) -> list[int]:
+                   blobs: Sequence[bytes] = ()) -> list[int]:
         session = self._session(sender)
         keys = []
         for name in dict.fromkeys(recipients):
@@ -119,17 +138,57 @@ class QpqClient:
             public = bundle["key_package"] or bundle["identity_key"]
             keys.append(RecipientKey(name, bytes(public)))
         envelope = seal(content, sender, keys)
+        extra: dict[str, Any] = {"blobs": list(blobs)} if blobs else {}
         result = await self.conn.call("enqueue", session=session, recipients=list(recipients),
-                                      payload=envelope)
+                                      payload=envelope, **extra)
         return list(result["ids"])
+
+    async def send_file(self, sender: str, recipients: Sequence[str], path: Path) -> list[int]:
+        """Encrypt the file (streamed, to a temp file), upload the ciphertext as a blob,
+        then send the blob id and its key end to end."""
+        session = self._session(sender)
+        with path.open("rb") as src, tempfile.TemporaryFile() as sealed:
+            encrypted = await asyncio.to_thread(encrypt_stream, src, sealed)
+            sealed.seek(0)
+            await self.conn.put_blob(session, sealed, encrypted.size, encrypted.sha256)
+        content = {"type": "file", "name": path.name, "size": encrypted.plain_size,
+                   "blob": encrypted.sha256, "blob_size": encrypted.size,
+                   "key": encrypted.key, "sent_at": time.time(),
+                   "text": f"[file {path.name}, {encrypted.plain_size} bytes]"}
+        return await self.send(sender, recipients, content, blobs=[encrypted.sha256])
+
+    async def save_file(self, username: str, message: ReceivedMessage, out_dir: Path) -> Path:
+        """Download a file message's blob and decrypt it into out_dir (never overwrites)."""
+        content = message.content
+        blob, key = content.get("blob"), content.get("key")
+        if not isinstance(blob, bytes) or not isinstance(key, bytes):
+            raise ClientError("bad_message", "file message without blob id or key")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        target = _free_name(out_dir, _safe_name(str(content.get("name", ""))))
+        with tempfile.TemporaryFile(dir=out_dir) as sealed:
+            await self.conn.get_blob(self._session(username), blob, sealed.write)
+            sealed.seek(0)
+            partial = target.with_name(f".{target.name}.part")
+            try:
+                with partial.open("wb") as plain:
+                    await asyncio.to_thread(decrypt_stream, sealed, key, plain)
+                os.replace(partial, target)
+            except FileDecryptError as exc:
+                raise ClientError("bad_attachment", str(exc)) from None
+            finally:
+                partial.unlink(missing_ok=True)
+        return target
 
     async def send_text(self, sender: str, recipients: Sequence[str], text: str) -> list[int]:
         return await self.send(sender, recipients,
                                {"type": "text", "text": text, "sent_at": time.time()})
 
-    async def receive(self, username: str, wait_s: float = 0.0,
-                      limit: int = 500) -> list[ReceivedMessage]:
-        """Fetch, decrypt, then ack; undecryptable messages are reported and acked too."""
+    async def receive(self, username: str, wait_s: float = 0.0, limit: int = 500,
+                      before_ack: Callable[[ReceivedMessage], Awaitable[object]] | None = None,
+                      ) -> list[ReceivedMessage]:
+        """Fetch, decrypt, then ack; undecryptable messages are reported and acked too.
+        `before_ack` runs on each message first (saving attachments): if it raises,
+        nothing is acked and the messages stay queued."""
         session = self._session(username)
         profile = self.profile(username)
         timeout = self.conn.timeout + wait_s
@@ -153,6 +212,9 @@ class QpqClient:
             received.append(ReceivedMessage(
                 id=int(item["id"]), sender=sender, text=str(content.get("text", "")),
                 sent_at=float(item["sent_at"]), content=content))
+        if before_ack is not None:
+            for message in received:
+                await before_ack(message)
         if received:
             await self.conn.call("ack", session=session, ids=[m.id for m in received])
             for rpk in used_keys:

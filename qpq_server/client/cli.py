@@ -15,7 +15,7 @@ from typing import Annotated, TypeVar
 
 import typer
 
-from qpq_server.client.api import QpqClient
+from qpq_server.client.api import QpqClient, ReceivedMessage
 from qpq_server.client.connection import ClientError, connect
 from qpq_server.client.kt import KeyVerified, KtViolation
 from qpq_server.client.profile import default_profile_dir
@@ -152,26 +152,60 @@ def recv(
     ctx: typer.Context,
     user: str,
     wait: Annotated[float, typer.Option(help="Long-poll up to SECONDS for a message.")] = 0.0,
-    out: Annotated[Path | None, typer.Option(help="Directory for received files.")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="Directory for received files (default: the current directory). Files are "
+             "downloaded and decrypted before their messages are acknowledged; existing "
+             "files are never overwritten.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per message.")] = False,
 ) -> None:
-    """Fetch, decrypt and acknowledge USER's pending messages."""
+    """Fetch, decrypt and acknowledge USER's pending messages (and save attachments)."""
     opts: Options = ctx.obj
+    out_dir = out or Path.cwd()
+    saved: dict[int, Path] = {}
 
-    async def work(c: QpqClient) -> list[object]:
+    async def work(c: QpqClient) -> list[ReceivedMessage]:
         await _ensure_login(c, user)
-        return list(await c.receive(user, wait_s=wait))
 
-    from qpq_server.client.api import ReceivedMessage
+        async def save(message: ReceivedMessage) -> None:
+            if message.content.get("type") == "file":
+                saved[message.id] = await c.save_file(user, message, out_dir)
+
+        return list(await c.receive(user, wait_s=wait, before_ack=save))
 
     for message in _run(opts, work):
-        assert isinstance(message, ReceivedMessage)
+        path = saved.get(message.id)
         if as_json:
-            print(json.dumps({"from": message.sender, "text": message.text,
-                              "sent_at": message.sent_at}))
+            entry: dict[str, object] = {"from": message.sender, "text": message.text,
+                                        "sent_at": message.sent_at}
+            if path is not None:
+                entry["file"] = {"name": path.name, "path": str(path),
+                                 "size": message.content.get("size")}
+            print(json.dumps(entry))
         else:
             stamp = datetime.fromtimestamp(message.sent_at, UTC).strftime("%Y-%m-%d %H:%M:%S")
-            print(f"[{stamp}] {message.sender}: {message.text}")
+            where = f" -> saved to {path}" if path is not None else ""
+            print(f"[{stamp}] {message.sender}: {message.text}{where}")
+
+
+@app.command("send-file")
+def send_file(
+    ctx: typer.Context,
+    sender: Annotated[str, typer.Argument(metavar="FROM")],
+    recipient: Annotated[str, typer.Argument(metavar="TO", help="Recipient; several as a,b,c")],
+    path: Annotated[Path, typer.Argument(help="The file to send.", exists=True,
+                                         dir_okay=False, readable=True)],
+) -> None:
+    """Encrypt PATH on this machine, upload the ciphertext as an attachment and send its
+    key to TO end to end. The server never sees the name, the key or the contents."""
+    opts: Options = ctx.obj
+    recipients = [r for r in recipient.split(",") if r]
+
+    async def work(c: QpqClient) -> list[int]:
+        await _ensure_login(c, sender)
+        return await c.send_file(sender, recipients, path)
+
+    ids = _run(opts, work)
+    print(f"sent {path.name} to {', '.join(recipients)} ({len(ids)} queued)")
 
 
 kt_app = typer.Typer(help="Key transparency: check the server's signed, append-only log of "

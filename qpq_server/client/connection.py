@@ -9,10 +9,10 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic.configuration import QuicConfiguration
@@ -31,6 +31,8 @@ __all__ = ["ClientError", "QpqConnection", "connect"]
 
 ALPN = "qpq/1"
 _MAX_RESPONSE = 64 * 1024 * 1024
+_UPLOAD_WINDOW = 4 * 1024 * 1024  # unacknowledged upload bytes kept in flight
+BLOB_CHUNK_BYTES = 256 * 1024
 _RATE_LIMIT_RETRIES = 6
 
 
@@ -43,13 +45,61 @@ class ClientError(Exception):
         self.message = message
 
 
+StreamItem = dict[str, Any] | ClientError | None
+"""A frame of a multi-frame stream, an error ending it, or None at its end."""
+
+
 class _ClientProtocol(QuicConnectionProtocol):
     def __init__(self, quic: QuicConnection, **kwargs: Any) -> None:
         super().__init__(quic, **kwargs)
         loop = asyncio.get_running_loop()
         self.handshake: asyncio.Future[None] = loop.create_future()
         self._pending: dict[int, tuple[FrameDecoder, asyncio.Future[dict[str, Any]]]] = {}
+        self._streams: dict[int, tuple[FrameDecoder, asyncio.Queue[StreamItem]]] = {}
         self.terminated: str | None = None
+
+    def open_stream(self, first: dict[str, Any], end: bool = False,
+                    ) -> tuple[int, asyncio.Queue[StreamItem]]:
+        """A stream whose answer may be many frames (blob transfers): they arrive on
+        the returned queue, then None at the end of the stream."""
+        if self.terminated is not None:
+            raise ClientError("connection_closed", self.terminated)
+        sid = self._quic.get_next_available_stream_id()
+        queue: asyncio.Queue[StreamItem] = asyncio.Queue()
+        self._streams[sid] = (FrameDecoder(_MAX_RESPONSE), queue)
+        self._quic.send_stream_data(sid, encode_frame(first), end_stream=end)
+        self.transmit()
+        return sid, queue
+
+    def stream_send(self, sid: int, data: bytes, end: bool = False) -> bool:
+        """False when the stream can take no more (the server stopped it, or we closed)."""
+        if self.terminated is not None:
+            return False
+        try:
+            self._quic.send_stream_data(sid, data, end_stream=end)
+        except (ValueError, AssertionError, RuntimeError):
+            return False
+        self.transmit()
+        return True
+
+    def unacked_bytes(self, sid: int) -> int:
+        stream = self._quic._streams.get(sid)
+        return len(stream.sender._buffer) if stream is not None else 0
+
+    def _stream_event(self, event: StreamDataReceived) -> None:
+        decoder, queue = self._streams[event.stream_id]
+        try:
+            for frame in decoder.feed(event.data):
+                queue.put_nowait(frame)
+            if event.end_stream:
+                decoder.finish()
+        except Exception as exc:
+            queue.put_nowait(ClientError("bad_response", str(exc)))
+            self._streams.pop(event.stream_id, None)
+            return
+        if event.end_stream:
+            queue.put_nowait(None)
+            self._streams.pop(event.stream_id, None)
 
     def request(self, message: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
         if self.terminated is not None:
@@ -75,6 +125,9 @@ class _ClientProtocol(QuicConnectionProtocol):
             if not self.handshake.done():
                 self.handshake.set_result(None)
         elif isinstance(event, StreamDataReceived):
+            if event.stream_id in self._streams:
+                self._stream_event(event)
+                return
             entry = self._pending.get(event.stream_id)
             if entry is None:
                 return
@@ -95,6 +148,9 @@ class _ClientProtocol(QuicConnectionProtocol):
                 if not future.done():
                     future.set_exception(ClientError("bad_response", "stream ended early"))
         elif isinstance(event, StreamReset):
+            stream = self._streams.pop(event.stream_id, None)
+            if stream is not None:
+                stream[1].put_nowait(ClientError("stream_reset", "server reset the stream"))
             entry = self._pending.pop(event.stream_id, None)
             if entry and not entry[1].done():
                 entry[1].set_exception(ClientError("stream_reset", "server reset the stream"))
@@ -108,6 +164,9 @@ class _ClientProtocol(QuicConnectionProtocol):
                 if not future.done():
                     future.set_exception(error)
             self._pending.clear()
+            for _decoder, queue in self._streams.values():
+                queue.put_nowait(error)
+            self._streams.clear()
 
 
 class QpqConnection:
@@ -142,6 +201,63 @@ class QpqConnection:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
         raise AssertionError("unreachable")
+
+    async def _next(self, queue: asyncio.Queue[StreamItem], what: str,
+                    ) -> dict[str, Any] | None:
+        try:
+            async with asyncio.timeout(self.timeout):
+                item = await queue.get()
+        except TimeoutError:
+            raise ClientError("timeout", f"no answer to {what} within {self.timeout:g}s") from None
+        if isinstance(item, ClientError):
+            raise item
+        return item
+
+    @staticmethod
+    def _check(response: dict[str, Any] | None) -> dict[str, Any]:
+        if response is None:
+            raise ClientError("bad_response", "stream ended without an answer")
+        if not response.get("ok"):
+            error = response.get("error") or {}
+            raise ClientError(str(error.get("code", "unknown")), str(error.get("message", "")))
+        return response
+
+    async def put_blob(self, session: str, source: BinaryIO, size: int, sha256: bytes,
+                       chunk_bytes: int = BLOB_CHUNK_BYTES) -> dict[str, Any]:
+        """Upload `size` bytes from `source` (already encrypted) on a stream of its own;
+        stops at once if the server refuses early (quota, size)."""
+        p = self._protocol
+        sid, answers = p.open_stream({"op": "blob_put", "session": session, "size": size,
+                                      "sha256": sha256})
+        sent = 0
+        while sent < size and answers.empty():
+            data = source.read(min(chunk_bytes, size - sent))
+            if not data or not p.stream_send(sid, encode_frame({"chunk": data})):
+                break
+            sent += len(data)
+            while (p.unacked_bytes(sid) > _UPLOAD_WINDOW and answers.empty()
+                   and p.terminated is None):
+                await asyncio.sleep(0.005)
+        if answers.empty():
+            p.stream_send(sid, b"", end=True)
+        return self._check(await self._next(answers, "blob_put"))
+
+    async def get_blob(self, session: str, blob_id: bytes,
+                       sink: Callable[[bytes], object]) -> int:
+        """Download a blob chunk by chunk into `sink`; return its size."""
+        _sid, answers = self._protocol.open_stream(
+            {"op": "blob_get", "session": session, "blob_id": blob_id}, end=True)
+        size = int(self._check(await self._next(answers, "blob_get"))["size"])
+        received = 0
+        while (item := await self._next(answers, "blob_get")) is not None:
+            chunk = item.get("chunk")
+            if not isinstance(chunk, bytes):
+                raise ClientError("bad_response", "blob stream carried a non-chunk frame")
+            sink(chunk)
+            received += len(chunk)
+        if received != size:
+            raise ClientError("bad_response", f"blob cut short: {received} of {size} bytes")
+        return size
 
     def ping(self) -> None:
         self._protocol._quic.send_ping(0)

@@ -27,6 +27,7 @@ from aioquic.quic.events import (
 from aioquic.quic.packet import QuicErrorCode, QuicFrameType
 from aioquic.quic.retry import QuicRetryTokenHandler
 
+from qpq_server.blobs.transfer import BLOB_OPS, BlobStream, BlobTransfers
 from qpq_server.config import Config
 from qpq_server.errors import QpqError, RequestError
 from qpq_server.protocol.codec import FrameDecoder, encode_frame
@@ -66,8 +67,10 @@ class _Tracker:
 class QpqServerProtocol(QuicConnectionProtocol):
     def __init__(self, quic: QuicConnection, *, service: Service, config: Config,
                  tracker: _Tracker, on_handshaking_changed: Callable[[], None],
-                 **kwargs: Any) -> None:
+                 blobs: BlobTransfers | None = None, **kwargs: Any) -> None:
         super().__init__(quic, **kwargs)
+        self._blobs = blobs
+        self._blob_streams: dict[int, BlobStream] = {}
         self._service = service
         self._config = config
         self._tracker = tracker
@@ -150,11 +153,18 @@ class QpqServerProtocol(QuicConnectionProtocol):
             self._stream_data(event)
         elif isinstance(event, StreamReset):
             self._decoders.pop(event.stream_id, None)
+            blob_stream = self._blob_streams.pop(event.stream_id, None)
+            if blob_stream is not None:
+                blob_stream.reset()
         elif isinstance(event, ConnectionTerminated):
             self._terminated()
 
     def _stream_data(self, event: StreamDataReceived) -> None:
         sid = event.stream_id
+        blob_stream = self._blob_streams.get(sid)
+        if blob_stream is not None:  # a blob upload: many frames on one stream
+            blob_stream.feed(event.data, event.end_stream)
+            return
         if sid % 4 != 0 or sid in self._answered:
             return  # only client-initiated bidi streams carry requests; one per stream
         decoder = self._decoders.get(sid)
@@ -170,9 +180,21 @@ class QpqServerProtocol(QuicConnectionProtocol):
         if frames:
             self._decoders.pop(sid, None)
             self._answered.add(sid)
+            if self._blobs is not None and frames[0].get("op") in BLOB_OPS:
+                self._open_blob_stream(sid, frames, decoder, event.end_stream)
+                return
             task = asyncio.get_running_loop().create_task(self._serve_request(sid, frames[0]))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def _open_blob_stream(self, sid: int, frames: list[dict[str, Any]], decoder: FrameDecoder,
+                          end: bool) -> None:
+        assert self._blobs is not None
+        self._blob_streams = {k: s for k, s in self._blob_streams.items() if not s.finished}
+        stream = self._blobs.open_stream(frames[0], self._state, _QuicStreamSink(self, sid),
+                                         decoder)
+        self._blob_streams[sid] = stream
+        stream.feed(b"", end, frames[1:])
 
     async def _serve_request(self, sid: int, request: dict[str, Any]) -> None:
         self._tracker.in_flight_requests += 1
@@ -191,7 +213,7 @@ class QpqServerProtocol(QuicConnectionProtocol):
             return
         try:
             self._quic.send_stream_data(sid, encode_frame(response), end_stream=True)
-        except (ValueError, AssertionError):
+        except (ValueError, AssertionError, RuntimeError):
             return  # stream already reset or closed by the peer
         self.transmit()
         if len(self._answered) > 4096:
@@ -202,6 +224,9 @@ class QpqServerProtocol(QuicConnectionProtocol):
             return
         self._gone = True
         self._decoders.clear()
+        for blob_stream in self._blob_streams.values():
+            blob_stream.reset()  # a cut-off upload leaves nothing behind
+        self._blob_streams.clear()
         if not self._counted:
             return
         self._end_handshake()
@@ -218,10 +243,49 @@ class QpqServerProtocol(QuicConnectionProtocol):
             self.transmit()
 
 
+class _QuicStreamSink:
+    """A blob stream's view of its QUIC stream."""
+
+    def __init__(self, protocol: QpqServerProtocol, sid: int) -> None:
+        self._protocol = protocol
+        self._sid = sid
+
+    @property
+    def closed(self) -> bool:
+        return self._protocol._gone
+
+    def send(self, data: bytes, end: bool = False) -> bool:
+        if self._protocol._gone:
+            return False
+        try:
+            self._protocol._quic.send_stream_data(self._sid, data, end_stream=end)
+        except (ValueError, AssertionError, RuntimeError):
+            return False  # reset by the peer (STOP_SENDING) or already finished
+        self._protocol.transmit()
+        return True
+
+    def unacked_bytes(self) -> int:
+        # aioquic keeps sent data until the peer acknowledges it; this is what a
+        # download may add to server memory, so downloads pace themselves by it.
+        stream = self._protocol._quic._streams.get(self._sid)
+        return len(stream.sender._buffer) if stream is not None else 0
+
+    def stop_receiving(self) -> None:
+        if self._protocol._gone:
+            return
+        try:
+            self._protocol._quic.stop_stream(self._sid, 0)
+        except (ValueError, AssertionError, RuntimeError):
+            return
+        self._protocol.transmit()
+
+
 class QuicListener:
-    def __init__(self, config: Config, service: Service) -> None:
+    def __init__(self, config: Config, service: Service,
+                 blobs: BlobTransfers | None = None) -> None:
         self._config = config
         self._service = service
+        self._blobs = blobs
         self._tracker = _Tracker()
         self.configuration = quic_server_configuration(config)
         self._server: QuicServer | None = None
@@ -246,7 +310,7 @@ class QuicListener:
     async def start(self, host: str, port: int) -> None:
         def factory(quic: QuicConnection, **kwargs: Any) -> QpqServerProtocol:
             return QpqServerProtocol(quic, service=self._service, config=self._config,
-                                     tracker=self._tracker,
+                                     tracker=self._tracker, blobs=self._blobs,
                                      on_handshaking_changed=self._update_retry, **kwargs)
 
         self._server = await serve(host, port, configuration=self.configuration,

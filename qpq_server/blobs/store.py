@@ -1,0 +1,260 @@
+"""Content-addressed blob storage under DATA_DIR/blobs/.
+
+Layout (documented for backups in docs/storage-backends.md)::
+
+    blobs/ab/cd/abcd...64hex          the ciphertext; name = SHA-256 of its bytes
+    blobs/ab/cd/abcd...64hex.meta     JSON: owner, size, created_at, pending recipients
+    blobs/tmp/*.part                  uploads in progress (emptied at every start)
+
+An upload is written to `tmp/`, checked (size and hash), fsynced, and only then renamed
+into place with its directory fsynced, so a crash or a cut-off upload never leaves a
+partial blob visible. The `.meta` file is written first: a blob file always has one
+(a `.meta` without its blob is removed at start).
+
+Chunks are written with plain `os.write` on the event loop: each is at most one frame
+(<= max_frame_bytes) and lands in the page cache, and writing it at once is what keeps
+server memory bounded (aioquic grants flow-control credit as data arrives, so queuing
+writes would let a fast uploader fill memory). The fsync and the rename run on a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import secrets
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from cryptography.hazmat.primitives import hashes
+
+from qpq_server.errors import BadRequest, NotFound, TooLarge
+from qpq_server.storage.filestore import fsync_dir, write_atomic
+
+__all__ = ["BlobInfo", "BlobStore", "HashMismatch", "QuotaExceeded", "Upload"]
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class QuotaExceeded(TooLarge):
+    code = "quota_exceeded"
+
+
+class HashMismatch(BadRequest):
+    code = "hash_mismatch"
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    blob_id: str  # 64 hex digits: SHA-256 of the ciphertext
+    owner: str
+    size: int
+    created_at: float
+    pending: frozenset[str] = field(default_factory=frozenset)
+
+
+class Upload:
+    """One upload in progress: a temp file, a running hash, a byte count."""
+
+    def __init__(self, store: BlobStore, owner: str, blob_id: str, size: int, path: Path,
+                 fd: int) -> None:
+        self.store = store
+        self.owner = owner
+        self.blob_id = blob_id
+        self.size = size
+        self.path = path
+        self.written = 0
+        self._fd: int | None = fd
+        self._hash = hashes.Hash(hashes.SHA256())
+        self.done = False
+
+    def write(self, chunk: bytes) -> None:
+        if self.written + len(chunk) > self.size:
+            raise TooLarge(f"upload is larger than the declared {self.size} bytes")
+        assert self._fd is not None
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(self._fd, view):]
+        self._hash.update(chunk)
+        self.written += len(chunk)
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    async def commit(self, now: float) -> BlobInfo:
+        """Verify size and hash, make the blob durable and visible; abort on failure."""
+        try:
+            if self.written != self.size:
+                raise BadRequest(f"upload ended after {self.written} of {self.size} bytes")
+            if self._hash.finalize().hex() != self.blob_id:
+                raise HashMismatch("uploaded bytes do not match the declared sha256")
+            assert self._fd is not None
+            fd = self._fd
+            await asyncio.to_thread(os.fsync, fd)
+            self._close_fd()
+            info = BlobInfo(self.blob_id, self.owner, self.size, now)
+            await asyncio.to_thread(self.store._install, self.path, info)
+        except BaseException:
+            self.abort()
+            raise
+        self.done = True
+        self.store._finish_upload(self, info)
+        return info
+
+    def abort(self) -> None:
+        """Drop the partial upload: nothing of it stays on disk or in the quota."""
+        if self.done:
+            return
+        self.done = True
+        self._close_fd()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        self.store._finish_upload(self, None)
+
+
+class BlobStore:
+    def __init__(self, root: Path, *, max_blob_bytes: int, quota_bytes_per_account: int,
+                 retention_s: float, on_bytes: Callable[[int], None] | None = None) -> None:
+        self.root = root
+        self.max_blob_bytes = max_blob_bytes
+        self.quota = quota_bytes_per_account
+        self.retention_s = retention_s
+        self._on_bytes = on_bytes
+        self._blobs: dict[str, BlobInfo] = {}
+        self._reserved: dict[str, int] = {}  # owner -> bytes of uploads in progress
+        self._uploading: set[str] = set()
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.root / "tmp"
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(b.size for b in self._blobs.values())
+
+    def path_for(self, blob_id: str) -> Path:
+        return self.root / blob_id[:2] / blob_id[2:4] / blob_id
+
+    def _meta_path(self, blob_id: str) -> Path:
+        return self.root / blob_id[:2] / blob_id[2:4] / f"{blob_id}.meta"
+
+    def _report(self) -> None:
+        if self._on_bytes is not None:
+            self._on_bytes(self.total_bytes)
+
+    # -- startup -----------------------------------------------------------------------
+    async def open(self) -> None:
+        await asyncio.to_thread(self._load)
+        self._report()
+
+    def _load(self) -> None:
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.tmp_dir.exists():  # uploads cut off by a crash or a stop
+            for leftover in self.tmp_dir.iterdir():
+                leftover.unlink()
+        self.tmp_dir.mkdir(mode=0o700, exist_ok=True)
+        for meta in self.root.glob("??/??/*.meta"):
+            blob_id = meta.name[:-5]
+            blob = meta.with_name(blob_id)
+            if not _HEX64.match(blob_id) or not blob.exists():
+                meta.unlink()  # install did not finish: the upload was never acknowledged
+                continue
+            data = json.loads(meta.read_text())
+            self._blobs[blob_id] = BlobInfo(blob_id, str(data["owner"]), int(data["size"]),
+                                            float(data["created_at"]),
+                                            frozenset(data.get("pending", [])))
+        for blob in self.root.glob("??/??/*"):
+            if _HEX64.match(blob.name) and blob.name not in self._blobs:
+                blob.unlink()  # a blob without its .meta was never acknowledged
+
+    # -- queries -----------------------------------------------------------------------
+    def get(self, blob_id: str) -> BlobInfo | None:
+        return self._blobs.get(blob_id)
+
+    def usage(self, owner: str) -> int:
+        held = sum(b.size for b in self._blobs.values() if b.owner == owner)
+        return held + self._reserved.get(owner, 0)
+
+    # -- uploads -----------------------------------------------------------------------
+    def begin_upload(self, owner: str, blob_id: str, size: int) -> Upload:
+        """Check limits and reserve quota; raise a RequestError to refuse."""
+        if size > self.max_blob_bytes:
+            raise TooLarge(f"blob of {size} bytes exceeds max_blob_bytes={self.max_blob_bytes}")
+        if self.usage(owner) + size > self.quota:
+            raise QuotaExceeded(f"upload would exceed the account quota of {self.quota} bytes "
+                                f"({self.usage(owner)} in use)")
+        if blob_id in self._uploading:
+            raise BadRequest("this blob is being uploaded already; retry later")
+        path = self.tmp_dir / f"{blob_id[:16]}-{secrets.token_hex(8)}.part"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._reserved[owner] = self._reserved.get(owner, 0) + size
+        self._uploading.add(blob_id)
+        return Upload(self, owner, blob_id, size, path, fd)
+
+    def _finish_upload(self, upload: Upload, info: BlobInfo | None) -> None:
+        self._reserved[upload.owner] -= upload.size
+        if not self._reserved[upload.owner]:
+            del self._reserved[upload.owner]
+        self._uploading.discard(upload.blob_id)
+        if info is not None:
+            self._blobs[info.blob_id] = info
+            self._report()
+
+    def _install(self, tmp: Path, info: BlobInfo) -> None:
+        """Thread: meta first, then the blob itself, each made durable."""
+        final = self.path_for(info.blob_id)
+        final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fsync_dir(final.parent.parent)
+        fsync_dir(final.parent.parent.parent)
+        self._write_meta(info)
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+        fsync_dir(self.tmp_dir)
+
+    def _write_meta(self, info: BlobInfo) -> None:
+        write_atomic(self._meta_path(info.blob_id), json.dumps({
+            "owner": info.owner, "size": info.size, "created_at": info.created_at,
+            "pending": sorted(info.pending)}).encode())
+
+    # -- references and expiry ---------------------------------------------------------
+    async def add_refs(self, blob_ids: Iterable[str], recipients: Iterable[str]) -> None:
+        """A queued message names these blobs: keep them until each recipient fetched."""
+        names = frozenset(recipients)
+        for blob_id in blob_ids:
+            info = self._blobs.get(blob_id)
+            if info is None:
+                raise NotFound(f"no blob {blob_id}")
+            updated = replace(info, pending=info.pending | names)
+            self._blobs[blob_id] = updated
+            await asyncio.to_thread(self._write_meta, updated)
+
+    async def downloaded(self, blob_id: str, user: str) -> None:
+        info = self._blobs.get(blob_id)
+        if info is not None and user in info.pending:
+            updated = replace(info, pending=info.pending - {user})
+            self._blobs[blob_id] = updated
+            await asyncio.to_thread(self._write_meta, updated)
+
+    async def sweep(self, now: float | None = None) -> list[str]:
+        """Delete blobs older than the retention that no pending recipient still needs."""
+        now = time.time() if now is None else now
+        expired = [b.blob_id for b in self._blobs.values()
+                   if not b.pending and b.created_at < now - self.retention_s]
+        for blob_id in expired:
+            self._blobs.pop(blob_id, None)
+            await asyncio.to_thread(self._delete, blob_id)
+        if expired:
+            self._report()
+        return expired
+
+    def _delete(self, blob_id: str) -> None:
+        for path in (self.path_for(blob_id), self._meta_path(blob_id)):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        fsync_dir(self.path_for(blob_id).parent)
