@@ -1,1 +1,23 @@
-"""Evaluate the scaling triggers against a Prometheus or a directly scraped /metrics page."""
+"""Evaluate the scaling triggers against a Prometheus or a directly scraped /metrics page.
+
+- `evaluate_prometheus(url, ...)`: PromQL, every query concurrent under one deadline,
+  sustain windows honoured, one result per (trigger, instance).
+- `evaluate_direct(metrics_url, ...)`: two scrapes `sample_s` apart; triggers that need
+  history are no-data ("not evaluable in direct mode").
+Both return an `Evaluation` (results, worst `status`, DESIGN.md `exit_code`, `to_json()`)
+or raise `SourceError` with a one-line message.
+"""
+
+from qpq_ops.evaluate.direct import evaluate_direct
+from qpq_ops.evaluate.model import Evaluation, TriggerResult, exit_code_for
+from qpq_ops.evaluate.prometheus import evaluate_prometheus
+from qpq_ops.evaluate.prometheus_client import SourceError
+
+__all__ = [
+    "Evaluation",
+    "SourceError",
+    "TriggerResult",
+    "evaluate_direct",
+    "evaluate_prometheus",
+    "exit_code_for",
+]
