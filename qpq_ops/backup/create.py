@@ -111,7 +111,10 @@ def create_backup(req: BackupRequest, progress: ProgressFn | None = None,
             members.append(Member(DB_MEMBER, "database", size, digest))
             tmp_db.unlink()
             for src in source_files(dep, req.include_secrets):
-                size, digest = writer.add_file(src.member, src.path, progress)
+                try:
+                    size, digest = writer.add_file(src.member, src.path, progress)
+                except FileNotFoundError:
+                    continue  # deleted while we ran (an expired blob): not in the snapshot
                 members.append(Member(src.member, src.kind, size, digest))
             created = dt.datetime.fromtimestamp(started, dt.UTC)
             manifest = Manifest(

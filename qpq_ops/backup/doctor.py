@@ -6,11 +6,13 @@ Checks (each reported, none stops the others):
 - every row of every table decodes: it is read in full, and each column of the known
   tables has the storage type the server writes (SQLite itself would accept anything);
 - every account's OPAQUE setup version has its `opaque/setup-vN.bin`;
-- every blob a table references is present in `blobs/`.
+- the blob store is whole: every `.meta` has its blob file (of the recorded size) and
+  every blob its `.meta` (layout in docs/storage-backends.md).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +38,7 @@ _TYPES: dict[str, dict[str, tuple[str, ...]]] = {
     "kt_leaves": {"idx": ("integer",), "username": ("text",), "leaf": ("blob",),
                   "created_at": ("real", "integer")},
 }
-_BLOB_REF_COLUMNS = ("sha256", "blob_id", "digest", "blob_hash")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _SETUP = re.compile(r"^setup-v(\d+)\.bin$")
 
 
@@ -94,27 +96,29 @@ def _opaque_setups(conn: Connection, opaque_dir: Path) -> DoctorCheck:
                        if have else f"no OPAQUE setup in {opaque_dir}")
 
 
-def _blob_refs(conn: Connection, blobs_dir: Path) -> DoctorCheck:
-    present = {p.name.split(".")[0] for p in blobs_dir.rglob("*") if p.is_file()} \
-        if blobs_dir.is_dir() else set()
-    missing: list[str] = []
-    referenced = 0
-    for table in _tables(conn):
-        columns = [r[1] for r in conn.execute(f'PRAGMA table_info("{table}")')]
-        for column in columns:
-            if column not in _BLOB_REF_COLUMNS or "blob" not in table:
-                continue
-            for (ref,) in conn.execute(f'SELECT "{column}" FROM "{table}"'):  # noqa: S608
-                referenced += 1
-                name = ref.hex() if isinstance(ref, bytes) else str(ref)
-                if name not in present:
-                    missing.append(name)
-    if missing:
+def _blob_store(blobs_dir: Path) -> DoctorCheck:
+    """Every `.meta` has its blob (and its size), every blob has its `.meta`."""
+    if not blobs_dir.is_dir():
+        return DoctorCheck("blobs present", True, "no blob store")
+    files = {p.name: p for p in blobs_dir.rglob("*")
+             if p.is_file() and "tmp" not in p.relative_to(blobs_dir).parts[:1]}
+    blobs = {n for n in files if _HEX64.match(n)}
+    metas = {n.removesuffix(".meta") for n in files if n.endswith(".meta")}
+    problems = [f"blob {n} has no content file" for n in sorted(metas - blobs)]
+    problems += [f"blob {n} has no .meta" for n in sorted(blobs - metas)]
+    for name in sorted(blobs & metas):
+        try:
+            size = json.loads(files[f"{name}.meta"].read_bytes()).get("size")
+        except (OSError, ValueError, AttributeError):
+            problems.append(f"blob {name}: .meta does not decode")
+            continue
+        if isinstance(size, int) and files[name].stat().st_size != size:
+            problems.append(f"blob {name}: {files[name].stat().st_size} bytes, .meta says {size}")
+    if problems:
         return DoctorCheck("blobs present", False,
-                           f"{len(missing)} of {referenced} referenced blobs missing "
-                           f"(first: {missing[0]})")
+                           f"{len(problems)} problems (first: {problems[0]})")
     return DoctorCheck("blobs present", True,
-                       f"{referenced} referenced, {len(present)} files in {blobs_dir.name}/")
+                       f"{len(blobs)} blobs, each with its .meta and size")
 
 
 def run_doctor(dep: Deployment, db_key: Secret) -> DoctorReport:
@@ -139,7 +143,7 @@ def run_doctor(dep: Deployment, db_key: Secret) -> DoctorReport:
             f"restore_state={state or 'unset'}, {left} one-time key packages stored"))
         checks.append(_rows_decode(conn))
         checks.append(_opaque_setups(conn, dep.data_dir / "opaque"))
-        checks.append(_blob_refs(conn, dep.data_dir / "blobs"))
+        checks.append(_blob_store(dep.data_dir / "blobs"))
     finally:
         conn.close()
     return DoctorReport(tuple(checks))

@@ -39,13 +39,20 @@ class Source:
     path: Path
 
 
+_SKIP = {"blob": ("tmp",), "file_store": ("LOCK",)}
+"""Per kind, top-level entries that are not data: uploads in progress, the server's lock."""
+
+
 def _tree(root: Path, prefix: str, kind: str) -> Iterator[Source]:
     if not root.is_dir():
         return
+    skip = _SKIP.get(kind, ())
     for path in sorted(root.rglob("*")):
-        if path.is_file() and not path.name.startswith(".") and not path.is_symlink():
-            rel = path.relative_to(root).as_posix()
-            yield Source(f"{prefix}/{rel}", kind, path)
+        rel = path.relative_to(root)
+        if rel.parts[0] in skip or path.name.startswith(".") or path.name.endswith(".tmp"):
+            continue
+        if path.is_file() and not path.is_symlink():
+            yield Source(f"{prefix}/{rel.as_posix()}", kind, path)
 
 
 def _federation_files(dep: Deployment) -> Iterator[Source]:

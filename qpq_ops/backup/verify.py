@@ -53,8 +53,8 @@ def _member_problems(manifest: Manifest, members: list[ExtractedMember]) -> list
         elif got.size != expected.size or got.sha256 != expected.sha256:
             problems.append(f"checksum mismatch in {expected.name} (tampered or corrupted)")
         elif expected.kind == "blob":
-            stem = Path(expected.name).name.split(".")[0]
-            if _SHA256_NAME.match(stem) and stem != got.sha256:
+            name = Path(expected.name).name
+            if _SHA256_NAME.match(name) and name != got.sha256:
                 problems.append(f"blob {expected.name} does not hash to its name")
     listed = {m.name for m in manifest.members}
     problems += [f"unexpected member {name} (not in the manifest)"

@@ -224,7 +224,7 @@ def verify(
 @app.command("prune")
 def prune(
     directory: Annotated[Path, typer.Argument(help="Directory holding backup archives.")],
-    keep_last: Annotated[int, typer.Option("--keep-last", min=0,
+    keep_last: Annotated[int, typer.Option("--keep-last", "--keep", min=0,
                                            help="Keep the N newest archives.")] = 7,
     keep_daily: Annotated[int, typer.Option(
         "--keep-daily", min=0,
@@ -244,7 +244,8 @@ def prune(
         fail(str(exc), exc.exit_code)
     if json_out:
         print_json({"dry_run": dry_run, "keep": [str(a.path) for a in plan.keep],
-                    "delete": [str(a.path) for a in plan.delete]})
+                    "delete": [str(a.path) for a in plan.delete],
+                    "removed": [] if dry_run else [str(a.path) for a in plan.delete]})
         return
     table = Table(title=f"prune {directory}" + (" (dry run)" if dry_run else ""))
     table.add_column("archive")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,12 +52,21 @@ def db_key_of(config: Path) -> str:
     return read_env_file(config.parent / ".env")["QPQ_DB_KEY"]
 
 
+def blob_member(digest: str) -> str:
+    return f"data/blobs/{digest[:2]}/{digest[2:4]}/{digest}"
+
+
 def add_blob(data_dir: Path, content: bytes) -> str:
-    """A blob stored the content-addressed way (file named by its sha256)."""
+    """A blob as the server's blob store keeps it: blobs/ab/cd/<sha256> plus `.meta`."""
     digest = hashlib.sha256(content).hexdigest()
-    path = data_dir / "blobs" / digest[:2] / digest
+    path = data_dir / "blobs" / digest[:2] / digest[2:4] / digest
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(content)
+    path.with_name(digest + ".meta").write_text(json.dumps(
+        {"owner": "alice", "size": len(content), "created_at": time.time(),
+         "pending": ["bob"]}))
+    (data_dir / "blobs" / "tmp").mkdir(exist_ok=True)
+    (data_dir / "blobs" / "tmp" / "upload.part").write_bytes(b"half an upload")
     return digest
 
 

@@ -77,8 +77,11 @@ async def test_backup_under_traffic_restores_every_acknowledged_message(tmp_path
     report = restored.json()
     assert report["doctor"]["ok"] and report["rekeyed"] is True
     assert report["purged_key_packages"] > 0
-    assert (fresh.parent / "blobs" / blob[:2] / blob).read_bytes() == \
-        b"ciphertext of an attachment"
+    blob_path = fresh.parent / "blobs" / blob[:2] / blob[2:4] / blob
+    assert blob_path.read_bytes() == b"ciphertext of an attachment"
+    assert not (fresh.parent / "blobs" / "tmp").exists()  # uploads in progress: not data
+    checks = {c["name"]: c for c in report["doctor"]["checks"]}
+    assert checks["blobs present"]["detail"].startswith("1 blobs")
 
     srv = start_server(fresh)
     try:

@@ -22,7 +22,7 @@ import pytest
 from qpq_server.secrets import Secret
 from qpq_server.storage.migrations import MIGRATIONS
 from qpq_server.storage.sqlcipher import connect_sqlcipher
-from tests.backup.support import add_blob, db_key_of, ops, populate, tree_digest
+from tests.backup.support import add_blob, blob_member, db_key_of, ops, populate, tree_digest
 from tests.helpers.server import init_data_dir, start_server
 
 QPQ_OPS = str(Path(sys.executable).parent / "qpq-ops")
@@ -136,7 +136,7 @@ def test_wrong_key_is_refused(setup: Setup) -> None:
 
 
 def test_missing_blob_is_refused(setup: Setup, tmp_path: Path) -> None:
-    member = f"data/blobs/{setup.blob[:2]}/{setup.blob}"
+    member = blob_member(setup.blob)
     bad = _rewrite(setup.archive, tmp_path, drop=member)
     result = ops("backup", "verify", bad, "--config", setup.source)
     assert result.exit_code == 2 and f"missing blob {member}" in result.stderr
