@@ -29,6 +29,7 @@ from qpq_server.service import Service
 from qpq_server.storage import open_storage
 from qpq_server.tls import certificate_not_after
 from qpq_server.transport.quic import QuicListener
+from qpq_server.transport.websocket import WebSocketListener
 
 __all__ = ["RESTORE_STATE_KEY", "ServerApp", "run_server"]
 
@@ -48,6 +49,7 @@ class ServerApp:
         self.storage = open_storage(self.config, self.secrets.db_key,
                                     on_commit=self.metrics.db_write_duration_seconds.observe)
         self.ready = False
+        self.websocket: WebSocketListener | None = None
         self._stop = asyncio.Event()
 
     def _session_signer(self) -> SessionSigner:
@@ -99,11 +101,22 @@ class ServerApp:
             await self.listener.start(host, port)
         except OSError as exc:
             raise ConfigError(f"cannot listen on UDP {cfg.server.listen}: {exc.strerror}") from None
+        if cfg.websocket.enabled:
+            self.websocket = WebSocketListener(cfg, self.service)
+            whost, wport = parse_hostport(cfg.websocket.listen)
+            try:
+                await self.websocket.start(whost, wport)
+            except OSError as exc:
+                self.listener.close()
+                raise ConfigError(f"cannot listen on TCP {cfg.websocket.listen} for the "
+                                  f"WebSocket bridge: {exc.strerror}") from None
         mhost, mport = parse_hostport(cfg.metrics.listen)
         try:
             health = HealthServer(mhost, mport, self.metrics.registry, lambda: self.ready)
         except OSError as exc:
             self.listener.close()
+            if self.websocket is not None:
+                await self.websocket.close()
             raise ConfigError(
                 f"cannot listen on TCP {cfg.metrics.listen} for metrics: {exc.strerror}"
             ) from None
@@ -123,6 +136,8 @@ class ServerApp:
         finally:
             self.ready = False
             sweeper.cancel()
+            if self.websocket is not None:
+                await self.websocket.close()
             health.stop()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
@@ -139,6 +154,10 @@ class ServerApp:
             except OSError as exc:
                 log.error("blob sweep failed", extra={"error": str(exc)})
             await asyncio.sleep(self.config.retention.sweep_interval_s)
+
+    def _in_flight(self) -> int:
+        ws = self.websocket.in_flight_requests if self.websocket is not None else 0
+        return self.listener.in_flight_requests + ws
 
     def _write_pid(self) -> None:
         path = self.config.pid_path
@@ -169,7 +188,7 @@ class ServerApp:
         self.service.draining = True
         self.service.notifier.wake_all()
         deadline = time.monotonic() + self.config.server.shutdown_grace_s
-        while self.listener.in_flight_requests and time.monotonic() < deadline:
+        while self._in_flight() and time.monotonic() < deadline:
             self.service.notifier.wake_all()
             await asyncio.sleep(0.02)
         self.listener.close()

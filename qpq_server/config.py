@@ -131,6 +131,7 @@ class FederationConfig:
 class WebSocketConfig:
     enabled: bool = False
     listen: str = "127.0.0.1:7080"
+    trust_x_forwarded_for: bool = False  # behind our own proxy: rate-limit the real client
 
 
 @dataclass(frozen=True)
