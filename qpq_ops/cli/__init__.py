@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+
 import typer
 
 from qpq_ops.cli import backup, capacity, doctor, render, restore, rotate, triggers, tune
+from qpq_ops.exit_codes import ExitCode
 
 __all__ = ["app", "main"]
 
@@ -26,4 +29,20 @@ app.add_typer(rotate.app, name="rotate")
 
 
 def main() -> None:
-    app()
+    """Run the CLI with DESIGN.md's exit codes: usage errors exit 64, not click's 2
+    (2 means "critical found" to scripts that call qpq-ops)."""
+    # typer vendors click; its UsageError is what a bad option or argument raises.
+    from typer._click.exceptions import ClickException, UsageError
+
+    try:
+        code = app(standalone_mode=False)
+    except UsageError as exc:
+        exc.show()
+        sys.exit(ExitCode.USAGE)
+    except ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        print("Aborted.", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
