@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qpq_ops.backup.archive import ArchiveWriter
-from qpq_ops.backup.database import snapshot_database
+from qpq_ops.backup.database import Snapshot, snapshot_database
 from qpq_ops.backup.deployment import Deployment
 from qpq_ops.backup.errors import OpsError, Refused
+from qpq_ops.backup.filestore import counts_from_members
 from qpq_ops.backup.layout import DB_MEMBER, source_files
 from qpq_ops.backup.manifest import (
     FORMAT,
@@ -27,6 +28,7 @@ from qpq_ops.backup.manifest import (
 )
 from qpq_ops.backup.textfile import write_backup_metrics
 from qpq_server import __version__ as server_version
+from qpq_server.storage.migrations import SCHEMA_VERSION
 
 __all__ = ["BackupRequest", "BackupResult", "create_backup", "planned_bytes"]
 
@@ -53,7 +55,8 @@ class BackupResult:
 
 def planned_bytes(dep: Deployment, include_secrets: bool) -> int:
     """What the progress bar counts: snapshot pages plus archived file bytes (estimate)."""
-    total = dep.db_path.stat().st_size if dep.db_path.is_file() else 0
+    total = dep.db_path.stat().st_size \
+        if dep.config.storage.backend == "sqlcipher" and dep.db_path.is_file() else 0
     return total + sum(s.path.stat().st_size for s in source_files(dep, include_secrets))
 
 
@@ -91,8 +94,11 @@ def create_backup(req: BackupRequest, progress: ProgressFn | None = None,
         raise Refused(f"QPQ_DB_KEY is not set (environment or {dep.env_file})")
     if dep.config.storage.backend == "postgres":
         raise Refused("backend 'postgres' is backed up with pg_dump, not qpq-ops backup")
-    if not dep.db_path.is_file():
+    file_backend = dep.config.storage.backend == "file"
+    if not file_backend and not dep.db_path.is_file():
         raise OpsError(f"database not found: {dep.db_path} (has the server ever run?)")
+    if file_backend and not dep.config.file_store_dir.is_dir():
+        raise OpsError(f"file store not found: {dep.config.file_store_dir}")
     started = now()
     try:
         req.dest.mkdir(parents=True, exist_ok=True)
@@ -102,14 +108,18 @@ def create_backup(req: BackupRequest, progress: ProgressFn | None = None,
     tmp_db = req.dest / f"{token}.db"
     tmp_archive = req.dest / f"{token}.partial"
     try:
-        snap = snapshot_database(dep.db_path, tmp_db, db_key, progress)
+        if file_backend:
+            snap = Snapshot(tmp_db, SCHEMA_VERSION, {}, now(), 0)
+        else:
+            snap = snapshot_database(dep.db_path, tmp_db, db_key, progress)
         members: list[Member] = []
         with tmp_archive.open("xb") as fh:
             os.fchmod(fh.fileno(), 0o600)
             writer = ArchiveWriter(fh)
-            size, digest = writer.add_file(DB_MEMBER, tmp_db)
-            members.append(Member(DB_MEMBER, "database", size, digest))
-            tmp_db.unlink()
+            if not file_backend:
+                size, digest = writer.add_file(DB_MEMBER, tmp_db)
+                members.append(Member(DB_MEMBER, "database", size, digest))
+                tmp_db.unlink()
             for src in source_files(dep, req.include_secrets):
                 try:
                     size, digest = writer.add_file(src.member, src.path, progress)
@@ -117,6 +127,8 @@ def create_backup(req: BackupRequest, progress: ProgressFn | None = None,
                     continue  # deleted while we ran (an expired blob): not in the snapshot
                 members.append(Member(src.member, src.kind, size, digest))
             created = dt.datetime.fromtimestamp(started, dt.UTC)
+            counts = counts_from_members([m.name for m in members]) if file_backend \
+                else snap.row_counts
             manifest = Manifest(
                 format=FORMAT, format_version=FORMAT_VERSION, server_version=server_version,
                 schema_version=snap.schema_version,
@@ -124,7 +136,7 @@ def create_backup(req: BackupRequest, progress: ProgressFn | None = None,
                 snapshot_at_unix=snap.snapshot_at_unix, domain=dep.config.server.domain,
                 storage_backend=dep.config.storage.backend,
                 includes_secrets=req.include_secrets,
-                db_key_fingerprint=fingerprint(db_key), row_counts=snap.row_counts,
+                db_key_fingerprint=fingerprint(db_key), row_counts=counts,
                 members=tuple(members),
             ).signed(db_key)
             writer.add_bytes("manifest.json", manifest.to_json())

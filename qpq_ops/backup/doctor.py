@@ -21,6 +21,7 @@ from typing import Any
 from qpq_ops.backup.database import check_integrity, open_db
 from qpq_ops.backup.deployment import Deployment
 from qpq_ops.backup.errors import OpsError
+from qpq_ops.backup.filestore import file_restore_state, store_counts, store_problems
 from qpq_ops.backup.purge import DONE, restore_state
 from qpq_server.secrets import Secret
 
@@ -81,11 +82,14 @@ def _rows_decode(conn: Connection) -> DoctorCheck:
     return DoctorCheck("rows decode", not bad, detail)
 
 
-def _opaque_setups(conn: Connection, opaque_dir: Path) -> DoctorCheck:
+def _accounts_per_setup(conn: Connection) -> dict[int, int]:
+    return {int(r[0]): int(r[1]) for r in conn.execute(
+        "SELECT setup_version, count(*) FROM accounts GROUP BY setup_version")}
+
+
+def _opaque_setups(used: dict[int, int], opaque_dir: Path) -> DoctorCheck:
     have = {int(m.group(1)) for p in (opaque_dir.iterdir() if opaque_dir.is_dir() else ())
             if (m := _SETUP.match(p.name))}
-    used = {int(r[0]): int(r[1]) for r in conn.execute(
-        "SELECT setup_version, count(*) FROM accounts GROUP BY setup_version")}
     missing = {v: n for v, n in used.items() if v not in have}
     if missing:
         return DoctorCheck("OPAQUE setups", False, "; ".join(
@@ -121,8 +125,29 @@ def _blob_store(blobs_dir: Path) -> DoctorCheck:
                        f"{len(blobs)} blobs, each with its .meta and size")
 
 
+def _file_doctor(dep: Deployment) -> DoctorReport:
+    root = dep.config.file_store_dir
+    try:
+        state = file_restore_state(root)
+    except OpsError as exc:
+        return DoctorReport((DoctorCheck("store opens", False, str(exc)),))
+    read, problems, per_setup = store_problems(root)
+    left = store_counts(root)["key_packages"]
+    return DoctorReport((
+        DoctorCheck("store opens", True, f"{root} opens (format and lock ok)"),
+        DoctorCheck("key packages purged", state in (None, DONE) and (state is None or not left),
+                    f"restore_state={state or 'unset'}, {left} one-time key packages stored"),
+        DoctorCheck("rows decode", not problems,
+                    "; ".join(problems[:3]) if problems else f"{read} records read in full"),
+        _opaque_setups(per_setup, dep.data_dir / "opaque"),
+        _blob_store(dep.data_dir / "blobs"),
+    ))
+
+
 def run_doctor(dep: Deployment, db_key: Secret) -> DoctorReport:
     """Check the data dir of `dep` (the server should be stopped, not required)."""
+    if dep.config.storage.backend == "file":
+        return _file_doctor(dep)
     checks: list[DoctorCheck] = []
     try:
         conn = open_db(dep.db_path, db_key)
@@ -142,7 +167,7 @@ def run_doctor(dep: Deployment, db_key: Secret) -> DoctorReport:
             "key packages purged", purge_ok,
             f"restore_state={state or 'unset'}, {left} one-time key packages stored"))
         checks.append(_rows_decode(conn))
-        checks.append(_opaque_setups(conn, dep.data_dir / "opaque"))
+        checks.append(_opaque_setups(_accounts_per_setup(conn), dep.data_dir / "opaque"))
         checks.append(_blob_store(dep.data_dir / "blobs"))
     finally:
         conn.close()

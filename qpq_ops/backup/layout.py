@@ -4,7 +4,8 @@ Member names:
 - `db/qpq.db`                 the SQLCipher database (an online snapshot, still encrypted)
 - `data/blobs/...`            the blob store, file by file
 - `data/opaque/...`           the OPAQUE server setups (`setup-vN.bin`, `dummy-vN.bin`)
-- `data/files/...`            the `file` storage backend's tree, when that backend is used
+- `data/store/...`            the `file` storage backend's tree (`[storage] file_dir`), when
+                              that backend is used (instead of `db/qpq.db`)
 - `secrets/env`               the `.env` beside the config (only with --include-secrets)
 - `secrets/tls_cert`, `secrets/tls_key`   the serving certificate and key
 - `secrets/data/...`          key files under the data dir: `kt/`, `keys/`, `federation/`
@@ -26,7 +27,7 @@ __all__ = ["DATA_TREES", "DB_MEMBER", "SECRET_TREES", "Source", "restore_target"
            "safe_member_path", "source_files"]
 
 DB_MEMBER = "db/qpq.db"
-DATA_TREES = {"blobs": "blob", "opaque": "opaque", "files": "file_store"}
+DATA_TREES = {"blobs": "blob", "opaque": "opaque"}
 """Trees under the data dir that are data (member `data/<tree>/...`), by kind."""
 SECRET_TREES = ("kt", "keys", "federation")
 """Trees under the data dir that hold keys (member `secrets/data/<tree>/...`)."""
@@ -70,6 +71,10 @@ def _federation_files(dep: Deployment) -> Iterator[Source]:
 def source_files(dep: Deployment, include_secrets: bool) -> list[Source]:
     """Every file to archive besides the database snapshot, in a stable order."""
     found: list[Source] = []
+    if dep.config.storage.backend == "file":
+        store = list(_tree(dep.config.file_store_dir, "data/store", "file_store"))
+        # `counters` last: its high-water marks then cover every id copied before it.
+        found.extend(sorted(store, key=lambda s: s.member == "data/store/counters"))
     for tree, kind in DATA_TREES.items():
         found.extend(_tree(dep.data_dir / tree, f"data/{tree}", kind))
     if include_secrets:
@@ -96,6 +101,8 @@ def restore_target(dep: Deployment, member: str) -> Path:
     parts = path.parts
     if member == DB_MEMBER:
         return dep.db_path
+    if parts[:2] == ("data", "store") and len(parts) >= 3:
+        return dep.config.file_store_dir.joinpath(*parts[2:])
     if parts[0] == "data" and len(parts) >= 3 and parts[1] in DATA_TREES:
         return dep.data_dir.joinpath(*parts[1:])
     if parts[0] == "secrets":

@@ -20,6 +20,7 @@ from qpq_ops.backup.database import open_db, schema_version
 from qpq_ops.backup.deployment import Deployment
 from qpq_ops.backup.doctor import DoctorReport, run_doctor
 from qpq_ops.backup.errors import ArchiveDamaged, OpsError, Refused
+from qpq_ops.backup.filestore import file_complete_purge, file_mark_pending, file_restore_state
 from qpq_ops.backup.layout import DATA_TREES, DB_MEMBER, SECRET_TREES, restore_target
 from qpq_ops.backup.manifest import Manifest
 from qpq_ops.backup.purge import PENDING_PURGE, complete_purge, mark_pending_purge, restore_state
@@ -60,9 +61,8 @@ def existing_data(dep: Deployment) -> list[Path]:
     """What makes a data dir non-empty: a database or any stored blob/file."""
     found = [p for p in (dep.db_path, *(Path(f"{dep.db_path}{s}") for s in _DB_SIDECARS))
              if p.exists()]
-    for tree in ("blobs", "files"):
-        root = dep.data_dir / tree
-        if root.is_dir() and any(p.is_file() for p in root.rglob("*")):
+    for root in (dep.data_dir / "blobs", dep.config.file_store_dir):
+        if root.is_dir() and any(p.is_file() and p.name != "LOCK" for p in root.rglob("*")):
             found.append(root)
     return found
 
@@ -78,6 +78,9 @@ def _precheck(req: RestoreRequest) -> Manifest:
         raise Refused(f"{dep.data_dir} already holds data ({existing[0].name}); pass --force "
                       "to move it aside into pre-restore-<time>/ and restore over it")
     manifest = read_manifest(req.archive)
+    if manifest.storage_backend != dep.config.storage.backend:
+        raise Refused(f"the archive is of the {manifest.storage_backend!r} storage backend but "
+                      f"{dep.config_path} uses {dep.config.storage.backend!r}")
     if manifest.schema_version > SCHEMA_VERSION:
         raise Refused(f"archive schema {manifest.schema_version} is newer than this server's "
                       f"({SCHEMA_VERSION}); upgrade qpq first")
@@ -154,10 +157,11 @@ def _place(req: RestoreRequest, staging: Path, members: list[ExtractedMember],
            aside: Path) -> None:
     dep = req.deployment
     data_dir = dep.data_dir
-    _place_database(staging / DB_MEMBER, dep.db_path, aside, data_dir)
+    if dep.config.storage.backend == "file":
+        _place_tree(staging / "data" / "store", dep.config.file_store_dir, aside, data_dir)
+    else:
+        _place_database(staging / DB_MEMBER, dep.db_path, aside, data_dir)
     for tree in DATA_TREES:
-        if tree == "files" and not (staging / "data" / tree).is_dir():
-            continue  # no file backend in this archive: leave any existing tree alone
         _place_tree(staging / "data" / tree, data_dir / tree, aside, data_dir)
     if not req.with_secrets:
         return
@@ -192,11 +196,18 @@ def restore_archive(req: RestoreRequest, progress: ProgressFn | None = None) -> 
             raise ArchiveDamaged(f"{req.archive.name} failed verification, nothing was "
                                  f"changed: {'; '.join(problems[:3])}")
         names = {m.name for m in members}
+        migrated_from = None
+        rekeyed = False
+        if manifest.storage_backend == "file":
+            if not (staging / "data" / "store").is_dir():
+                raise ArchiveDamaged(f"{req.archive.name} holds no file store")
+            file_mark_pending(staging / "data" / "store", req.archive.name)
+            (staging / "data" / "store" / "LOCK").unlink(missing_ok=True)
+            _place(req, staging, members, aside)
+            return _complete(req, manifest, aside, opening, final, rekeyed, migrated_from)
         if DB_MEMBER not in names:
             raise ArchiveDamaged(f"{req.archive.name} holds no database")
         conn = open_db(staging / DB_MEMBER, opening)
-        migrated_from = None
-        rekeyed = False
         try:
             mark_pending_purge(conn, req.archive.name)
             version = schema_version(conn)
@@ -212,8 +223,16 @@ def restore_archive(req: RestoreRequest, progress: ProgressFn | None = None) -> 
             conn.close()
         # -- from here on the data dir changes ------------------------------------------
         _place(req, staging, members, aside)
+        return _complete(req, manifest, aside, opening, final, rekeyed, migrated_from)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _complete(req: RestoreRequest, manifest: Manifest, aside: Path, opening: Secret,
+              final: Secret | None, rekeyed: bool, migrated_from: int | None,
+              ) -> RestoreResult:
+    """After the files are in place: make sure the .env has the key, purge, doctor."""
+    dep = req.deployment
     live_key = final or opening
     env_key_written = False
     if not read_env_file(dep.env_file).get("QPQ_DB_KEY"):
@@ -230,6 +249,9 @@ def restore_archive(req: RestoreRequest, progress: ProgressFn | None = None) -> 
 
 
 def _finish(dep: Deployment, db_key: Secret) -> int:
+    if dep.config.storage.backend == "file":
+        store = dep.config.file_store_dir
+        return file_complete_purge(store) if file_restore_state(store) == PENDING_PURGE else 0
     conn = open_db(dep.db_path, db_key)
     try:
         return complete_purge(conn) if restore_state(conn) == PENDING_PURGE else 0

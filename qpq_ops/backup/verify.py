@@ -19,6 +19,7 @@ from pathlib import Path
 from qpq_ops.backup.archive import ExtractedMember, extract_archive
 from qpq_ops.backup.database import check_integrity, open_db, row_counts, schema_version
 from qpq_ops.backup.errors import OpsError, WrongKey
+from qpq_ops.backup.filestore import store_counts, store_problems
 from qpq_ops.backup.layout import DB_MEMBER
 from qpq_ops.backup.manifest import Manifest, fingerprint
 from qpq_server.secrets import Secret
@@ -77,6 +78,18 @@ def check_extracted(manifest: Manifest, members: list[ExtractedMember],
                            f"(archive key {manifest.db_key_fingerprint}, "
                            f"given key {fingerprint(db_key)})")
         problems.append("manifest MAC does not match (manifest edited after the backup)")
+    if manifest.storage_backend == "file":
+        store = next((m.path for m in members if m.name.startswith("data/store/")), None)
+        if store is not None:
+            root = store
+            while root.name != "store":
+                root = root.parent
+            _read, decode_problems, _setups = store_problems(root)
+            problems += decode_problems
+            counts = store_counts(root)
+            problems += [f"{t}: {counts.get(t)} records, manifest says {n}"
+                         for t, n in manifest.row_counts.items() if counts.get(t) != n]
+        return True, problems
     db = next((m for m in members if m.name == DB_MEMBER), None)
     if db is None or any(DB_MEMBER in p for p in problems):
         return False, problems  # a damaged copy: its checksum problem says enough
