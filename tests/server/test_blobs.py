@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
+import json
 import os
 import subprocess
 import threading
@@ -204,7 +206,7 @@ async def test_quota_refusal_stops_an_upload_that_is_already_streaming(
         session = c.profile("quota_u").session
         assert session
         blob = os.urandom(2_000_000)
-        await c.conn.put_blob(session, __import__("io").BytesIO(blob), len(blob),
+        await c.conn.put_blob(session, io.BytesIO(blob), len(blob),
                               hashlib.sha256(blob).digest())
         before = blob_files(blob_server)
         started = time.monotonic()
@@ -260,8 +262,6 @@ def test_cli_send_file_and_recv_out_decrypt_end_to_end(
     out = tmp_path / "downloads"
     got = cli(blob_server, profile, "recv", "cli_f_b", "--out", str(out), "--json")
     assert got.returncode == 0, got.stderr
-    import json
-
     entry = json.loads(got.stdout)
     assert entry["from"] == "cli_f_a" and entry["file"]["name"] == "report.pdf"
     assert (out / "report.pdf").read_bytes() == doc.read_bytes()
@@ -284,7 +284,7 @@ async def test_unreferenced_blobs_expire_and_referenced_ones_wait_for_download(
             session = c.profile("exp_a").session
             assert session
             loose = os.urandom(10_000)
-            await c.conn.put_blob(session, __import__("io").BytesIO(loose), len(loose),
+            await c.conn.put_blob(session, io.BytesIO(loose), len(loose),
                                   hashlib.sha256(loose).digest())
             doc = tmp_path / "kept.txt"
             doc.write_bytes(b"kept until fetched")
@@ -300,3 +300,55 @@ async def test_unreferenced_blobs_expire_and_referenced_ones_wait_for_download(
             await asyncio.sleep(2)
             assert blob_files(srv) == set()
             assert metric(srv, "qpq_blob_bytes") == 0
+
+
+async def test_store_start_drops_what_was_never_acknowledged(tmp_path: Path) -> None:
+    from qpq_server.blobs.store import BlobStore
+
+    def store() -> BlobStore:
+        return BlobStore(tmp_path / "blobs", max_blob_bytes=10_000, quota_bytes_per_account=12_000,
+                         retention_s=3600)
+
+    s = store()
+    await s.open()
+    data = os.urandom(5000)
+    blob_id = hashlib.sha256(data).hexdigest()
+    upload = s.begin_upload("u", blob_id, len(data))
+    upload.write(data)
+    info = await upload.commit(time.time())
+    assert info.size == 5000 and s.usage("u") == 5000
+    root = tmp_path / "blobs"
+    orphan_meta = root / "aa" / "bb" / ("aabb" + "0" * 60 + ".meta")
+    orphan_meta.parent.mkdir(parents=True)
+    orphan_meta.write_text('{"owner": "u", "size": 1, "created_at": 0}')
+    orphan_blob = root / "cc" / "dd" / ("ccdd" + "0" * 60)
+    orphan_blob.parent.mkdir(parents=True)
+    orphan_blob.write_bytes(b"x")
+    (root / "tmp" / "left.part").write_bytes(b"partial")
+
+    s = store()
+    await s.open()
+    assert not orphan_meta.exists() and not orphan_blob.exists()
+    assert list((root / "tmp").iterdir()) == []
+    assert s.get(blob_id) is not None and s.total_bytes == 5000
+    # a wrong hash at commit leaves nothing; over-quota is refused before any byte
+    bad = s.begin_upload("u", "ee" * 32, 10)
+    bad.write(b"0123456789")
+    with pytest.raises(Exception, match="sha256"):
+        await bad.commit(time.time())
+    assert list((root / "tmp").iterdir()) == [] and s.usage("u") == 5000
+    with pytest.raises(Exception, match="quota"):
+        s.begin_upload("u", "ff" * 32, 8000)
+
+
+def test_check_config_rejects_bad_blob_and_retention_values(tmp_path: Path) -> None:
+    from qpq_server.config import validate_config
+
+    config = tmp_path / "qpq-server.toml"
+    config.write_text('[blobs]\nmax_blob_bytes = 0\nquota_bytes_per_account = "1GB"\n'
+                      '[retention]\ndays = -1\n[websocket]\ntrust_x_forwarded_for = "yes"\n')
+    problems = "\n".join(validate_config(config))
+    assert "[blobs] max_blob_bytes must be > 0" in problems
+    assert "[blobs] quota_bytes_per_account must be int" in problems
+    assert "[retention] days must be > 0" in problems
+    assert "[websocket] trust_x_forwarded_for must be bool" in problems
