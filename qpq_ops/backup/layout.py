@@ -4,14 +4,18 @@ Member names:
 - `db/qpq.db`                 the SQLCipher database (an online snapshot, still encrypted)
 - `data/blobs/...`            the blob store, file by file
 - `data/opaque/...`           the OPAQUE server setups (`setup-vN.bin`, `dummy-vN.bin`)
+- `data/kt/signing_key.pem`   the key-transparency log's signing key
 - `data/store/...`            the `file` storage backend's tree (`[storage] file_dir`), when
                               that backend is used (instead of `db/qpq.db`)
 - `secrets/env`               the `.env` beside the config (only with --include-secrets)
 - `secrets/tls_cert`, `secrets/tls_key`   the serving certificate and key
-- `secrets/data/...`          key files under the data dir: `kt/`, `keys/`, `federation/`
+- `secrets/data/...`          key files under the data dir: `keys/`, `federation/`
 - `secrets/federation_{cert,key,ca}`      federation files configured outside the data dir
 
 Secrets stay out by default: a key stored beside the data it protects protects nothing.
+The OPAQUE setups and the KT signing key are server identity, not protection of the
+data: without them no account could log in and every client's pinned KT log key would
+mismatch, so they travel with the data.
 """
 
 from __future__ import annotations
@@ -27,9 +31,9 @@ __all__ = ["DATA_TREES", "DB_MEMBER", "SECRET_TREES", "Source", "restore_target"
            "safe_member_path", "source_files"]
 
 DB_MEMBER = "db/qpq.db"
-DATA_TREES = {"blobs": "blob", "opaque": "opaque"}
+DATA_TREES = {"blobs": "blob", "opaque": "opaque", "kt": "kt"}
 """Trees under the data dir that are data (member `data/<tree>/...`), by kind."""
-SECRET_TREES = ("kt", "keys", "federation")
+SECRET_TREES = ("keys", "federation")
 """Trees under the data dir that hold keys (member `secrets/data/<tree>/...`)."""
 
 

@@ -77,6 +77,9 @@ async def test_backup_under_traffic_restores_every_acknowledged_message(tmp_path
     report = restored.json()
     assert report["doctor"]["ok"] and report["rekeyed"] is True
     assert report["purged_key_packages"] > 0
+    kt_key = "kt/signing_key.pem"  # server identity travels with the data: KT pins hold
+    assert (fresh.parent / kt_key).read_bytes() == (config.parent / kt_key).read_bytes()
+    assert (fresh.parent / ".env").read_text() != (config.parent / ".env").read_text()
     blob_path = fresh.parent / "blobs" / blob[:2] / blob[2:4] / blob
     assert blob_path.read_bytes() == b"ciphertext of an attachment"
     assert not (fresh.parent / "blobs" / "tmp").exists()  # uploads in progress: not data
