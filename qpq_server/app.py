@@ -95,7 +95,8 @@ class ServerApp:
         self.metrics.tls_cert_expiry_timestamp_seconds.set(
             certificate_not_after(cfg.tls_cert_path))
         self.listener = QuicListener(cfg, self.service, BlobTransfers(
-            self.service, blobs, cfg.quic.max_frame_bytes, cfg.blobs.chunk_bytes))
+            self.service, blobs, cfg.quic.max_frame_bytes, cfg.blobs.chunk_bytes,
+            cfg.blobs.upload_idle_timeout_s))
         host, port = parse_hostport(cfg.server.listen)
         try:
             await self.listener.start(host, port)

@@ -102,6 +102,7 @@ class BlobsConfig:
     max_blob_bytes: int = 104857600  # 100 MiB of ciphertext per attachment
     quota_bytes_per_account: int = 1073741824  # 1 GiB held per uploader
     chunk_bytes: int = 262144  # download chunk frame size (capped by max_frame_bytes)
+    upload_idle_timeout_s: float = 60.0  # a stalled upload is discarded after this
 
 
 @dataclass(frozen=True)
@@ -220,6 +221,7 @@ _POSITIVE = {
     ("blobs", "max_blob_bytes"),
     ("blobs", "quota_bytes_per_account"),
     ("blobs", "chunk_bytes"),
+    ("blobs", "upload_idle_timeout_s"),
     ("retention", "days"),
     ("retention", "sweep_interval_s"),
     ("rate_limit", "account_rate_per_s"),

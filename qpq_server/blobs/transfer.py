@@ -36,13 +36,18 @@ from qpq_server.protocol.codec import FrameDecoder, encode_frame
 if TYPE_CHECKING:
     from qpq_server.service import ConnectionState, Service
 
-__all__ = ["BLOB_OPS", "BlobStream", "BlobTransfers", "StreamSink", "register_blob_ops"]
+__all__ = ["BLOB_OPS", "BlobStream", "BlobTransfers", "StreamSink", "UploadStalled",
+           "register_blob_ops"]
 
 log = logging.getLogger("qpq.blobs")
 
 BLOB_OPS = frozenset({"blob_put", "blob_get"})
 _SEND_WINDOW = 2 * 1024 * 1024  # unacknowledged bytes allowed in flight per download
 _FRAME_OVERHEAD = 64
+
+
+class UploadStalled(BadRequest):
+    code = "upload_stalled"
 
 
 class StreamSink(Protocol):
@@ -77,6 +82,7 @@ class BlobStream:
         self._started = time.perf_counter()
         self._upload: Upload | None = None
         self._task: asyncio.Task[None] | None = None
+        self._idle: asyncio.TimerHandle | None = None
         self.finished = False
         try:
             user = transfers.service.authorize_stream(request, conn)
@@ -94,6 +100,8 @@ class BlobStream:
 
     def _reply(self, response: dict[str, Any]) -> None:
         self.finished = True
+        if self._idle is not None:
+            self._idle.cancel()
         self._sink.send(encode_frame(response), end=True)
         self._observe()
 
@@ -112,6 +120,8 @@ class BlobStream:
             self._upload.abort()
         if self._task is not None:
             self._task.cancel()
+        if self._idle is not None:
+            self._idle.cancel()
         self.finished = True
 
     # -- upload ------------------------------------------------------------------------
@@ -126,6 +136,19 @@ class BlobStream:
             self._sink.stop_receiving()
             return
         self._upload = store.begin_upload(user, blob_id, size)
+        self._arm_idle()
+
+    def _arm_idle(self) -> None:
+        """A stalled upload would hold a temp file and quota until the connection idles
+        out; refuse it after [blobs] upload_idle_timeout_s without data instead."""
+        if self._idle is not None:
+            self._idle.cancel()
+        timeout = self._t.upload_idle_timeout_s
+        self._idle = asyncio.get_running_loop().call_later(timeout, self._stalled, timeout)
+
+    def _stalled(self, timeout: float) -> None:
+        if not self.finished and self._task is None:
+            self._fail(UploadStalled(f"no upload data for {timeout:g}s; upload discarded"))
 
     def feed(self, data: bytes, end: bool, decoded: Sequence[dict[str, Any]] = ()) -> None:
         """Stream bytes in (plus frames the transport decoded along with the request)."""
@@ -139,7 +162,11 @@ class BlobStream:
                 self._upload.write(chunk)
             if end:
                 self._decoder.finish()
+                if self._idle is not None:
+                    self._idle.cancel()
                 self._task = asyncio.get_running_loop().create_task(self._commit())
+            elif data:
+                self._arm_idle()
         except Exception as exc:
             self._fail(exc)
 
@@ -201,10 +228,11 @@ class BlobStream:
 
 class BlobTransfers:
     def __init__(self, service: Service, store: BlobStore, max_frame_bytes: int,
-                 chunk_bytes: int) -> None:
+                 chunk_bytes: int, upload_idle_timeout_s: float = 60.0) -> None:
         self.service = service
         self.store = store
         self.chunk_bytes = max(1024, min(chunk_bytes, max_frame_bytes - _FRAME_OVERHEAD))
+        self.upload_idle_timeout_s = upload_idle_timeout_s
 
     def open_stream(self, request: dict[str, Any], conn: ConnectionState, sink: StreamSink,
                     decoder: FrameDecoder) -> BlobStream:

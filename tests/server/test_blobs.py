@@ -25,13 +25,15 @@ from tests.server.test_messaging import metric
 
 MAX_BLOB = 55_000_000
 QUOTA = 56_000_000
+STALL_S = 3.0
 
 
 @pytest.fixture(scope="module")
 def blob_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     with running_server(tmp_path_factory.mktemp("blobsrv"), overrides={
             "rate_limit": {"enabled": False},
-            "blobs": {"max_blob_bytes": MAX_BLOB, "quota_bytes_per_account": QUOTA}}) as srv:
+            "blobs": {"max_blob_bytes": MAX_BLOB, "quota_bytes_per_account": QUOTA,
+                      "upload_idle_timeout_s": STALL_S}}) as srv:
         yield srv
 
 
@@ -163,6 +165,21 @@ async def test_interrupted_uploads_leave_nothing_behind(
                                             hashlib.sha256(data).digest()))[1])
         assert ok["ok"] is True and ok["existing"] is False
         assert ok["blob_id"] == hashlib.sha256(data).digest()
+
+
+async def test_stalled_upload_is_refused_and_discarded(
+        blob_server: RunningServer, tmp_path: Path) -> None:
+    async with client_for(blob_server, tmp_path / "p") as c:
+        await c.register("stall_u", "pw")
+        session = c.profile("stall_u").session
+        assert session
+        before = blob_files(blob_server)
+        started = time.monotonic()
+        _, answers = await raw_put(c, session, [b"x" * 1000], 100_000, b"\x04" * 32, end=False)
+        assert code_of(await answer(c, answers)) == "upload_stalled"
+        assert STALL_S <= time.monotonic() - started < STALL_S + 5
+        await wait_until_files(blob_server, before)
+        assert (await c.conn.call("ping"))["ok"] is True
 
 
 async def test_bad_uploads_are_refused_and_leave_nothing(
