@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import tomllib
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -28,8 +29,11 @@ def ws_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServe
             "websocket": {"enabled": True, "listen": f"127.0.0.1:{port}"},
             "rate_limit": {"address_burst": 300, "address_rate_per_s": 50.0,
                            "account_burst": 300, "account_rate_per_s": 50.0}}) as srv:
-        srv.env["WS_URL"] = f"ws://127.0.0.1:{port}"
         yield srv
+
+
+def ws_url(srv: RunningServer) -> str:
+    return "ws://" + tomllib.loads(srv.config_path.read_text())["websocket"]["listen"]
 
 
 class WsConnection:
@@ -69,7 +73,7 @@ class WsConnection:
 @asynccontextmanager
 async def ws_client(srv: RunningServer, profiles: Path, token: str | None = None,
                     ) -> AsyncIterator[QpqClient]:
-    async with ws_connect(srv.env["WS_URL"], proxy=None, compression=None) as ws:
+    async with ws_connect(ws_url(srv), proxy=None, compression=None) as ws:
         conn = WsConnection(ws, "ws-" + srv.address)
         await conn.call("hello", token=token or srv.auth_token)
         yield QpqClient(conn, profiles)  # type: ignore[arg-type]
@@ -106,7 +110,7 @@ async def test_quic_and_websocket_clients_exchange_messages_both_ways(
 
 async def test_websocket_needs_the_access_token_and_a_session(
         ws_server: RunningServer, tmp_path: Path) -> None:
-    async with ws_connect(ws_server.env["WS_URL"], proxy=None) as ws:
+    async with ws_connect(ws_url(ws_server), proxy=None) as ws:
         conn = WsConnection(ws, "x")
         assert (await conn.call_raw({"op": "ping"}))["error"]["code"] == "unauthenticated"
         bad = await conn.call_raw({"op": "hello", "token": "wrong"})
@@ -129,7 +133,7 @@ async def test_websocket_needs_the_access_token_and_a_session(
 ])
 async def test_bad_messages_get_an_error_code_then_a_clean_close(
         ws_server: RunningServer, message: str | bytes, close_code: int) -> None:
-    async with ws_connect(ws_server.env["WS_URL"], proxy=None, max_size=None) as ws:
+    async with ws_connect(ws_url(ws_server), proxy=None, max_size=None) as ws:
         await ws.send(message)
         response = msgpack.unpackb(await asyncio.wait_for(ws.recv(), 10), raw=False)
         expected = "too_large" if close_code == 1009 else "bad_frame"
@@ -137,13 +141,13 @@ async def test_bad_messages_get_an_error_code_then_a_clean_close(
         with pytest.raises(ConnectionClosed) as closed:
             await asyncio.wait_for(ws.recv(), 10)
         assert closed.value.rcvd is not None and closed.value.rcvd.code == close_code
-    async with ws_connect(ws_server.env["WS_URL"], proxy=None) as ws:  # server still serves
+    async with ws_connect(ws_url(ws_server), proxy=None) as ws:  # server still serves
         conn = WsConnection(ws, "x")
         assert (await conn.call("hello", token=ws_server.auth_token))["ok"] is True
 
 
 async def test_websocket_requests_share_the_rate_limiter(ws_server: RunningServer) -> None:
-    async with ws_connect(ws_server.env["WS_URL"], proxy=None) as ws:
+    async with ws_connect(ws_url(ws_server), proxy=None) as ws:
         conn = WsConnection(ws, "x")
         await conn.call("hello", token=ws_server.auth_token)
         answers = await asyncio.gather(*(conn.call_raw({"op": "ping"}) for _ in range(400)))
