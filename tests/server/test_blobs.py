@@ -369,3 +369,27 @@ def test_check_config_rejects_bad_blob_and_retention_values(tmp_path: Path) -> N
     assert "[blobs] quota_bytes_per_account must be int" in problems
     assert "[retention] days must be > 0" in problems
     assert "[websocket] trust_x_forwarded_for must be bool" in problems
+
+
+async def test_a_file_that_cannot_be_fetched_leaves_its_message_queued(
+        blob_server: RunningServer, tmp_path: Path) -> None:
+    doc = tmp_path / "lost.txt"
+    doc.write_bytes(b"will vanish on the server")
+    async with client_for(blob_server, tmp_path / "p") as c:
+        await c.register("lost_a", "pw")
+        await c.register("lost_b", "pw")
+        await c.send_file("lost_a", ["lost_b"], doc)
+        blob_id = ""
+        for path in (blob_server.data_dir / "blobs").rglob("*"):
+            if path.is_file() and not path.name.endswith(".meta") and path.parent.name != "tmp":
+                meta = path.with_name(path.name + ".meta")
+                if '"lost_a"' in meta.read_text():
+                    blob_id = path.name
+                    path.unlink()  # e.g. lost by the operator
+        with pytest.raises(ClientError) as err:
+            await c.receive("lost_b", before_ack=lambda m: c.save_file(
+                "lost_b", m, tmp_path / "in"))
+        assert err.value.code == "not_found"
+        again = await c.receive("lost_b")  # not acknowledged: still there
+        assert [m.content["blob"].hex() for m in again] == [blob_id]
+        assert not (tmp_path / "in" / "lost.txt").exists()
