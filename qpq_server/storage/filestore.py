@@ -86,6 +86,9 @@ def _unpack(data: bytes) -> Any:
 
 def _user_dir_name(username: str) -> str:
     # The prefix keeps names such as "." and ".." (valid usernames) from meaning anything.
+    # The service only passes names matching USERNAME_RE; refuse path syntax regardless.
+    if not username or "/" in username or "\0" in username:
+        raise StorageError(f"username {username!r} cannot name a file")
     return "u-" + username
 
 

@@ -54,3 +54,15 @@ async def test_no_temp_files_are_left_after_writes(tmp_path: Path) -> None:
     leftovers = [p for p in (tmp_path / "store").rglob("*") if p.name.endswith(".tmp")]
     assert leftovers == []
     assert (tmp_path / "store" / "queues" / "u-a").is_dir()
+
+
+async def test_names_with_path_syntax_never_reach_the_filesystem(tmp_path: Path) -> None:
+    s = FileStorage(tmp_path / "store")
+    await s.open()
+    try:
+        for name in ("../escape", "a/b", ""):
+            with pytest.raises(StorageError):
+                await s.create_account(name, b"pf", 1, 1.0)
+        assert not (tmp_path / "escape").exists()
+    finally:
+        await s.close()
