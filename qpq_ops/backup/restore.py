@@ -245,7 +245,7 @@ def _complete(req: RestoreRequest, manifest: Manifest, aside: Path, opening: Sec
         manifest=manifest, aside_dir=aside if aside.exists() else None,
         purged_key_packages=purged, rekeyed=rekeyed, migrated_from=migrated_from,
         secrets_restored=req.with_secrets, env_key_written=env_key_written,
-        doctor=run_doctor(dep, live_key))
+        doctor=run_doctor(dep, live_key, full_integrity=False))
 
 
 def _finish(dep: Deployment, db_key: Secret) -> int:
