@@ -13,11 +13,13 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import yaml
 
 from tests.helpers.ports import free_port
@@ -159,3 +161,61 @@ def deploy_vars(root: Path, proc: Path, wheel: Path) -> dict[str, Any]:
         "qpq_prometheus_install_packages": False,
         "qpq_grafana_install": False,
     }
+
+
+class DeployedServer:
+    """The DEPLOYED install (its venv, config and .env) run as a process, like systemd would."""
+
+    def __init__(self, root: Path, metrics_listen: str, log_path: Path) -> None:
+        self.root = root
+        self.metrics_url = "http://" + metrics_listen
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def config(self) -> Path:
+        return self.root / "var/lib/qpq/qpq-server.toml"
+
+    def start(self, timeout: float = 30.0) -> None:
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [str(self.root / "opt/qpq/venv/bin/qpq-server"), "run", "--config",
+                 str(self.config)],
+                stdout=log, stderr=subprocess.STDOUT, env={"PATH": "/usr/bin:/bin"})
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"qpq-server exited {self.process.returncode}:\n{self.log()}")
+            if self.ready():
+                return
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"qpq-server not ready in {timeout}s:\n{self.log()}")
+
+    def ready(self) -> bool:
+        try:
+            return httpx.get(self.metrics_url + "/readyz", timeout=1.0).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+        self.process = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
+
+
+def read_env(path: Path) -> dict[str, str]:
+    values = {}
+    for line in path.read_text().splitlines():
+        if "=" in line and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            values[key.strip()] = value.strip().strip('"')
+    return values

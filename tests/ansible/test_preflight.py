@@ -66,3 +66,11 @@ def test_kernel_values_that_differ_fail_the_sysctl_verification(
     # The persistent file is still written: the next boot gets the right values.
     conf = Path(good_vars["qpq_root"]) / "etc" / "sysctl.d" / "99-qpq.conf"
     assert "net.core.rmem_max = 26214400" in conf.read_text().splitlines()
+
+
+def test_check_mode_on_a_fresh_host_reports_changes_and_writes_nothing(
+        good_vars: dict[str, Any], tmp_path: Path) -> None:
+    run = run_playbook("deploy.yml", tmp_path / "work", good_vars, check=True)
+    assert run.rc == 0, run.output[-4000:]
+    assert run.changed > 0
+    assert not Path(good_vars["qpq_root"]).exists()

@@ -1,0 +1,179 @@
+"""backup.yml, restore.yml and rotate-keys.yml for real, around a deployed server.
+
+deploy.yml installs qpq into a temporary root; the test then runs that install (as
+systemd would) and drives the day-2 playbooks against it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.ansible.runner import (
+    PLAYBOOKS,
+    DeployedServer,
+    deploy_vars,
+    fake_proc,
+    read_env,
+    run_playbook,
+)
+
+pytestmark = pytest.mark.timeout(420)
+
+
+@dataclass(frozen=True)
+class Host:
+    root: Path
+    work: Path
+    vars: dict[str, Any]
+    server: DeployedServer
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "var/lib/qpq"
+
+    @property
+    def backups(self) -> Path:
+        return self.root / "var/backups/qpq"
+
+    def archives(self) -> list[Path]:
+        return sorted(p for p in self.backups.iterdir() if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory: pytest.TempPathFactory, qpq_wheel: Path,
+         sysctl_settings: dict[str, int]) -> Iterator[Host]:
+    base = tmp_path_factory.mktemp("day2")
+    root = base / "root"
+    extra = deploy_vars(root, fake_proc(base / "proc", sysctl_settings), qpq_wheel)
+    deployed = run_playbook("deploy.yml", base / "work", extra, tags="qpq_server,qpq_backup")
+    assert deployed.rc == 0, deployed.output[-4000:]
+    server = DeployedServer(root, extra["qpq_server_metrics_listen"], base / "server.log")
+    server.start()
+    try:
+        yield Host(root=root, work=base / "work", vars=extra, server=server)
+    finally:
+        server.stop()
+
+
+def day2_vars(host: Host, **more: Any) -> dict[str, Any]:
+    return {"qpq_root": host.vars["qpq_root"], "qpq_service_manager": "none",
+            "ansible_become": False, **more}
+
+
+def test_backup_playbook_writes_a_verified_archive_and_the_textfile_metric(host: Host) -> None:
+    run = run_playbook("backup.yml", host.work, day2_vars(host))
+    assert run.rc == 0, run.output[-4000:]
+    assert run.changed > 0
+    (archive,) = host.archives()
+    assert f"backup written to {archive}" in run.output
+    metric = host.root / "var/lib/prometheus/node-exporter/qpq_backup.prom"
+    assert "qpq_backup_last_success_timestamp_seconds" in metric.read_text()
+    # Nothing comes back to the controller unless asked.
+    assert not (PLAYBOOKS / "backups").exists()
+
+
+def test_backup_playbook_prunes_to_the_retention_and_fetches_only_on_request(
+        host: Host, tmp_path: Path) -> None:
+    before = set(host.archives())
+    fetch_dir = tmp_path / "fetched"
+    run = run_playbook("backup.yml", host.work, day2_vars(
+        host, qpq_backup_keep=1, qpq_backup_keep_daily=0, qpq_backup_fetch=True,
+        qpq_backup_fetch_dir=str(fetch_dir)))
+    assert run.rc == 0, run.output[-4000:]
+    (kept,) = host.archives()
+    assert kept not in before
+    assert (fetch_dir / "localhost" / kept.name).read_bytes() == kept.read_bytes()
+
+
+def test_restore_playbook_refuses_a_live_data_dir_then_restores_with_force(host: Host) -> None:
+    (archive,) = host.archives()
+    host_path = "/" + str(archive.relative_to(host.root))
+    host.server.stop()
+    try:
+        refused = run_playbook("restore.yml", host.work, day2_vars(
+            host, qpq_backup_restore_archive=host_path))
+        assert refused.rc != 0
+        assert "--force" in refused.output, refused.output[-3000:]
+        restored = run_playbook("restore.yml", host.work, day2_vars(
+            host, qpq_backup_restore_archive=host_path, qpq_backup_restore_force=True))
+        assert restored.rc == 0, restored.output[-4000:]
+        assert restored.changed > 0
+    finally:
+        host.server.start()
+    assert host.server.ready()
+
+
+def test_restore_playbook_stops_on_a_missing_archive_before_touching_anything(
+        host: Host) -> None:
+    run = run_playbook("restore.yml", host.work, day2_vars(
+        host, qpq_backup_restore_archive="/var/backups/qpq/nope.tar"))
+    assert run.rc != 0
+    assert "/var/backups/qpq/nope.tar does not exist on localhost" in run.output
+    assert run.changed == 0
+    assert host.server.ready()
+
+
+def test_rotate_dry_run_and_check_mode_change_nothing(host: Host) -> None:
+    env_before = (host.data_dir / ".env").read_bytes()
+    dry = run_playbook("rotate-keys.yml", host.work, day2_vars(
+        host, qpq_rotate_kind="auth-token", qpq_rotate_dry_run=True))
+    assert dry.rc == 0, dry.output[-4000:]
+    assert dry.changed == 0
+    check = run_playbook("rotate-keys.yml", host.work, day2_vars(
+        host, qpq_rotate_kind="auth-token"), check=True)
+    assert check.rc == 0, check.output[-4000:]
+    assert (host.data_dir / ".env").read_bytes() == env_before
+
+
+def test_rotate_auth_token_keeps_the_old_token_for_the_grace_window_then_finishes(
+        host: Host) -> None:
+    old = read_env(host.data_dir / ".env")["QPQ_AUTH_TOKEN"]
+    run = run_playbook("rotate-keys.yml", host.work, day2_vars(
+        host, qpq_rotate_kind="auth-token", qpq_rotate_grace_hours=1.0))
+    assert run.rc == 0, run.output[-4000:]
+    env = read_env(host.data_dir / ".env")
+    assert env["QPQ_AUTH_TOKEN"] != old
+    assert env["QPQ_AUTH_TOKEN_PREVIOUS"] == old
+    assert old not in run.output and env["QPQ_AUTH_TOKEN"] not in run.output
+    assert host.server.ready()
+    early = run_playbook("rotate-keys.yml", host.work, day2_vars(
+        host, qpq_rotate_kind="auth-token", qpq_rotate_finish=True))
+    assert early.rc != 0  # the grace window is still open
+    assert "QPQ_AUTH_TOKEN_PREVIOUS" in read_env(host.data_dir / ".env")
+    finish = run_playbook("rotate-keys.yml", host.work, day2_vars(
+        host, qpq_rotate_kind="auth-token", qpq_rotate_finish=True,
+        qpq_rotate_finish_early=True))
+    assert finish.rc == 0, finish.output[-4000:]
+    assert "QPQ_AUTH_TOKEN_PREVIOUS" not in read_env(host.data_dir / ".env")
+    audit = [json.loads(line) for line in
+             (host.data_dir / "audit" / "rotations.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in audit][-2:] == ["auth-token", "auth-token"]
+
+
+def test_rotate_tls_fetches_the_public_certificate_and_no_secret(host: Host,
+                                                                 tmp_path: Path) -> None:
+    cert = host.data_dir / "tls" / "cert.pem"
+    old_cert = cert.read_bytes()
+    fetch_dir = tmp_path / "from-host"
+    run = run_playbook("rotate-keys.yml", host.work, day2_vars(
+        host, qpq_rotate_kind="tls", qpq_rotate_fetch_dir=str(fetch_dir)))
+    assert run.rc == 0, run.output[-4000:]
+    assert cert.read_bytes() != old_cert
+    fetched = sorted(p.relative_to(fetch_dir) for p in fetch_dir.rglob("*") if p.is_file())
+    assert fetched == [Path("localhost/tls/cert.pem")]
+    assert (fetch_dir / "localhost/tls/cert.pem").read_bytes() == cert.read_bytes()
+    assert host.server.ready()
+
+
+def test_rotate_refuses_finish_for_a_kind_without_a_second_step(host: Host) -> None:
+    run = run_playbook("rotate-keys.yml", host.work, day2_vars(
+        host, qpq_rotate_kind="tls", qpq_rotate_finish=True))
+    assert run.rc != 0
+    assert "qpq_rotate_finish exists for auth-token and opaque only" in " ".join(run.output.split())
+    assert run.changed == 0
