@@ -25,6 +25,7 @@ from qpq_ops.rotate import (
     rotate_tls,
 )
 from qpq_ops.rotate.auth_token import DEFAULT_GRACE_S
+from qpq_ops.rotate.tls import stage_tls
 
 __all__ = ["app"]
 
@@ -50,7 +51,8 @@ def _report(result: RotationResult, json_out: bool) -> None:
                     "steps": list(result.steps), "next_steps": list(result.next_steps),
                     "reload": result.reload or None, "warnings": list(result.warnings)})
     else:
-        title = f"rotate {result.kind}" + (" --finish" if result.action == "finish" else "")
+        title = f"rotate {result.kind}" + (
+            f" --{result.action}" if result.action in ("finish", "stage") else "")
         table = Table(title=title + (" (dry run: nothing changed)" if result.dry_run else ""),
                       show_header=False)
         for step in result.steps:
@@ -111,6 +113,9 @@ def tls(
     key: Annotated[Path | None, typer.Option("--key", help="Its private key (PEM).")] = None,
     days: Annotated[int, typer.Option("--days", min=1,
                                       help="Validity of a self-signed certificate.")] = 365,
+    stage: Annotated[bool, typer.Option(
+        "--stage", help="Only make the next self-signed pair and tls/trust-bundle.pem "
+        "(current + next) to hand to clients; a later `rotate tls` installs it.")] = False,
     reload_command: ReloadOpt = None,
     dry_run: DryRunOpt = False,
     json_out: JsonOpt = False,
@@ -118,6 +123,10 @@ def tls(
     """New TLS key and certificate (self-signed, or a provided pair checked to match and
     be valid), then a reload: new handshakes use it, open connections stay up."""
     dep = deployment_or_fail(config)
+    if stage:
+        if cert or key:
+            fail("--stage makes a self-signed pair; it takes no --cert/--key", ExitCode.USAGE)
+        _run(lambda: stage_tls(dep, dry_run=dry_run, days=days), json_out)
     _run(lambda: rotate_tls(dep, dry_run=dry_run, cert=cert, key=key, days=days,
                             reload_command=reload_command), json_out)
 

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from cryptography.x509.oid import NameOID
 
 from qpq_ops.backup.errors import Refused
 
-__all__ = ["CertPair", "cert_fingerprint", "key_pem", "load_pair", "pem"]
+__all__ = ["CertPair", "cert_fingerprint", "key_pem", "load_pair", "pem", "self_signed"]
 
 
 def cert_fingerprint(cert: x509.Certificate) -> str:
@@ -75,3 +78,32 @@ def load_pair(cert_path: Path, key_path: Path) -> CertPair:
         raise Refused(f"cannot read private key {key_path} (PEM, unencrypted): "
                       f"{type(exc).__name__}") from None
     return CertPair(chain, key)
+
+
+def self_signed(domain: str, days: int, now: dt.datetime) -> CertPair:
+    """Like `qpq-server init`'s certificate, but with a subject unique to this rotation
+    and key identifiers: clients given a trust bundle of several self-signed certificates
+    for the same domain must be able to tell them apart (OpenSSL looks issuers up by
+    subject name, then key identifier)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([
+        x509.NameAttribute(NameOID.COMMON_NAME, domain),
+        x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME,
+                           f"qpq {now.strftime('%Y%m%dT%H%M%S.%fZ')}"),
+    ])
+    alt: list[x509.GeneralName] = [x509.DNSName(domain)]
+    if domain != "localhost":
+        alt.append(x509.DNSName("localhost"))
+    alt.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=days))
+            .add_extension(x509.SubjectAlternativeName(alt), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(ski, critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    return CertPair((cert,), key)

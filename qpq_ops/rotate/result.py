@@ -10,7 +10,7 @@ __all__ = ["RotationResult"]
 @dataclass(frozen=True)
 class RotationResult:
     kind: str
-    action: str                        # rotate | finish
+    action: str                        # rotate | finish | stage
     dry_run: bool
     fingerprint: str = ""              # of the new secret (never the secret)
     previous_fingerprint: str = ""

@@ -2,17 +2,21 @@
 
 Self-signed by default (same shape as `qpq-server init`), or `--cert/--key` installs a
 provided pair after checking that they match and are valid now. The previous pair is kept
-as `*.previous`; for self-signed certificates `tls/trust-bundle.pem` (new + previous)
-lets clients trust both across the switch. The server's SIGHUP reload makes new
-handshakes use the new certificate; established QUIC connections keep theirs.
+as `*.previous`. New handshakes use the new certificate after the SIGHUP reload;
+established QUIC connections keep theirs.
+
+Clients that pin a self-signed certificate can be moved without a single failed
+handshake in two steps: `--stage` makes the next pair (`tls/next-cert.pem`,
+`next-key.pem`) and `tls/trust-bundle.pem` (current + next); once clients have the
+bundle, a plain `rotate tls` installs the staged pair, which they already trust.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
@@ -22,19 +26,39 @@ from qpq_ops.backup.errors import Refused
 from qpq_ops.backup.server_process import reload_server
 from qpq_ops.rotate.audit import AuditRecord, append_audit
 from qpq_ops.rotate.certs import CertPair, cert_fingerprint, key_pem, load_pair, pem
+from qpq_ops.rotate.certs import self_signed as make_self_signed
 from qpq_ops.rotate.result import RotationResult
-from qpq_server.tls import write_private_file, write_self_signed
+from qpq_server.tls import write_private_file
 
-__all__ = ["rotate_tls"]
+__all__ = ["TlsPaths", "rotate_tls", "stage_tls"]
 
 KIND = "tls"
 
 
-def _self_signed(domain: str, days: int) -> CertPair:
-    with tempfile.TemporaryDirectory(prefix="qpq-tls-") as tmp:
-        cert_path, key_path = Path(tmp) / "cert.pem", Path(tmp) / "key.pem"
-        write_self_signed(cert_path, key_path, domain, days)
-        return load_pair(cert_path, key_path)
+@dataclass(frozen=True)
+class TlsPaths:
+    cert: Path
+    key: Path
+
+    @property
+    def next_cert(self) -> Path:
+        return self.cert.with_name("next-cert.pem")
+
+    @property
+    def next_key(self) -> Path:
+        return self.cert.with_name("next-key.pem")
+
+    @property
+    def bundle(self) -> Path:
+        return self.cert.with_name("trust-bundle.pem")
+
+
+def _paths(dep: Deployment) -> TlsPaths:
+    return TlsPaths(dep.config.tls_cert_path, dep.config.tls_key_path)
+
+
+def _new_pair(dep: Deployment, days: int, now: float) -> CertPair:
+    return make_self_signed(dep.config.server.domain, days, dt.datetime.fromtimestamp(now, dt.UTC))
 
 
 def _current_cert(path: Path) -> x509.Certificate | None:
@@ -44,49 +68,94 @@ def _current_cert(path: Path) -> x509.Certificate | None:
         return None
 
 
+def _checked(pair: CertPair, dep: Deployment, now: float, what: str) -> list[str]:
+    refusals, warnings = pair.problems(dep.config.server.domain,
+                                       dt.datetime.fromtimestamp(now, dt.UTC))
+    if refusals:
+        raise Refused(f"not installing {what}: " + "; ".join(refusals))
+    return warnings
+
+
+def stage_tls(dep: Deployment, *, dry_run: bool, days: int = 365,
+              now: Callable[[], float] = time.time) -> RotationResult:
+    """Make the next self-signed pair and a trust bundle (current + next); serve nothing new."""
+    paths = _paths(dep)
+    current = _current_cert(paths.cert)
+    steps = (f"write the next pair to {paths.next_cert.name} / {paths.next_key.name}",
+             f"write {paths.bundle} (current + next certificate)")
+    next_steps = (f"give clients {paths.bundle} (qpq-client --ca): it trusts the current "
+                  "and the next certificate",
+                  f"once they have it: `qpq-ops rotate tls --config {dep.config_path}` "
+                  "installs the staged pair; no client sees a failed handshake")
+    if dry_run:
+        return RotationResult(KIND, "stage", True, "",
+                              cert_fingerprint(current) if current else "", steps, next_steps)
+    pair = _new_pair(dep, days, now())
+    warnings = _checked(pair, dep, now(), "the staged pair")
+    write_private_file(paths.next_key, key_pem(pair.key))
+    write_private_file(paths.next_cert, pem(pair.leaf), 0o644)
+    write_private_file(paths.bundle, (pem(current) if current else b"") + pem(pair.leaf), 0o644)
+    record = append_audit(dep.data_dir, AuditRecord(
+        KIND, "stage", now(), cert_fingerprint(pair.leaf),
+        cert_fingerprint(current) if current else "",
+        {"not_after": pair.leaf.not_valid_after_utc.isoformat()}))
+    return RotationResult(KIND, "stage", False, record.fingerprint,
+                          record.previous_fingerprint, steps, next_steps,
+                          "nothing reloaded: the server still serves the current pair",
+                          tuple(warnings))
+
+
 def rotate_tls(dep: Deployment, *, dry_run: bool, cert: Path | None = None,
                key: Path | None = None, days: int = 365, reload_command: str | None = None,
                now: Callable[[], float] = time.time) -> RotationResult:
     if (cert is None) != (key is None):
         raise Refused("give both --cert and --key, or neither (self-signed)")
-    cfg = dep.config
-    domain = cfg.server.domain
-    pair = load_pair(cert, key) if cert and key else _self_signed(domain, days)
-    refusals, warnings = pair.problems(domain, dt.datetime.fromtimestamp(now(), dt.UTC))
-    if refusals:
-        raise Refused(f"not installing {cert}: " + "; ".join(refusals))
-    old = _current_cert(cfg.tls_cert_path)
+    paths = _paths(dep)
+    staged = cert is None and paths.next_cert.is_file() and paths.next_key.is_file()
+    if cert and key:
+        pair, source = load_pair(cert, key), "provided"
+    elif staged:
+        pair, source = load_pair(paths.next_cert, paths.next_key), "staged"
+    else:
+        pair, source = _new_pair(dep, days, now()), "self-signed"
+    warnings = _checked(pair, dep, now(), str(cert or paths.next_cert))
+    old = _current_cert(paths.cert)
     self_signed = pair.leaf.issuer == pair.leaf.subject
-    steps = [f"{'install the provided' if cert else 'generate a self-signed'} certificate "
-             f"({cert_fingerprint(pair.leaf)}) and key",
-             f"keep the previous pair as {cfg.tls_cert_path.name}.previous / "
-             f"{cfg.tls_key_path.name}.previous",
+    verb = {"provided": "install the provided", "staged": "install the staged",
+            "self-signed": "generate and install a self-signed"}[source]
+    steps = [f"{verb} certificate ({cert_fingerprint(pair.leaf)}) and key",
+             f"keep the previous pair as {paths.cert.name}.previous / "
+             f"{paths.key.name}.previous",
              "reload the server (new handshakes get the new certificate, connections stay)"]
-    bundle = cfg.tls_cert_path.with_name("trust-bundle.pem")
     if self_signed:
-        steps.insert(2, f"write {bundle} (new + previous certificate) for clients")
-    result = RotationResult(
-        KIND, "rotate", dry_run, cert_fingerprint(pair.leaf),
-        cert_fingerprint(old) if old else "", tuple(steps), warnings=tuple(warnings))
+        steps.insert(2, f"write {paths.bundle} (new + previous certificate) for clients")
     if dry_run:
-        return result
-    for path in (cfg.tls_cert_path, cfg.tls_key_path):
+        return RotationResult(KIND, "rotate", True, cert_fingerprint(pair.leaf),
+                              cert_fingerprint(old) if old else "", tuple(steps),
+                              warnings=tuple(warnings))
+    for path in (paths.cert, paths.key):
         if path.is_file():
             write_private_file(path.with_name(path.name + ".previous"), path.read_bytes())
     # Key first, then certificate: the server reads both only on the SIGHUP below.
-    write_private_file(cfg.tls_key_path, key_pem(pair.key))
-    write_private_file(cfg.tls_cert_path, b"".join(pem(c) for c in pair.chain), 0o644)
+    write_private_file(paths.key, key_pem(pair.key))
+    write_private_file(paths.cert, b"".join(pem(c) for c in pair.chain), 0o644)
+    if staged:
+        paths.next_key.unlink()
+        paths.next_cert.unlink()
     next_steps = ["established connections keep working; new connections verify the "
                   "new certificate"]
     if self_signed:
-        write_private_file(bundle, pem(pair.leaf) + (pem(old) if old else b""), 0o644)
-        next_steps.insert(0, f"clients that pin the certificate (qpq-client --ca) need "
-                          f"{bundle} (trusts old and new) or the new {cfg.tls_cert_path.name}")
-    reload = reload_server(cfg, reload_command)
-    append_audit(dep.data_dir, AuditRecord(
-        KIND, "rotate", now(), result.fingerprint, result.previous_fingerprint,
-        {"source": "provided" if cert else "self-signed",
-         "not_after": pair.leaf.not_valid_after_utc.isoformat(), "reload": reload.how}))
-    return RotationResult(KIND, "rotate", False, result.fingerprint,
-                          result.previous_fingerprint, result.steps, tuple(next_steps),
-                          reload.how, result.warnings)
+        write_private_file(paths.bundle, pem(pair.leaf) + (pem(old) if old else b""), 0o644)
+        if not staged:
+            next_steps.insert(0, "clients that pin the certificate (qpq-client --ca) need "
+                              f"the new {paths.cert.name} or {paths.bundle.name}; next time, "
+                              "`rotate tls --stage` first avoids any failed handshake")
+    reload = reload_server(dep.config, reload_command)
+    record = append_audit(dep.data_dir, AuditRecord(
+        KIND, "rotate", now(), cert_fingerprint(pair.leaf),
+        cert_fingerprint(old) if old else "",
+        {"source": source, "not_after": pair.leaf.not_valid_after_utc.isoformat(),
+         "reload": reload.how}))
+    return RotationResult(KIND, "rotate", False, record.fingerprint,
+                          record.previous_fingerprint, tuple(steps), tuple(next_steps),
+                          reload.how, tuple(warnings))

@@ -133,3 +133,30 @@ def test_tls_rotation_installs_a_provided_pair_only_if_it_matches_and_is_valid(
     assert installed.json()["reload"].startswith("server not running")
     assert (config.parent / "tls" / "cert.pem").read_bytes() == (a / "cert.pem").read_bytes()
     start_server(config).stop()  # the server serves the installed pair
+
+
+async def test_staged_tls_rotation_never_fails_a_client_holding_the_bundle(
+        tmp_path: Path) -> None:
+    config = init_data_dir(tmp_path / "d")
+    tls_dir = config.parent / "tls"
+    srv = start_server(config)
+    try:
+        staged = ops("rotate", "tls", "--config", config, "--stage", "--json")
+        assert staged.exit_code == 0, staged.stderr
+        bundle = tmp_path / "client-bundle.pem"  # what the operator hands out
+        bundle.write_bytes((tls_dir / "trust-bundle.pem").read_bytes())
+        assert len(x509.load_pem_x509_certificates(bundle.read_bytes())) == 2
+        async with connect(srv.address, srv.auth_token, ca=bundle,
+                           server_name="localhost") as c:  # still the current pair
+            assert (await c.call("ping"))["ok"]
+        rotated = ops("rotate", "tls", "--config", config, "--json")
+        assert rotated.exit_code == 0, rotated.stderr
+        assert rotated.json()["fingerprint"] == staged.json()["fingerprint"]
+        assert not (tls_dir / "next-cert.pem").exists()
+        async with connect(srv.address, srv.auth_token, ca=bundle,
+                           server_name="localhost") as c:  # now the staged pair
+            assert (await c.call("ping"))["ok"]
+    finally:
+        srv.stop()
+    both = ops("rotate", "tls", "--config", config, "--stage", "--cert", bundle)
+    assert both.exit_code == 64 and "no --cert" in both.stderr
