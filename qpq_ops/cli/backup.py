@@ -89,8 +89,18 @@ def create(
         "--no-textfile", help="Do not write the textfile metric.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Back up a running server without stopping it. Exit 0 on success, 3 when the
-    backup could not be written (nothing is left under the final name), 64 on bad usage."""
+    """Back up a running server without stopping it.
+
+    The database is copied through SQLite's online backup API inside one read
+    transaction (consistent, still encrypted, the server never blocked); blobs and OPAQUE
+    setups follow; everything is hashed into the manifest; the archive is written under a
+    temp name and renamed. Then qpq_backup_last_success_timestamp_seconds is written to
+    the textfile dir. Example:
+
+        qpq-ops backup create --config /var/lib/qpq/qpq-server.toml --dest /var/backups/qpq
+
+    Exit 0 on success, 1 if the metric could not be placed, 3 when the backup could not
+    be written (nothing is left under the final name), 64 on bad usage."""
     dep = deployment_or_fail(config)
     warnings: list[str] = []
     metrics_dir: Path | None = None
@@ -181,10 +191,12 @@ def verify(
         "(else from the environment). Without a key only checksums are checked.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Check an archive: checksums of every member, blob hashes, then with the key the
-    manifest MAC, the database opening, cipher_integrity_check, integrity_check and row
-    counts. Exit 0 all good, 1 checksums good but no key to open the database, 2 damaged,
-    3 wrong key."""
+    """Check an archive as a restore would, without touching any data dir.
+
+    Checksums of every member, blob hashes, then with the key (QPQ_DB_KEY, or the .env
+    beside --config) the manifest MAC, the database opening, cipher_integrity_check,
+    integrity_check and row counts. Exit 0 all good, 1 checksums good but no key to open
+    the database, 2 damaged, 3 wrong key."""
     db_key = deployment_or_fail(config).db_key() if config else None
     if db_key is None:
         raw = os.environ.get("QPQ_DB_KEY")
@@ -232,7 +244,9 @@ def prune(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show the plan.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Delete old archives, keeping the newest N plus one a day for D days."""
+    """Delete old archives, keeping the newest N plus one a day for D days.
+
+    Only files named like qpq archives are considered; others are never touched."""
     if keep_last == 0 and keep_daily == 0:
         fail("--keep-last 0 --keep-daily 0 would delete every backup; keep at least one",
              ExitCode.USAGE)

@@ -73,13 +73,19 @@ def restore(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON alone on stdout.")
                         ] = False,
 ) -> None:
-    """Restore a backup into the config's data dir. The archive is verified in full first
-    (checksums, key, integrity); a running server or a data dir holding data is refused
-    (the latter unless --force); one-time key packages are purged so none is ever handed
-    out twice; a doctor then checks every row and blob. The database key comes from
-    QPQ_DB_KEY in the environment, the archive (if it holds secrets) or the .env; the
-    restored database ends up under the .env's key. Exit 0 restored and healthy, 2 archive
-    damaged or doctor failed, 3 wrong key or I/O failure, 64 refused."""
+    """Restore a backup into the config's data dir, then check it.
+
+    The archive is verified in full first (checksums, key, integrity); a running server
+    or a data dir holding data is refused (the latter unless --force, which moves the old
+    data aside, never deletes it); one-time key packages are purged so none is ever
+    handed out twice; a doctor then checks every row and blob. The database key comes
+    from QPQ_DB_KEY in the environment, the archive (if it holds secrets) or the .env; the
+    restored database ends up under the .env's key. Example:
+
+        QPQ_DB_KEY=... qpq-ops restore ARCHIVE --config /var/lib/qpq/qpq-server.toml
+
+    Exit 0 restored and healthy, 2 archive damaged or doctor failed, 3 wrong key or I/O
+    failure, 64 refused."""
     dep = deployment_or_fail(config)
     try:
         if resume:

@@ -93,9 +93,11 @@ def auth_token(
     dry_run: DryRunOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """New random access token; the old one is accepted until `--finish` (after the grace
-    period). The server reloads (SIGHUP) without dropping connections. The token is
-    written to the .env beside the config, never printed."""
+    """New random access token; the old one stays valid until --finish.
+
+    The server reloads (SIGHUP) without dropping connections and accepts both tokens
+    during the grace period; `--finish` after it drops the old one. The token is written
+    to the .env beside the config, never printed."""
     dep = deployment_or_fail(config)
     if finish:
         _run(lambda: finish_auth_token(dep, dry_run=dry_run, force=force,
@@ -120,8 +122,11 @@ def tls(
     dry_run: DryRunOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """New TLS key and certificate (self-signed, or a provided pair checked to match and
-    be valid), then a reload: new handshakes use it, open connections stay up."""
+    """New TLS key and certificate, then a reload that keeps connections.
+
+    Self-signed (use --stage first so pinning clients get a trust bundle), or a provided
+    --cert/--key pair checked to match and be valid. New handshakes use it; open
+    connections stay up."""
     dep = deployment_or_fail(config)
     if stage:
         if cert or key:
@@ -158,9 +163,11 @@ def db_key(
     dry_run: DryRunOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Re-encrypt the database under a new key (PRAGMA rekey) with the server stopped,
-    after a verified backup; the new key goes to the .env atomically. A wrong current
-    key aborts with nothing changed."""
+    """Re-encrypt the database under a new key (PRAGMA rekey).
+
+    With the server stopped (or --stop), after a verified backup; the new key goes to the
+    .env atomically, crash-safe (rerun to complete). A wrong current key aborts with
+    nothing changed."""
     dep = deployment_or_fail(config)
     _run(lambda: rotate_db_key(dep, dry_run=dry_run, backup_dest=backup_dest, stop=stop),
          json_out)
@@ -177,8 +184,10 @@ def opaque(
     dry_run: DryRunOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """New OPAQUE server setup. Accounts under older setups keep logging in and move to the
-    new one at their next login; nobody is locked out."""
+    """New OPAQUE server setup; nobody is locked out.
+
+    Accounts under older setups keep logging in and move to the new one at their next
+    login; --finish retires setups no account uses any more. Needs a restart."""
     dep = deployment_or_fail(config)
     if finish:
         _run(lambda: finish_opaque(dep, dry_run=dry_run, restart_command=restart_command),
