@@ -177,3 +177,16 @@ def test_rotate_refuses_finish_for_a_kind_without_a_second_step(host: Host) -> N
     assert run.rc != 0
     assert "qpq_rotate_finish exists for auth-token and opaque only" in " ".join(run.output.split())
     assert run.changed == 0
+
+
+def test_redeploy_with_another_db_key_is_refused_before_any_change(host: Host) -> None:
+    env_before = (host.data_dir / ".env").read_bytes()
+    assert (host.data_dir / "qpq.db").exists()
+    run = run_playbook("deploy.yml", host.work, {
+        **host.vars, "qpq_server_db_key": "f" * 64}, tags="qpq_server")
+    assert run.rc != 0
+    assert "qpq_server_db_key differs from the key of the existing database" in " ".join(
+        run.output.split()), run.output[-3000:]
+    assert run.changed == 0
+    assert (host.data_dir / ".env").read_bytes() == env_before
+    assert "f" * 64 not in run.output
