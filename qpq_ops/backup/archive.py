@@ -12,17 +12,21 @@ import io
 import os
 import tarfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from qpq_ops.backup.age import AGE_SUFFIX, AgeReader
 from qpq_ops.backup.errors import ArchiveDamaged, Refused
 from qpq_ops.backup.layout import safe_member_path
 from qpq_ops.backup.manifest import MANIFEST_NAME, Manifest
 
-__all__ = ["ArchiveWriter", "ExtractedMember", "extract_archive", "read_manifest"]
+__all__ = ["ArchiveWriter", "ExtractedMember", "extract_archive", "is_encrypted",
+           "read_manifest"]
 
 ProgressFn = Callable[[int], None]
 _CHUNK = 1 << 20
@@ -50,10 +54,11 @@ class _HashingReader(io.RawIOBase):
 class ArchiveWriter:
     """Append files to a tar, returning (size, sha256) for each."""
 
-    def __init__(self, fh: BinaryIO) -> None:
+    def __init__(self, fh: BinaryIO | io.RawIOBase) -> None:
         # 1 MiB copies: fewer Python-level hash/progress calls than tarfile's 16 KiB.
-        self._tar = tarfile.TarFile(fileobj=fh, mode="w", format=tarfile.PAX_FORMAT,
-                                    copybufsize=_CHUNK)
+        self._tar = tarfile.TarFile(
+            fileobj=fh, mode="w", format=tarfile.PAX_FORMAT,  # type: ignore[arg-type]
+            copybufsize=_CHUNK)
 
     def add_file(self, name: str, path: Path, progress: ProgressFn | None = None,
                  ) -> tuple[int, str]:
@@ -87,22 +92,44 @@ class ExtractedMember:
     sha256: str
 
 
+def is_encrypted(archive: Path) -> bool:
+    return archive.name.endswith(AGE_SUFFIX)
+
+
 @contextmanager
-def _open_tar(archive: Path) -> Iterator[tarfile.TarFile]:
+def _open_tar(archive: Path, identities: Sequence[X25519PrivateKey] = (),
+              ) -> Iterator[tarfile.TarFile]:
+    """The archive's tar; an `.age` archive is decrypted as it streams (sequential only)."""
+    if is_encrypted(archive) and not identities:
+        raise Refused(f"{archive.name} is encrypted (age): pass --identity FILE")
     try:
-        tar = tarfile.open(archive, mode="r:")  # noqa: SIM115 (closed below)
+        raw = archive.open("rb")
     except FileNotFoundError:
         raise Refused(f"archive not found: {archive}") from None
+    except OSError as exc:
+        raise Refused(f"cannot read {archive}: {exc.strerror}") from None
+    try:
+        if is_encrypted(archive):
+            stream = io.BufferedReader(AgeReader(raw, list(identities)), _CHUNK)
+            tar = tarfile.open(fileobj=stream, mode="r|")  # noqa: SIM115 (closed below)
+        else:
+            tar = tarfile.open(fileobj=raw, mode="r:")  # noqa: SIM115 (closed below)
     except (tarfile.TarError, OSError) as exc:
+        raw.close()
         raise ArchiveDamaged(f"{archive.name} is not a readable qpq backup "
                              f"(truncated or not a tar archive): {exc}") from None
+    except BaseException:
+        raw.close()
+        raise
     try:
         yield tar
     finally:
         tar.close()
+        raw.close()
 
 
 def extract_archive(archive: Path, dest: Path, progress: ProgressFn | None = None,
+                    identities: Sequence[X25519PrivateKey] = (),
                     ) -> tuple[Manifest, list[ExtractedMember]]:
     """Stream every member into `dest/<name>` (hashing it) and parse the manifest.
 
@@ -111,7 +138,7 @@ def extract_archive(archive: Path, dest: Path, progress: ProgressFn | None = Non
     """
     members: list[ExtractedMember] = []
     manifest_raw: bytes | None = None
-    with _open_tar(archive) as tar:
+    with _open_tar(archive, identities) as tar:
         try:
             for info in tar:
                 if not info.isfile():
@@ -146,15 +173,17 @@ def extract_archive(archive: Path, dest: Path, progress: ProgressFn | None = Non
     return Manifest.from_json(manifest_raw), members
 
 
-def read_manifest(archive: Path) -> Manifest:
-    """Only the manifest (for `list` and `prune`): skips over the other members."""
-    with _open_tar(archive) as tar:
+def read_manifest(archive: Path, identities: Sequence[X25519PrivateKey] = ()) -> Manifest:
+    """Only the manifest: a plain archive is skipped over (seeks), an encrypted one read."""
+    with _open_tar(archive, identities) as tar:
         try:
-            info = tar.getmember(MANIFEST_NAME)
-            src = tar.extractfile(info)
-            raw = src.read() if src is not None else b""
-        except KeyError:
-            raise ArchiveDamaged(f"{archive.name} has no manifest.json") from None
+            raw = None
+            for info in tar:
+                if info.name == MANIFEST_NAME:
+                    src = tar.extractfile(info)
+                    raw = src.read() if src is not None else b""
+            if raw is None:
+                raise ArchiveDamaged(f"{archive.name} has no manifest.json")
         except (tarfile.TarError, EOFError) as exc:
             raise ArchiveDamaged(f"{archive.name} is truncated or damaged: {exc}") from None
     return Manifest.from_json(raw)

@@ -12,6 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+
+from qpq_ops.backup.age import AgeWriter
 from qpq_ops.backup.archive import ArchiveWriter
 from qpq_ops.backup.database import Snapshot, snapshot_database
 from qpq_ops.backup.deployment import Deployment
@@ -42,6 +45,7 @@ class BackupRequest:
     dest: Path
     include_secrets: bool = False
     textfile_dir: Path | None = None  # None: do not write the metric
+    recipients: tuple[X25519PublicKey, ...] = ()  # age recipients: encrypt the archive
 
 
 @dataclass(frozen=True)
@@ -115,7 +119,8 @@ def create_backup(req: BackupRequest, progress: ProgressFn | None = None,
         members: list[Member] = []
         with tmp_archive.open("xb") as fh:
             os.fchmod(fh.fileno(), 0o600)
-            writer = ArchiveWriter(fh)
+            encrypter = AgeWriter(fh, list(req.recipients)) if req.recipients else None
+            writer = ArchiveWriter(encrypter or fh)
             if not file_backend:
                 size, digest = writer.add_file(DB_MEMBER, tmp_db)
                 members.append(Member(DB_MEMBER, "database", size, digest))
@@ -141,10 +146,12 @@ def create_backup(req: BackupRequest, progress: ProgressFn | None = None,
             ).signed(db_key)
             writer.add_bytes("manifest.json", manifest.to_json())
             writer.close()
+            if encrypter is not None:
+                encrypter.close()
             fh.flush()
             os.fsync(fh.fileno())
         final = req.dest / archive_name(created, server_version, snap.schema_version,
-                                        req.include_secrets)
+                                        req.include_secrets, bool(req.recipients))
         if final.exists():
             raise Refused(f"{final} already exists; not overwriting a backup")
         os.replace(tmp_archive, final)

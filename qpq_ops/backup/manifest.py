@@ -37,7 +37,7 @@ MANIFEST_NAME = "manifest.json"
 ARCHIVE_SUFFIX = ".tar"
 _NAME = re.compile(
     r"^qpq-backup-(?P<ts>\d{8}T\d{6}Z)-v(?P<version>[0-9A-Za-z.+-]+?)"
-    r"-schema(?P<schema>\d+)(?P<secrets>-with-secrets)?\.tar$"
+    r"-schema(?P<schema>\d+)(?P<secrets>-with-secrets)?\.tar(?P<age>\.age)?$"
 )
 
 
@@ -48,10 +48,11 @@ def fingerprint(secret: Secret | bytes) -> str:
 
 
 def archive_name(created: dt.datetime, server_version: str, schema: int,
-                 with_secrets: bool) -> str:
+                 with_secrets: bool, encrypted: bool = False) -> str:
     stamp = created.astimezone(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     tail = "-with-secrets" if with_secrets else ""
-    return f"qpq-backup-{stamp}-v{server_version}-schema{schema}{tail}{ARCHIVE_SUFFIX}"
+    age = ".age" if encrypted else ""
+    return f"qpq-backup-{stamp}-v{server_version}-schema{schema}{tail}{ARCHIVE_SUFFIX}{age}"
 
 
 def parse_archive_name(name: str) -> dt.datetime | None:

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
 from qpq_ops.backup.archive import ExtractedMember, extract_archive, read_manifest
 from qpq_ops.backup.database import open_db, schema_version
 from qpq_ops.backup.deployment import Deployment
@@ -43,6 +45,7 @@ class RestoreRequest:
     deployment: Deployment
     force: bool = False
     with_secrets: bool = False
+    identities: tuple[X25519PrivateKey, ...] = ()  # age identities for `.age` archives
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,7 @@ def _precheck(req: RestoreRequest) -> Manifest:
     if existing and not req.force:
         raise Refused(f"{dep.data_dir} already holds data ({existing[0].name}); pass --force "
                       "to move it aside into pre-restore-<time>/ and restore over it")
-    manifest = read_manifest(req.archive)
+    manifest = read_manifest(req.archive, req.identities)
     if manifest.storage_backend != dep.config.storage.backend:
         raise Refused(f"the archive is of the {manifest.storage_backend!r} storage backend but "
                       f"{dep.config_path} uses {dep.config.storage.backend!r}")
@@ -186,7 +189,8 @@ def restore_archive(req: RestoreRequest, progress: ProgressFn | None = None) -> 
     aside = dep.data_dir / f"pre-restore-{stamp}"
     try:
         try:
-            manifest, members = extract_archive(req.archive, staging, progress)
+            manifest, members = extract_archive(req.archive, staging, progress,
+                                                req.identities)
         except OSError as exc:
             raise OpsError(f"cannot stage the archive in {dep.data_dir}: "
                            f"{exc.strerror or exc}; nothing was changed") from None

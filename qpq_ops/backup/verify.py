@@ -12,9 +12,11 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from qpq_ops.backup.archive import ExtractedMember, extract_archive
 from qpq_ops.backup.database import check_integrity, open_db, row_counts, schema_version
@@ -114,11 +116,12 @@ def check_extracted(manifest: Manifest, members: list[ExtractedMember],
 
 
 def verify_archive(archive: Path, db_key: Secret | None, work_dir: Path | None = None,
-                   progress: ProgressFn | None = None) -> VerifyReport:
+                   progress: ProgressFn | None = None,
+                   identities: Sequence[X25519PrivateKey] = ()) -> VerifyReport:
     """Extract into a scratch dir beside the archive (or `work_dir`), check, clean up."""
     scratch = Path(tempfile.mkdtemp(prefix=".qpq-verify-", dir=work_dir or archive.parent))
     try:
-        manifest, members = extract_archive(archive, scratch, progress)
+        manifest, members = extract_archive(archive, scratch, progress, identities)
         checked, problems = check_extracted(manifest, members, db_key)
     except OSError as exc:
         raise OpsError(f"cannot verify {archive.name}: {exc.strerror or exc}") from None

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -30,13 +31,15 @@ from qpq_ops.backup import (
     plan_prune,
     verify_archive,
 )
+from qpq_ops.backup.age import decode_recipient, load_identities
+from qpq_ops.backup.archive import is_encrypted
 from qpq_ops.backup.create import planned_bytes
 from qpq_ops.backup.deployment import Deployment
 from qpq_ops.backup.textfile import DEFAULT_TEXTFILE_DIR
 from qpq_ops.exit_codes import ExitCode
 from qpq_server.secrets import Secret
 
-__all__ = ["app", "deployment_or_fail", "progress_bar"]
+__all__ = ["IdentityOpt", "app", "deployment_or_fail", "identities_from", "progress_bar"]
 
 app = typer.Typer(
     help="Online, consistent backups: the encrypted database (SQLite backup API, never a "
@@ -47,6 +50,13 @@ app = typer.Typer(
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON alone on stdout.")]
 ConfigOpt = Annotated[Path, typer.Option("--config", help="The server's qpq-server.toml.")]
+IdentityOpt = Annotated[Path | None, typer.Option(
+    "--identity", metavar="FILE",
+    help="age identity file (age-keygen output) to read an encrypted .tar.age archive.")]
+
+
+def identities_from(path: Path | None) -> tuple[X25519PrivateKey, ...]:
+    return tuple(load_identities(path)) if path else ()
 
 
 @contextmanager
@@ -87,6 +97,11 @@ def create(
     ] = None,
     no_textfile: Annotated[bool, typer.Option(
         "--no-textfile", help="Do not write the textfile metric.")] = False,
+    encrypt_to: Annotated[list[str] | None, typer.Option(
+        "--encrypt-to", metavar="AGE_RECIPIENT",
+        help="Encrypt the archive to this age recipient (age1..., from age-keygen; "
+        "repeatable). Writes ARCHIVE.tar.age; decrypt with `age -d -i KEY` or give "
+        "--identity KEY to verify/restore.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Back up a running server without stopping it.
@@ -112,8 +127,9 @@ def create(
         else:
             warnings.append(f"{DEFAULT_TEXTFILE_DIR} does not exist: backup metric not "
                             "written (pass --textfile-dir)")
-    request = BackupRequest(dep, dest, include_secrets, metrics_dir)
     try:
+        recipients = tuple(decode_recipient(r) for r in encrypt_to or ())
+        request = BackupRequest(dep, dest, include_secrets, metrics_dir, recipients)
         total = planned_bytes(dep, include_secrets)
         with progress_bar("backing up", total) as advance:
             result = create_backup(request, advance)
@@ -128,7 +144,7 @@ def create(
             "server_version": m.server_version, "schema_version": m.schema_version,
             "created_at": m.created_at, "snapshot_at_unix": m.snapshot_at_unix,
             "includes_secrets": m.includes_secrets, "row_counts": m.row_counts,
-            "members": len(m.members),
+            "members": len(m.members), "encrypted": bool(encrypt_to),
             "metrics_file": str(result.metrics_file) if result.metrics_file else None,
             "warnings": warnings,
         })
@@ -162,6 +178,7 @@ def list_command(
         print_json({"archives": [{
             "path": str(i.path), "created_at": i.created.isoformat(),
             "size_bytes": i.size_bytes, "readable": i.manifest is not None,
+            "encrypted": is_encrypted(i.path),
             "problem": i.problem or None,
             "server_version": i.manifest.server_version if i.manifest else None,
             "schema_version": i.manifest.schema_version if i.manifest else None,
@@ -177,7 +194,9 @@ def list_command(
         m = i.manifest
         table.add_row(
             i.path.name, i.created.strftime("%Y-%m-%d %H:%M:%S"), _mb(i.size_bytes),
-            m.server_version if m else "[red]unreadable[/]", str(m.schema_version) if m else "",
+            m.server_version if m else (
+                "[yellow]encrypted[/]" if is_encrypted(i.path) else "[red]unreadable[/]"),
+            str(m.schema_version) if m else "",
             ("yes" if m.includes_secrets else "no") if m else "",
             str(m.row_counts.get("messages", "")) if m else "")
     out().print(table)
@@ -189,6 +208,7 @@ def verify(
     config: Annotated[Path | None, typer.Option(
         "--config", help="Read QPQ_DB_KEY from the .env beside this config "
         "(else from the environment). Without a key only checksums are checked.")] = None,
+    identity: IdentityOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Check an archive as a restore would, without touching any data dir.
@@ -204,7 +224,8 @@ def verify(
     try:
         with progress_bar("verifying", archive.stat().st_size if archive.exists() else None,
                           ) as advance:
-            report = verify_archive(archive, db_key, progress=advance)
+            report = verify_archive(archive, db_key, progress=advance,
+                                    identities=identities_from(identity))
     except OpsError as exc:
         fail(str(exc), exc.exit_code)
     if not report.ok:

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from qpq_ops._console import err, fail, out, print_json, styled_state
 from qpq_ops.backup import OpsError, RestoreRequest, RestoreResult, restore_archive, resume_restore
-from qpq_ops.cli.backup import deployment_or_fail, progress_bar
+from qpq_ops.cli.backup import IdentityOpt, deployment_or_fail, identities_from, progress_bar
 from qpq_ops.exit_codes import ExitCode
 
 __all__ = ["restore"]
@@ -67,6 +67,7 @@ def restore(
     with_secrets: Annotated[bool, typer.Option(
         "--with-secrets", help="Also put the archive's secrets (.env, TLS, keys) in place; "
         "the old ones are moved aside.")] = False,
+    identity: IdentityOpt = None,
     resume: Annotated[bool, typer.Option(
         "--resume", help="Finish an interrupted restore (the key-package purge) and run "
         "the doctor.")] = False,
@@ -93,7 +94,8 @@ def restore(
         elif archive is None:
             fail("give the ARCHIVE to restore (or --resume)", ExitCode.USAGE)
         else:
-            request = RestoreRequest(archive, dep, force=force, with_secrets=with_secrets)
+            request = RestoreRequest(archive, dep, force=force, with_secrets=with_secrets,
+                                     identities=identities_from(identity))
             size = archive.stat().st_size if archive.exists() else None
             with progress_bar("restoring", size) as advance:
                 result = restore_archive(request, advance)
