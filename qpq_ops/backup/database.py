@@ -83,9 +83,11 @@ def snapshot_database(source: Path, dest: Path, db_key: Secret,
     dst = None
     try:
         src.execute("BEGIN")
-        version = schema_version(src)
-        counts = row_counts(src)  # starts the read transaction: the snapshot point
+        # Taken before the first read starts the transaction: a commit acknowledged
+        # before this instant finished before our snapshot did, so the copy holds it.
         snapshot_at = time.time()
+        version = schema_version(src)  # first read: the snapshot is fixed from here
+        counts = row_counts(src)
         page_size = int(src.execute("PRAGMA page_size").fetchone()[0])
         import sqlcipher3
 

@@ -165,7 +165,10 @@ def _place(req: RestoreRequest, staging: Path, members: list[ExtractedMember],
     else:
         _place_database(staging / DB_MEMBER, dep.db_path, aside, data_dir)
     for tree in DATA_TREES:
-        _place_tree(staging / "data" / tree, data_dir / tree, aside, data_dir)
+        staged = staging / "data" / tree
+        if tree != "blobs" and not staged.is_dir():
+            continue  # an archive without OPAQUE setups or KT key: keep the ones here
+        _place_tree(staged, data_dir / tree, aside, data_dir)
     if not req.with_secrets:
         return
     for tree in SECRET_TREES:

@@ -209,6 +209,9 @@ def verify(
         "--config", help="Read QPQ_DB_KEY from the .env beside this config "
         "(else from the environment). Without a key only checksums are checked.")] = None,
     identity: IdentityOpt = None,
+    work_dir: Annotated[Path | None, typer.Option(
+        "--work-dir", help="Scratch dir for the extracted copy (default: beside the "
+        "archive); needs about the archive's size free.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Check an archive as a restore would, without touching any data dir.
@@ -224,7 +227,7 @@ def verify(
     try:
         with progress_bar("verifying", archive.stat().st_size if archive.exists() else None,
                           ) as advance:
-            report = verify_archive(archive, db_key, progress=advance,
+            report = verify_archive(archive, db_key, work_dir, progress=advance,
                                     identities=identities_from(identity))
     except OpsError as exc:
         fail(str(exc), exc.exit_code)
