@@ -25,6 +25,7 @@ from qpq_ops.backup.errors import ArchiveDamaged, OpsError, Refused
 from qpq_ops.backup.filestore import file_complete_purge, file_mark_pending, file_restore_state
 from qpq_ops.backup.layout import DATA_TREES, DB_MEMBER, SECRET_TREES, restore_target
 from qpq_ops.backup.manifest import Manifest
+from qpq_ops.backup.ownership import give_to, owner_of
 from qpq_ops.backup.purge import PENDING_PURGE, complete_purge, mark_pending_purge, restore_state
 from qpq_ops.backup.server_process import running_pid
 from qpq_ops.backup.verify import check_extracted
@@ -169,8 +170,15 @@ def _place(req: RestoreRequest, staging: Path, members: list[ExtractedMember],
         if tree != "blobs" and not staged.is_dir():
             continue  # an archive without OPAQUE setups or KT key: keep the ones here
         _place_tree(staged, data_dir / tree, aside, data_dir)
+    owner = owner_of(data_dir)
+    placed = [dep.db_path, dep.config.file_store_dir, aside,
+              *(data_dir / tree for tree in DATA_TREES)]
     if not req.with_secrets:
+        give_to(placed, owner)
         return
+    placed += [data_dir / tree for tree in SECRET_TREES]
+    placed += [restore_target(dep, m.name) for m in members
+               if m.name.startswith("secrets/") and not m.name.startswith("secrets/data/")]
     for tree in SECRET_TREES:
         if (staging / "secrets" / "data" / tree).is_dir():
             _place_tree(staging / "secrets" / "data" / tree, data_dir / tree, aside, data_dir)
@@ -180,6 +188,7 @@ def _place(req: RestoreRequest, staging: Path, members: list[ExtractedMember],
             _move_aside(target, aside, data_dir)
             target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             os.replace(member.path, target)
+    give_to(placed, owner)
 
 
 def restore_archive(req: RestoreRequest, progress: ProgressFn | None = None) -> RestoreResult:
@@ -246,6 +255,7 @@ def _complete(req: RestoreRequest, manifest: Manifest, aside: Path, opening: Sec
         values = read_env_file(dep.env_file)
         values["QPQ_DB_KEY"] = live_key.reveal()
         write_env_file(dep.env_file, values)
+        give_to([dep.env_file], owner_of(dep.data_dir))
         env_key_written = True
     purged = _finish(dep, live_key)
     return RestoreResult(

@@ -15,6 +15,8 @@ import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from qpq_ops.backup.ownership import give_to, owner_of
+
 __all__ = ["AuditRecord", "append_audit", "audit_path", "read_audit"]
 
 
@@ -49,12 +51,15 @@ def append_audit(data_dir: Path, record: AuditRecord) -> AuditRecord:
            "user": _user(), "host": socket.gethostname()})
     path = audit_path(data_dir)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fresh = not path.exists()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
         os.write(fd, (json.dumps(asdict(stamped), sort_keys=True) + "\n").encode())
         os.fsync(fd)
     finally:
         os.close(fd)
+    if fresh:
+        give_to([path.parent], owner_of(data_dir))
     return stamped
 
 

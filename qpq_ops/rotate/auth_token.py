@@ -15,6 +15,7 @@ from collections.abc import Callable
 from qpq_ops.backup.deployment import Deployment
 from qpq_ops.backup.errors import Refused
 from qpq_ops.backup.manifest import fingerprint
+from qpq_ops.backup.ownership import give_to, owner_of
 from qpq_ops.backup.server_process import reload_server
 from qpq_ops.rotate.audit import AuditRecord, append_audit, read_audit
 from qpq_ops.rotate.env_override import override_warnings
@@ -54,6 +55,7 @@ def rotate_auth_token(dep: Deployment, *, dry_run: bool, grace_s: float = DEFAUL
     values["QPQ_AUTH_TOKEN"] = new
     values["QPQ_AUTH_TOKEN_PREVIOUS"] = current
     write_env_file(dep.env_file, values)
+    give_to([dep.env_file], owner_of(dep.data_dir))
     reload = reload_server(dep.config, reload_command)
     record = append_audit(dep.data_dir, AuditRecord(
         KIND, "rotate", now(), fingerprint(Secret(new)), fingerprint(Secret(current)),
@@ -92,6 +94,7 @@ def finish_auth_token(dep: Deployment, *, dry_run: bool, force: bool = False,
                               previous_fingerprint=fingerprint(Secret(previous)), steps=steps)
     del values["QPQ_AUTH_TOKEN_PREVIOUS"]
     write_env_file(dep.env_file, values)
+    give_to([dep.env_file], owner_of(dep.data_dir))
     reload = reload_server(dep.config, reload_command)
     record = append_audit(dep.data_dir, AuditRecord(
         KIND, "finish", now(), fingerprint(Secret(values["QPQ_AUTH_TOKEN"])),

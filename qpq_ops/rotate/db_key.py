@@ -23,6 +23,7 @@ from qpq_ops.backup.database import open_db
 from qpq_ops.backup.deployment import Deployment
 from qpq_ops.backup.errors import OpsError, Refused, WrongKey
 from qpq_ops.backup.manifest import fingerprint
+from qpq_ops.backup.ownership import give_to, owner_of
 from qpq_ops.backup.server_process import running_pid, stop_server
 from qpq_ops.backup.verify import verify_archive
 from qpq_ops.rotate.audit import AuditRecord, append_audit
@@ -98,6 +99,7 @@ def rotate_db_key(dep: Deployment, *, dry_run: bool, backup_dest: Path | None = 
     new = pending or Secret(key_source.token_hex(32))
     values[NEXT_KEY] = new.reveal()
     write_env_file(dep.env_file, values)
+    give_to([dep.env_file], owner_of(dep.data_dir))
     _rekey(db, current, new)
     if not _opens(db, new) or _opens(db, current):
         raise OpsError(f"after PRAGMA rekey the keys do not behave as expected; {dep.env_file}"
@@ -110,6 +112,7 @@ def _finalise(dep: Deployment, values: dict[str, str], new: Secret, old: Secret,
     values["QPQ_DB_KEY"] = new.reveal()
     values.pop(NEXT_KEY, None)
     write_env_file(dep.env_file, values)
+    give_to([dep.env_file], owner_of(dep.data_dir))
     record = append_audit(dep.data_dir, AuditRecord(
         KIND, "rotate", now(), fingerprint(new), fingerprint(old),
         {"pre_rotation_backup": str(backup) if backup else "(made by the interrupted run)"}))

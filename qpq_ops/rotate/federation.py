@@ -23,6 +23,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from qpq_ops.backup.deployment import Deployment
 from qpq_ops.backup.errors import Refused
+from qpq_ops.backup.ownership import give_to, owner_of
 from qpq_ops.rotate.audit import AuditRecord, append_audit
 from qpq_ops.rotate.certs import cert_fingerprint, key_pem, pem
 from qpq_ops.rotate.result import RotationResult
@@ -171,6 +172,9 @@ def rotate_federation(dep: Deployment, *, dry_run: bool, new_ca: bool = False,
             write_private_file(path.with_name(path.name + ".previous"), path.read_bytes())
     write_private_file(paths.key, key_pem(leaf_key))
     write_private_file(paths.cert, pem(leaf), 0o644)
+    written = [paths.cert, paths.key, paths.ca, paths.ca_key, paths.ca_bundle]
+    give_to([*written, *(p.with_name(p.name + ".previous") for p in written)],
+            owner_of(dep.data_dir))
     record = append_audit(dep.data_dir, AuditRecord(
         KIND, "rotate", now(), cert_fingerprint(leaf),
         cert_fingerprint(old_leaf) if old_leaf else "",

@@ -22,6 +22,7 @@ from pathlib import Path
 from qpq_ops.backup.database import open_db
 from qpq_ops.backup.deployment import Deployment
 from qpq_ops.backup.errors import OpsError, Refused
+from qpq_ops.backup.ownership import give_to, owner_of
 from qpq_ops.backup.server_process import running_pid
 from qpq_ops.rotate.audit import AuditRecord, append_audit
 from qpq_ops.rotate.result import RotationResult
@@ -73,6 +74,7 @@ def rotate_opaque(dep: Deployment, *, dry_run: bool, restart_command: str | None
         return RotationResult(KIND, "rotate", True, "",
                               _fp(directory / f"setup-v{versions[-1]}.bin"), steps, next_steps)
     create_setup(directory, new)
+    give_to([directory], owner_of(dep.data_dir))
     record = append_audit(dep.data_dir, AuditRecord(
         KIND, "rotate", now(), _fp(directory / f"setup-v{new}.bin"),
         _fp(directory / f"setup-v{versions[-1]}.bin"), {"version": str(new)}))
@@ -114,5 +116,6 @@ def finish_opaque(dep: Deployment, *, dry_run: bool, restart_command: str | None
         append_audit(dep.data_dir, AuditRecord(KIND, "retire", now(),
                                                _fp(retired_dir / f"setup-v{v}.bin"),
                                                details={"version": str(v)}))
+    give_to([retired_dir], owner_of(dep.data_dir))
     return RotationResult(KIND, "finish", False, steps=steps, next_steps=next_steps,
                           reload=_restart(dep, restart_command))

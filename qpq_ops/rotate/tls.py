@@ -23,6 +23,7 @@ from cryptography import x509
 
 from qpq_ops.backup.deployment import Deployment
 from qpq_ops.backup.errors import Refused
+from qpq_ops.backup.ownership import give_to, owner_of
 from qpq_ops.backup.server_process import reload_server
 from qpq_ops.rotate.audit import AuditRecord, append_audit
 from qpq_ops.rotate.certs import CertPair, cert_fingerprint, key_pem, load_pair, pem
@@ -95,6 +96,7 @@ def stage_tls(dep: Deployment, *, dry_run: bool, days: int = 365,
     write_private_file(paths.next_key, key_pem(pair.key))
     write_private_file(paths.next_cert, pem(pair.leaf), 0o644)
     write_private_file(paths.bundle, (pem(current) if current else b"") + pem(pair.leaf), 0o644)
+    give_to([paths.next_key, paths.next_cert, paths.bundle], owner_of(dep.data_dir))
     record = append_audit(dep.data_dir, AuditRecord(
         KIND, "stage", now(), cert_fingerprint(pair.leaf),
         cert_fingerprint(current) if current else "",
@@ -150,6 +152,9 @@ def rotate_tls(dep: Deployment, *, dry_run: bool, cert: Path | None = None,
             next_steps.insert(0, "clients that pin the certificate (qpq-client --ca) need "
                               f"the new {paths.cert.name} or {paths.bundle.name}; next time, "
                               "`rotate tls --stage` first avoids any failed handshake")
+    give_to([paths.cert, paths.key, paths.bundle,
+             *(p.with_name(p.name + ".previous") for p in (paths.cert, paths.key))],
+            owner_of(dep.data_dir))
     reload = reload_server(dep.config, reload_command)
     record = append_audit(dep.data_dir, AuditRecord(
         KIND, "rotate", now(), cert_fingerprint(pair.leaf),
