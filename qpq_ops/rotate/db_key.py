@@ -57,6 +57,9 @@ def _rekey(path: Path, old: Secret, new: Secret) -> None:
 
 def rotate_db_key(dep: Deployment, *, dry_run: bool, backup_dest: Path | None = None,
                   stop: bool = False, now: Callable[[], float] = time.time) -> RotationResult:
+    if dep.config.storage.backend != "sqlcipher":
+        raise Refused(f"the {dep.config.storage.backend!r} storage backend has no SQLCipher "
+                      "database to re-key")
     if os.environ.get("QPQ_DB_KEY"):
         raise Refused("QPQ_DB_KEY is set in the environment; this rotation rewrites the .env "
                       f"({dep.env_file}): unset it here and in the server's environment first")

@@ -22,6 +22,7 @@ from pathlib import Path
 from qpq_ops.backup.database import open_db
 from qpq_ops.backup.deployment import Deployment
 from qpq_ops.backup.errors import OpsError, Refused
+from qpq_ops.backup.filestore import store_problems
 from qpq_ops.backup.ownership import give_to, owner_of
 from qpq_ops.backup.server_process import running_pid
 from qpq_ops.rotate.audit import AuditRecord, append_audit
@@ -83,21 +84,28 @@ def rotate_opaque(dep: Deployment, *, dry_run: bool, restart_command: str | None
                           _restart(dep, restart_command))
 
 
+def _accounts_per_setup(dep: Deployment) -> dict[int, int]:
+    if dep.config.storage.backend == "file":
+        _read, _problems, per_setup = store_problems(dep.config.file_store_dir)
+        return per_setup
+    db_key = dep.db_key()
+    if db_key is None:
+        raise Refused(f"QPQ_DB_KEY is not set (environment or {dep.env_file})")
+    conn = open_db(dep.db_path, db_key)  # a WAL reader: fine beside a running server
+    try:
+        return {int(v): int(n) for v, n in conn.execute(
+            "SELECT setup_version, count(*) FROM accounts GROUP BY setup_version")}
+    finally:
+        conn.close()
+
+
 def finish_opaque(dep: Deployment, *, dry_run: bool, restart_command: str | None = None,
                   now: Callable[[], float] = time.time) -> RotationResult:
     directory = dep.data_dir / "opaque"
     versions = setup_versions(directory)
     if len(versions) < 2:
         raise Refused("only one OPAQUE setup: nothing to retire")
-    db_key = dep.db_key()
-    if db_key is None:
-        raise Refused(f"QPQ_DB_KEY is not set (environment or {dep.env_file})")
-    conn = open_db(dep.db_path, db_key)  # a WAL reader: fine beside a running server
-    try:
-        used = {int(v): int(n) for v, n in conn.execute(
-            "SELECT setup_version, count(*) FROM accounts GROUP BY setup_version")}
-    finally:
-        conn.close()
+    used = _accounts_per_setup(dep)
     current = versions[-1]
     retire = [v for v in versions[:-1] if used.get(v, 0) == 0]
     waiting = {v: used[v] for v in versions[:-1] if used.get(v, 0)}

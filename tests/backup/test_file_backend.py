@@ -51,3 +51,14 @@ def test_file_backend_round_trip_purges_key_packages_and_serves_messages(
             srv.stop()
 
     assert asyncio.run(receive()) == ["message 0", "message 1", "message 2"]
+
+
+def test_rotations_on_the_file_backend(tmp_path: Path) -> None:
+    config = init_data_dir(tmp_path / "d", FILE_BACKEND)
+    asyncio.run(populate(config, tmp_path / "p", messages=0))
+    refused = ops("rotate", "db-key", "--config", config)
+    assert refused.exit_code == 64 and "no SQLCipher database" in refused.stderr
+    assert ops("rotate", "opaque", "--config", config).exit_code == 0
+    finish = ops("rotate", "opaque", "--config", config, "--finish", "--json")
+    assert finish.exit_code == 0, finish.stderr
+    assert "2 accounts still on v1" in finish.json()["next_steps"][0]
