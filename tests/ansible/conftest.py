@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 from pathlib import Path
 
 import pytest
@@ -10,9 +11,19 @@ from tests.ansible.runner import build_wheelhouse, role_defaults
 
 
 @pytest.fixture(scope="session")
-def qpq_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The qpq wheel, beside the wheels of all its dependencies (an offline index)."""
-    return build_wheelhouse(tmp_path_factory.mktemp("wheelhouse"))
+def qpq_wheel(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+    """The qpq wheel, beside the wheels of all its dependencies (an offline index).
+
+    Built once per test run: xdist workers share it through their common base temp dir.
+    """
+    if worker_id == "master":
+        return build_wheelhouse(tmp_path_factory.mktemp("wheelhouse"))
+    shared = tmp_path_factory.getbasetemp().parent / "ansible-wheelhouse"
+    shared.mkdir(exist_ok=True)
+    with (shared / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        wheels = sorted((shared / "wheels").glob("qpq-*.whl"))
+        return wheels[0] if wheels else build_wheelhouse(shared)
 
 
 @pytest.fixture(scope="session")
