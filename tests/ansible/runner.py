@@ -120,7 +120,7 @@ def build_wheelhouse(dest: Path) -> Path:
         if (REPO / name).exists():
             shutil.copy2(REPO / name, src / name)
     for package in ("qpq_server", "qpq_ops"):
-        shutil.copytree(REPO / package, src / package,
+        shutil.copytree(REPO / package, src / package, dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     wheels = dest / "wheels"
     subprocess.run([str(BIN / "pip"), "wheel", "-q", "--disable-pip-version-check",
