@@ -55,13 +55,20 @@ class BackupResult:
     size_bytes: int
     duration_s: float
     metrics_file: Path | None
+    warnings: tuple[str, ...] = ()
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0  # gone meanwhile (an expired blob): an estimate is all we need
 
 
 def planned_bytes(dep: Deployment, include_secrets: bool) -> int:
     """What the progress bar counts: snapshot pages plus archived file bytes (estimate)."""
-    total = dep.db_path.stat().st_size \
-        if dep.config.storage.backend == "sqlcipher" and dep.db_path.is_file() else 0
-    return total + sum(s.path.stat().st_size for s in source_files(dep, include_secrets))
+    total = _size(dep.db_path) if dep.config.storage.backend == "sqlcipher" else 0
+    return total + sum(_size(s.path) for s in source_files(dep, include_secrets))
 
 
 def _full_reason(dest: Path, needed: int) -> str:
@@ -152,9 +159,10 @@ def create_backup(req: BackupRequest, progress: ProgressFn | None = None,
             os.fsync(fh.fileno())
         final = req.dest / archive_name(created, server_version, snap.schema_version,
                                         req.include_secrets, bool(req.recipients))
-        if final.exists():
-            raise Refused(f"{final} already exists; not overwriting a backup")
-        os.replace(tmp_archive, final)
+        try:
+            os.link(tmp_archive, final)  # unlike a rename, never replaces an archive
+        except FileExistsError:
+            raise Refused(f"{final} already exists; not overwriting a backup") from None
         _fsync_dir(req.dest)
     except OSError as exc:
         full = _full_reason(req.dest, planned_bytes(dep, req.include_secrets))
@@ -168,11 +176,13 @@ def create_backup(req: BackupRequest, progress: ProgressFn | None = None,
     finished = now()
     size_bytes = final.stat().st_size
     metrics_file = None
+    warnings: tuple[str, ...] = ()
     if req.textfile_dir is not None:
         try:
             metrics_file = write_backup_metrics(req.textfile_dir, finished, size_bytes,
                                                 finished - started)
         except OSError as exc:
-            raise OpsError(f"backup {final.name} written, but the textfile metric in "
-                           f"{req.textfile_dir} could not be: {exc.strerror}") from None
-    return BackupResult(final, manifest, size_bytes, finished - started, metrics_file)
+            warnings = (f"the textfile metric could not be written to {req.textfile_dir}: "
+                        f"{exc.strerror}; the stale-backup alert will fire",)
+    return BackupResult(final, manifest, size_bytes, finished - started, metrics_file,
+                        warnings)

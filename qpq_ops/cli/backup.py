@@ -135,6 +135,7 @@ def create(
             result = create_backup(request, advance)
     except OpsError as exc:
         fail(str(exc), exc.exit_code)
+    warnings += result.warnings
     m = result.manifest
     rate = result.size_bytes / 1e6 / result.duration_s if result.duration_s > 0 else 0.0
     if json_out:

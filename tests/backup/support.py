@@ -14,6 +14,8 @@ from typing import Any
 from typer.testing import CliRunner
 
 from qpq_ops.cli import app
+from qpq_server.secrets import Secret
+from qpq_server.storage.sqlcipher import connect_sqlcipher, migrate
 from tests.helpers.server import read_env_file, start_server
 from tests.server.conftest import client_factory_for
 
@@ -50,6 +52,14 @@ def tree_digest(root: Path, skip: tuple[str, ...] = ("server.log",)) -> dict[str
 
 def db_key_of(config: Path) -> str:
     return read_env_file(config.parent / ".env")["QPQ_DB_KEY"]
+
+
+def with_database(config: Path) -> Path:
+    """Create the (empty, migrated) database the server would, without starting it."""
+    conn = connect_sqlcipher(config.parent / "qpq.db", Secret(db_key_of(config)))
+    migrate(conn)
+    conn.close()
+    return config
 
 
 def blob_member(digest: str) -> str:

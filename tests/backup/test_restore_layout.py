@@ -5,21 +5,12 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from qpq_server.secrets import Secret
-from qpq_server.storage.sqlcipher import connect_sqlcipher, migrate
-from tests.backup.support import db_key_of, ops
+from tests.backup.support import db_key_of, ops, with_database
 from tests.helpers.server import init_data_dir
 
 
-def _with_database(config: Path) -> Path:
-    conn = connect_sqlcipher(config.parent / "qpq.db", Secret(db_key_of(config)))
-    migrate(conn)
-    conn.close()
-    return config
-
-
 def test_restore_keeps_the_kt_key_here_when_the_archive_has_none(tmp_path: Path) -> None:
-    source = _with_database(init_data_dir(tmp_path / "src"))
+    source = with_database(init_data_dir(tmp_path / "src"))
     shutil.rmtree(source.parent / "kt")  # an archive made without a KT key
     created = ops("backup", "create", "--config", source, "--dest", tmp_path / "b",
                   "--no-textfile", "--json")
@@ -34,7 +25,7 @@ def test_restore_keeps_the_kt_key_here_when_the_archive_has_none(tmp_path: Path)
 
 def test_with_secrets_brings_back_the_env_and_tls_and_moves_the_old_ones_aside(
         tmp_path: Path) -> None:
-    source = _with_database(init_data_dir(tmp_path / "src"))
+    source = with_database(init_data_dir(tmp_path / "src"))
     created = ops("backup", "create", "--config", source, "--dest", tmp_path / "b",
                   "--no-textfile", "--include-secrets", "--json")
     assert created.exit_code == 0 and created.json()["includes_secrets"]
@@ -58,7 +49,7 @@ def test_with_secrets_brings_back_the_env_and_tls_and_moves_the_old_ones_aside(
 
 
 def test_verify_uses_the_given_work_dir_and_leaves_it_clean(tmp_path: Path) -> None:
-    source = _with_database(init_data_dir(tmp_path / "src"))
+    source = with_database(init_data_dir(tmp_path / "src"))
     archive = ops("backup", "create", "--config", source, "--dest", tmp_path / "b",
                   "--no-textfile", "--json").json()["archive"]
     scratch = tmp_path / "scratch"
@@ -68,3 +59,15 @@ def test_verify_uses_the_given_work_dir_and_leaves_it_clean(tmp_path: Path) -> N
     assert list(scratch.iterdir()) == []
     missing = ops("backup", "verify", tmp_path / "absent.tar")
     assert missing.exit_code == 64 and "not found" in missing.stderr
+
+
+def test_a_textfile_dir_that_cannot_be_written_is_a_warning_not_a_lost_backup(
+        tmp_path: Path) -> None:
+    source = with_database(init_data_dir(tmp_path / "src"))
+    not_a_dir = tmp_path / "metrics"
+    not_a_dir.write_text("a file where the collector dir should be")
+    result = ops("backup", "create", "--config", source, "--dest", tmp_path / "b",
+                 "--textfile-dir", not_a_dir, "--json")
+    assert result.exit_code == 1
+    assert "stale-backup alert will fire" in result.json()["warnings"][0]
+    assert Path(result.json()["archive"]).is_file()

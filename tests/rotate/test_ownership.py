@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tests.backup.support import ops
+from tests.backup.support import db_key_of, ops, with_database
 from tests.helpers.server import init_data_dir
 
 SERVICE_USER = (65534, 65534)  # nobody:nogroup, standing in for the qpq user
@@ -41,10 +41,7 @@ def test_rotations_leave_files_owned_by_the_data_dirs_owner(tmp_path: Path) -> N
 
 def test_restore_leaves_the_restored_files_owned_by_the_data_dirs_owner(
         tmp_path: Path) -> None:
-    from tests.backup.support import db_key_of
-    from tests.backup.test_restore_layout import _with_database
-
-    source = _with_database(init_data_dir(tmp_path / "src"))
+    source = with_database(init_data_dir(tmp_path / "src"))
     archive = ops("backup", "create", "--config", source, "--dest", tmp_path / "b",
                   "--no-textfile", "--json").json()["archive"]
     target = init_data_dir(tmp_path / "dst")
