@@ -132,15 +132,19 @@ def test_rotate_dry_run_and_check_mode_change_nothing(host: Host) -> None:
 
 
 def test_rotate_auth_token_keeps_the_old_token_for_the_grace_window_then_finishes(
-        host: Host) -> None:
+        host: Host, tmp_path: Path) -> None:
     old = read_env(host.data_dir / ".env")["QPQ_AUTH_TOKEN"]
+    fetch_dir = tmp_path / "asked-for-secrets"
     run = run_playbook("rotate-keys.yml", host.work, day2_vars(
-        host, qpq_rotate_kind="auth-token", qpq_rotate_grace_hours=1.0))
+        host, qpq_rotate_kind="auth-token", qpq_rotate_grace_hours=1.0,
+        qpq_rotate_fetch_dir=str(fetch_dir), qpq_rotate_fetch_secrets=True))
     assert run.rc == 0, run.output[-4000:]
     env = read_env(host.data_dir / ".env")
     assert env["QPQ_AUTH_TOKEN"] != old
     assert env["QPQ_AUTH_TOKEN_PREVIOUS"] == old
     assert old not in run.output and env["QPQ_AUTH_TOKEN"] not in run.output
+    # Asked for: the new token comes back, in the host's 0600 .env.
+    assert read_env(fetch_dir / "localhost" / ".env")["QPQ_AUTH_TOKEN"] == env["QPQ_AUTH_TOKEN"]
     assert host.server.ready()
     early = run_playbook("rotate-keys.yml", host.work, day2_vars(
         host, qpq_rotate_kind="auth-token", qpq_rotate_finish=True))
