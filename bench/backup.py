@@ -135,12 +135,12 @@ def main() -> None:
         assert json.loads(out)["doctor"]["ok"]
 
         mb = size / 1e6
-        print(f"\n{'step':<34}{'seconds':>9}{'MB/s':>9}{'vs cp':>8}")
+        print(f"\n{'step':<40}{'seconds':>9}{'MB/s':>9}{'vs cp':>8}")
         for name, seconds in (("cp -r + fsync (disk ceiling)", cp_s),
                               ("qpq-ops backup create", backup_s),
                               ("qpq-ops backup verify", verify_s),
                               ("qpq-ops restore (verify+place+doctor)", restore_s)):
-            print(f"{name:<34}{seconds:>9.2f}{mb / seconds:>9.1f}{cp_s / seconds:>8.0%}")
+            print(f"{name:<40}{seconds:>9.2f}{mb / seconds:>9.1f}{cp_s / seconds:>8.0%}")
         print(f"\narchive {created['size_bytes'] / 1e6:,.0f} MB; backup create reported "
               f"{created['duration_seconds']:.2f} s inside the command")
     finally:
