@@ -7,6 +7,7 @@ systemd would) and drives the day-2 playbooks against it.
 from __future__ import annotations
 
 import json
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +90,7 @@ def test_backup_playbook_prunes_to_the_retention_and_fetches_only_on_request(
     (kept,) = host.archives()
     assert kept not in before
     assert (fetch_dir / "localhost" / kept.name).read_bytes() == kept.read_bytes()
+    assert stat.S_IMODE((fetch_dir / "localhost" / kept.name).stat().st_mode) == 0o600
 
 
 def test_restore_playbook_refuses_a_live_data_dir_then_restores_with_force(host: Host) -> None:
@@ -145,6 +147,7 @@ def test_rotate_auth_token_keeps_the_old_token_for_the_grace_window_then_finishe
     assert old not in run.output and env["QPQ_AUTH_TOKEN"] not in run.output
     # Asked for: the new token comes back, in the host's 0600 .env.
     assert read_env(fetch_dir / "localhost" / ".env")["QPQ_AUTH_TOKEN"] == env["QPQ_AUTH_TOKEN"]
+    assert stat.S_IMODE((fetch_dir / "localhost" / ".env").stat().st_mode) == 0o600
     assert host.server.ready()
     early = run_playbook("rotate-keys.yml", host.work, day2_vars(
         host, qpq_rotate_kind="auth-token", qpq_rotate_finish=True))
