@@ -25,7 +25,8 @@ from qpq_ops.rotate import (
     rotate_tls,
 )
 from qpq_ops.rotate.auth_token import DEFAULT_GRACE_S
-from qpq_ops.rotate.tls import stage_tls
+from qpq_ops.rotate.federation import finish_federation
+from qpq_ops.rotate.tls import finish_tls, stage_tls
 
 __all__ = ["app"]
 
@@ -118,6 +119,9 @@ def tls(
     stage: Annotated[bool, typer.Option(
         "--stage", help="Only make the next self-signed pair and tls/trust-bundle.pem "
         "(current + next) to hand to clients; a later `rotate tls` installs it.")] = False,
+    finish: Annotated[bool, typer.Option(
+        "--finish", help="Once clients have the new certificate: delete the previous key "
+        "and certificate, shrink trust-bundle.pem to the current one.")] = False,
     reload_command: ReloadOpt = None,
     dry_run: DryRunOpt = False,
     json_out: JsonOpt = False,
@@ -128,6 +132,8 @@ def tls(
     --cert/--key pair checked to match and be valid. New handshakes use it; open
     connections stay up."""
     dep = deployment_or_fail(config)
+    if finish:
+        _run(lambda: finish_tls(dep, dry_run=dry_run), json_out)
     if stage:
         if cert or key:
             fail("--stage makes a self-signed pair; it takes no --cert/--key", ExitCode.USAGE)
@@ -143,11 +149,16 @@ def federation(
         "--new-ca", help="Also replace the federation CA (peers must then trust the new "
         "one: the steps are printed).")] = False,
     days: Annotated[int, typer.Option("--days", min=1, help="Certificate validity.")] = 365,
+    finish: Annotated[bool, typer.Option(
+        "--finish", help="Once every peer has switched: delete the previous key and CA, "
+        "shrink ca-bundle.pem to the current CA.")] = False,
     dry_run: DryRunOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """New federation key + certificate signed by the federation CA (made if missing)."""
     dep = deployment_or_fail(config)
+    if finish:
+        _run(lambda: finish_federation(dep, dry_run=dry_run), json_out)
     _run(lambda: rotate_federation(dep, dry_run=dry_run, new_ca=new_ca, days=days), json_out)
 
 
@@ -160,6 +171,9 @@ def db_key(
     stop: Annotated[bool, typer.Option(
         "--stop", help="Stop a running server (SIGTERM via its pid file, it drains) "
         "instead of refusing.")] = False,
+    finish: Annotated[bool, typer.Option(
+        "--finish", help="(db-key has no second step: refused with an explanation)")
+    ] = False,
     dry_run: DryRunOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -168,6 +182,9 @@ def db_key(
     With the server stopped (or --stop), after a verified backup; the new key goes to the
     .env atomically, crash-safe (rerun to complete). A wrong current key aborts with
     nothing changed."""
+    if finish:
+        fail("db-key rotation has no second step; the old key only lives on in the "
+             "pre-rotation backup: move that archive to secure storage", ExitCode.USAGE)
     dep = deployment_or_fail(config)
     _run(lambda: rotate_db_key(dep, dry_run=dry_run, backup_dest=backup_dest, stop=stop),
          json_out)

@@ -39,9 +39,11 @@ class AuditRecord:
 
 def _user() -> str:
     try:
-        return getpass.getuser()
+        user = getpass.getuser()
     except (KeyError, OSError):
-        return str(os.getuid())
+        user = str(os.getuid())
+    sudo = os.environ.get("SUDO_USER")
+    return f"{user} (sudo by {sudo})" if sudo and sudo != user else user
 
 
 def append_audit(data_dir: Path, record: AuditRecord) -> AuditRecord:

@@ -29,7 +29,7 @@ from qpq_ops.rotate.certs import cert_fingerprint, key_pem, pem
 from qpq_ops.rotate.result import RotationResult
 from qpq_server.tls import write_private_file
 
-__all__ = ["FederationPaths", "federation_paths", "rotate_federation"]
+__all__ = ["FederationPaths", "federation_paths", "finish_federation", "rotate_federation"]
 
 KIND = "federation"
 
@@ -182,3 +182,32 @@ def rotate_federation(dep: Deployment, *, dry_run: bool, new_ca: bool = False,
     return RotationResult(KIND, "rotate", False, record.fingerprint,
                           record.previous_fingerprint, tuple(steps), tuple(next_steps),
                           "not reloaded: restart the server to use the new certificate")
+
+
+def finish_federation(dep: Deployment, *, dry_run: bool,
+                      now: Callable[[], float] = time.time) -> RotationResult:
+    """After every peer trusts the new CA and sees the new certificate: delete the
+    previous keys and CA, and shrink `ca-bundle.pem` to the current CA."""
+    paths = federation_paths(dep)
+    previous = [p.with_name(p.name + ".previous")
+                for p in (paths.key, paths.cert, paths.ca_key, paths.ca)]
+    present = [p for p in previous if p.exists()]
+    if not present:
+        raise Refused("no previous federation key or CA to drop (nothing to finish)")
+    steps = tuple(f"delete {p}" for p in present)
+    if paths.ca_bundle.exists() and paths.ca.is_file():
+        steps += (f"rewrite {paths.ca_bundle} with the current CA only",)
+    if dry_run:
+        return RotationResult(KIND, "finish", True, steps=steps)
+    for path in present:
+        path.unlink()
+    if paths.ca_bundle.exists() and paths.ca.is_file():
+        write_private_file(paths.ca_bundle, paths.ca.read_bytes(), 0o644)
+        give_to([paths.ca_bundle], owner_of(dep.data_dir))
+    current = x509.load_pem_x509_certificate(paths.cert.read_bytes()) \
+        if paths.cert.is_file() else None
+    record = append_audit(dep.data_dir, AuditRecord(
+        KIND, "finish", now(), cert_fingerprint(current) if current else "",
+        details={"dropped": ", ".join(p.name for p in present)}))
+    return RotationResult(KIND, "finish", False, record.fingerprint, steps=steps,
+                          next_steps=("peers remove the previous CA from their trust",))

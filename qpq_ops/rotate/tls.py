@@ -31,7 +31,7 @@ from qpq_ops.rotate.certs import self_signed as make_self_signed
 from qpq_ops.rotate.result import RotationResult
 from qpq_server.tls import write_private_file
 
-__all__ = ["TlsPaths", "rotate_tls", "stage_tls"]
+__all__ = ["TlsPaths", "finish_tls", "rotate_tls", "stage_tls"]
 
 KIND = "tls"
 
@@ -164,3 +164,30 @@ def rotate_tls(dep: Deployment, *, dry_run: bool, cert: Path | None = None,
     return RotationResult(KIND, "rotate", False, record.fingerprint,
                           record.previous_fingerprint, tuple(steps), tuple(next_steps),
                           reload.how, tuple(warnings))
+
+
+def finish_tls(dep: Deployment, *, dry_run: bool,
+               now: Callable[[], float] = time.time) -> RotationResult:
+    """After clients have the new certificate: delete the previous key (a rotated-away key
+    is a liability, the more so if it was rotated because it leaked) and its certificate,
+    and shrink the trust bundle to the current certificate."""
+    paths = _paths(dep)
+    previous = [p.with_name(p.name + ".previous") for p in (paths.key, paths.cert)]
+    present = [p for p in previous if p.exists()]
+    if not present:
+        raise Refused("no previous TLS pair to drop (nothing to finish)")
+    current = _current_cert(paths.cert)
+    steps = tuple(f"delete {p}" for p in present) + (
+        (f"rewrite {paths.bundle} with the current certificate only",)
+        if paths.bundle.exists() and current else ())
+    if dry_run:
+        return RotationResult(KIND, "finish", True, steps=steps)
+    for path in present:
+        path.unlink()
+    if paths.bundle.exists() and current:
+        write_private_file(paths.bundle, pem(current), 0o644)
+        give_to([paths.bundle], owner_of(dep.data_dir))
+    record = append_audit(dep.data_dir, AuditRecord(
+        KIND, "finish", now(), cert_fingerprint(current) if current else "",
+        details={"dropped": ", ".join(p.name for p in present)}))
+    return RotationResult(KIND, "finish", False, record.fingerprint, steps=steps)

@@ -64,6 +64,12 @@ async def test_db_key_rotation_rekeys_after_a_verified_backup(tmp_path: Path) ->
         srv.stop()
 
 
+def test_db_key_rotation_has_no_finish_step(tmp_path: Path) -> None:
+    config = init_data_dir(tmp_path / "d")
+    result = ops("rotate", "db-key", "--config", config, "--finish")
+    assert result.exit_code == 64 and "no second step" in result.stderr
+
+
 def test_db_key_rotation_with_a_wrong_current_key_changes_nothing(tmp_path: Path) -> None:
     config = init_data_dir(tmp_path / "d")
     asyncio.run(populate(config, tmp_path / "p", messages=1))
@@ -170,6 +176,12 @@ def test_federation_rotation_issues_certificates_that_chain_to_the_ca(tmp_path: 
     bundle = x509.load_pem_x509_certificates((fed / "ca-bundle.pem").read_bytes())
     assert bundle == [ca2, ca1]
     assert leaf3.not_valid_after_utc > dt.datetime.now(dt.UTC)
+
+    finished = ops("rotate", "federation", "--config", config, "--finish", "--json")
+    assert finished.exit_code == 0, finished.stderr
+    assert not list(fed.glob("*.previous"))
+    assert x509.load_pem_x509_certificates((fed / "ca-bundle.pem").read_bytes()) == [ca2]
+    _verify(leaf3, ca2, "localhost")
 
 
 def test_federation_rotation_without_the_ca_key_is_refused(tmp_path: Path) -> None:

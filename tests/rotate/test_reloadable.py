@@ -134,6 +134,16 @@ def test_tls_rotation_installs_a_provided_pair_only_if_it_matches_and_is_valid(
     assert (config.parent / "tls" / "cert.pem").read_bytes() == (a / "cert.pem").read_bytes()
     start_server(config).stop()  # the server serves the installed pair
 
+    tls_dir = config.parent / "tls"
+    assert ops("rotate", "tls", "--config", config, "--finish", "--dry-run").exit_code == 0
+    assert (tls_dir / "key.pem.previous").exists()
+    finished = ops("rotate", "tls", "--config", config, "--finish")
+    assert finished.exit_code == 0, finished.stderr
+    assert not (tls_dir / "key.pem.previous").exists()
+    assert not (tls_dir / "cert.pem.previous").exists()
+    again = ops("rotate", "tls", "--config", config, "--finish")
+    assert again.exit_code == 64 and "nothing to finish" in again.stderr
+
 
 async def test_staged_tls_rotation_never_fails_a_client_holding_the_bundle(
         tmp_path: Path) -> None:
