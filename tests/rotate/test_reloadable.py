@@ -170,3 +170,20 @@ async def test_staged_tls_rotation_never_fails_a_client_holding_the_bundle(
         srv.stop()
     both = ops("rotate", "tls", "--config", config, "--stage", "--cert", bundle)
     assert both.exit_code == 64 and "no --cert" in both.stderr
+
+
+def test_auth_token_rotation_warns_when_the_environment_would_override_the_env_file(
+        tmp_path: Path) -> None:
+    config = init_data_dir(tmp_path / "d")
+    token = read_env_file(config.parent / ".env")["QPQ_AUTH_TOKEN"]
+    srv = start_server(config, env={"QPQ_AUTH_TOKEN": token})
+    try:
+        result = ops("rotate", "auth-token", "--config", config, "--json",
+                     env={"QPQ_AUTH_TOKEN": token})
+        assert result.exit_code == 1, result.stderr
+        warnings = " ".join(result.json()["warnings"])
+        assert "this shell's environment" in warnings
+        assert f"pid {srv.process.pid}" in warnings and "overrides .env" in warnings
+        assert token not in result.stdout + result.stderr
+    finally:
+        srv.stop()
