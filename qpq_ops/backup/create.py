@@ -86,6 +86,22 @@ def _full_reason(dest: Path, needed: int) -> str:
     return ""
 
 
+def _remove_stale_temp_files(dest: Path) -> None:
+    """Temp files of a backup that was killed (kill -9, power loss) before its cleanup:
+    `.qpq-backup-<pid>-<ms>.{db,partial}` whose process no longer exists."""
+    for path in dest.glob(".qpq-backup-*"):
+        pid = path.name.split("-")[2] if path.name.count("-") >= 3 else ""
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # still running: another backup into the same dir
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+        except PermissionError:
+            continue
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -115,6 +131,7 @@ def create_backup(req: BackupRequest, progress: ProgressFn | None = None,
         req.dest.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OpsError(f"cannot create {req.dest}: {exc.strerror}") from None
+    _remove_stale_temp_files(req.dest)
     token = f".qpq-backup-{os.getpid()}-{int(started * 1000)}"
     tmp_db = req.dest / f"{token}.db"
     tmp_archive = req.dest / f"{token}.partial"

@@ -151,6 +151,7 @@ def test_member_with_an_unsafe_path_is_refused(setup: Setup, tmp_path: Path) -> 
 
 def test_full_destination_leaves_no_partial_backup(setup: Setup, tmp_path: Path) -> None:
     dest, textfiles = tmp_path / "small", tmp_path / "tf"
+    source_before = tree_digest(setup.source.parent)
 
     def limit_file_size() -> None:  # a size-limited disk: writes past 32 KB fail (EFBIG)
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -166,6 +167,21 @@ def test_full_destination_leaves_no_partial_backup(setup: Setup, tmp_path: Path)
     assert "Traceback" not in result.stderr
     assert list(dest.iterdir()) == []
     assert not (textfiles / "qpq_backup.prom").exists()
+    assert tree_digest(setup.source.parent) == source_before
+
+
+def test_temp_files_of_a_killed_backup_are_cleaned_by_the_next_one(
+        setup: Setup, tmp_path: Path) -> None:
+    dest = tmp_path / "b"
+    dest.mkdir()
+    stale = [dest / ".qpq-backup-999999999-1.partial", dest / ".qpq-backup-999999999-1.db"]
+    mine = dest / f".qpq-backup-{os.getpid()}-1.partial"  # a live process's: kept
+    for path in (*stale, mine):
+        path.write_bytes(b"half a backup")
+    result = ops("backup", "create", "--config", setup.source, "--dest", dest,
+                 "--no-textfile")
+    assert result.exit_code == 0, result.stderr
+    assert not any(p.exists() for p in stale) and mine.exists()
 
 
 def test_restore_over_a_running_server_is_refused(setup: Setup) -> None:
