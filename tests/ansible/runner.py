@@ -93,13 +93,14 @@ def run_playbook(playbook: str, work: Path, extra_vars: Mapping[str, Any], *,
     inventory = write_inventory(work / "inventory.yml")
     vars_file = work / "extra-vars.json"
     vars_file.write_text(json.dumps(dict(extra_vars)))
-    cmd = [str(BIN / "ansible-playbook"), "-i", str(inventory), str(PLAYBOOKS / playbook),
+    # From the repository root, as the issue spells it: `ansible-playbook -i INV playbooks/X.yml`.
+    cmd = [str(BIN / "ansible-playbook"), "-i", str(inventory), f"playbooks/{playbook}",
            "-e", f"@{vars_file}"]
     if check:
         cmd.append("--check")
     if tags:
         cmd += ["--tags", tags]
-    proc = subprocess.run(cmd, cwd=PLAYBOOKS, env=ansible_env(work), capture_output=True,
+    proc = subprocess.run(cmd, cwd=REPO, env=ansible_env(work), capture_output=True,
                           text=True, timeout=timeout, check=False)
     output = proc.stdout + proc.stderr
     recap: dict[str, int] = {}
