@@ -14,6 +14,9 @@
         ├── UnknownUser          enqueue/key fetch for a user that does not exist
         ├── RateLimited          token bucket empty
         ├── TooLarge             payload above a configured limit
+        │   └── QuotaExceeded    blob upload beyond the account's quota
+        ├── HashMismatch         uploaded blob does not hash to its declared id
+        ├── UploadStalled        blob upload stopped sending before it was complete
         ├── NotFound             referenced object does not exist
         ├── ServerBusy           server draining or at a limit
         └── Internal             unexpected failure (details only in the log)
@@ -28,11 +31,13 @@ __all__ = [
     "BadFrame",
     "BadRequest",
     "ConfigError",
+    "HashMismatch",
     "Internal",
     "InvalidSession",
     "LoginFailed",
     "NotFound",
     "QpqError",
+    "QuotaExceeded",
     "RateLimited",
     "RequestError",
     "ServerBusy",
@@ -40,6 +45,7 @@ __all__ = [
     "TooLarge",
     "Unauthenticated",
     "UnknownUser",
+    "UploadStalled",
     "UserExists",
     "WrongDatabaseKey",
 ]
@@ -99,6 +105,18 @@ class RateLimited(RequestError):
 
 class TooLarge(RequestError):
     code = "too_large"
+
+
+class QuotaExceeded(TooLarge):
+    code = "quota_exceeded"
+
+
+class HashMismatch(BadRequest):
+    code = "hash_mismatch"
+
+
+class UploadStalled(BadRequest):
+    code = "upload_stalled"
 
 
 class NotFound(RequestError):

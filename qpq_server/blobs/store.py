@@ -32,20 +32,12 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes
 
-from qpq_server.errors import BadRequest, NotFound, TooLarge
+from qpq_server.errors import BadRequest, HashMismatch, NotFound, QuotaExceeded, TooLarge
 from qpq_server.storage.filestore import fsync_dir, write_atomic
 
 __all__ = ["BlobInfo", "BlobStore", "HashMismatch", "QuotaExceeded", "Upload"]
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-
-
-class QuotaExceeded(TooLarge):
-    code = "quota_exceeded"
-
-
-class HashMismatch(BadRequest):
-    code = "hash_mismatch"
 
 
 @dataclass(frozen=True)

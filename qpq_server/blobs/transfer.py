@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from qpq_server.blobs.store import BlobStore, Upload
-from qpq_server.errors import BadRequest, Internal, NotFound, RequestError
+from qpq_server.errors import BadRequest, Internal, NotFound, RequestError, UploadStalled
 from qpq_server.protocol import validate as v
 from qpq_server.protocol.codec import FrameDecoder, encode_frame
 
@@ -44,10 +44,6 @@ log = logging.getLogger("qpq.blobs")
 BLOB_OPS = frozenset({"blob_put", "blob_get"})
 _SEND_WINDOW = 2 * 1024 * 1024  # unacknowledged bytes allowed in flight per download
 _FRAME_OVERHEAD = 64
-
-
-class UploadStalled(BadRequest):
-    code = "upload_stalled"
 
 
 class StreamSink(Protocol):
