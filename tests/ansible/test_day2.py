@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from qpq_server.client import ClientError, QpqClient, connect
 from tests.ansible.runner import (
     PLAYBOOKS,
     DeployedServer,
@@ -45,6 +46,39 @@ class Host:
     def archives(self) -> list[Path]:
         return sorted(p for p in self.backups.iterdir() if p.is_file())
 
+    def token(self) -> str:
+        return read_env(self.data_dir / ".env")["QPQ_AUTH_TOKEN"]
+
+
+async def register(host: Host, user: str) -> None:
+    async with connect(host.vars["qpq_server_listen"], host.token(),
+                       ca=host.data_dir / "tls" / "cert.pem", server_name="chat.example.org",
+                       timeout=10) as conn:
+        await QpqClient(conn, host.work / "profiles").register(user, f"pw-{user}")
+
+
+async def login_works(host: Host, user: str) -> bool:
+    async with connect(host.vars["qpq_server_listen"], host.token(),
+                       ca=host.data_dir / "tls" / "cert.pem", server_name="chat.example.org",
+                       timeout=10) as conn:
+        try:
+            await QpqClient(conn, host.work / "profiles").login(user, f"pw-{user}")
+        except ClientError as exc:
+            assert exc.code == "login_failed"
+            return False
+        return True
+
+
+async def token_accepted(host: Host, token: str, ca: Path | None = None) -> bool:
+    try:
+        async with connect(host.vars["qpq_server_listen"], token,
+                           ca=ca or host.data_dir / "tls" / "cert.pem",
+                           server_name="chat.example.org", timeout=10):
+            return True
+    except ClientError as exc:
+        assert exc.code == "unauthenticated"
+        return False
+
 
 @pytest.fixture(scope="module")
 def host(tmp_path_factory: pytest.TempPathFactory, qpq_wheel: Path,
@@ -67,7 +101,9 @@ def day2_vars(host: Host, **more: Any) -> dict[str, Any]:
             "ansible_become": False, **more}
 
 
-def test_backup_playbook_writes_a_verified_archive_and_the_textfile_metric(host: Host) -> None:
+async def test_backup_playbook_writes_a_verified_archive_and_the_textfile_metric(
+        host: Host) -> None:
+    await register(host, "alice")
     run = run_playbook("backup.yml", host.work, day2_vars(host))
     assert run.rc == 0, run.output[-4000:]
     assert run.changed > 0
@@ -93,8 +129,10 @@ def test_backup_playbook_prunes_to_the_retention_and_fetches_only_on_request(
     assert stat.S_IMODE((fetch_dir / "localhost" / kept.name).stat().st_mode) == 0o600
 
 
-def test_restore_playbook_refuses_a_live_data_dir_then_restores_with_force(host: Host) -> None:
+async def test_restore_playbook_refuses_a_live_data_dir_then_restores_the_backup_with_force(
+        host: Host) -> None:
     (archive,) = host.archives()
+    await register(host, "bob")  # after the backup: the restore must forget bob
     host_path = "/" + str(archive.relative_to(host.root))
     host.server.stop()
     try:
@@ -108,7 +146,8 @@ def test_restore_playbook_refuses_a_live_data_dir_then_restores_with_force(host:
         assert restored.changed > 0
     finally:
         host.server.start()
-    assert host.server.ready()
+    assert await login_works(host, "alice")
+    assert not await login_works(host, "bob")
 
 
 def test_restore_playbook_stops_on_a_missing_archive_before_touching_anything(
@@ -133,7 +172,7 @@ def test_rotate_dry_run_and_check_mode_change_nothing(host: Host) -> None:
     assert (host.data_dir / ".env").read_bytes() == env_before
 
 
-def test_rotate_auth_token_keeps_the_old_token_for_the_grace_window_then_finishes(
+async def test_rotate_auth_token_keeps_the_old_token_for_the_grace_window_then_finishes(
         host: Host, tmp_path: Path) -> None:
     old = read_env(host.data_dir / ".env")["QPQ_AUTH_TOKEN"]
     fetch_dir = tmp_path / "asked-for-secrets"
@@ -148,7 +187,9 @@ def test_rotate_auth_token_keeps_the_old_token_for_the_grace_window_then_finishe
     # Asked for: the new token comes back, in the host's 0600 .env.
     assert read_env(fetch_dir / "localhost" / ".env")["QPQ_AUTH_TOKEN"] == env["QPQ_AUTH_TOKEN"]
     assert stat.S_IMODE((fetch_dir / "localhost" / ".env").stat().st_mode) == 0o600
-    assert host.server.ready()
+    # The server got the SIGHUP: both tokens work during the grace window.
+    assert await token_accepted(host, env["QPQ_AUTH_TOKEN"])
+    assert await token_accepted(host, old)
     early = run_playbook("rotate-keys.yml", host.work, day2_vars(
         host, qpq_rotate_kind="auth-token", qpq_rotate_finish=True))
     assert early.rc != 0  # the grace window is still open
@@ -158,13 +199,15 @@ def test_rotate_auth_token_keeps_the_old_token_for_the_grace_window_then_finishe
         qpq_rotate_finish_early=True))
     assert finish.rc == 0, finish.output[-4000:]
     assert "QPQ_AUTH_TOKEN_PREVIOUS" not in read_env(host.data_dir / ".env")
+    assert not await token_accepted(host, old)
+    assert await token_accepted(host, env["QPQ_AUTH_TOKEN"])
     audit = [json.loads(line) for line in
              (host.data_dir / "audit" / "rotations.jsonl").read_text().splitlines()]
     assert [r["kind"] for r in audit][-2:] == ["auth-token", "auth-token"]
 
 
-def test_rotate_tls_fetches_the_public_certificate_and_no_secret(host: Host,
-                                                                 tmp_path: Path) -> None:
+async def test_rotate_tls_fetches_the_public_certificate_and_no_secret(
+        host: Host, tmp_path: Path) -> None:
     cert = host.data_dir / "tls" / "cert.pem"
     old_cert = cert.read_bytes()
     fetch_dir = tmp_path / "from-host"
@@ -175,7 +218,8 @@ def test_rotate_tls_fetches_the_public_certificate_and_no_secret(host: Host,
     fetched = sorted(p.relative_to(fetch_dir) for p in fetch_dir.rglob("*") if p.is_file())
     assert fetched == [Path("localhost/tls/cert.pem")]
     assert (fetch_dir / "localhost/tls/cert.pem").read_bytes() == cert.read_bytes()
-    assert host.server.ready()
+    # The server reloaded: a client trusting only the fetched certificate gets in.
+    assert await token_accepted(host, host.token(), ca=fetch_dir / "localhost/tls/cert.pem")
 
 
 def test_rotate_refuses_finish_for_a_kind_without_a_second_step(host: Host) -> None:
