@@ -192,3 +192,40 @@ def test_the_deployed_install_runs_and_answers_readyz(deployed: Deployed) -> Non
         assert server.ready()
     finally:
         server.stop()
+
+
+def test_a_config_that_check_config_rejects_never_lands(deployed: Deployed) -> None:
+    config_path = deployed.path("/var/lib/qpq/qpq-server.toml")
+    before = config_path.read_bytes()
+    run = run_playbook("deploy.yml", deployed.work, {
+        **deployed.vars,
+        # Absolute paths pass preflight; check-config finds the files missing.
+        "qpq_server_federation_enabled": True,
+        "qpq_server_federation_cert": "/etc/qpq/federation/cert.pem",
+        "qpq_server_federation_key": "/etc/qpq/federation/key.pem",
+        "qpq_server_federation_ca": "/etc/qpq/federation/ca.pem",
+    }, tags="qpq_server")
+    assert run.rc != 0
+    assert "failed to validate" in run.output, run.output[-3000:]
+    assert config_path.read_bytes() == before
+
+
+def test_rules_that_promtool_rejects_never_land(deployed: Deployed, tmp_path: Path) -> None:
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "alerts").mkdir()
+    (tmp_path / "alerts" / "broken.yml").write_text(
+        "groups:\n  - name: broken\n    rules:\n      - alert: Broken\n        expr: 'sum('\n")
+    run = run_playbook("deploy.yml", deployed.work, {
+        **deployed.vars, "qpq_prometheus_rules_src_dir": str(tmp_path)}, tags="qpq_prometheus")
+    assert run.rc != 0
+    assert "failed to validate" in run.output, run.output[-3000:]
+    assert not deployed.path("/etc/prometheus/qpq/alerts/broken.yml").exists()
+
+
+def test_a_rule_file_gone_from_the_repo_is_removed_from_the_host(deployed: Deployed) -> None:
+    stale = deployed.path("/etc/prometheus/qpq/alerts/renamed-long-ago.yml")
+    stale.write_text("groups: []\n")
+    run = run_playbook("deploy.yml", deployed.work, deployed.vars, tags="qpq_prometheus")
+    assert run.rc == 0, run.output[-3000:]
+    assert not stale.exists()
+    assert run.changed == 1, run.changed_tasks()
