@@ -215,18 +215,26 @@ async def test_rotate_tls_fetches_the_public_certificate_and_no_secret(
         host, qpq_rotate_kind="tls", qpq_rotate_fetch_dir=str(fetch_dir)))
     assert run.rc == 0, run.output[-4000:]
     assert cert.read_bytes() != old_cert
-    fetched = sorted(p.relative_to(fetch_dir) for p in fetch_dir.rglob("*") if p.is_file())
-    assert fetched == [Path("localhost/tls/cert.pem")]
+    fetched = {p.relative_to(fetch_dir) for p in fetch_dir.rglob("*") if p.is_file()}
+    assert Path("localhost/tls/cert.pem") in fetched
+    assert fetched <= {Path("localhost/tls") / name
+                       for name in ("cert.pem", "trust-bundle.pem", "next-cert.pem")}
     assert (fetch_dir / "localhost/tls/cert.pem").read_bytes() == cert.read_bytes()
     # The server reloaded: a client trusting only the fetched certificate gets in.
     assert await token_accepted(host, host.token(), ca=fetch_dir / "localhost/tls/cert.pem")
+    finish = run_playbook("rotate-keys.yml", host.work, day2_vars(
+        host, qpq_rotate_kind="tls", qpq_rotate_finish=True))
+    assert finish.rc == 0, finish.output[-4000:]
+    assert not list((host.data_dir / "tls").glob("*.previous"))
+    assert await token_accepted(host, host.token())
 
 
 def test_rotate_refuses_finish_for_a_kind_without_a_second_step(host: Host) -> None:
     run = run_playbook("rotate-keys.yml", host.work, day2_vars(
-        host, qpq_rotate_kind="tls", qpq_rotate_finish=True))
+        host, qpq_rotate_kind="db-key", qpq_rotate_finish=True))
     assert run.rc != 0
-    assert "qpq_rotate_finish exists for auth-token and opaque only" in " ".join(run.output.split())
+    assert ("qpq_rotate_finish exists for auth-token, tls, federation, opaque only"
+            in " ".join(run.output.split())), run.output[-3000:]
     assert run.changed == 0
 
 
