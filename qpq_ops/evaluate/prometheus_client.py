@@ -51,8 +51,11 @@ class PrometheusQuerier:
         self.url = url.rstrip("/")
         self.timeout = timeout
         # No retries: the caller has one deadline for everything and reports failure once.
+        # The socket timeout is a little longer than that deadline so a slow answer is
+        # reported by the deadline, not as the connection error urllib3 makes of a read
+        # timeout once its (zero) retries are used up.
         self._prom = PrometheusConnect(
-            url=self.url, retry=Retry(total=0, raise_on_status=False), timeout=timeout
+            url=self.url, retry=Retry(total=0, raise_on_status=False), timeout=timeout + 0.5
         )
 
     def close(self) -> None:
@@ -72,7 +75,11 @@ class PrometheusQuerier:
             raise SourceError(
                 f"Prometheus at {self.url} did not answer within {self.timeout:g} s"
             ) from None
-        except requests.ConnectionError:
+        except requests.ConnectionError as exc:
+            if "timed out" in str(exc):
+                raise SourceError(
+                    f"Prometheus at {self.url} did not answer within {self.timeout:g} s"
+                ) from None
             raise SourceError(f"cannot reach Prometheus at {self.url}") from None
         except requests.RequestException as exc:
             raise SourceError(f"request to Prometheus at {self.url} failed: {exc}") from None
