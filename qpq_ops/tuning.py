@@ -8,15 +8,14 @@ fake tree.
 
 from __future__ import annotations
 
-import os
 import re
 import resource
-import tempfile
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
 from qpq_ops.capacity import NOFILE, SYSCTL
+from qpq_server import fsutil
 
 __all__ = [
     "LIMITS_D_PATH",
@@ -85,17 +84,7 @@ def render_limits_d(user: str = "qpq", nofile: int = NOFILE) -> str:
 def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
     """Write `text` to `path` so readers see the old or the new file, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    fsutil.write_atomic(path, text, mode=mode)
 
 
 def _read_int(path: Path) -> int | None:

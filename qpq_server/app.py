@@ -20,6 +20,7 @@ from qpq_server.blobs.transfer import BlobTransfers, register_blob_ops
 from qpq_server.config import Config, load_config, parse_hostport
 from qpq_server.datadir import session_key_path
 from qpq_server.errors import ConfigError, StorageError
+from qpq_server.fsutil import write_atomic
 from qpq_server.http import HealthServer
 from qpq_server.kt.log import KtLog, load_signer, register_kt_ops
 from qpq_server.metrics import ServerMetrics
@@ -161,10 +162,7 @@ class ServerApp:
         return self.listener.in_flight_requests + ws
 
     def _write_pid(self) -> None:
-        path = self.config.pid_path
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(f"{os.getpid()}\n")
-        os.replace(tmp, path)
+        write_atomic(self.config.pid_path, f"{os.getpid()}\n", mode=0o644, sync_dir=False)
 
     def reload(self) -> None:
         """SIGHUP: re-read access tokens and the TLS certificate; connections stay up."""

@@ -7,12 +7,12 @@ cannot leak into a log line or a traceback by accident.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from qpq_server.errors import ConfigError
+from qpq_server.fsutil import write_atomic
 
 __all__ = ["Secret", "ServerSecrets", "load_secrets", "read_env_file", "write_env_file"]
 
@@ -52,21 +52,11 @@ def read_env_file(path: Path) -> dict[str, str]:
 
 
 def write_env_file(path: Path, values: Mapping[str, str]) -> None:
-    """Write atomically with mode 0600 (temp file in the same dir, fsync, rename)."""
+    """Write atomically with mode 0600."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".env.")
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write("# qpq secrets: keep this file 0600 and out of backups of the data\n")
-            for key, value in values.items():
-                fh.write(f"{key}={value}\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    lines = ["# qpq secrets: keep this file 0600 and out of backups of the data"]
+    lines += [f"{key}={value}" for key, value in values.items()]
+    write_atomic(path, "\n".join(lines) + "\n", mode=0o600)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from pathlib import Path
 
 from cryptography import x509
@@ -13,21 +12,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from qpq_server.errors import ConfigError
+from qpq_server.fsutil import write_atomic
 
 __all__ = ["certificate_not_after", "write_private_file", "write_self_signed"]
 
 
 def write_private_file(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write a file atomically, created with `mode` from the start (no window at 0644)."""
+    """Write key material atomically, created with `mode` from the start, in a 0700 dir."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    write_atomic(path, data, mode=mode)
 
 
 def write_self_signed(cert_path: Path, key_path: Path, domain: str, days: int = 365) -> None:

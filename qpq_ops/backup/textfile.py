@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
+
+from qpq_server.fsutil import write_atomic
 
 __all__ = ["DEFAULT_TEXTFILE_DIR", "TEXTFILE_NAME", "render_metrics", "write_backup_metrics"]
 
@@ -33,15 +33,5 @@ def write_backup_metrics(directory: Path, finished_unix: float, size_bytes: int,
     (its collector skips names not ending in .prom, so the temp name is invisible)."""
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / TEXTFILE_NAME
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".qpq_backup.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(render_metrics(finished_unix, size_bytes, duration_s))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(target, render_metrics(finished_unix, size_bytes, duration_s), mode=0o644)
     return target

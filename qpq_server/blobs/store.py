@@ -33,7 +33,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import hashes
 
 from qpq_server.errors import BadRequest, HashMismatch, NotFound, QuotaExceeded, TooLarge
-from qpq_server.storage.filestore import fsync_dir, write_atomic
+from qpq_server.fsutil import fsync_dir, write_atomic
 
 __all__ = ["BlobInfo", "BlobStore", "HashMismatch", "QuotaExceeded", "Upload"]
 

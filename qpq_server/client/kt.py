@@ -10,13 +10,13 @@ raised as a KtViolation, which the CLI reports loudly and never silently re-pins
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from qpq_server.client.connection import ClientError
+from qpq_server.fsutil import write_atomic
 from qpq_server.kt.merkle import ProofError, leaf_hash, verify_consistency, verify_inclusion
 from qpq_server.kt.sth import SignedTreeHead, kt_leaf, verify_tree_head
 
@@ -74,11 +74,7 @@ class KtVerifier:
         data = {"public_key": public_key.hex(), "head": {
             "size": head.size, "root": head.root.hex(), "timestamp_ms": head.timestamp_ms,
             "signature": head.signature.hex()}}
-        tmp = self.pin_path.with_name(self.pin_path.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        with tmp.open("rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.pin_path)
+        write_atomic(self.pin_path, json.dumps(data, indent=1), mode=0o600)
 
     async def _server_key(self) -> bytes:
         """The pinned log key; on first contact, the server's (trust on first use)."""

@@ -14,6 +14,7 @@ import msgpack
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from qpq_server.client.e2e import public_bytes
+from qpq_server.fsutil import write_atomic
 
 __all__ = ["Profile", "default_profile_dir"]
 
@@ -85,11 +86,4 @@ class Profile:
             "session": self.session, "session_expires": self.session_expires,
             "published_identity": self.published_identity,
         }, use_bin_type=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
+        write_atomic(self.path, data, mode=0o600)

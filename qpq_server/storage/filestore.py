@@ -38,42 +38,15 @@ from typing import Any, TypeVar
 import msgpack
 
 from qpq_server.errors import StorageError, UserExists
+from qpq_server.fsutil import fsync_dir, write_atomic
 from qpq_server.storage.base import Account, CommitObserver, KeyPackage, KtLeaf, StoredMessage
 
-__all__ = ["FileStorage", "fsync_dir", "write_atomic"]
+__all__ = ["FileStorage"]
 
 T = TypeVar("T")
 _ID_BLOCK = 1024
 _RECORD = struct.Struct(">I")
 _FORMAT = 1
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
-    """Write, fsync, rename into place (and fsync the dir): readers see old or new."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    _write_file(tmp, data)
-    os.replace(tmp, path)
-    if sync_dir:
-        fsync_dir(path.parent)
 
 
 def _pack(value: Any) -> bytes:
