@@ -311,3 +311,18 @@ async def test_accounts_survive_an_opaque_setup_rotation(tmp_path: Path) -> None
             await c.login("rot_u", "pw")
     finally:
         srv.stop()
+
+
+def test_federation_enabled_is_refused_clearly_until_it_exists(tmp_path: Path) -> None:
+    config = init_data_dir(tmp_path / "d")
+    ca = config.parent / "tls" / "cert.pem"
+    key = config.parent / "tls" / "key.pem"
+    text = config.read_text().replace(
+        "[federation]\nenabled = false",
+        f'[federation]\nenabled = true\nfederation_cert = "{ca}"\nfederation_key = "{key}"\n'
+        f'federation_ca = "{ca}"')
+    config.write_text(text)
+    assert run_cli("check-config", str(config)).returncode == 0
+    result = run_cli("run", "--config", str(config), env=clean_env())
+    assert result.returncode == 1 and "federation relaying is not available" in result.stderr
+    assert "Traceback" not in result.stderr
