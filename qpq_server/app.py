@@ -44,10 +44,6 @@ class ServerApp:
     def __init__(self, config_path: Path) -> None:
         self.config_path = config_path
         self.config: Config = load_config(config_path)
-        if self.config.federation.enabled:
-            # Refuse rather than run without the relaying the operator asked for.
-            raise ConfigError("[federation] enabled = true, but federation relaying is not "
-                              "available in this build of qpq-server; set enabled = false")
         self.env_file = config_path.parent / ".env"
         self.secrets = load_secrets(self.env_file)
         self.metrics = ServerMetrics()

@@ -320,6 +320,10 @@ def _parse(path: Path) -> tuple[Config, list[str]]:
         problems.append("[quic] max_frame_bytes must be between 1024 and 67108864")
     if q.idle_timeout_s > 3600:
         problems.append("[quic] idle_timeout_s must be at most 3600")
+    if config.federation.enabled:
+        # Refuse rather than run without the relaying the operator asked for.
+        problems.append("[federation] enabled = true, but federation relaying is not available "
+                        "in this build of qpq-server; set enabled = false")
     if q.max_concurrent_bidi_streams > 10000:
         problems.append("[quic] max_concurrent_bidi_streams must be at most 10000")
     return config, problems

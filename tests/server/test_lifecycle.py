@@ -322,7 +322,8 @@ def test_federation_enabled_is_refused_clearly_until_it_exists(tmp_path: Path) -
         f'[federation]\nenabled = true\nfederation_cert = "{ca}"\nfederation_key = "{key}"\n'
         f'federation_ca = "{ca}"')
     config.write_text(text)
-    assert run_cli("check-config", str(config)).returncode == 0
+    checked = run_cli("check-config", str(config))
+    assert checked.returncode == 1 and "federation relaying is not available" in checked.stderr
     result = run_cli("run", "--config", str(config), env=clean_env())
     assert result.returncode == 1 and "federation relaying is not available" in result.stderr
     assert "Traceback" not in result.stderr
