@@ -320,6 +320,9 @@ def _parse(path: Path) -> tuple[Config, list[str]]:
         problems.append("[quic] max_frame_bytes must be between 1024 and 67108864")
     if q.idle_timeout_s > 3600:
         problems.append("[quic] idle_timeout_s must be at most 3600")
+    if config.storage.backend == "postgres":
+        problems.append('[storage] backend = "postgres" is not available in this build of '
+                        'qpq-server; use "sqlcipher" or "file"')
     if config.federation.enabled:
         # Refuse rather than run without the relaying the operator asked for.
         problems.append("[federation] enabled = true, but federation relaying is not available "

@@ -327,3 +327,12 @@ def test_federation_enabled_is_refused_clearly_until_it_exists(tmp_path: Path) -
     result = run_cli("run", "--config", str(config), env=clean_env())
     assert result.returncode == 1 and "federation relaying is not available" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_postgres_backend_is_refused_clearly_until_it_exists(tmp_path: Path) -> None:
+    config = init_data_dir(tmp_path / "d", {"storage": {"backend": "postgres"}})
+    checked = run_cli("check-config", str(config))
+    assert checked.returncode == 1 and "postgres" in checked.stderr
+    result = run_cli("run", "--config", str(config), env=clean_env())
+    assert result.returncode == 1 and "not available in this build" in result.stderr
+    assert "Traceback" not in result.stderr
