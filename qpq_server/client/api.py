@@ -135,8 +135,9 @@ class QpqClient:
             bundle = await self.conn.call("get_keys", session=session, username=name)
             # Never encrypt to a key the server's signed, append-only log does not show.
             await self.kt.verify_key(name, bytes(bundle["identity_key"]), bundle.get("kt"))
-            public = bundle["key_package"] or bundle["identity_key"]
-            keys.append(RecipientKey(name, bytes(public)))
+            package = bundle["key_package"]
+            keys.append(RecipientKey(name, bytes(bundle["identity_key"]),
+                                     bytes(package) if package else None))
         envelope = seal(content, sender, keys)
         extra: dict[str, Any] = {"blobs": list(blobs)} if blobs else {}
         result = await self.conn.call("enqueue", session=session, recipients=list(recipients),
