@@ -162,7 +162,6 @@ class Service:
 
     def _session_user(self, request: dict[str, Any]) -> str:
         token = v.get_str(request, "session", max_len=512)
-        assert token is not None
         user = self.signer.verify(token, self.clock()).username
         if self.config.rate_limit.enabled and not self._account_limiter.allow(
             "u:" + user, self.clock()
@@ -174,7 +173,6 @@ class Service:
     # -- handlers ----------------------------------------------------------------------
     async def _hello(self, request: dict[str, Any], conn: ConnectionState) -> dict[str, Any]:
         token = v.get_str(request, "token", max_len=512)
-        assert token is not None
         if not self.access.check(token):
             self.metrics.auth_login_failure_total.inc()
             raise Unauthenticated("access token rejected")
@@ -189,14 +187,12 @@ class Service:
                               conn: ConnectionState) -> dict[str, Any]:
         username = v.get_username(request)
         message = v.get_bytes(request, "request", max_len=_OPAQUE_MSG_MAX)
-        assert message is not None
         return {"response": self.opaque.registration_start(username, message)}
 
     async def _register_finish(self, request: dict[str, Any],
                                conn: ConnectionState) -> dict[str, Any]:
         username = v.get_username(request)
         upload = v.get_bytes(request, "upload", max_len=_OPAQUE_MSG_MAX)
-        assert upload is not None
         record = self.opaque.registration_finish(upload)
         await self.storage.create_account(username, record, self.opaque.current_version,
                                           self.clock())
@@ -207,7 +203,6 @@ class Service:
                            conn: ConnectionState) -> dict[str, Any]:
         username = v.get_username(request)
         message = v.get_bytes(request, "request", max_len=_OPAQUE_MSG_MAX)
-        assert message is not None
         if self.config.rate_limit.enabled and not self._account_limiter.allow(
             "login:" + username, self.clock()
         ):
@@ -229,7 +224,6 @@ class Service:
                             conn: ConnectionState) -> dict[str, Any]:
         login_id = v.get_int(request, "login_id", lo=0, hi=2**63)
         finalization = v.get_bytes(request, "finalization", max_len=_OPAQUE_MSG_MAX)
-        assert finalization is not None
         # pop: server login state is single-use, so a replayed finalization fails.
         pending = conn.pending_logins.pop(login_id, None)
         if pending is None:
@@ -257,14 +251,12 @@ class Service:
         setup (the client knows the password it just logged in with)."""
         user = self._session_user(request)
         message = v.get_bytes(request, "request", max_len=_OPAQUE_MSG_MAX)
-        assert message is not None
         return {"response": self.opaque.registration_start(user, message)}
 
     async def _reregister_finish(self, request: dict[str, Any],
                                  conn: ConnectionState) -> dict[str, Any]:
         user = self._session_user(request)
         upload = v.get_bytes(request, "upload", max_len=_OPAQUE_MSG_MAX)
-        assert upload is not None
         record = self.opaque.registration_finish(upload)
         await self.storage.update_password_file(user, record, self.opaque.current_version)
         log.info("account moved to the current OPAQUE setup",
@@ -274,8 +266,8 @@ class Service:
     async def _publish_keys(self, request: dict[str, Any],
                             conn: ConnectionState) -> dict[str, Any]:
         user = self._session_user(request)
-        identity = v.get_bytes(request, "identity_key", max_len=_KEY_BYTES, min_len=_KEY_BYTES,
-                               required=False)
+        identity = v.get_optional_bytes(request, "identity_key", max_len=_KEY_BYTES,
+                                        min_len=_KEY_BYTES)
         packages = v.get_bytes_list(request, "key_packages",
                                     max_items=self.config.limits.max_key_packages,
                                     max_len=_KEY_PACKAGE_MAX)
@@ -311,7 +303,6 @@ class Service:
         if not recipients:
             raise BadRequest("field 'recipients' must not be empty")
         payload = v.get_bytes(request, "payload", max_len=self.config.quic.max_frame_bytes)
-        assert payload is not None
         recipients = list(dict.fromkeys(recipients))
         blob_ids = [b.hex() for b in v.get_bytes_list(
             request, "blobs", max_items=_MAX_BLOBS_PER_MESSAGE, max_len=32)

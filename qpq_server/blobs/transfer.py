@@ -62,7 +62,6 @@ class StreamSink(Protocol):
 
 def blob_id_field(request: dict[str, Any], name: str) -> str:
     value = v.get_bytes(request, name, max_len=32, min_len=32)
-    assert value is not None
     return value.hex()
 
 

@@ -121,7 +121,6 @@ def register_kt_ops(service: Service, log: KtLog) -> None:
     async def kt_inclusion(request: dict[str, Any], conn: ConnectionState) -> dict[str, Any]:
         username = v.get_username(request)
         key = v.get_bytes(request, "identity_key", max_len=_KEY_BYTES, min_len=_KEY_BYTES)
-        assert key is not None
         proof = log.proof_for(username, key)
         if proof is None:
             raise NotFound(f"no leaf for this key of {username!r} in the log")

@@ -8,7 +8,7 @@ from typing import Any
 from qpq_server.errors import BadRequest, TooLarge
 
 __all__ = ["USERNAME_RE", "get_bytes", "get_bytes_list", "get_float", "get_int",
-           "get_int_list", "get_str", "get_str_list", "get_username"]
+           "get_int_list", "get_optional_bytes", "get_str", "get_str_list", "get_username"]
 
 USERNAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -21,11 +21,8 @@ def _get(req: dict[str, Any], name: str, required: bool) -> Any:
     return req[name]
 
 
-def get_str(req: dict[str, Any], name: str, *, max_len: int = 4096,
-            required: bool = True) -> str | None:
-    value = _get(req, name, required)
-    if value is None:
-        return None
+def get_str(req: dict[str, Any], name: str, *, max_len: int = 4096) -> str:
+    value = _get(req, name, True)
     if not isinstance(value, str):
         raise BadRequest(f"field {name!r} must be a string")
     if len(value) > max_len:
@@ -35,17 +32,13 @@ def get_str(req: dict[str, Any], name: str, *, max_len: int = 4096,
 
 def get_username(req: dict[str, Any], name: str = "username") -> str:
     value = get_str(req, name, max_len=64)
-    assert value is not None
     if not USERNAME_RE.match(value):
         raise BadRequest(f"field {name!r} must match {USERNAME_RE.pattern}")
     return value
 
 
-def get_bytes(req: dict[str, Any], name: str, *, max_len: int, min_len: int = 0,
-              required: bool = True) -> bytes | None:
-    value = _get(req, name, required)
-    if value is None:
-        return None
+def get_bytes(req: dict[str, Any], name: str, *, max_len: int, min_len: int = 0) -> bytes:
+    value = _get(req, name, True)
     if not isinstance(value, bytes):
         raise BadRequest(f"field {name!r} must be bytes")
     if len(value) > max_len:
@@ -53,6 +46,14 @@ def get_bytes(req: dict[str, Any], name: str, *, max_len: int, min_len: int = 0,
     if len(value) < min_len:
         raise BadRequest(f"field {name!r} shorter than {min_len} bytes")
     return value
+
+
+def get_optional_bytes(req: dict[str, Any], name: str, *, max_len: int,
+                       min_len: int = 0) -> bytes | None:
+    """Like get_bytes, but an absent or nil field is None."""
+    if req.get(name) is None:
+        return None
+    return get_bytes(req, name, max_len=max_len, min_len=min_len)
 
 
 def get_int(req: dict[str, Any], name: str, *, lo: int, hi: int, default: int | None = None) -> int:
