@@ -28,19 +28,10 @@ from typing import Any
 import httpx
 import tomli_w
 
+from qpq_server.secrets import read_env_file
 from tests.helpers.ports import free_port
 
 BIN = Path(sys.executable).parent
-
-
-def read_env_file(path: Path) -> dict[str, str]:
-    values: dict[str, str] = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#") and "=" in line:
-            key, _, value = line.partition("=")
-            values[key.strip()] = value.strip().strip('"')
-    return values
 
 
 def init_data_dir(data_dir: Path, overrides: dict[str, dict[str, Any]] | None = None) -> Path:

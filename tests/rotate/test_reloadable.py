@@ -13,9 +13,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from qpq_server.client import ClientError, connect
+from qpq_server.secrets import read_env_file
 from qpq_server.tls import write_self_signed
 from tests.backup.support import ops, tree_digest
-from tests.helpers.server import init_data_dir, read_env_file, start_server
+from tests.helpers.server import init_data_dir, start_server
 
 
 def _write_expired(cert_path: Path, key_path: Path) -> None:
