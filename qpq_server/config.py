@@ -94,7 +94,6 @@ class LimitsConfig:
     max_key_packages: int = 200
     max_fetch_batch: int = 500
     max_wait_s: float = 60.0
-    max_username_bytes: int = 64
 
 
 @dataclass(frozen=True)

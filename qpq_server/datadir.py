@@ -11,6 +11,17 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from qpq_server.auth.opaque import create_setup
+from qpq_server.config import (
+    BlobsConfig,
+    FederationConfig,
+    MetricsConfig,
+    QuicConfig,
+    RateLimitConfig,
+    RetentionConfig,
+    ServerConfig,
+    StorageConfig,
+    WebSocketConfig,
+)
 from qpq_server.errors import ConfigError
 from qpq_server.secrets import write_env_file
 from qpq_server.tls import write_private_file, write_self_signed
@@ -24,21 +35,27 @@ def session_key_path(data_dir: Path) -> Path:
     return data_dir / "keys" / "session.key"
 
 
+def _defaults(section: object, *names: str) -> dict[str, object]:
+    """The config dataclass's own defaults, so init never writes a stale copy of them."""
+    return {name: getattr(section, name) for name in names}
+
+
 def default_config(domain: str) -> dict[str, dict[str, object]]:
+    """The keys an operator is most likely to tune, at their defaults."""
     return {
-        "server": {"listen": "0.0.0.0:7000", "domain": domain, "data_dir": ".",
-                   "tls_cert": "tls/cert.pem", "tls_key": "tls/key.pem"},
-        "quic": {"idle_timeout_s": 300, "max_concurrent_bidi_streams": 100,
-                 "max_connections": 10000, "max_frame_bytes": 1048576,
-                 "handshake_timeout_s": 10, "max_handshakes_in_flight": 256, "retry": "auto"},
-        "storage": {"backend": "sqlcipher", "pool_size": 4},
-        "metrics": {"listen": "127.0.0.1:9090"},
-        "rate_limit": {"account_rate_per_s": 20.0, "account_burst": 40,
-                       "address_rate_per_s": 50.0, "address_burst": 100},
-        "blobs": {"max_blob_bytes": 104857600, "quota_bytes_per_account": 1073741824},
-        "retention": {"days": 30},
-        "federation": {"enabled": False},
-        "websocket": {"enabled": False, "listen": "127.0.0.1:7080"},
+        "server": {**_defaults(ServerConfig(), "listen"), "domain": domain, "data_dir": ".",
+                   **_defaults(ServerConfig(), "tls_cert", "tls_key")},
+        "quic": _defaults(QuicConfig(), "idle_timeout_s", "max_concurrent_bidi_streams",
+                          "max_connections", "max_frame_bytes", "handshake_timeout_s",
+                          "max_handshakes_in_flight", "retry"),
+        "storage": _defaults(StorageConfig(), "backend", "pool_size"),
+        "metrics": _defaults(MetricsConfig(), "listen"),
+        "rate_limit": _defaults(RateLimitConfig(), "account_rate_per_s", "account_burst",
+                                "address_rate_per_s", "address_burst"),
+        "blobs": _defaults(BlobsConfig(), "max_blob_bytes", "quota_bytes_per_account"),
+        "retention": _defaults(RetentionConfig(), "days"),
+        "federation": _defaults(FederationConfig(), "enabled"),
+        "websocket": _defaults(WebSocketConfig(), "enabled", "listen"),
     }
 
 
