@@ -120,11 +120,7 @@ class Service:
             handler = self._handlers.get(op)
             if handler is None:
                 raise BadRequest(f"unknown op {op[:64]!r}")
-            if self.config.rate_limit.enabled and not self._address_limiter.allow(
-                conn.peer, self.clock()
-            ):
-                self.metrics.rate_limit_hit_total.labels(scope="address").inc()
-                raise RateLimited("too many requests from this address; slow down")
+            self._limit_address(conn)
             if op != "hello" and not conn.authenticated:
                 raise Unauthenticated("present the access token with 'hello' first")
             response = await handler(request, conn)
@@ -145,16 +141,24 @@ class Service:
     def authorize_stream(self, request: dict[str, Any], conn: ConnectionState) -> str:
         """The checks of `handle` for requests a transport streams itself (blobs):
         address rate limit, access token, draining, session. Returns the user."""
-        if self.config.rate_limit.enabled and not self._address_limiter.allow(
-            conn.peer, self.clock()
-        ):
-            self.metrics.rate_limit_hit_total.labels(scope="address").inc()
-            raise RateLimited("too many requests from this address; slow down")
+        self._limit_address(conn)
         if not conn.authenticated:
             raise Unauthenticated("present the access token with 'hello' first")
         if self.draining:
             raise ServerBusy("server is shutting down; retry on reconnect")
         return self._session_user(request)
+
+    def _take(self, limiter: RateLimiter, key: str, scope: str, message: str) -> None:
+        if self.config.rate_limit.enabled and not limiter.allow(key, self.clock()):
+            self.metrics.rate_limit_hit_total.labels(scope=scope).inc()
+            raise RateLimited(message)
+
+    def _limit_address(self, conn: ConnectionState) -> None:
+        self._take(self._address_limiter, conn.peer, "address",
+                   "too many requests from this address; slow down")
+
+    def _limit_account(self, key: str, message: str) -> None:
+        self._take(self._account_limiter, key, "account", message)
 
     def _error(self, op: str, exc: RequestError) -> dict[str, Any]:
         self.metrics.rpc_errors_total.labels(op=op, code=exc.code).inc()
@@ -163,11 +167,7 @@ class Service:
     def _session_user(self, request: dict[str, Any]) -> str:
         token = v.get_str(request, "session", max_len=512)
         user = self.signer.verify(token, self.clock()).username
-        if self.config.rate_limit.enabled and not self._account_limiter.allow(
-            "u:" + user, self.clock()
-        ):
-            self.metrics.rate_limit_hit_total.labels(scope="account").inc()
-            raise RateLimited("too many requests for this account; slow down")
+        self._limit_account("u:" + user, "too many requests for this account; slow down")
         return user
 
     # -- handlers ----------------------------------------------------------------------
@@ -203,11 +203,8 @@ class Service:
                            conn: ConnectionState) -> dict[str, Any]:
         username = v.get_username(request)
         message = v.get_bytes(request, "request", max_len=_OPAQUE_MSG_MAX)
-        if self.config.rate_limit.enabled and not self._account_limiter.allow(
-            "login:" + username, self.clock()
-        ):
-            self.metrics.rate_limit_hit_total.labels(scope="account").inc()
-            raise RateLimited("too many login attempts for this account; slow down")
+        self._limit_account("login:" + username,
+                            "too many login attempts for this account; slow down")
         account = await self.storage.get_account(username)
         response, pending = self.opaque.login_start(
             username, message,
