@@ -27,6 +27,7 @@ from typing import Any
 
 import httpx
 import tomli_w
+from prometheus_client.parser import text_string_to_metric_families
 
 from qpq_server.secrets import read_env_file
 from tests.helpers.ports import free_port
@@ -68,6 +69,15 @@ class RunningServer:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.quic_port}"
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The current value of one sample on /metrics (0.0 when it is absent)."""
+        text = httpx.get(self.metrics_url + "/metrics", timeout=5).text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and sample.labels == labels:
+                    return float(sample.value)
+        return 0.0
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -21,7 +21,6 @@ import pytest
 from qpq_server.client import ClientError, QpqClient, connect
 from qpq_server.protocol.codec import encode_frame
 from tests.helpers.server import BIN, RunningServer, running_server
-from tests.server.test_messaging import metric
 
 MAX_BLOB = 55_000_000
 QUOTA = 56_000_000
@@ -135,9 +134,9 @@ async def test_50mb_file_round_trip_keeps_server_memory_bounded(
     assert hashlib.sha256(stored.read_bytes()).hexdigest() == blob_id
     assert stored.stat().st_size == got[0].content["blob_size"] > 50_000_000
     assert not list((blob_server.data_dir / "blobs" / "tmp").iterdir())
-    assert metric(blob_server, "qpq_blob_bytes") >= 50_000_000
-    assert metric(blob_server, "qpq_rpc_duration_seconds_count", '{op="blob_put"}') >= 1
-    assert metric(blob_server, "qpq_rpc_duration_seconds_count", '{op="blob_get"}') >= 1
+    assert blob_server.metric("qpq_blob_bytes") >= 50_000_000
+    assert blob_server.metric("qpq_rpc_duration_seconds_count", op="blob_put") >= 1
+    assert blob_server.metric("qpq_rpc_duration_seconds_count", op="blob_get") >= 1
 
 
 async def test_interrupted_uploads_leave_nothing_behind(
@@ -316,7 +315,7 @@ async def test_unreferenced_blobs_expire_and_referenced_ones_wait_for_download(
             assert got
             await asyncio.sleep(2)
             assert blob_files(srv) == set()
-            assert metric(srv, "qpq_blob_bytes") == 0
+            assert srv.metric("qpq_blob_bytes") == 0
 
 
 async def test_store_start_drops_what_was_never_acknowledged(tmp_path: Path) -> None:

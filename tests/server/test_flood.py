@@ -6,19 +6,11 @@ import socket
 import time
 from pathlib import Path
 
-import httpx
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 
 from qpq_server.client import connect
 from tests.helpers.server import RunningServer, running_server
-
-
-def refused(srv: RunningServer, reason: str) -> float:
-    for line in httpx.get(srv.metrics_url + "/metrics").text.splitlines():
-        if line.startswith(f'qpq_connections_refused_total{{reason="{reason}"}}'):
-            return float(line.split()[-1])
-    return 0.0
 
 
 def send_half_open_handshakes(srv: RunningServer, count: int) -> socket.socket:
@@ -42,13 +34,15 @@ async def test_half_open_handshakes_are_capped_then_timed_out(tmp_path: Path) ->
         sock = send_half_open_handshakes(srv, 10)
         try:
             deadline = time.monotonic() + 5
-            while refused(srv, "handshakes") < 6 and time.monotonic() < deadline:
+            refused = "qpq_connections_refused_total"
+            while srv.metric(refused, reason="handshakes") < 6 and time.monotonic() < deadline:
                 time.sleep(0.05)
-            assert refused(srv, "handshakes") >= 6  # 4 admitted, the rest refused
+            assert srv.metric(refused, reason="handshakes") >= 6  # 4 admitted, the rest refused
             deadline = time.monotonic() + 10
-            while refused(srv, "handshake_timeout") < 4 and time.monotonic() < deadline:
+            while (srv.metric(refused, reason="handshake_timeout") < 4
+                   and time.monotonic() < deadline):
                 time.sleep(0.1)
-            assert refused(srv, "handshake_timeout") >= 4
+            assert srv.metric(refused, reason="handshake_timeout") >= 4
             # once the half-open ones are gone, a real client gets in
             async with connect(srv.address, srv.auth_token, ca=srv.ca_cert,
                                server_name="localhost") as conn:

@@ -175,9 +175,8 @@ async def test_server_log_matches_independent_tree_of_published_keys(
         pinned = json.loads(c.kt.pin_path.read_text())
         assert pinned["head"]["size"] == 5
         assert pinned["public_key"] == server_public_key(server).hex()
-    from tests.server.test_messaging import metric
 
-    assert metric(server, "qpq_kt_log_size") == 5
+    assert server.metric("qpq_kt_log_size") == 5
 
 
 @pytest.mark.parametrize(("request_", "code"), [

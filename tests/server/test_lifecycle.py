@@ -226,10 +226,7 @@ async def test_rate_limit_trips_and_is_counted(tmp_path: Path) -> None:
                 response = await conn.call_raw({"op": "ping"})
                 codes.append("ok" if response["ok"] else response["error"]["code"])
         assert "rate_limited" in codes and codes[0] == "ok"
-        text = httpx.get(srv.metrics_url + "/metrics").text
-        line = next(ln for ln in text.splitlines()
-                    if ln.startswith('qpq_rate_limit_hit_total{scope="address"}'))
-        assert float(line.split()[-1]) >= 15
+        assert srv.metric("qpq_rate_limit_hit_total", scope="address") >= 15
 
 
 async def test_expired_session_is_refused(tmp_path: Path) -> None:

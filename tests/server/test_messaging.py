@@ -15,14 +15,6 @@ from tests.helpers.server import RunningServer
 from tests.server.conftest import ClientFactory
 
 
-def metric(srv: RunningServer, name: str, labels: str = "") -> float:
-    text = httpx.get(srv.metrics_url + "/metrics", timeout=5).text
-    for line in text.splitlines():
-        if line.startswith(name + labels + " ") or (not labels and line.startswith(name + " ")):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
 async def test_two_users_exchange_messages_end_to_end(server: RunningServer,
                                                       client: ClientFactory) -> None:
     secret_text = "meet at the old mill at 9 " + str(time.time())
@@ -87,7 +79,7 @@ async def test_long_poll_fetch_wakes_on_enqueue(server: RunningServer,
         started = time.monotonic()
         waiter = asyncio.create_task(receiver_c.receive("lp_b", wait_s=15))
         await asyncio.sleep(0.5)
-        assert metric(server, "qpq_delivery_waiters") >= 1
+        assert server.metric("qpq_delivery_waiters") >= 1
         await sender_c.send_text("lp_a", ["lp_b"], "wake up")
         got = await asyncio.wait_for(waiter, 10)
         elapsed = time.monotonic() - started
@@ -118,23 +110,23 @@ async def test_one_time_key_package_is_handed_out_once(client: ClientFactory) ->
 
 
 async def test_metrics_reflect_traffic(server: RunningServer, client: ClientFactory) -> None:
-    before_enqueue = metric(server, "qpq_enqueue_total")
-    before_fetch = metric(server, "qpq_fetch_total")
-    before_login = metric(server, "qpq_auth_login_success_total")
+    before_enqueue = server.metric("qpq_enqueue_total")
+    before_fetch = server.metric("qpq_fetch_total")
+    before_login = server.metric("qpq_auth_login_success_total")
     async with client() as c:
         await c.register("met_a", "pw")
         await c.register("met_b", "pw")
         for _ in range(3):
             await c.send_text("met_a", ["met_b"], "x")
-        assert metric(server, "qpq_delivery_queue_depth") >= 3
+        assert server.metric("qpq_delivery_queue_depth") >= 3
         await c.receive("met_b")
-    assert metric(server, "qpq_enqueue_total") == before_enqueue + 3
-    assert metric(server, "qpq_fetch_total") >= before_fetch + 1
-    assert metric(server, "qpq_auth_login_success_total") == before_login + 2
-    assert metric(server, "qpq_tls_handshake_duration_seconds_count") >= 1
-    assert metric(server, "qpq_db_write_duration_seconds_count") >= 3
-    assert metric(server, "qpq_connections_max") == 10000
-    assert metric(server, "qpq_tls_cert_expiry_timestamp_seconds") > time.time() + 300 * 86400
+    assert server.metric("qpq_enqueue_total") == before_enqueue + 3
+    assert server.metric("qpq_fetch_total") >= before_fetch + 1
+    assert server.metric("qpq_auth_login_success_total") == before_login + 2
+    assert server.metric("qpq_tls_handshake_duration_seconds_count") >= 1
+    assert server.metric("qpq_db_write_duration_seconds_count") >= 3
+    assert server.metric("qpq_connections_max") == 10000
+    assert server.metric("qpq_tls_cert_expiry_timestamp_seconds") > time.time() + 300 * 86400
 
 
 def test_health_endpoints(server: RunningServer) -> None:

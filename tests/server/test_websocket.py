@@ -153,6 +153,5 @@ async def test_websocket_requests_share_the_rate_limiter(ws_server: RunningServe
         answers = await asyncio.gather(*(conn.call_raw({"op": "ping"}) for _ in range(400)))
         codes = {a["error"]["code"] for a in answers if not a["ok"]}
         assert codes == {"rate_limited"}
-    from tests.server.test_messaging import metric
 
-    assert metric(ws_server, "qpq_rate_limit_hit_total", '{scope="address"}') >= 1
+    assert ws_server.metric("qpq_rate_limit_hit_total", scope="address") >= 1
