@@ -22,14 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from qpq_server.client import QpqClient, QpqConnection, connect
-from tests.helpers.server import RunningServer, running_server
-
-
-def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
+from tests.helpers.server import RunningServer, rss_kb, running_server
 
 
 def percentile(values: list[float], q: float) -> float:

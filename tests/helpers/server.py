@@ -35,6 +35,14 @@ from tests.helpers.ports import free_port
 BIN = Path(sys.executable).parent
 
 
+def rss_kb(pid: int) -> int:
+    """Resident set size of a process, from /proc (how tests and benches bound memory)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
 def init_data_dir(data_dir: Path, overrides: dict[str, dict[str, Any]] | None = None) -> Path:
     """`qpq-server init` into data_dir, then rewrite ports to free loopback ones."""
     subprocess.run(

@@ -20,7 +20,7 @@ import pytest
 
 from qpq_server.client import ClientError, QpqClient, connect
 from qpq_server.protocol.codec import encode_frame
-from tests.helpers.server import BIN, RunningServer, running_server
+from tests.helpers.server import BIN, RunningServer, rss_kb, running_server
 
 MAX_BLOB = 55_000_000
 QUOTA = 56_000_000
@@ -46,13 +46,6 @@ async def client_for(srv: RunningServer, profiles: Path) -> AsyncIterator[QpqCli
 def blob_files(srv: RunningServer) -> set[str]:
     root = srv.data_dir / "blobs"
     return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
-
-
-def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 class RssSampler:
