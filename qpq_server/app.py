@@ -185,10 +185,10 @@ class ServerApp:
         self.ready = False
         self.listener.stop_accepting()
         self.service.draining = True
+        # Once draining is set no fetch parks again, so one wake-up answers them all.
         self.service.notifier.wake_all()
         deadline = time.monotonic() + self.config.server.shutdown_grace_s
         while self._in_flight() and time.monotonic() < deadline:
-            self.service.notifier.wake_all()
             await asyncio.sleep(0.02)
         self.listener.close()
         await asyncio.sleep(0.05)  # let CONNECTION_CLOSE datagrams leave
