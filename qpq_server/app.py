@@ -16,15 +16,16 @@ from qpq_server.auth.access import AccessTokens
 from qpq_server.auth.opaque import OpaqueServer
 from qpq_server.auth.sessions import SessionSigner
 from qpq_server.blobs.store import BlobStore
-from qpq_server.blobs.transfer import BlobTransfers, register_blob_ops
+from qpq_server.blobs.transfer import BlobTransfers, blob_ops
 from qpq_server.config import Config, load_config, parse_hostport
 from qpq_server.datadir import session_key_path
 from qpq_server.errors import ConfigError, StorageError
 from qpq_server.fsutil import write_atomic
 from qpq_server.http import HealthServer
-from qpq_server.kt.log import KtLog, load_signer, register_kt_ops
+from qpq_server.kt.log import KtLog, kt_ops, load_signer
 from qpq_server.metrics import ServerMetrics
 from qpq_server.notifier import InProcessNotifier
+from qpq_server.protocol.dispatch import Dispatcher
 from qpq_server.secrets import load_secrets
 from qpq_server.service import Service
 from qpq_server.storage import open_storage
@@ -90,21 +91,24 @@ class ServerApp:
             access=AccessTokens(self.secrets.auth_tokens), metrics=self.metrics,
             notifier=InProcessNotifier(), kt=kt, blobs=blobs,
         )
-        register_kt_ops(self.service, kt)
-        register_blob_ops(self.service)
+        self.dispatcher = Dispatcher(self.metrics, self.service)
+        for ops in (self.service.ops(), kt_ops(kt, self.storage), blob_ops()):
+            self.dispatcher.register(ops)
         await self.service.start()
         self.metrics.tls_cert_expiry_timestamp_seconds.set(
             certificate_not_after(cfg.tls_cert_path))
-        self.listener = QuicListener(cfg, self.service, BlobTransfers(
-            self.service, blobs, cfg.quic.max_frame_bytes, cfg.blobs.chunk_bytes,
-            cfg.blobs.upload_idle_timeout_s))
+        self.listener = QuicListener(
+            cfg, self.dispatcher, self.metrics, self.service.connection_closed,
+            BlobTransfers(self.service, self.dispatcher, blobs, cfg.quic.max_frame_bytes,
+                          cfg.blobs.chunk_bytes, cfg.blobs.upload_idle_timeout_s))
         host, port = parse_hostport(cfg.server.listen)
         try:
             await self.listener.start(host, port)
         except OSError as exc:
             raise ConfigError(f"cannot listen on UDP {cfg.server.listen}: {exc.strerror}") from None
         if cfg.websocket.enabled:
-            self.websocket = WebSocketListener(cfg, self.service)
+            self.websocket = WebSocketListener(cfg, self.dispatcher,
+                                               self.service.connection_closed)
             whost, wport = parse_hostport(cfg.websocket.listen)
             try:
                 await self.websocket.start(whost, wport)

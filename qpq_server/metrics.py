@@ -70,3 +70,10 @@ class ServerMetrics:
         # Touch label-less series so every name is present from the first scrape.
         self.rate_limit_hit_total.labels(scope="account")
         self.rate_limit_hit_total.labels(scope="address")
+
+    # -- what the dispatch core records (protocol.dispatch.DispatchMetrics) ------------
+    def observe_rpc(self, op: str, seconds: float) -> None:
+        self.rpc_duration_seconds.labels(op=op).observe(seconds)
+
+    def count_rpc_error(self, op: str, code: str) -> None:
+        self.rpc_errors_total.labels(op=op, code=code).inc()

@@ -1,7 +1,10 @@
-"""Request handling: one validated request in, one response map out.
+"""The messaging core's operations: accounts, login, keys, enqueue, fetch and ack.
 
-Transport-independent (QUIC today, the WebSocket bridge later): the transport owns a
-`ConnectionState` per connection and calls `Service.handle` for each request frame.
+`Service.ops()` is what the app registers on the transports' `Dispatcher`; `admit` is the
+gate the dispatcher runs before every op (address rate limit, access token). What the
+service needs from the rest of the server comes in typed by small Protocols (the
+delivery notifier, the key-transparency log, the blob index), so a cross-process or
+PostgreSQL notifier, or a different log, drops in without touching this module.
 """
 
 from __future__ import annotations
@@ -9,37 +12,30 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol
 
 from qpq_server.auth.access import AccessTokens
-from qpq_server.auth.opaque import OpaqueServer, PendingLogin
+from qpq_server.auth.opaque import OpaqueServer
 from qpq_server.auth.sessions import SessionSigner
 from qpq_server.config import Config
 from qpq_server.errors import (
     BadRequest,
-    Internal,
     LoginFailed,
     NotFound,
-    QpqError,
     RateLimited,
-    RequestError,
     ServerBusy,
     Unauthenticated,
     UnknownUser,
 )
 from qpq_server.metrics import ServerMetrics
-from qpq_server.notifier import InProcessNotifier
+from qpq_server.notifier import DeliveryNotifier
 from qpq_server.protocol import validate as v
+from qpq_server.protocol.dispatch import ConnectionState, Handler
 from qpq_server.ratelimit import RateLimiter
 from qpq_server.storage.base import Storage
 
-if TYPE_CHECKING:
-    from qpq_server.blobs.store import BlobStore
-    from qpq_server.kt.log import KtLog
-
-__all__ = ["ConnectionState", "Service"]
+__all__ = ["BlobIndex", "KeyLog", "Service"]
 
 log = logging.getLogger("qpq.service")
 
@@ -49,24 +45,31 @@ _KEY_BYTES = 32
 _KEY_PACKAGE_MAX = 1024
 _MAX_BLOBS_PER_MESSAGE = 16
 
-Handler = Callable[[dict[str, Any], "ConnectionState"], Awaitable[dict[str, Any]]]
+
+class KeyLog(Protocol):
+    """The key-transparency log as the messaging core uses it."""
+
+    async def publish(self, username: str, identity_key: bytes) -> int:
+        """Store the key and append its leaf; returns the leaf index."""
+
+    def proof_for(self, username: str, identity_key: bytes) -> dict[str, Any] | None:
+        """Inclusion proof of (username, key) in the current head, or None."""
 
 
-@dataclass
-class ConnectionState:
-    """What the server knows about one client connection."""
+class BlobIndex(Protocol):
+    """The blob store as the messaging core uses it: which blobs exist, who may fetch."""
 
-    peer: str
-    authenticated: bool = False
-    logged_in_as: set[str] = field(default_factory=set)
-    pending_logins: dict[int, PendingLogin] = field(default_factory=dict)
+    def get(self, blob_id: str) -> object | None: ...
+
+    async def add_refs(self, blob_ids: Iterable[str], recipients: Iterable[str]) -> None: ...
 
 
 class Service:
     def __init__(self, *, config: Config, storage: Storage, opaque: OpaqueServer,
                  signer: SessionSigner, access: AccessTokens, metrics: ServerMetrics,
-                 notifier: InProcessNotifier, kt: KtLog | None = None,
-                 blobs: BlobStore | None = None, clock: Callable[[], float] = time.time) -> None:
+                 notifier: DeliveryNotifier, kt: KeyLog | None = None,
+                 blobs: BlobIndex | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.storage = storage
         self.opaque = opaque
@@ -82,7 +85,9 @@ class Service:
         self._address_limiter = RateLimiter(rl.address_rate_per_s, rl.address_burst)
         self._login_ids = itertools.count(1)
         self.draining = False
-        self._handlers: dict[str, Handler] = {
+
+    def ops(self) -> Mapping[str, Handler]:
+        return {
             "hello": self._hello,
             "ping": self._ping,
             "register_start": self._register_start,
@@ -98,52 +103,20 @@ class Service:
             "ack": self._ack,
         }
 
-    @property
-    def ops(self) -> frozenset[str]:
-        return frozenset(self._handlers)
-
-    def register_op(self, name: str, handler: Handler) -> None:
-        """Let feature modules (blobs, key transparency) add operations."""
-        self._handlers[name] = handler
-
     async def start(self) -> None:
         self.metrics.delivery_queue_depth.set(await self.storage.queue_depth())
 
-    # -- entry point -------------------------------------------------------------------
-    async def handle(self, request: dict[str, Any], conn: ConnectionState) -> dict[str, Any]:
-        op = request.get("op")
-        op_label = op if isinstance(op, str) and op in self._handlers else "unknown"
-        started = time.perf_counter()
-        try:
-            if not isinstance(op, str):
-                raise BadRequest("field 'op' must be a string")
-            handler = self._handlers.get(op)
-            if handler is None:
-                raise BadRequest(f"unknown op {op[:64]!r}")
-            self._limit_address(conn)
-            if op != "hello" and not conn.authenticated:
-                raise Unauthenticated("present the access token with 'hello' first")
-            response = await handler(request, conn)
-            response["ok"] = True
-            return response
-        except RequestError as exc:
-            return self._error(op_label, exc)
-        except QpqError as exc:
-            log.error("request failed", extra={"op": op_label, "code": exc.code})
-            return self._error(op_label, Internal("internal error"))
-        except Exception:
-            log.exception("unexpected error handling request", extra={"op": op_label})
-            return self._error(op_label, Internal("internal error"))
-        finally:
-            self.metrics.rpc_duration_seconds.labels(op=op_label).observe(
-                time.perf_counter() - started)
+    # -- gates -------------------------------------------------------------------------
+    def admit(self, op: str, conn: ConnectionState) -> None:
+        """Run before every op: the address rate limit, then the access token."""
+        self._limit_address(conn)
+        if op != "hello" and not conn.authenticated:
+            raise Unauthenticated("present the access token with 'hello' first")
 
     def authorize_stream(self, request: dict[str, Any], conn: ConnectionState) -> str:
         """The checks of `handle` for requests a transport streams itself (blobs):
         address rate limit, access token, draining, session. Returns the user."""
-        self._limit_address(conn)
-        if not conn.authenticated:
-            raise Unauthenticated("present the access token with 'hello' first")
+        self.admit(str(request.get("op")), conn)
         if self.draining:
             raise ServerBusy("server is shutting down; retry on reconnect")
         return self._session_user(request)
@@ -159,10 +132,6 @@ class Service:
 
     def _limit_account(self, key: str, message: str) -> None:
         self._take(self._account_limiter, key, "account", message)
-
-    def _error(self, op: str, exc: RequestError) -> dict[str, Any]:
-        self.metrics.rpc_errors_total.labels(op=op, code=exc.code).inc()
-        return {"ok": False, "error": {"code": exc.code, "message": str(exc)}}
 
     def _session_user(self, request: dict[str, Any]) -> str:
         token = v.get_str(request, "session", max_len=512)

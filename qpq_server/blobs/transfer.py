@@ -25,19 +25,17 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 from qpq_server.blobs.store import BlobStore, Upload
 from qpq_server.errors import BadRequest, Internal, NotFound, RequestError, UploadStalled
 from qpq_server.protocol import validate as v
 from qpq_server.protocol.codec import FrameDecoder, encode_frame
+from qpq_server.protocol.dispatch import ConnectionState, Dispatcher, Handler
 
-if TYPE_CHECKING:
-    from qpq_server.service import ConnectionState, Service
-
-__all__ = ["BLOB_OPS", "BlobStream", "BlobTransfers", "StreamSink", "UploadStalled",
-           "register_blob_ops"]
+__all__ = ["BLOB_OPS", "BlobStream", "BlobTransfers", "StreamAuthorizer", "StreamSink",
+           "UploadStalled", "blob_ops"]
 
 log = logging.getLogger("qpq.blobs")
 
@@ -60,6 +58,13 @@ class StreamSink(Protocol):
     def stop_receiving(self) -> None: ...
 
 
+class StreamAuthorizer(Protocol):
+    """The request checks a streamed op passes before its stream is served."""
+
+    def authorize_stream(self, request: dict[str, Any], conn: ConnectionState) -> str:
+        """Raise a `RequestError` to refuse; return the session's user."""
+
+
 def blob_id_field(request: dict[str, Any], name: str) -> str:
     value = v.get_bytes(request, name, max_len=32, min_len=32)
     return value.hex()
@@ -80,7 +85,7 @@ class BlobStream:
         self._idle: asyncio.TimerHandle | None = None
         self.finished = False
         try:
-            user = transfers.service.authorize_stream(request, conn)
+            user = transfers.authorizer.authorize_stream(request, conn)
             if self._op == "blob_put":
                 self._start_upload(user, request)
             else:
@@ -90,8 +95,7 @@ class BlobStream:
 
     # -- outcome -----------------------------------------------------------------------
     def _observe(self) -> None:
-        self._t.service.metrics.rpc_duration_seconds.labels(op=self._op).observe(
-            time.perf_counter() - self._started)
+        self._t.dispatcher.observe(self._op, time.perf_counter() - self._started)
 
     def _reply(self, response: dict[str, Any]) -> None:
         self.finished = True
@@ -106,7 +110,7 @@ class BlobStream:
         if not isinstance(exc, RequestError):
             log.error("blob transfer failed", extra={"op": self._op, "error": repr(exc)})
             exc = Internal("internal error")
-        self._reply(self._t.service._error(self._op, exc))
+        self._reply(self._t.dispatcher.error_response(self._op, exc))
         self._sink.stop_receiving()
 
     def reset(self) -> None:
@@ -169,7 +173,7 @@ class BlobStream:
         upload = self._upload
         assert upload is not None
         try:
-            info = await upload.commit(self._t.service.clock())
+            info = await upload.commit(self._t.clock())
         except Exception as exc:
             self._fail(exc)
             return
@@ -222,9 +226,12 @@ class BlobStream:
 
 
 class BlobTransfers:
-    def __init__(self, service: Service, store: BlobStore, max_frame_bytes: int,
-                 chunk_bytes: int, upload_idle_timeout_s: float = 60.0) -> None:
-        self.service = service
+    def __init__(self, authorizer: StreamAuthorizer, dispatcher: Dispatcher, store: BlobStore,
+                 max_frame_bytes: int, chunk_bytes: int, upload_idle_timeout_s: float = 60.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.authorizer = authorizer
+        self.dispatcher = dispatcher
+        self.clock = clock
         self.store = store
         self.chunk_bytes = max(1024, min(chunk_bytes, max_frame_bytes - _FRAME_OVERHEAD))
         self.upload_idle_timeout_s = upload_idle_timeout_s
@@ -234,11 +241,11 @@ class BlobTransfers:
         return BlobStream(self, request, conn, sink, decoder)
 
 
-def register_blob_ops(service: Service) -> None:
-    """Transports that cannot give a request its own stream refuse blob ops clearly."""
+def blob_ops() -> Mapping[str, Handler]:
+    """What the dispatcher answers for blob ops: transports that give a request its own
+    stream (QUIC) serve them before dispatch; the others refuse them clearly."""
     async def needs_stream(request: dict[str, Any], conn: ConnectionState) -> dict[str, Any]:
         raise BadRequest(f"{request.get('op')} streams its data and needs a QUIC stream of "
                          "its own; it is not available on this transport")
 
-    for op in BLOB_OPS:
-        service.register_op(op, needs_stream)
+    return dict.fromkeys(BLOB_OPS, needs_stream)

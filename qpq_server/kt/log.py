@@ -3,28 +3,26 @@
 Identity-key publications are appended through `KtLog.publish` (storage commits the
 key and its leaf together; the in-memory tree follows the stored order). Operations
 need only the access token: the log is public to everyone allowed to talk to the
-server. `kt_head`, `kt_lookup`, `kt_inclusion` and `kt_consistency` are registered on
-the Service; `get_keys` answers carry the same proof (`KtLog.proof_for`).
+server. `kt_ops` gives the app `kt_head`, `kt_lookup`, `kt_inclusion` and `kt_consistency` to
+register; `get_keys` answers carry the same proof (`KtLog.proof_for`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from qpq_server.errors import BadRequest, ConfigError, NotFound, UnknownUser
 from qpq_server.kt.merkle import MerkleTree, leaf_hash
 from qpq_server.kt.sth import SignedTreeHead, TreeHeadSigner, kt_leaf
 from qpq_server.protocol import validate as v
+from qpq_server.protocol.dispatch import ConnectionState, Handler
 from qpq_server.storage.base import Storage
 
-if TYPE_CHECKING:
-    from qpq_server.service import ConnectionState, Service
-
-__all__ = ["KtLog", "load_signer", "register_kt_ops"]
+__all__ = ["KtLog", "kt_ops", "load_signer"]
 
 _KEY_BYTES = 32
 
@@ -102,13 +100,15 @@ class KtLog:
         return self._tree.consistency_proof(first, second)
 
 
-def register_kt_ops(service: Service, log: KtLog) -> None:
+def kt_ops(log: KtLog, storage: Storage) -> Mapping[str, Handler]:
+    """The log's public operations (the access token is enough to read it)."""
+
     async def kt_head(request: dict[str, Any], conn: ConnectionState) -> dict[str, Any]:
         return {"head": log.head().to_wire(), "public_key": log.public_key}
 
     async def kt_lookup(request: dict[str, Any], conn: ConnectionState) -> dict[str, Any]:
         username = v.get_username(request)
-        account = await service.storage.get_account(username)
+        account = await storage.get_account(username)
         if account is None:
             raise UnknownUser(f"no user {username!r}")
         if account.identity_key is None:
@@ -135,6 +135,5 @@ def register_kt_ops(service: Service, log: KtLog) -> None:
             raise BadRequest(f"need 0 <= first <= second <= {size} (the log's size)")
         return {"proof": log.consistency(first, second)}
 
-    for name, handler in (("kt_head", kt_head), ("kt_lookup", kt_lookup),
-                          ("kt_inclusion", kt_inclusion), ("kt_consistency", kt_consistency)):
-        service.register_op(name, handler)
+    return {"kt_head": kt_head, "kt_lookup": kt_lookup, "kt_inclusion": kt_inclusion,
+            "kt_consistency": kt_consistency}

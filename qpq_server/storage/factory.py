@@ -1,4 +1,8 @@
-"""Pick the storage backend named by `[storage] backend`."""
+"""Pick the storage backend named by `[storage] backend`.
+
+Backends are imported by name, only when chosen: importing the service (or this module)
+loads no database driver, so a deployment on one backend never needs the others'.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,6 @@ from qpq_server.config import Config
 from qpq_server.errors import ConfigError
 from qpq_server.secrets import Secret
 from qpq_server.storage.base import CommitObserver, Storage
-from qpq_server.storage.filestore import FileStorage
-from qpq_server.storage.sqlcipher import SqlCipherStorage
 
 __all__ = ["open_storage"]
 
@@ -16,6 +18,8 @@ def open_storage(config: Config, db_key: Secret,
                  on_commit: CommitObserver | None = None) -> Storage:
     backend = config.storage.backend
     if backend == "sqlcipher":
+        from qpq_server.storage.sqlcipher import SqlCipherStorage
+
         s = config.storage
         return SqlCipherStorage(
             config.db_path, db_key, pool_size=s.pool_size, max_batch=s.max_batch,
@@ -23,6 +27,8 @@ def open_storage(config: Config, db_key: Secret,
             on_commit=on_commit,
         )
     if backend == "file":
+        from qpq_server.storage.filestore import FileStorage
+
         return FileStorage(config.file_store_dir, pool_size=config.storage.pool_size,
                            on_commit=on_commit)
     raise ConfigError(f"[storage] backend {backend!r} is not available in this build")

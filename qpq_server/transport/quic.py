@@ -30,8 +30,9 @@ from aioquic.quic.retry import QuicRetryTokenHandler
 from qpq_server.blobs.transfer import BLOB_OPS, BlobStream, BlobTransfers
 from qpq_server.config import Config
 from qpq_server.errors import QpqError, RequestError
+from qpq_server.metrics import ServerMetrics
 from qpq_server.protocol.codec import FrameDecoder, encode_frame
-from qpq_server.service import ConnectionState, Service
+from qpq_server.protocol.dispatch import ConnectionState, Dispatcher
 
 __all__ = ["ALPN", "QuicListener", "quic_server_configuration"]
 
@@ -65,13 +66,16 @@ class _Tracker:
 
 
 class QpqServerProtocol(QuicConnectionProtocol):
-    def __init__(self, quic: QuicConnection, *, service: Service, config: Config,
-                 tracker: _Tracker, on_handshaking_changed: Callable[[], None],
+    def __init__(self, quic: QuicConnection, *, dispatcher: Dispatcher,
+                 metrics: ServerMetrics, on_closed: Callable[[ConnectionState], None],
+                 config: Config, tracker: _Tracker, on_handshaking_changed: Callable[[], None],
                  blobs: BlobTransfers | None = None, **kwargs: Any) -> None:
         super().__init__(quic, **kwargs)
         self._blobs = blobs
         self._blob_streams: dict[int, BlobStream] = {}
-        self._service = service
+        self._dispatcher = dispatcher
+        self._metrics = metrics
+        self._on_closed = on_closed
         self._config = config
         self._tracker = tracker
         self._on_handshaking_changed = on_handshaking_changed
@@ -86,7 +90,7 @@ class QpqServerProtocol(QuicConnectionProtocol):
         limit = config.quic.max_concurrent_bidi_streams
         quic._local_max_streams_bidi.value = limit
         quic._local_max_streams_bidi.sent = limit
-        metrics = service.metrics
+        metrics = self._metrics
         refuse = self._refusal_reason()
         self._refuse = refuse
         # A refused connection is not counted: it only lingers in aioquic's table until
@@ -129,7 +133,7 @@ class QpqServerProtocol(QuicConnectionProtocol):
 
     def _handshake_timed_out(self) -> None:
         if not self._handshake_done and not self._gone:
-            self._service.metrics.connections_refused_total.labels(reason="handshake_timeout").inc()
+            self._metrics.connections_refused_total.labels(reason="handshake_timeout").inc()
             self._quic.close(error_code=QuicErrorCode.CONNECTION_REFUSED,
                              frame_type=QuicFrameType.PADDING,
                              reason_phrase="handshake timed out")
@@ -147,7 +151,7 @@ class QpqServerProtocol(QuicConnectionProtocol):
             self._end_handshake()
             if self._timeout is not None:
                 self._timeout.cancel()
-            self._service.metrics.tls_handshake_duration_seconds.observe(
+            self._metrics.tls_handshake_duration_seconds.observe(
                 time.perf_counter() - self._started)
         elif isinstance(event, StreamDataReceived):
             self._stream_data(event)
@@ -175,7 +179,7 @@ class QpqServerProtocol(QuicConnectionProtocol):
             if not frames and event.end_stream:
                 decoder.finish()
         except RequestError as exc:
-            self._reply(sid, self._service._error("frame", exc))
+            self._reply(sid, self._dispatcher.error_response("frame", exc))
             return
         if frames:
             self._decoders.pop(sid, None)
@@ -199,7 +203,7 @@ class QpqServerProtocol(QuicConnectionProtocol):
     async def _serve_request(self, sid: int, request: dict[str, Any]) -> None:
         self._tracker.in_flight_requests += 1
         try:
-            response = await self._service.handle(request, self._state)
+            response = await self._dispatcher.handle(request, self._state)
         except QpqError:  # handle() maps errors itself; this is belt and braces
             response = {"ok": False, "error": {"code": "internal", "message": "internal error"}}
         finally:
@@ -234,8 +238,8 @@ class QpqServerProtocol(QuicConnectionProtocol):
             self._timeout.cancel()
         self._tracker.active -= 1
         self._tracker.protocols.discard(self)
-        self._service.metrics.connections_active.set(self._tracker.active)
-        self._service.connection_closed(self._state)
+        self._metrics.connections_active.set(self._tracker.active)
+        self._on_closed(self._state)
 
     def close_for_shutdown(self) -> None:
         if not self._gone:
@@ -281,10 +285,13 @@ class _QuicStreamSink:
 
 
 class QuicListener:
-    def __init__(self, config: Config, service: Service,
+    def __init__(self, config: Config, dispatcher: Dispatcher, metrics: ServerMetrics,
+                 on_closed: Callable[[ConnectionState], None],
                  blobs: BlobTransfers | None = None) -> None:
         self._config = config
-        self._service = service
+        self._dispatcher = dispatcher
+        self._metrics = metrics
+        self._on_closed = on_closed
         self._blobs = blobs
         self._tracker = _Tracker()
         self.configuration = quic_server_configuration(config)
@@ -309,14 +316,15 @@ class QuicListener:
 
     async def start(self, host: str, port: int) -> None:
         def factory(quic: QuicConnection, **kwargs: Any) -> QpqServerProtocol:
-            return QpqServerProtocol(quic, service=self._service, config=self._config,
+            return QpqServerProtocol(quic, dispatcher=self._dispatcher, metrics=self._metrics,
+                                     on_closed=self._on_closed, config=self._config,
                                      tracker=self._tracker, blobs=self._blobs,
                                      on_handshaking_changed=self._update_retry, **kwargs)
 
         self._server = await serve(host, port, configuration=self.configuration,
                                    create_protocol=factory,
                                    retry=self._config.quic.retry == "always")
-        self._service.metrics.connections_max.set(self._config.quic.max_connections)
+        self._metrics.connections_max.set(self._config.quic.max_connections)
 
     def reload_certificate(self) -> None:
         """New handshakes use the new certificate; established connections keep theirs."""

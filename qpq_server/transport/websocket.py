@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -27,7 +28,7 @@ from websockets.exceptions import ConnectionClosed
 from qpq_server.config import Config
 from qpq_server.errors import BadFrame, RequestError, TooLarge
 from qpq_server.protocol.codec import decode_body
-from qpq_server.service import ConnectionState, Service
+from qpq_server.protocol.dispatch import ConnectionState, Dispatcher
 
 __all__ = ["WebSocketListener"]
 
@@ -40,9 +41,11 @@ _SLACK = 64 * 1024  # the library itself drops messages this far above max_frame
 
 
 class WebSocketListener:
-    def __init__(self, config: Config, service: Service) -> None:
+    def __init__(self, config: Config, dispatcher: Dispatcher,
+                 on_closed: Callable[[ConnectionState], None]) -> None:
         self._config = config
-        self._service = service
+        self._dispatcher = dispatcher
+        self._on_closed = on_closed
         self._server: Server | None = None
         self.in_flight_requests = 0
 
@@ -88,7 +91,7 @@ class WebSocketListener:
         finally:
             for task in tasks:
                 task.cancel()
-            self._service.connection_closed(state)
+            self._on_closed(state)
 
     async def _parse(self, ws: ServerConnection, message: str | bytes,
                      ) -> dict[str, Any] | None:
@@ -105,7 +108,7 @@ class WebSocketListener:
             code = (CLOSE_UNSUPPORTED if isinstance(message, str)
                     else CLOSE_TOO_BIG if isinstance(exc, TooLarge) else CLOSE_INVALID)
             with contextlib.suppress(ConnectionClosed):
-                await ws.send(_pack(self._service._error("frame", exc)))
+                await ws.send(_pack(self._dispatcher.error_response("frame", exc)))
                 await ws.close(code, exc.code)
             return None
 
@@ -113,7 +116,7 @@ class WebSocketListener:
                      state: ConnectionState) -> None:
         self.in_flight_requests += 1
         try:
-            response = await self._service.handle(request, state)
+            response = await self._dispatcher.handle(request, state)
         finally:
             self.in_flight_requests -= 1
         request_id = request.get("id")
