@@ -1,5 +1,8 @@
-"""`qpq-server run`: wire config, secrets, storage, auth, metrics and transports together,
+"""`qpq-server run`: wire config, secrets, storage, the core and transports together,
 then serve until SIGTERM (drain) with SIGHUP reloading tokens and the TLS certificate.
+
+Start-up is a list of steps on one `AsyncExitStack`: each step that acquires something
+registers its own release, so a failure at any step undoes exactly what came before.
 """
 
 from __future__ import annotations
@@ -12,23 +15,18 @@ import signal
 import time
 from pathlib import Path
 
-from qpq_server.auth.access import AccessTokens
-from qpq_server.auth.opaque import OpaqueServer
-from qpq_server.auth.sessions import SessionSigner
 from qpq_server.blobs.store import BlobStore
-from qpq_server.blobs.transfer import BlobTransfers, blob_ops
+from qpq_server.blobs.transfer import BlobTransfers
 from qpq_server.config import Config, load_config, parse_hostport
-from qpq_server.datadir import session_key_path
-from qpq_server.errors import ConfigError, StorageError
+from qpq_server.core import ServerCore, build_core
+from qpq_server.errors import ConfigError
 from qpq_server.fsutil import write_atomic
 from qpq_server.http import HealthServer
-from qpq_server.kt.log import KtLog, kt_ops, load_signer
+from qpq_server.liveness import LoopHeartbeat
 from qpq_server.metrics import ServerMetrics
-from qpq_server.notifier import InProcessNotifier
-from qpq_server.protocol.dispatch import Dispatcher
 from qpq_server.secrets import load_secrets
-from qpq_server.service import Service
 from qpq_server.storage import open_storage
+from qpq_server.storage.base import RESTORE_STATE_KEY
 from qpq_server.tls import certificate_not_after
 from qpq_server.transport.quic import QuicListener
 from qpq_server.transport.websocket import WebSocketListener
@@ -37,8 +35,7 @@ __all__ = ["RESTORE_STATE_KEY", "ServerApp", "run_server"]
 
 log = logging.getLogger("qpq.server")
 
-RESTORE_STATE_KEY = "restore_state"
-"""Meta key set by `qpq-ops restore`; the server refuses to start until it reads 'done'."""
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 class ServerApp:
@@ -51,105 +48,102 @@ class ServerApp:
         self.storage = open_storage(self.config, self.secrets.db_key,
                                     on_commit=self.metrics.db_write_duration_seconds.observe)
         self.ready = False
+        self.heartbeat = LoopHeartbeat()
         self.websocket: WebSocketListener | None = None
         self._stop = asyncio.Event()
 
-    def _session_signer(self) -> SessionSigner:
-        path = session_key_path(self.config.data_dir)
-        try:
-            key = path.read_bytes()
-        except OSError as exc:
-            raise ConfigError(f"cannot read session key {path}: {exc.strerror}") from None
-        return SessionSigner(key, self.config.server.session_ttl_s)
+    def is_ready(self) -> bool:
+        """Serving, and the event loop is alive (asked from the HTTP thread)."""
+        return self.ready and self.heartbeat.alive()
 
     async def run(self) -> None:
-        await self.storage.open()
-        try:
-            await self._serve()
-        finally:
-            await self.storage.close()
+        async with contextlib.AsyncExitStack() as stack:
+            await self.storage.open()
+            stack.push_async_callback(self.storage.close)
+            self.core: ServerCore = await build_core(self.config, self.secrets, self.storage,
+                                                     self.metrics)
+            self.service = self.core.service
+            self.metrics.tls_cert_expiry_timestamp_seconds.set(
+                certificate_not_after(self.config.tls_cert_path))
+            await self._start_quic(stack)
+            await self._start_websocket(stack)
+            self._start_health(stack)
+            self._start_background(stack, self.core.blobs)
+            self._install_signals(stack)
+            self._write_pid(stack)
+            self.ready = True
+            log.info("serving", extra={"listen": self.config.server.listen,
+                                       "quic_port": self.listener.port,
+                                       "metrics": self.config.metrics.listen,
+                                       "domain": self.config.server.domain})
+            await self._stop.wait()
+            await self._drain()
 
-    async def _serve(self) -> None:
-        cfg = self.config
-        restore_state = await self.storage.get_meta(RESTORE_STATE_KEY)
-        if restore_state not in (None, "done"):
-            raise StorageError(
-                f"this data dir was restored and its restore is not finished "
-                f"(state {restore_state!r}); run the restore's key-package purge first"
-            )
-        kt = KtLog(self.storage, load_signer(cfg.kt_signing_key_path),
-                   on_size=self.metrics.kt_log_size.set)
-        await kt.load()
-        blobs = BlobStore(cfg.blobs_dir, max_blob_bytes=cfg.blobs.max_blob_bytes,
-                          quota_bytes_per_account=cfg.blobs.quota_bytes_per_account,
-                          retention_s=cfg.retention.days * 86400,
-                          on_bytes=self.metrics.blob_bytes.set)
-        await blobs.open()
-        self.service = Service(
-            config=cfg, storage=self.storage,
-            opaque=OpaqueServer(cfg.data_dir / "opaque"), signer=self._session_signer(),
-            access=AccessTokens(self.secrets.auth_tokens), metrics=self.metrics,
-            notifier=InProcessNotifier(), kt=kt, blobs=blobs,
-        )
-        self.dispatcher = Dispatcher(self.metrics, self.service)
-        for ops in (self.service.ops(), kt_ops(kt, self.storage), blob_ops()):
-            self.dispatcher.register(ops)
-        await self.service.start()
-        self.metrics.tls_cert_expiry_timestamp_seconds.set(
-            certificate_not_after(cfg.tls_cert_path))
+    # -- start-up steps, each registering its own release ------------------------------
+    async def _start_quic(self, stack: contextlib.AsyncExitStack) -> None:
+        cfg, core = self.config, self.core
         self.listener = QuicListener(
-            cfg, self.dispatcher, self.metrics, self.service.connection_closed,
-            BlobTransfers(self.service, self.dispatcher, blobs, cfg.quic.max_frame_bytes,
+            cfg, core.dispatcher, self.metrics, core.service.connection_closed,
+            BlobTransfers(core.service, core.dispatcher, core.blobs, cfg.quic.max_frame_bytes,
                           cfg.blobs.chunk_bytes, cfg.blobs.upload_idle_timeout_s))
         host, port = parse_hostport(cfg.server.listen)
         try:
             await self.listener.start(host, port)
         except OSError as exc:
             raise ConfigError(f"cannot listen on UDP {cfg.server.listen}: {exc.strerror}") from None
-        if cfg.websocket.enabled:
-            self.websocket = WebSocketListener(cfg, self.dispatcher,
-                                               self.service.connection_closed)
-            whost, wport = parse_hostport(cfg.websocket.listen)
-            try:
-                await self.websocket.start(whost, wport)
-            except OSError as exc:
-                self.listener.close()
-                raise ConfigError(f"cannot listen on TCP {cfg.websocket.listen} for the "
-                                  f"WebSocket bridge: {exc.strerror}") from None
-        mhost, mport = parse_hostport(cfg.metrics.listen)
+        stack.callback(self.listener.close)
+
+    async def _start_websocket(self, stack: contextlib.AsyncExitStack) -> None:
+        cfg = self.config
+        if not cfg.websocket.enabled:
+            return
+        websocket = WebSocketListener(cfg, self.core.dispatcher,
+                                      self.core.service.connection_closed)
+        host, port = parse_hostport(cfg.websocket.listen)
         try:
-            health = HealthServer(mhost, mport, self.metrics.registry, lambda: self.ready)
+            await websocket.start(host, port)
         except OSError as exc:
-            self.listener.close()
-            if self.websocket is not None:
-                await self.websocket.close()
-            raise ConfigError(
-                f"cannot listen on TCP {cfg.metrics.listen} for metrics: {exc.strerror}"
-            ) from None
+            raise ConfigError(f"cannot listen on TCP {cfg.websocket.listen} for the "
+                              f"WebSocket bridge: {exc.strerror}") from None
+        self.websocket = websocket
+        stack.push_async_callback(websocket.close)
+
+    def _start_health(self, stack: contextlib.AsyncExitStack) -> None:
+        host, port = parse_hostport(self.config.metrics.listen)
+        try:
+            health = HealthServer(host, port, self.metrics.registry, self.is_ready)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on TCP {self.config.metrics.listen} for "
+                              f"metrics: {exc.strerror}") from None
         health.start()
+        stack.callback(health.stop)
+
+    def _start_background(self, stack: contextlib.AsyncExitStack, blobs: BlobStore) -> None:
+        loop = asyncio.get_running_loop()
+        for task in (loop.create_task(self.heartbeat.run()),
+                     loop.create_task(self._sweep_blobs(blobs))):
+            stack.callback(task.cancel)
+
+    def _install_signals(self, stack: contextlib.AsyncExitStack) -> None:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
-        sweeper = loop.create_task(self._sweep_blobs(blobs))
-        self._write_pid()
-        self.ready = True
-        log.info("serving", extra={"listen": cfg.server.listen, "quic_port": self.listener.port,
-                                   "metrics": cfg.metrics.listen, "domain": cfg.server.domain})
-        try:
-            await self._stop.wait()
-            await self._drain()
-        finally:
-            self.ready = False
-            sweeper.cancel()
-            if self.websocket is not None:
-                await self.websocket.close()
-            health.stop()
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.remove_signal_handler(sig)
-            with contextlib.suppress(OSError):
-                cfg.pid_path.unlink()
+        for sig in _SIGNALS:
+            stack.callback(loop.remove_signal_handler, sig)
 
+    def _write_pid(self, stack: contextlib.AsyncExitStack) -> None:
+        pid_path = self.config.pid_path
+        write_atomic(pid_path, f"{os.getpid()}\n", mode=0o644, sync_dir=False)
+
+        def remove() -> None:
+            self.ready = False
+            with contextlib.suppress(OSError):
+                pid_path.unlink()
+
+        stack.callback(remove)
+
+    # -- running -----------------------------------------------------------------------
     async def _sweep_blobs(self, blobs: BlobStore) -> None:
         """Delete expired, unreferenced blobs at start and every sweep interval."""
         while True:
@@ -165,9 +159,6 @@ class ServerApp:
         ws = self.websocket.in_flight_requests if self.websocket is not None else 0
         return self.listener.in_flight_requests + ws
 
-    def _write_pid(self) -> None:
-        write_atomic(self.config.pid_path, f"{os.getpid()}\n", mode=0o644, sync_dir=False)
-
     def reload(self) -> None:
         """SIGHUP: re-read access tokens and the TLS certificate; connections stay up."""
         try:
@@ -177,9 +168,11 @@ class ServerApp:
             self.metrics.tls_cert_expiry_timestamp_seconds.set(
                 certificate_not_after(self.config.tls_cert_path))
         except (ConfigError, OSError, ValueError) as exc:
+            self.metrics.reload_total.labels(result="failed").inc()
             log.error("reload failed; keeping the previous tokens and certificate",
                       extra={"error": str(exc)})
             return
+        self.metrics.reload_total.labels(result="ok").inc()
         log.info("reloaded access tokens and TLS certificate",
                  extra={"tokens": len(secrets.auth_tokens)})
 
@@ -202,3 +195,4 @@ class ServerApp:
 def run_server(config_path: Path) -> None:
     app = ServerApp(config_path)
     asyncio.run(app.run())
+

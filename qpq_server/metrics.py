@@ -67,9 +67,14 @@ class ServerMetrics:
         self.tls_cert_expiry_timestamp_seconds = Gauge(
             "qpq_tls_cert_expiry_timestamp_seconds", "notAfter of the serving TLS certificate",
             registry=r)
+        self.reload_total = Counter(
+            "qpq_reload", "SIGHUP reloads of access tokens and the TLS certificate, by result",
+            ["result"], registry=r)
         # Touch label-less series so every name is present from the first scrape.
         self.rate_limit_hit_total.labels(scope="account")
         self.rate_limit_hit_total.labels(scope="address")
+        for result in ("ok", "failed"):
+            self.reload_total.labels(result=result)
 
     # -- what the dispatch core records (protocol.dispatch.DispatchMetrics) ------------
     def observe_rpc(self, op: str, seconds: float) -> None:

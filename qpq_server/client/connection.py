@@ -25,6 +25,7 @@ from aioquic.quic.events import (
     StreamReset,
 )
 
+from qpq_server.client.errors import ClientError
 from qpq_server.protocol.codec import FrameDecoder, encode_frame
 
 __all__ = ["ClientError", "QpqConnection", "connect"]
@@ -35,14 +36,6 @@ _UPLOAD_WINDOW = 4 * 1024 * 1024  # unacknowledged upload bytes kept in flight
 BLOB_CHUNK_BYTES = 256 * 1024
 _RATE_LIMIT_RETRIES = 6
 
-
-class ClientError(Exception):
-    """A request failed: `code` is the server's stable error code (or a client one)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
 
 
 StreamItem = dict[str, Any] | ClientError | None

@@ -23,14 +23,12 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from qpq_server.client.errors import DecryptError
+
 __all__ = ["DecryptError", "RecipientKey", "open_envelope", "public_bytes", "seal"]
 
 _VERSION = 2
 _RAW = serialization.Encoding.Raw, serialization.PublicFormat.Raw
-
-
-class DecryptError(Exception):
-    """The envelope is malformed, not for us, or was tampered with."""
 
 
 @dataclass(frozen=True)

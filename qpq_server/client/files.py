@@ -18,16 +18,14 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
+from qpq_server.client.errors import FileDecryptError
+
 __all__ = ["EncryptedFile", "FileDecryptError", "decrypt_stream", "encrypt_stream"]
 
 MAGIC = b"QPQF1"
 SEGMENT = 64 * 1024
 _TAG = 16
 _PREFIX = 7
-
-
-class FileDecryptError(Exception):
-    """The attachment is truncated, tampered with, or not for this key."""
 
 
 @dataclass(frozen=True)

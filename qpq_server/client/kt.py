@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from qpq_server.client.connection import ClientError
+from qpq_server.client.errors import ClientError, KtViolation
 from qpq_server.fsutil import write_atomic
 from qpq_server.kt.merkle import ProofError, leaf_hash, verify_consistency, verify_inclusion
 from qpq_server.kt.sth import SignedTreeHead, kt_leaf, verify_tree_head
@@ -30,13 +30,6 @@ class Caller(Protocol):
 
     async def call(self, op: str, timeout: float | None = None,
                    **fields: Any) -> dict[str, Any]: ...
-
-
-class KtViolation(ClientError):
-    """The server's key-transparency log failed verification (possible attack)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(code, "SECURITY: " + message)
 
 
 @dataclass(frozen=True)

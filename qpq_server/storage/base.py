@@ -10,7 +10,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["Account", "CommitObserver", "KeyPackage", "KtLeaf", "Storage", "StoredMessage"]
+__all__ = ["RESTORE_STATE_KEY", "Account", "CommitObserver", "KeyPackage", "KtLeaf", "Storage",
+           "StoredMessage"]
+
+RESTORE_STATE_KEY = "restore_state"
+"""Meta key set by `qpq-ops restore`; the server refuses to start until it reads 'done'."""
 
 CommitObserver = Callable[[float], None]
 """Called with the duration in seconds of each durable commit (for the I/O latency metric)."""

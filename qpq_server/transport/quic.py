@@ -297,6 +297,7 @@ class QuicListener:
         self.configuration = quic_server_configuration(config)
         self._server: QuicServer | None = None
         self._retry_handler = QuicRetryTokenHandler()
+        self._closed = False
 
     @property
     def port(self) -> int:
@@ -335,6 +336,10 @@ class QuicListener:
         self._tracker.accepting = False
 
     def close(self) -> None:
+        """Close every connection and the socket; safe to call again."""
+        if self._closed:
+            return
+        self._closed = True
         for protocol in list(self._tracker.protocols):
             protocol.close_for_shutdown()
         if self._server is not None:

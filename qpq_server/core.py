@@ -1,0 +1,82 @@
+"""The server's request-handling core, built from config, secrets and open storage.
+
+`build_core` wires the messaging service, the key-transparency log and the blob store
+onto one `Dispatcher`; `qpq-server run` puts transports in front of it, and the
+in-process tests call `core.dispatcher.handle` directly, without sockets.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from qpq_server.auth.access import AccessTokens
+from qpq_server.auth.opaque import OpaqueServer
+from qpq_server.auth.sessions import SessionSigner
+from qpq_server.blobs.store import BlobStore
+from qpq_server.blobs.transfer import blob_ops
+from qpq_server.config import Config
+from qpq_server.datadir import session_key_path
+from qpq_server.errors import ConfigError, StorageError
+from qpq_server.kt.log import KtLog, kt_ops, load_signer
+from qpq_server.metrics import ServerMetrics
+from qpq_server.notifier import DeliveryNotifier, InProcessNotifier
+from qpq_server.protocol.dispatch import Dispatcher
+from qpq_server.secrets import ServerSecrets
+from qpq_server.service import Service
+from qpq_server.storage.base import RESTORE_STATE_KEY, Storage
+
+__all__ = ["ServerCore", "build_core"]
+
+
+@dataclass(frozen=True)
+class ServerCore:
+    service: Service
+    dispatcher: Dispatcher
+    kt: KtLog
+    blobs: BlobStore
+
+
+def _session_signer(config: Config) -> SessionSigner:
+    path = session_key_path(config.data_dir)
+    try:
+        key = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read session key {path}: {exc.strerror}") from None
+    return SessionSigner(key, config.server.session_ttl_s)
+
+
+async def _refuse_unfinished_restore(storage: Storage) -> None:
+    restore_state = await storage.get_meta(RESTORE_STATE_KEY)
+    if restore_state not in (None, "done"):
+        raise StorageError(
+            f"this data dir was restored and its restore is not finished "
+            f"(state {restore_state!r}); run the restore's key-package purge first"
+        )
+
+
+async def build_core(config: Config, secrets: ServerSecrets, storage: Storage,
+                     metrics: ServerMetrics, notifier: DeliveryNotifier | None = None,
+                     clock: Callable[[], float] = time.time) -> ServerCore:
+    """Everything behind the transports, on storage that is already open."""
+    await _refuse_unfinished_restore(storage)
+    kt = KtLog(storage, load_signer(config.kt_signing_key_path), on_size=metrics.kt_log_size.set,
+               clock=clock)
+    await kt.load()
+    blobs = BlobStore(config.blobs_dir, max_blob_bytes=config.blobs.max_blob_bytes,
+                      quota_bytes_per_account=config.blobs.quota_bytes_per_account,
+                      retention_s=config.retention.days * 86400,
+                      on_bytes=metrics.blob_bytes.set)
+    await blobs.open()
+    service = Service(
+        config=config, storage=storage, opaque=OpaqueServer(config.data_dir / "opaque"),
+        signer=_session_signer(config), access=AccessTokens(secrets.auth_tokens),
+        metrics=metrics, notifier=notifier or InProcessNotifier(), kt=kt, blobs=blobs,
+        clock=clock,
+    )
+    dispatcher = Dispatcher(metrics, service)
+    for ops in (service.ops(), kt_ops(kt, storage), blob_ops()):
+        dispatcher.register(ops)
+    await service.start()
+    return ServerCore(service=service, dispatcher=dispatcher, kt=kt, blobs=blobs)
