@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest bench venv sysdeps render clean
+.PHONY: demo test test-fast lint typecheck pytest bench venv sysdeps render clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -32,6 +32,17 @@ pytest: $(STAMP) sysdeps
 	$(BIN)/pytest -n 2 --dist loadfile
 
 test: $(STAMP) sysdeps lint pytest
+
+# In-process and unit tests only (no Prometheus, no Ansible): under a minute on 2 cores.
+FAST_TESTS := tests/server/test_dispatch.py tests/server/test_codec.py \
+	tests/server/test_units.py tests/server/test_e2e_crypto.py tests/test_public_api.py \
+	tests/test_import_boundaries.py tests/storage/test_contract.py \
+	tests/storage/test_filestore.py tests/ops/test_capacity.py \
+	tests/ops/test_triggers_definition.py tests/bundle/test_generated_files.py \
+	tests/test_cli_usage_exit_codes.py
+
+test-fast: $(STAMP)
+	$(BIN)/pytest -n 2 -q $(FAST_TESTS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/throughput.py
