@@ -24,6 +24,7 @@ from qpq_server.fsutil import write_atomic
 from qpq_server.http import HealthServer
 from qpq_server.liveness import LoopHeartbeat
 from qpq_server.metrics import ServerMetrics
+from qpq_server.protocol.dispatch import ConnectionState
 from qpq_server.secrets import load_secrets
 from qpq_server.storage import open_storage
 from qpq_server.storage.base import RESTORE_STATE_KEY
@@ -164,6 +165,7 @@ class ServerApp:
         try:
             secrets = load_secrets(self.env_file)
             self.service.access.replace(secrets.auth_tokens)
+            self._close_revoked()
             self.listener.reload_certificate()
             self.metrics.tls_cert_expiry_timestamp_seconds.set(
                 certificate_not_after(self.config.tls_cert_path))
@@ -175,6 +177,22 @@ class ServerApp:
         self.metrics.reload_total.labels(result="ok").inc()
         log.info("reloaded access tokens and TLS certificate",
                  extra={"tokens": len(secrets.auth_tokens)})
+
+    def _close_revoked(self) -> None:
+        """Connections that authenticated with a token no longer configured are closed:
+        revoking a leaked token must also cut off whoever is already in with it."""
+        access = self.service.access
+
+        def revoked(state: ConnectionState) -> bool:
+            return state.authenticated and not access.is_current(state.token_id)
+
+        phrase = "the access token this connection used was revoked; reconnect"
+        closed = self.listener.close_where(revoked, phrase)
+        if self.websocket is not None:
+            closed += self.websocket.close_where(revoked, phrase)
+        if closed:
+            log.warning("closed connections on a revoked access token",
+                        extra={"connections": closed})
 
     async def _drain(self) -> None:
         """Stop taking work, answer parked fetches, let in-flight requests commit."""

@@ -61,6 +61,12 @@ class QuicConfig:
     handshake_timeout_s: float = 10.0
     max_handshakes_in_flight: int = 256
     retry: str = "auto"
+    # Before the access token a connection holds little: a few seconds, a few KiB, and a
+    # slot in its own small budgets, so tokenless floods cannot fill max_connections.
+    hello_timeout_s: float = 5.0
+    max_preauth_bytes: int = 65536
+    max_unauthenticated_connections: int = 1024
+    max_unauthenticated_per_address: int = 32
 
 
 @dataclass(frozen=True)
@@ -214,6 +220,10 @@ _POSITIVE = {
     ("quic", "max_connections"),
     ("quic", "handshake_timeout_s"),
     ("quic", "max_handshakes_in_flight"),
+    ("quic", "hello_timeout_s"),
+    ("quic", "max_preauth_bytes"),
+    ("quic", "max_unauthenticated_connections"),
+    ("quic", "max_unauthenticated_per_address"),
     ("storage", "pool_size"),
     ("storage", "max_batch"),
     ("server", "session_ttl_s"),

@@ -142,10 +142,12 @@ class Service:
     # -- handlers ----------------------------------------------------------------------
     async def _hello(self, request: dict[str, Any], conn: ConnectionState) -> dict[str, Any]:
         token = v.get_str(request, "token", max_len=512)
-        if not self.access.check(token):
+        token_id = self.access.match(token)
+        if token_id is None:
             self.metrics.auth_login_failure_total.inc()
             raise Unauthenticated("access token rejected")
         conn.authenticated = True
+        conn.token_id = token_id
         return {"protocol": "qpq/1", "domain": self.config.server.domain,
                 "max_frame_bytes": self.config.quic.max_frame_bytes}
 

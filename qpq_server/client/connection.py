@@ -268,8 +268,10 @@ def _parse_server(server: str) -> tuple[str, int]:
 async def connect(server: str, auth_token: str, *, ca: Path | None = None,
                   server_name: str | None = None, timeout: float = 10.0,
                   idle_timeout: float = 60.0, hello: bool = True,
+                  local_host: str | None = None,
                   ) -> AsyncIterator[QpqConnection]:
-    """Connect, complete the TLS 1.3 handshake, present the access token."""
+    """Connect, complete the TLS 1.3 handshake, present the access token.
+    `local_host` picks the source address (default: any)."""
     host, port = _parse_server(server)
     configuration = QuicConfiguration(is_client=True, alpn_protocols=[ALPN],
                                       idle_timeout=idle_timeout,
@@ -288,7 +290,7 @@ async def connect(server: str, auth_token: str, *, ca: Path | None = None,
     quic = QuicConnection(configuration=configuration)
     transport, proto = await loop.create_datagram_endpoint(
         lambda: _ClientProtocol(quic), family=family,
-        local_addr=("0.0.0.0", 0) if family == socket.AF_INET else ("::", 0))
+        local_addr=(local_host or ("0.0.0.0" if family == socket.AF_INET else "::"), 0))
     protocol = proto
     try:
         protocol.connect(addr)

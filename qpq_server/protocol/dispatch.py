@@ -53,6 +53,8 @@ class ConnectionState:
     """The client's address as the transport sees it (the rate limiter's key)."""
     authenticated: bool = False
     """True once the connection presented a valid access token with `hello`."""
+    token_id: str | None = None
+    """Which access token it presented (a hash prefix), so revoking it can close us."""
     logged_in_as: set[str] = field(default_factory=set)
     """Users who completed an OPAQUE login on this connection."""
     pending_logins: dict[int, PendingLogin] = field(default_factory=dict)

@@ -29,7 +29,7 @@ from aioquic.quic.retry import QuicRetryTokenHandler
 
 from qpq_server.blobs.transfer import BLOB_OPS, BlobStream, BlobTransfers
 from qpq_server.config import Config
-from qpq_server.errors import QpqError, RequestError
+from qpq_server.errors import BadFrame, QpqError, RequestError
 from qpq_server.metrics import ServerMetrics
 from qpq_server.protocol.codec import FrameDecoder, encode_frame
 from qpq_server.protocol.dispatch import ConnectionState, Dispatcher
@@ -41,6 +41,8 @@ log = logging.getLogger("qpq.quic")
 ALPN = "qpq/1"
 # QUIC application error code sent to clients when the server shuts down.
 ERR_SHUTDOWN = 0x102
+# ... when a connection breaks a pre-auth limit or its access token was revoked.
+ERR_REFUSED = 0x103
 
 
 def quic_server_configuration(config: Config) -> QuicConfiguration:
@@ -63,6 +65,16 @@ class _Tracker:
         self.in_flight_requests = 0
         self.accepting = True
         self.protocols: set[QpqServerProtocol] = set()
+        self.unauthenticated = 0
+        self.unauthenticated_by_address: dict[str, int] = {}
+
+    def count_unauthenticated(self, peer: str, delta: int) -> None:
+        self.unauthenticated += delta
+        left = self.unauthenticated_by_address.get(peer, 0) + delta
+        if left > 0:
+            self.unauthenticated_by_address[peer] = left
+        else:
+            self.unauthenticated_by_address.pop(peer, None)
 
 
 class QpqServerProtocol(QuicConnectionProtocol):
@@ -84,29 +96,43 @@ class QpqServerProtocol(QuicConnectionProtocol):
         self._state = ConnectionState(peer="unknown")
         self._started = time.perf_counter()
         self._gone = False
+        self._admitted = False
+        self._unauthenticated = False  # counted in the tracker's pre-auth budgets
+        self._preauth_bytes = 0
         self._timeout: asyncio.TimerHandle | None = None
+        self._hello_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         # aioquic has no max-streams option: it hard-codes 128 in QuicConnection.__init__.
         limit = config.quic.max_concurrent_bidi_streams
         quic._local_max_streams_bidi.value = limit
         quic._local_max_streams_bidi.sent = limit
-        metrics = self._metrics
+        self._refuse: tuple[str, str] | None = None
+        self._counted = False
+        self._handshake_done = True
+
+    def _admit(self, peer: str) -> None:
+        """First datagram: the peer address is known; take a slot or refuse."""
+        self._admitted = True
+        self._state.peer = peer
         refuse = self._refusal_reason()
         self._refuse = refuse
-        # A refused connection is not counted: it only lingers in aioquic's table until
-        # its CONNECTION_CLOSE has been sent.
-        self._counted = refuse is None
-        self._handshake_done = refuse is not None
         if refuse is not None:
-            metrics.connections_refused_total.labels(reason=refuse[0]).inc()
-        else:
-            tracker.active += 1
-            tracker.handshaking += 1
-            tracker.protocols.add(self)
-            metrics.connections_active.set(tracker.active)
-            on_handshaking_changed()
-            self._timeout = asyncio.get_running_loop().call_later(
-                config.quic.handshake_timeout_s, self._handshake_timed_out)
+            # A refused connection is not counted: it only lingers in aioquic's table
+            # until its CONNECTION_CLOSE has been sent.
+            self._metrics.connections_refused_total.labels(reason=refuse[0]).inc()
+            return
+        tracker = self._tracker
+        self._counted = True
+        self._handshake_done = False
+        tracker.active += 1
+        tracker.handshaking += 1
+        tracker.protocols.add(self)
+        tracker.count_unauthenticated(peer, +1)
+        self._unauthenticated = True
+        self._metrics.connections_active.set(tracker.active)
+        self._on_handshaking_changed()
+        self._timeout = asyncio.get_running_loop().call_later(
+            self._config.quic.handshake_timeout_s, self._handshake_timed_out)
 
     def _refusal_reason(self) -> tuple[str, str] | None:
         t, q = self._tracker, self._config.quic
@@ -116,11 +142,17 @@ class QpqServerProtocol(QuicConnectionProtocol):
             return "cap", f"server at its connection cap ({q.max_connections}); try later"
         if t.handshaking >= q.max_handshakes_in_flight:
             return "handshakes", "too many handshakes in flight; try later"
+        if t.unauthenticated >= q.max_unauthenticated_connections:
+            return "unauthenticated_cap", "too many connections without the access token; try later"
+        if t.unauthenticated_by_address.get(self._state.peer, 0) >= \
+                q.max_unauthenticated_per_address:
+            return ("unauthenticated_address",
+                    "too many connections without the access token from this address")
         return None
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
-        if self._state.peer == "unknown":
-            self._state.peer = str(addr[0])
+        if not self._admitted:
+            self._admit(str(addr[0]))
         super().datagram_received(data, addr)
         if self._refuse is not None and not self._gone:
             # Closed after the first Initial is processed, so the client can read why. A
@@ -140,6 +172,29 @@ class QpqServerProtocol(QuicConnectionProtocol):
             self.transmit()
             self._end_handshake()  # free the slot now, not after the close lingers
 
+    def _hello_timed_out(self) -> None:
+        if self._unauthenticated and not self._gone:
+            self._close_unauthenticated(
+                "hello_timeout", "no access token presented in time; send 'hello' first")
+
+    def _close_unauthenticated(self, reason: str, phrase: str) -> None:
+        self._metrics.connections_refused_total.labels(reason=reason).inc()
+        self.close_with(ERR_REFUSED, phrase)
+
+    def close_with(self, error_code: int, phrase: str) -> None:
+        """Close the connection with an application error the client can read."""
+        if not self._gone:
+            self._quic.close(error_code=error_code, reason_phrase=phrase)
+            self.transmit()
+
+    def _authenticated(self) -> None:
+        """The access token was accepted: leave the pre-auth budgets."""
+        if self._unauthenticated:
+            self._unauthenticated = False
+            self._tracker.count_unauthenticated(self._state.peer, -1)
+            if self._hello_timer is not None:
+                self._hello_timer.cancel()
+
     def _end_handshake(self) -> None:
         if not self._handshake_done:
             self._handshake_done = True
@@ -153,6 +208,9 @@ class QpqServerProtocol(QuicConnectionProtocol):
                 self._timeout.cancel()
             self._metrics.tls_handshake_duration_seconds.observe(
                 time.perf_counter() - self._started)
+            if self._unauthenticated and not self._gone:
+                self._hello_timer = asyncio.get_running_loop().call_later(
+                    self._config.quic.hello_timeout_s, self._hello_timed_out)
         elif isinstance(event, StreamDataReceived):
             self._stream_data(event)
         elif isinstance(event, StreamReset):
@@ -171,6 +229,13 @@ class QpqServerProtocol(QuicConnectionProtocol):
             return
         if sid % 4 != 0 or sid in self._answered:
             return  # only client-initiated bidi streams carry requests; one per stream
+        if self._unauthenticated:
+            self._preauth_bytes += len(event.data)
+            if self._preauth_bytes > self._config.quic.max_preauth_bytes:
+                self._decoders.clear()
+                self._close_unauthenticated(
+                    "preauth_bytes", "too many bytes before the access token; send 'hello'")
+                return
         decoder = self._decoders.get(sid)
         if decoder is None:
             decoder = self._decoders[sid] = FrameDecoder(self._config.quic.max_frame_bytes)
@@ -178,13 +243,15 @@ class QpqServerProtocol(QuicConnectionProtocol):
             frames = decoder.feed(event.data)
             if not frames and event.end_stream:
                 decoder.finish()
+                raise BadFrame("empty stream: send one length-prefixed request frame")
         except RequestError as exc:
             self._reply(sid, self._dispatcher.error_response("frame", exc))
             return
         if frames:
             self._decoders.pop(sid, None)
             self._answered.add(sid)
-            if self._blobs is not None and frames[0].get("op") in BLOB_OPS:
+            op = frames[0].get("op")
+            if self._blobs is not None and isinstance(op, str) and op in BLOB_OPS:
                 self._open_blob_stream(sid, frames, decoder, event.end_stream)
                 return
             task = asyncio.get_running_loop().create_task(self._serve_request(sid, frames[0]))
@@ -204,6 +271,8 @@ class QpqServerProtocol(QuicConnectionProtocol):
         self._tracker.in_flight_requests += 1
         try:
             response = await self._dispatcher.handle(request, self._state)
+            if self._unauthenticated and self._state.authenticated:
+                self._authenticated()
         except QpqError:  # handle() maps errors itself; this is belt and braces
             response = {"ok": False, "error": {"code": "internal", "message": "internal error"}}
         finally:
@@ -236,6 +305,11 @@ class QpqServerProtocol(QuicConnectionProtocol):
         self._end_handshake()
         if self._timeout is not None:
             self._timeout.cancel()
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+        if self._unauthenticated:
+            self._unauthenticated = False
+            self._tracker.count_unauthenticated(self._state.peer, -1)
         self._tracker.active -= 1
         self._tracker.protocols.discard(self)
         self._metrics.connections_active.set(self._tracker.active)
@@ -331,6 +405,15 @@ class QuicListener:
         """New handshakes use the new certificate; established connections keep theirs."""
         self.configuration.load_cert_chain(str(self._config.tls_cert_path),
                                            str(self._config.tls_key_path))
+
+    def close_where(self, predicate: Callable[[ConnectionState], bool], phrase: str) -> int:
+        """Close every connection whose state matches (a revoked access token)."""
+        closed = 0
+        for protocol in list(self._tracker.protocols):
+            if predicate(protocol._state):
+                protocol.close_with(ERR_REFUSED, phrase)
+                closed += 1
+        return closed
 
     def stop_accepting(self) -> None:
         self._tracker.accepting = False

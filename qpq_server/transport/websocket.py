@@ -36,6 +36,7 @@ log = logging.getLogger("qpq.websocket")
 
 CLOSE_UNSUPPORTED = 1003  # a text message
 CLOSE_INVALID = 1007  # not a msgpack map
+CLOSE_POLICY = 1008  # policy violation: the access token was revoked
 CLOSE_TOO_BIG = 1009
 _SLACK = 64 * 1024  # the library itself drops messages this far above max_frame_bytes
 
@@ -48,6 +49,7 @@ class WebSocketListener:
         self._on_closed = on_closed
         self._server: Server | None = None
         self.in_flight_requests = 0
+        self._open: dict[ServerConnection, ConnectionState] = {}
 
     @property
     def port(self) -> int:
@@ -67,6 +69,13 @@ class WebSocketListener:
                 await asyncio.wait_for(self._server.wait_closed(), 5)
             self._server = None
 
+    def close_where(self, predicate: Callable[[ConnectionState], bool], phrase: str) -> int:
+        """Close every socket whose state matches (a revoked access token)."""
+        matching = [ws for ws, state in self._open.items() if predicate(state)]
+        for ws in matching:
+            asyncio.get_running_loop().create_task(ws.close(CLOSE_POLICY, phrase[:120]))
+        return len(matching)
+
     def _peer(self, ws: ServerConnection) -> str:
         if self._config.websocket.trust_x_forwarded_for and ws.request is not None:
             forwarded = ws.request.headers.get("X-Forwarded-For", "")
@@ -78,6 +87,7 @@ class WebSocketListener:
     async def _handle(self, ws: ServerConnection) -> None:
         state = ConnectionState(peer=self._peer(ws))
         tasks: set[asyncio.Task[None]] = set()
+        self._open[ws] = state
         try:
             async for message in ws:
                 request = await self._parse(ws, message)
@@ -91,6 +101,7 @@ class WebSocketListener:
         finally:
             for task in tasks:
                 task.cancel()
+            self._open.pop(ws, None)
             self._on_closed(state)
 
     async def _parse(self, ws: ServerConnection, message: str | bytes,

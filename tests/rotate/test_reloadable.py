@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 from pathlib import Path
@@ -69,7 +70,11 @@ async def test_auth_token_rotation_keeps_clients_working(tmp_path: Path) -> None
                     pass
             async with connect(srv.address, new, ca=srv.ca_cert, server_name="localhost") as c:
                 assert (await c.call("ping"))["ok"]
-            assert (await live.call("ping"))["ok"]  # never dropped
+            # Finishing revokes the old token, and with it the connection that used it.
+            deadline = asyncio.get_running_loop().time() + 15
+            while live.protocol.terminated is None:
+                assert asyncio.get_running_loop().time() < deadline, "live conn not closed"
+                await asyncio.sleep(0.05)
     finally:
         srv.stop()
     audit = ops("rotate", "audit", "--config", config, "--json").json()["records"]

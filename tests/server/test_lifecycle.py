@@ -196,7 +196,12 @@ async def test_sighup_rotates_tokens_without_dropping_connections(tmp_path: Path
             with pytest.raises(ClientError):
                 async with connect(srv.address, old, ca=srv.ca_cert, server_name="localhost"):
                     pass
-            assert (await live.call("ping"))["ok"]
+            # The old token is revoked now: the connection that used it is closed too.
+            deadline = asyncio.get_running_loop().time() + 15
+            while live.protocol.terminated is None:
+                assert asyncio.get_running_loop().time() < deadline, "live conn not closed"
+                await asyncio.sleep(0.05)
+            assert "revoked" in live.protocol.terminated
         assert "reloaded" in srv.log() and "brand-new-token" not in srv.log()
     finally:
         srv.stop()
