@@ -135,7 +135,7 @@ class ServerApp:
 
     def _write_pid(self, stack: contextlib.AsyncExitStack) -> None:
         pid_path = self.config.pid_path
-        write_atomic(pid_path, f"{os.getpid()}\n", mode=0o644, sync_dir=False)
+        write_atomic(pid_path, f"{os.getpid()}\n", mode=0o600, sync_dir=False)
 
         def remove() -> None:
             self.ready = False

@@ -79,6 +79,9 @@ def run(
     if path is None:
         raise _fail("no config: pass --config PATH or set QPQ_CONFIG", 64)
     setup_logging(os.environ.get("QPQ_LOG_LEVEL", "info"))
+    # Whatever the server creates (database, WAL, shared memory, pid, blobs) is private
+    # to its user, whatever the shell's umask.
+    os.umask(0o077)
     try:
         run_server(path)
     except QpqError as exc:

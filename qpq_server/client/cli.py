@@ -66,6 +66,11 @@ def options(
     `qpq-client --server 127.0.0.1:7000 --ca data/tls/cert.pem recv alice`."""
     if not auth_token:
         _die("usage", "no access token: set QPQ_AUTH_TOKEN (or --auth-token)", 64)
+    source = ctx.get_parameter_source("auth_token")
+    if source is not None and source.name == "COMMANDLINE":
+        print("qpq-client: warning: --auth-token on the command line is visible to other "
+              "users of this machine (ps, shell history); set QPQ_AUTH_TOKEN instead",
+              file=sys.stderr)
     ctx.obj = Options(server, auth_token or "", ca, profile or default_profile_dir(),
                       server_name, timeout)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import queue
 import re
 import threading
@@ -118,6 +119,9 @@ class SqlCipherStorage:
     async def open(self) -> None:
         def setup() -> Connection:
             self._path.parent.mkdir(parents=True, exist_ok=True)
+            for suffix in ("", "-wal", "-shm"):  # files made by older versions or by hand
+                with contextlib.suppress(FileNotFoundError):
+                    os.chmod(f"{self._path}{suffix}", 0o600)
             conn = self._connect()
             migrate(conn)
             return conn
