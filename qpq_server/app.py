@@ -86,7 +86,8 @@ class ServerApp:
         self.listener = QuicListener(
             cfg, core.dispatcher, self.metrics, core.service.connection_closed,
             BlobTransfers(core.service, core.dispatcher, core.blobs, cfg.quic.max_frame_bytes,
-                          cfg.blobs.chunk_bytes, cfg.blobs.upload_idle_timeout_s))
+                          cfg.blobs.chunk_bytes, cfg.blobs.upload_idle_timeout_s,
+                          cfg.blobs.upload_deadline_s))
         host, port = parse_hostport(cfg.server.listen)
         try:
             await self.listener.start(host, port)

@@ -100,6 +100,11 @@ class LimitsConfig:
     max_key_packages: int = 200
     max_fetch_batch: int = 500
     max_wait_s: float = 60.0
+    # One fetch answer carries at most this many payload bytes; clients page for more.
+    max_response_bytes: int = 8388608
+    # Every copy of a message counts: fan-out cannot fill a mailbox or the disk for free.
+    mailbox_max_bytes: int = 268435456
+    enqueue_bytes_per_minute: int = 67108864
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,8 @@ class BlobsConfig:
     quota_bytes_per_account: int = 1073741824  # 1 GiB held per uploader
     chunk_bytes: int = 262144  # download chunk frame size (capped by max_frame_bytes)
     upload_idle_timeout_s: float = 60.0  # a stalled upload is discarded after this
+    upload_deadline_s: float = 3600.0  # however it trickles, an upload ends by then
+    max_concurrent_uploads: int = 4  # per account
 
 
 @dataclass(frozen=True)
@@ -138,6 +145,7 @@ class WebSocketConfig:
     enabled: bool = False
     listen: str = "127.0.0.1:7080"
     trust_x_forwarded_for: bool = False  # behind our own proxy: rate-limit the real client
+    max_in_flight: int = 16  # requests per socket; beyond it the bridge stops reading
 
 
 @dataclass(frozen=True)
@@ -233,6 +241,12 @@ _POSITIVE = {
     ("blobs", "upload_idle_timeout_s"),
     ("retention", "days"),
     ("retention", "sweep_interval_s"),
+    ("limits", "max_response_bytes"),
+    ("limits", "mailbox_max_bytes"),
+    ("limits", "enqueue_bytes_per_minute"),
+    ("blobs", "upload_deadline_s"),
+    ("websocket", "max_in_flight"),
+    ("blobs", "max_concurrent_uploads"),
     ("rate_limit", "account_rate_per_s"),
     ("rate_limit", "account_burst"),
     ("rate_limit", "address_rate_per_s"),
@@ -336,6 +350,10 @@ def _parse(path: Path) -> tuple[Config, list[str]]:
         # Refuse rather than run without the relaying the operator asked for.
         problems.append("[federation] enabled = true, but federation relaying is not available "
                         "in this build of qpq-server; set enabled = false")
+    limits = config.limits
+    if not q.max_frame_bytes + 65536 <= limits.max_response_bytes <= 64 * 1024 * 1024:
+        problems.append("[limits] max_response_bytes must be at least max_frame_bytes + 65536 "
+                        "(one largest message fits) and at most 67108864")
     if q.max_concurrent_bidi_streams > 10000:
         problems.append("[quic] max_concurrent_bidi_streams must be at most 10000")
     return config, problems

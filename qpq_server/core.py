@@ -67,7 +67,9 @@ async def build_core(config: Config, secrets: ServerSecrets, storage: Storage,
     blobs = BlobStore(config.blobs_dir, max_blob_bytes=config.blobs.max_blob_bytes,
                       quota_bytes_per_account=config.blobs.quota_bytes_per_account,
                       retention_s=config.retention.days * 86400,
-                      on_bytes=metrics.blob_bytes.set)
+                      on_bytes=metrics.blob_bytes.set,
+                      max_concurrent_uploads=config.blobs.max_concurrent_uploads,
+                      on_refused=lambda kind: metrics.quota_refused_total.labels(kind=kind).inc())
     await blobs.open()
     service = Service(
         config=config, storage=storage, opaque=OpaqueServer(config.data_dir / "opaque"),

@@ -67,12 +67,16 @@ class ServerMetrics:
         self.tls_cert_expiry_timestamp_seconds = Gauge(
             "qpq_tls_cert_expiry_timestamp_seconds", "notAfter of the serving TLS certificate",
             registry=r)
+        self.quota_refused_total = Counter(
+            "qpq_quota_refused", "Requests refused by a quota", ["kind"], registry=r)
         self.reload_total = Counter(
             "qpq_reload", "SIGHUP reloads of access tokens and the TLS certificate, by result",
             ["result"], registry=r)
         # Touch label-less series so every name is present from the first scrape.
         self.rate_limit_hit_total.labels(scope="account")
         self.rate_limit_hit_total.labels(scope="address")
+        for kind in ("mailbox_bytes", "recipients", "enqueue_bytes", "uploads"):
+            self.quota_refused_total.labels(kind=kind)
         for result in ("ok", "failed"):
             self.reload_total.labels(result=result)
 

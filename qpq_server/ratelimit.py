@@ -35,7 +35,7 @@ class RateLimiter:
         self._max = max_entries
         self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
 
-    def allow(self, key: str, now: float) -> bool:
+    def allow(self, key: str, now: float, cost: float = 1.0) -> bool:
         bucket = self._buckets.get(key)
         if bucket is None:
             bucket = TokenBucket(self._rate, self._burst, self._burst, now)
@@ -44,7 +44,7 @@ class RateLimiter:
                 self._buckets.popitem(last=False)
         else:
             self._buckets.move_to_end(key)
-        return bucket.take(now)
+        return bucket.take(now, cost)
 
     def __len__(self) -> int:
         return len(self._buckets)

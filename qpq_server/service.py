@@ -23,17 +23,19 @@ from qpq_server.errors import (
     BadRequest,
     LoginFailed,
     NotFound,
+    QuotaExceeded,
     RateLimited,
     ServerBusy,
     Unauthenticated,
     UnknownUser,
 )
+from qpq_server.keylocks import KeyedLocks
 from qpq_server.metrics import ServerMetrics
 from qpq_server.notifier import DeliveryNotifier
 from qpq_server.protocol import validate as v
 from qpq_server.protocol.dispatch import ConnectionState, Handler
 from qpq_server.ratelimit import RateLimiter
-from qpq_server.storage.base import Storage
+from qpq_server.storage.base import Storage, StoredMessage
 
 __all__ = ["BlobIndex", "KeyLog", "Service"]
 
@@ -59,7 +61,8 @@ class KeyLog(Protocol):
 class BlobIndex(Protocol):
     """The blob store as the messaging core uses it: which blobs exist, who may fetch."""
 
-    def get(self, blob_id: str) -> object | None: ...
+    def visible_to(self, blob_id: str, user: str) -> object | None:
+        """The blob, if `user` uploaded it or a message to them names it; else None."""
 
     async def add_refs(self, blob_ids: Iterable[str], recipients: Iterable[str]) -> None: ...
 
@@ -84,6 +87,9 @@ class Service:
         self._account_limiter = RateLimiter(rl.account_rate_per_s, rl.account_burst)
         self._address_limiter = RateLimiter(rl.address_rate_per_s, rl.address_burst)
         self._login_ids = itertools.count(1)
+        per_minute = config.limits.enqueue_bytes_per_minute
+        self._enqueue_bytes = RateLimiter(per_minute / 60.0, per_minute)
+        self._fetch_locks = KeyedLocks()
         self.draining = False
 
     def ops(self) -> Mapping[str, Handler]:
@@ -266,8 +272,11 @@ class Service:
 
     async def _enqueue(self, request: dict[str, Any], conn: ConnectionState) -> dict[str, Any]:
         sender = self._session_user(request)
-        recipients = v.get_str_list(request, "recipients",
-                                    max_items=self.config.limits.max_recipients)
+        limits = self.config.limits
+        raw_recipients = request.get("recipients")
+        if isinstance(raw_recipients, list) and len(raw_recipients) > limits.max_recipients:
+            self.metrics.quota_refused_total.labels(kind="recipients").inc()
+        recipients = v.get_str_list(request, "recipients", max_items=limits.max_recipients)
         if not recipients:
             raise BadRequest("field 'recipients' must not be empty")
         payload = v.get_bytes(request, "payload", max_len=self.config.quic.max_frame_bytes)
@@ -279,10 +288,11 @@ class Service:
         if missing:
             raise UnknownUser("unknown recipient(s): " + ", ".join(sorted(missing)))
         if blob_ids and (self.blobs is None
-                         or any(self.blobs.get(b) is None for b in blob_ids)):
+                         or any(self.blobs.visible_to(b, sender) is None for b in blob_ids)):
             raise NotFound("the message names a blob this server does not hold")
         if self.draining:
             raise ServerBusy("server is shutting down; retry on reconnect")
+        await self._check_enqueue_quotas(sender, recipients, len(payload))
         if blob_ids and self.blobs is not None:  # keep them until each recipient fetched
             await self.blobs.add_refs(blob_ids, recipients)
         ids = await self.storage.enqueue(sender, recipients, payload, self.clock())
@@ -291,6 +301,23 @@ class Service:
         self.notifier.notify(recipients)
         return {"ids": ids}
 
+    async def _check_enqueue_quotas(self, sender: str, recipients: list[str],
+                                    size: int) -> None:
+        """Every stored copy counts: against the sender's bytes per minute and each
+        recipient's mailbox. (Concurrent enqueues may overshoot a mailbox by one batch.)"""
+        limits = self.config.limits
+        copies = size * len(recipients)
+        if not self._enqueue_bytes.allow("u:" + sender, self.clock(), float(copies)):
+            self.metrics.quota_refused_total.labels(kind="enqueue_bytes").inc()
+            raise QuotaExceeded(
+                f"this account may enqueue {limits.enqueue_bytes_per_minute} bytes per minute "
+                f"(every recipient's copy counts; this request is {copies}); slow down")
+        usage = await self.storage.mailbox_bytes(recipients)
+        full = sorted(r for r in recipients if usage.get(r, 0) + size > limits.mailbox_max_bytes)
+        if full:
+            self.metrics.quota_refused_total.labels(kind="mailbox_bytes").inc()
+            raise QuotaExceeded("mailbox full for: " + ", ".join(full[:10]))
+
     async def _fetch(self, request: dict[str, Any], conn: ConnectionState) -> dict[str, Any]:
         user = self._session_user(request)
         limits = self.config.limits
@@ -298,7 +325,7 @@ class Service:
                           default=limits.max_fetch_batch)
         wait_s = v.get_float(request, "wait_s", lo=0.0, hi=limits.max_wait_s, default=0.0)
         self.metrics.fetch_total.inc()
-        messages = await self.storage.fetch(user, limit)
+        messages = await self._fetch_page(user, limit)
         if not messages and wait_s > 0 and not self.draining:
             self.metrics.delivery_waiters.inc()
             try:
@@ -306,11 +333,22 @@ class Service:
             finally:
                 self.metrics.delivery_waiters.dec()
             if woken:
-                messages = await self.storage.fetch(user, limit)
+                messages = await self._fetch_page(user, limit)
+        payload_bytes = sum(len(m.payload) for m in messages)
+        # More may wait when the page is full by count, or so full by bytes that the next
+        # (largest possible) message could not have fitted; a wrong guess costs one fetch.
+        more = len(messages) >= limit or (
+            payload_bytes > limits.max_response_bytes - self.config.quic.max_frame_bytes)
         return {"messages": [
             {"id": m.id, "from": m.sender, "payload": m.payload, "sent_at": m.sent_at}
             for m in messages
-        ]}
+        ], "more": more}
+
+    async def _fetch_page(self, user: str, limit: int) -> list[StoredMessage]:
+        """One page, bounded in bytes; one page load per account at a time, so parallel
+        fetches of a flooded mailbox cannot multiply what the server holds in memory."""
+        async with self._fetch_locks.hold(user):
+            return await self.storage.fetch(user, limit, self.config.limits.max_response_bytes)
 
     async def _ack(self, request: dict[str, Any], conn: ConnectionState) -> dict[str, Any]:
         user = self._session_user(request)

@@ -90,8 +90,13 @@ class Upload:
             fd = self._fd
             await asyncio.to_thread(os.fsync, fd)
             self._close_fd()
-            info = BlobInfo(self.blob_id, self.owner, self.size, now)
-            await asyncio.to_thread(self.store._install, self.path, info)
+            held = self.store.get(self.blob_id)
+            if held is not None:  # the same bytes are stored already: now also this user's
+                info = replace(held, pending=held.pending | {self.owner})
+                await asyncio.to_thread(self.store._adopt, self.path, info)
+            else:
+                info = BlobInfo(self.blob_id, self.owner, self.size, now)
+                await asyncio.to_thread(self.store._install, self.path, info)
         except BaseException:
             self.abort()
             raise
@@ -112,7 +117,12 @@ class Upload:
 
 class BlobStore:
     def __init__(self, root: Path, *, max_blob_bytes: int, quota_bytes_per_account: int,
-                 retention_s: float, on_bytes: Callable[[int], None] | None = None) -> None:
+                 retention_s: float, on_bytes: Callable[[int], None] | None = None,
+                 max_concurrent_uploads: int = 4,
+                 on_refused: Callable[[str], None] | None = None) -> None:
+        self.max_concurrent_uploads = max_concurrent_uploads
+        self._on_refused = on_refused
+        self._uploads_of: dict[str, int] = {}  # owner -> uploads in progress
         self.root = root
         self.max_blob_bytes = max_blob_bytes
         self.quota = quota_bytes_per_account
@@ -169,6 +179,14 @@ class BlobStore:
     def get(self, blob_id: str) -> BlobInfo | None:
         return self._blobs.get(blob_id)
 
+    def visible_to(self, blob_id: str, user: str) -> BlobInfo | None:
+        """The blob if `user` uploaded it or a queued message to `user` names it; else
+        None, exactly as for a blob that does not exist (no one learns of others')."""
+        info = self._blobs.get(blob_id)
+        if info is None or (user != info.owner and user not in info.pending):
+            return None
+        return info
+
     def usage(self, owner: str) -> int:
         held = sum(b.size for b in self._blobs.values() if b.owner == owner)
         return held + self._reserved.get(owner, 0)
@@ -183,9 +201,15 @@ class BlobStore:
                                 f"({self.usage(owner)} in use)")
         if blob_id in self._uploading:
             raise BadRequest("this blob is being uploaded already; retry later")
+        if self._uploads_of.get(owner, 0) >= self.max_concurrent_uploads:
+            if self._on_refused is not None:
+                self._on_refused("uploads")
+            raise QuotaExceeded(f"at most {self.max_concurrent_uploads} uploads at once per "
+                                "account; wait for one to finish")
         path = self.tmp_dir / f"{blob_id[:16]}-{secrets.token_hex(8)}.part"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         self._reserved[owner] = self._reserved.get(owner, 0) + size
+        self._uploads_of[owner] = self._uploads_of.get(owner, 0) + 1
         self._uploading.add(blob_id)
         return Upload(self, owner, blob_id, size, path, fd)
 
@@ -193,6 +217,9 @@ class BlobStore:
         self._reserved[upload.owner] -= upload.size
         if not self._reserved[upload.owner]:
             del self._reserved[upload.owner]
+        self._uploads_of[upload.owner] -= 1
+        if not self._uploads_of[upload.owner]:
+            del self._uploads_of[upload.owner]
         self._uploading.discard(upload.blob_id)
         if info is not None:
             self._blobs[info.blob_id] = info
@@ -208,6 +235,11 @@ class BlobStore:
         os.replace(tmp, final)
         fsync_dir(final.parent)
         fsync_dir(self.tmp_dir)
+
+    def _adopt(self, tmp: Path, info: BlobInfo) -> None:
+        """Thread: a proven duplicate; record the new holder, drop the copy."""
+        self._write_meta(info)
+        tmp.unlink()
 
     def _write_meta(self, info: BlobInfo) -> None:
         write_atomic(self._meta_path(info.blob_id), json.dumps({

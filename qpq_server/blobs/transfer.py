@@ -83,6 +83,7 @@ class BlobStream:
         self._upload: Upload | None = None
         self._task: asyncio.Task[None] | None = None
         self._idle: asyncio.TimerHandle | None = None
+        self._deadline: asyncio.TimerHandle | None = None
         self.finished = False
         try:
             user = transfers.authorizer.authorize_stream(request, conn)
@@ -97,10 +98,14 @@ class BlobStream:
     def _observe(self) -> None:
         self._t.dispatcher.observe(self._op, time.perf_counter() - self._started)
 
+    def _cancel_timers(self) -> None:
+        for timer in (self._idle, self._deadline):
+            if timer is not None:
+                timer.cancel()
+
     def _reply(self, response: dict[str, Any]) -> None:
         self.finished = True
-        if self._idle is not None:
-            self._idle.cancel()
+        self._cancel_timers()
         self._sink.send(encode_frame(response), end=True)
         self._observe()
 
@@ -119,8 +124,7 @@ class BlobStream:
             self._upload.abort()
         if self._task is not None:
             self._task.cancel()
-        if self._idle is not None:
-            self._idle.cancel()
+        self._cancel_timers()
         self.finished = True
 
     # -- upload ------------------------------------------------------------------------
@@ -128,14 +132,24 @@ class BlobStream:
         store = self._t.store
         blob_id = blob_id_field(request, "sha256")
         size = v.get_int(request, "size", lo=1, hi=2**53)
-        existing = store.get(blob_id)
+        existing = store.visible_to(blob_id, user)
         if existing is not None:  # same ciphertext already held: nothing to transfer
             self._reply({"ok": True, "blob_id": bytes.fromhex(blob_id), "size": existing.size,
                          "existing": True})
             self._sink.stop_receiving()
             return
+        # Someone else's identical blob is not revealed: the upload runs in full, and
+        # proving the bytes is what lets this user reference it.
         self._upload = store.begin_upload(user, blob_id, size)
         self._arm_idle()
+        deadline = self._t.upload_deadline_s
+        self._deadline = asyncio.get_running_loop().call_later(
+            deadline, self._overdue, deadline)
+
+    def _overdue(self, deadline: float) -> None:
+        """However slowly it trickles, an upload holds a descriptor for a bounded time."""
+        if not self.finished and self._task is None:
+            self._fail(UploadStalled(f"upload not finished within {deadline:g}s; discarded"))
 
     def _arm_idle(self) -> None:
         """A stalled upload would hold a temp file and quota until the connection idles
@@ -184,7 +198,7 @@ class BlobStream:
     # -- download ----------------------------------------------------------------------
     def _start_download(self, user: str, request: dict[str, Any]) -> None:
         blob_id = blob_id_field(request, "blob_id")
-        info = self._t.store.get(blob_id)
+        info = self._t.store.visible_to(blob_id, user)
         if info is None:
             raise NotFound("no such blob (never uploaded, or expired)")
         self._task = asyncio.get_running_loop().create_task(
@@ -228,7 +242,9 @@ class BlobStream:
 class BlobTransfers:
     def __init__(self, authorizer: StreamAuthorizer, dispatcher: Dispatcher, store: BlobStore,
                  max_frame_bytes: int, chunk_bytes: int, upload_idle_timeout_s: float = 60.0,
+                 upload_deadline_s: float = 3600.0,
                  clock: Callable[[], float] = time.time) -> None:
+        self.upload_deadline_s = upload_deadline_s
         self.authorizer = authorizer
         self.dispatcher = dispatcher
         self.clock = clock

@@ -55,6 +55,7 @@ class QpqClient:
         self.profile_dir = profile_dir
         self._profiles: dict[str, Profile] = {}
         self.kt = KtVerifier(connection, profile_dir)
+        self.more_waiting = False  # the last fetch said more messages wait (page by bytes)
 
     def profile(self, username: str) -> Profile:
         if username not in self._profiles:
@@ -195,6 +196,7 @@ class QpqClient:
         timeout = self.conn.timeout + wait_s
         result = await self.conn.call("fetch", timeout=timeout, session=session,
                                       wait_s=wait_s, limit=limit)
+        self.more_waiting = bool(result.get("more"))
         received: list[ReceivedMessage] = []
         used_keys: list[bytes] = []
         for item in result["messages"]:

@@ -175,7 +175,10 @@ def recv(
             if message.content.get("type") == "file":
                 saved[message.id] = await c.save_file(user, message, out_dir)
 
-        return list(await c.receive(user, wait_s=wait, before_ack=save))
+        received = list(await c.receive(user, wait_s=wait, before_ack=save))
+        while c.more_waiting:  # the server pages a large mailbox by bytes
+            received += await c.receive(user, before_ack=save)
+        return received
 
     for message in _run(opts, work):
         path = saved.get(message.id)

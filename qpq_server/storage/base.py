@@ -96,8 +96,13 @@ class Storage(Protocol):
     ) -> list[int]:
         """Durably store one message per recipient; return ids once committed."""
 
-    async def fetch(self, recipient: str, limit: int) -> list[StoredMessage]:
-        """Pending messages for recipient, oldest first."""
+    async def fetch(self, recipient: str, limit: int,
+                    max_bytes: int | None = None) -> list[StoredMessage]:
+        """Pending messages for recipient, oldest first: at most `limit`, and (when
+        `max_bytes` is set) no more payload bytes than that, but always the first one."""
+
+    async def mailbox_bytes(self, recipients: Sequence[str]) -> dict[str, int]:
+        """Payload bytes waiting per recipient (recipients with none may be left out)."""
 
     async def ack(self, recipient: str, message_ids: Sequence[int]) -> int:
         """Delete delivered messages of recipient; return how many were deleted."""

@@ -366,20 +366,41 @@ class FileStorage:
 
         return await self._write(run)
 
-    async def fetch(self, recipient: str, limit: int) -> list[StoredMessage]:
+    async def fetch(self, recipient: str, limit: int,
+                    max_bytes: int | None = None) -> list[StoredMessage]:
         def run() -> list[StoredMessage]:
             directory = self._queue_dir(recipient)
-            messages = []
+            messages: list[StoredMessage] = []
+            total = 0
             for message_id in _ids(directory):
                 try:
                     record = _unpack((directory / f"{message_id:020d}").read_bytes())
                 except FileNotFoundError:
                     continue  # acked meanwhile
+                total += len(record["payload"])
+                if messages and max_bytes is not None and total > max_bytes:
+                    break
                 messages.append(StoredMessage(message_id, recipient, record["sender"],
                                               record["payload"], float(record["sent_at"])))
                 if len(messages) >= limit:
                     break
             return messages
+
+        return await self._read(run)
+
+    async def mailbox_bytes(self, recipients: Sequence[str]) -> dict[str, int]:
+        def run() -> dict[str, int]:
+            usage: dict[str, int] = {}
+            for recipient in dict.fromkeys(recipients):
+                directory = self._queue_dir(recipient)
+                total = 0
+                for message_id in _ids(directory):
+                    # File size bounds the payload size closely (a small msgpack header).
+                    with contextlib.suppress(FileNotFoundError):
+                        total += (directory / f"{message_id:020d}").stat().st_size
+                if total:
+                    usage[recipient] = total
+            return usage
 
         return await self._read(run)
 

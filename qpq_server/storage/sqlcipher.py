@@ -351,16 +351,39 @@ class SqlCipherStorage:
 
         return await self._write(run)
 
-    async def fetch(self, recipient: str, limit: int) -> list[StoredMessage]:
+    async def fetch(self, recipient: str, limit: int,
+                    max_bytes: int | None = None) -> list[StoredMessage]:
         def run(conn: Connection) -> list[StoredMessage]:
-            rows = conn.execute(
+            cursor = conn.execute(
                 "SELECT id, recipient, sender, payload, sent_at FROM messages"
                 " WHERE recipient = ? ORDER BY id LIMIT ?",
                 (recipient, limit),
-            ).fetchall()
-            return [StoredMessage(int(r[0]), r[1], r[2], bytes(r[3]), float(r[4])) for r in rows]
+            )
+            messages: list[StoredMessage] = []
+            total = 0
+            # Row by row, so a page bounded by bytes never loads the rest of the mailbox.
+            while (row := cursor.fetchone()) is not None:
+                total += len(row[3])
+                if messages and max_bytes is not None and total > max_bytes:
+                    break
+                messages.append(StoredMessage(int(row[0]), row[1], row[2], bytes(row[3]),
+                                              float(row[4])))
+            cursor.close()
+            return messages
 
         return await self._read(run)
+
+    async def mailbox_bytes(self, recipients: Sequence[str]) -> dict[str, int]:
+        names = list(dict.fromkeys(recipients))
+
+        def run(conn: Connection) -> dict[str, int]:
+            marks = ",".join("?" * len(names))
+            rows = conn.execute(
+                f"SELECT recipient, sum(length(payload)) FROM messages"  # noqa: S608
+                f" WHERE recipient IN ({marks}) GROUP BY recipient", names).fetchall()
+            return {str(r[0]): int(r[1]) for r in rows}
+
+        return await self._read(run) if names else {}
 
     async def ack(self, recipient: str, message_ids: Sequence[int]) -> int:
         ids = list(message_ids)

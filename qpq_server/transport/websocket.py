@@ -87,15 +87,20 @@ class WebSocketListener:
     async def _handle(self, ws: ServerConnection) -> None:
         state = ConnectionState(peer=self._peer(ws))
         tasks: set[asyncio.Task[None]] = set()
+        # Backpressure: with max_in_flight requests running we stop reading, so the
+        # socket's TCP window (not our memory) absorbs a flood.
+        slots = asyncio.Semaphore(self._config.websocket.max_in_flight)
         self._open[ws] = state
         try:
             async for message in ws:
                 request = await self._parse(ws, message)
                 if request is None:
                     return
+                await slots.acquire()
                 task = asyncio.get_running_loop().create_task(self._serve(ws, request, state))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
+                task.add_done_callback(lambda _: slots.release())
         except ConnectionClosed:
             pass
         finally:

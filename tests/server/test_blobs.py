@@ -306,8 +306,7 @@ async def test_unreferenced_blobs_expire_and_referenced_ones_wait_for_download(
                 "exp_b", m, tmp_path / "in"))
             assert (tmp_path / "in" / "kept.txt").read_bytes() == b"kept until fetched"
             assert got
-            await asyncio.sleep(2)
-            assert blob_files(srv) == set()
+            await wait_until_files(srv, set())
             assert srv.metric("qpq_blob_bytes") == 0
 
 
