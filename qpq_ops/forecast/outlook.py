@@ -98,6 +98,10 @@ def capacity_outlook(users: Series, msgs_per_hour: Series, *, now: float, horizo
     if not users or users.peak is None or users.peak <= 0:
         return None
     notes: list[str] = []
+    if base == DEFAULT_INPUTS:
+        notes.append("storage inputs not given (--plan FILE): assumed 1,000-byte messages, "
+                     "no files, 30-day retention; tier and disk depend on them, workers and "
+                     "hosts do not")
     user_slope = fit_line(users, now).slope_per_day if len(users) > 1 else 0.0
     peak_rate = msgs_per_hour.peak if msgs_per_hour else None
     if peak_rate is None:
