@@ -125,7 +125,7 @@ def forecast(
     their scaling-trigger lines, and how many workers and hosts the load will need.
 
     Each measure's history over --lookback is fitted per instance with a robust straight
-    line (Theil-Sen; see docs/operations/scaling-guide.md), giving the date of each
+    line (Theil-Sen; see docs/operations/capacity-forecast.md), giving the date of each
     warning and critical line, "not within the horizon", or a confidence note when the
     history is short or noisy. The capacity plan is re-run on the observed peak users and
     message rate, moved along their trends.
