@@ -15,7 +15,6 @@ from datetime import UTC, datetime
 
 import jinja2
 
-from qpq_ops.cli.triggers import format_value
 from qpq_ops.doctor import CheckResult, DoctorInputs, run_doctor
 from qpq_ops.forecast import ForecastResult, format_duration, run_forecast
 from qpq_ops.forecast.history import fetch_ranges, instance_matcher
@@ -66,6 +65,19 @@ class _Section:
     missing: list[str]
 
 
+def _value(value: float | None, unit: str) -> str:
+    """A measure in its trigger's unit, as the tables show it."""
+    if value is None:
+        return "-"
+    if unit == "percent":
+        return f"{value:.1f} %"
+    if unit == "seconds":
+        return f"{value * 1000:,.1f} ms"
+    if unit == "per_minute":
+        return f"{value:,.1f}/min"
+    return f"{value:,.0f}"
+
+
 def _when(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M UTC")
 
@@ -76,7 +88,7 @@ def _environment() -> jinja2.Environment:
         autoescape=True, undefined=jinja2.StrictUndefined,
         trim_blocks=True, lstrip_blocks=True,
     )
-    env.filters["value"] = format_value
+    env.filters["value"] = _value
     env.filters["when"] = _when
     env.filters["date"] = iso_date
     env.filters["duration"] = format_duration

@@ -155,3 +155,26 @@ def test_report_bad_options_exit_64(tmp_path: Path, args: list[str], message: st
     assert result.exit_code == 64
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_with_config_the_doctor_findings_are_in_the_report(written: Written,
+                                                           tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from qpq_ops.doctor import CHECKS
+
+    data = tmp_path / "data"
+    subprocess.run([str(Path(sys.executable).parent / "qpq-server"), "init", "--data-dir",
+                    str(data)], check=True, capture_output=True, timeout=60)
+    out = tmp_path / "with-doctor.html"
+    result = runner.invoke(app, ["report", "--prometheus-url", written.prom.url, "--out",
+                                 str(out), "--config", str(data / "qpq-server.toml"),
+                                 "--instance", "flat"])
+    assert result.exit_code == 0, result.output
+    page = out.read_text()
+    doctor = page[page.index('<section id="doctor">'):]
+    assert doctor.count("<tr><td>") == len(CHECKS)
+    # No server runs on this config: the doctor says so, with its fix.
+    assert 'state-critical">critical' in doctor
+    assert "pass <code>--config PATH</code>" not in page
