@@ -26,7 +26,8 @@ from qpq_ops.forecast import (
 from qpq_ops.forecast.outlook import DEFAULT_INPUTS
 from qpq_ops.triggers import Severity
 
-__all__ = ["forecast", "forecast_table", "parse_window", "prometheus_url_or_fail"]
+__all__ = ["forecast", "forecast_table", "parse_window", "prometheus_url_or_fail",
+           "signed_value"]
 
 
 def parse_window(option: str, text: str) -> int:
@@ -47,6 +48,12 @@ def prometheus_url_or_fail(url: str | None) -> str:
         fail(f"--prometheus-url: {exc}")
 
 
+def signed_value(value: float, unit: str) -> str:
+    """'+1.0 %', '-3/min'; a change that rounds to zero is '+0' (never '-0.0')."""
+    text = format_value(abs(value), unit)
+    return ("-" if value < 0 and text != format_value(0.0, unit) else "+") + text
+
+
 def forecast_table(result: ForecastResult) -> Table:
     table = Table(
         title=f"Capacity forecast ({result.url}, {format_duration(result.lookback_s)} of "
@@ -60,8 +67,7 @@ def forecast_table(result: ForecastResult) -> Table:
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     for f in result.forecasts:
         t = f.trigger
-        slope = "-" if f.fit is None else (
-            ("+" if f.fit.slope_per_day >= 0 else "") + format_value(f.fit.slope_per_day, t.unit))
+        slope = "-" if f.fit is None else signed_value(f.fit.slope_per_day, t.unit)
         lines = [
             f"{format_value(c.threshold, t.unit)}: {c.describe(result.horizon_s)}"
             for c in (f.crossing(Severity.WARNING), f.crossing(Severity.CRITICAL))

@@ -78,6 +78,12 @@ def _value(value: float | None, unit: str) -> str:
     return f"{value:,.0f}"
 
 
+def _signed(value: float, unit: str) -> str:
+    """A trend: '+1.0 %'; one that rounds to zero is '+0' (never '-0.0')."""
+    text = _value(abs(value), unit)
+    return ("-" if value < 0 and text != _value(0.0, unit) else "+") + text
+
+
 def _when(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M UTC")
 
@@ -89,6 +95,7 @@ def _environment() -> jinja2.Environment:
         trim_blocks=True, lstrip_blocks=True,
     )
     env.filters["value"] = _value
+    env.filters["signed"] = _signed
     env.filters["when"] = _when
     env.filters["date"] = iso_date
     env.filters["duration"] = format_duration

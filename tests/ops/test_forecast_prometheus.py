@@ -11,6 +11,7 @@ import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -106,6 +107,7 @@ def test_flat_series_are_not_within_the_horizon(stack: Stack) -> None:
                                 "--instance", "flat"], env={"COLUMNS": "250"})
     assert human.exit_code == 0
     assert "not within the horizon" in human.stdout
+    assert "-0" not in human.stdout  # a flat trend is +0, never -0.0
 
 
 def test_too_little_history_says_so_and_exits_3(stack: Stack) -> None:
@@ -140,6 +142,21 @@ def test_capacity_plan_on_observed_peaks_says_when_a_second_worker_is_needed(
     assert first["at"] == pytest.approx(
         stack.now + synth.EXPECTED_SECOND_WORKER_DAYS * DAY, abs=DAY)
     assert "2 worker(s) on 1 host(s) from " + first["date"] in capacity["summary"]
+
+
+def test_plan_file_supplies_what_prometheus_cannot_observe(stack: Stack,
+                                                           tmp_path: Path) -> None:
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("users: 1\nmsgs-per-user-hour: 1\navg-msg-bytes: 200\n"
+                    "blob-uploads-per-day: 0\navg-blob-mb: 0\nretention-days: 1\n")
+    _, default = forecast(stack, "--trigger", "connections")
+    _, planned = forecast(stack, "--trigger", "connections", "--plan", str(plan))
+    assert any("--plan FILE" in n for n in default["capacity"]["notes"])
+    assert planned["capacity"]["notes"] == []
+    # Observed load replaces users and message rate: same workers, smaller storage tier.
+    assert planned["capacity"]["now"]["peak_users"] == default["capacity"]["now"]["peak_users"]
+    assert planned["capacity"]["now"]["workers"] == default["capacity"]["now"]["workers"]
+    assert planned["capacity"]["now"]["tier"] != default["capacity"]["now"]["tier"]
 
 
 def test_unreachable_prometheus_exits_3_with_one_line() -> None:
