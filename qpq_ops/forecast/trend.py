@@ -5,7 +5,8 @@ Pure: a `Series` and the `Trigger` (from `qpq_ops.triggers`, the single definiti
 - fewer than `MIN_POINTS` points or less than `MIN_SPAN_S` of history: no forecast;
 - confidence is "low" when the history covers under half the lookback, when a date lies
   more than `MAX_EXTRAPOLATION` x the history's span ahead, or when the slope's 95 %
-  interval admits a flat or reversed trend (noise); otherwise "high";
+  interval admits a flat trend and also a line crossed within the horizon (noise that
+  could change the verdict); otherwise "high";
 - a line is "reached" when the latest value is already past it (check-triggers' job, but
   the forecast says so rather than predicting the past).
 """
@@ -188,9 +189,17 @@ def forecast_trigger(trigger: Trigger, instance: str, series: Series, *, now: fl
         low = True
         notes.append(f"short history: {format_duration(series.span_s)} of the "
                      f"{format_duration(lookback_s)} lookback")
-    if fit.slope_uncertain and fit.slope_per_day != 0:
+    # Noise matters only when it could change the verdict: the trend may be flat, yet
+    # its steepest plausible slope would cross a line within the horizon.
+    at_risk = [c.earliest for c in crossings if c.status is CrossingStatus.NOT_WITHIN_HORIZON
+               and c.earliest is not None and c.earliest <= now + horizon_s]
+    if fit.slope_uncertain and (at_risk or any(
+            c.status is CrossingStatus.FORECAST for c in crossings)):
         low = True
-        notes.append("noisy: the trend's 95 % interval includes no growth")
+        note = "noisy: the trend may be flat"
+        if at_risk:
+            note += f"; a line may be crossed as early as {iso_date(min(at_risk))}"
+        notes.append(note)
     far = [c for c in crossings if c.status is CrossingStatus.FORECAST and c.at is not None
            and c.at - now > MAX_EXTRAPOLATION * series.span_s]
     if far:

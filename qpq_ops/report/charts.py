@@ -113,7 +113,15 @@ def trigger_chart(forecast: TriggerForecast, chart_id: str) -> str:
         ax.axvline(_date(now), color=_FG, linestyle=":",
                    linewidth=0.8)
         top = max([trigger.critical, *series.values]) * 1.08
-        ax.set_ylim(0, 100 if trigger.unit == "percent" else top)
+        if trigger.unit == "percent":
+            ax.set_ylim(0, 100)
+        elif trigger.critical >= 100 * max([1.0, *series.values]):
+            # Counts far below a line 10x above the warning: a linear axis would flatten
+            # them onto zero, so go logarithmic above 10 (linear below, 0 stays drawable).
+            ax.set_yscale("symlog", linthresh=10)
+            ax.set_ylim(0, top)
+        else:
+            ax.set_ylim(0, top)
         ax.set_xlim(_date(start), _date(end))
         ax.set_ylabel(UNIT_LABELS[trigger.unit])
         ax.set_title(f"{trigger.title} — {forecast.instance}", loc="left")

@@ -81,6 +81,25 @@ def test_half_the_lookback_is_short_history_with_low_confidence() -> None:
     assert f.crossing(Severity.WARNING).at == pytest.approx(NOW + 12 * DAY, abs=3600)
 
 
+def test_noise_lowers_confidence_only_when_it_could_change_the_verdict() -> None:
+    import random
+
+    rng = random.Random(1)
+    def noisy(level: float) -> Series:
+        return Series.of([(t, level + rng.uniform(-5, 5)) for t, _ in _rising(14, 0, 0)])
+
+    far = forecast_trigger(get_trigger("disk_usage"), "a", noisy(20.0), now=NOW,
+                           horizon_s=30 * DAY, lookback_s=14 * DAY)
+    assert far.fit is not None and far.fit.slope_uncertain
+    assert far.confidence is Confidence.HIGH, far.notes  # no plausible slope reaches 70 %
+    # 60 % give or take 5: over a year ahead the steepest plausible slope reaches 70 %
+    near = forecast_trigger(get_trigger("disk_usage"), "a", noisy(60.0), now=NOW,
+                            horizon_s=400 * DAY, lookback_s=14 * DAY)
+    assert near.confidence is Confidence.LOW
+    assert any(n.startswith("noisy: the trend may be flat; a line may be crossed as early")
+               for n in near.notes), near.notes
+
+
 def test_a_falling_measure_never_crosses() -> None:
     f = forecast_trigger(get_trigger("disk_usage"), "a", Series.of(_rising(14, -1.0, 60.0)),
                          now=NOW, horizon_s=30 * DAY, lookback_s=14 * DAY)

@@ -121,6 +121,15 @@ def test_too_little_history_says_so_and_exits_3(stack: Stack) -> None:
         assert {c["status"] for c in row["crossings"]} == {"unknown"}
 
 
+def test_an_instance_without_series_is_no_data(stack: Stack) -> None:
+    code, doc = forecast(stack, "--instance", "nowhere:9100")
+    assert code == 3
+    assert doc["capacity"] is None
+    for row in doc["forecasts"]:
+        assert row["instance"] == "nowhere:9100" and row["state"] == "no-data"
+        assert row["notes"][0].startswith("no data: metric absent")
+
+
 def test_every_instance_without_selector(stack: Stack) -> None:
     code, doc = forecast(stack, "--trigger", "disk_usage")
     states = {f["instance"]: f["state"] for f in doc["forecasts"]}
