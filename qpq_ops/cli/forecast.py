@@ -78,8 +78,22 @@ def forecast_table(result: ForecastResult) -> Table:
     return table
 
 
+def _si_bytes(n: float) -> str:
+    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= factor:
+            return f"{n / factor:,.2f} {prefix}B"
+    return f"{n:,.0f} B"
+
+
 def _print_outlook(result: ForecastResult) -> None:
     console = out()
+    for g in result.storage:
+        current = "-" if g.series.last is None else _si_bytes(g.series.last)
+        growth = ("too little history" if g.bytes_per_day is None else
+                  f"{'+' if g.bytes_per_day >= 0 else '-'}{_si_bytes(abs(g.bytes_per_day))}"
+                  f"/day (~{_si_bytes(g.bytes_per_day * 30)}/month)")
+        console.print(f"Blob storage on {g.instance or '-'}: {current}, {growth}",
+                      highlight=False)
     outlook = result.outlook
     if outlook is None:
         console.print("Capacity plan: no qpq_connections_active in the window; nothing to "

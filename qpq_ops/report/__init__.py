@@ -20,7 +20,7 @@ from qpq_ops.forecast import ForecastResult, format_duration, run_forecast
 from qpq_ops.forecast.history import fetch_ranges, instance_matcher
 from qpq_ops.forecast.trend import iso_date
 from qpq_ops.report.alerts import FiredAlert, alerts_expr, fired_alerts
-from qpq_ops.report.charts import rate_chart, trigger_chart
+from qpq_ops.report.charts import rate_chart, storage_chart, trigger_chart
 from qpq_ops.triggers import Severity
 
 __all__ = ["Report", "ReportInputs", "build_report"]
@@ -127,6 +127,12 @@ def _instances(result: ForecastResult) -> list[_Section]:
         if rate:
             chart_id = f"i{n}-message-rate"
             svg = rate_chart(rate, instance, chart_id, result.now + result.horizon_s)
+            charts.append(_Chart(chart_id, svg, thresholds=False))
+        stored = next((g for g in result.storage if g.instance == instance), None)
+        if stored is not None and stored.series:
+            chart_id = f"i{n}-blob-storage"
+            svg = storage_chart(stored.series, stored.bytes_per_day, instance, chart_id,
+                                result.now, result.now + result.horizon_s)
             charts.append(_Chart(chart_id, svg, thresholds=False))
         sections.append(_Section(instance or "(no instance label)", rows, charts, missing))
     return sections

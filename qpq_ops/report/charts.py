@@ -23,7 +23,7 @@ from qpq_ops.triggers import Severity
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-__all__ = ["UNIT_LABELS", "rate_chart", "trigger_chart"]
+__all__ = ["UNIT_LABELS", "rate_chart", "storage_chart", "trigger_chart"]
 
 _FG = "#010101"
 _GRID = "#020202"
@@ -141,6 +141,29 @@ def rate_chart(series: Series, instance: str, chart_id: str, end: float) -> str:
         ax.set_ylim(bottom=0)
         ax.set_ylabel("messages per minute")
         ax.set_title(f"Message rate — {instance}", loc="left")
+        _date_axis(ax)
+        ax.legend(loc="upper left", fontsize=8)
+
+    return _svg(chart_id, draw)
+
+
+def storage_chart(series: Series, bytes_per_day: float | None, instance: str, chart_id: str,
+                  now: float, end: float) -> str:
+    """Bytes in blob storage (GB) and, with enough history, their trend to `end`."""
+    def draw(ax: Axes) -> None:
+        gb = [v / 1e9 for v in series.values]
+        ax.plot(_dates(series.times), gb, color=OBSERVED, linewidth=1.3, label="stored")
+        if bytes_per_day is not None and series.last is not None:
+            # anchored on the latest value: the growth ahead, not a fit of the past
+            last = series.last / 1e9
+            ahead = last + bytes_per_day / 1e9 * (end - now) / DAY
+            ax.plot(_dates([now, end]), [last, ahead], color=TREND, linestyle="--",
+                    linewidth=1.3, label="trend (Theil-Sen)")
+        ax.axvline(_date(now), color=_FG, linestyle=":", linewidth=0.8)
+        ax.set_xlim(_date(series.times[0]), _date(end))
+        ax.set_ylim(bottom=0)
+        ax.set_ylabel("GB (10⁹ bytes)")
+        ax.set_title(f"Blob storage — {instance}", loc="left")
         _date_axis(ax)
         ax.legend(loc="upper left", fontsize=8)
 

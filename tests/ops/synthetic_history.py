@@ -2,10 +2,12 @@
 
 Three instances (job "node" and "qpq" series relabelled to one instance name each):
 - `growing`: disk usage 50 % -> 64 % (+1 %/day), connections 100 -> 380 of 1,000
-  (+20/day), 100 -> 380 messages/s (+20/s per day), memory flat 40 %, queue flat 100;
+  (+20/day), 100 -> 380 messages/s (+20/s per day), blob storage 10 -> 24 GB (+1 GB/day),
+  memory flat 40 %, queue flat 100;
   a `disk_usage` warning alert fired for two hours a week ago.
-- `flat`: disk 40 %, memory 30 %, 50 of 1,000 connections, queue 10, 10 messages/s.
-- `young`: every measure, but only for the last `YOUNG_HOURS` hours.
+- `flat`: disk 40 %, memory 30 %, 50 of 1,000 connections, queue 10, 10 messages/s,
+  5 GB of blobs.
+- `young`: every measure but blob storage, only for the last `YOUNG_HOURS` hours.
 `expected_*` give the dates the written trends imply.
 """
 
@@ -36,12 +38,14 @@ class Shape:
     queue: Callable[[float], float]
     msgs_per_s: float
     msgs_growth_per_s_day: float
+    blob_gb: Callable[[float], float] | None = None
 
 
 SHAPES = {
     "growing": Shape(lambda d: 50 + d, lambda d: 40.0, lambda d: 100 + 20 * d,
-                     lambda d: 100.0, 100.0, 20.0),
-    "flat": Shape(lambda d: 40.0, lambda d: 30.0, lambda d: 50.0, lambda d: 10.0, 10.0, 0.0),
+                     lambda d: 100.0, 100.0, 20.0, lambda d: 10 + d),
+    "flat": Shape(lambda d: 40.0, lambda d: 30.0, lambda d: 50.0, lambda d: 10.0, 10.0, 0.0,
+                  lambda d: 5.0),
     "young": Shape(lambda d: 20 + 10 * d, lambda d: 20.0, lambda d: 5.0, lambda d: 0.0,
                    0.0, 0.0),
 }
@@ -81,6 +85,8 @@ def history(now: float) -> str:
             s = t - start
             enqueued = shape.msgs_per_s * s + shape.msgs_growth_per_s_day * s * s / (2 * DAY)
             add("qpq_enqueue_total", qpq, t, math.floor(enqueued))
+            if shape.blob_gb is not None:
+                add("qpq_blob_bytes", qpq, t, float(round(shape.blob_gb(d) * 1e9)))
             if instance == "growing" and now - 7 * DAY <= t <= now - 7 * DAY + 7200:
                 add("ALERTS", {**node, "alertname": "QpqDiskUsageWarning",
                                "alertstate": "firing", "severity": "warning"}, t, 1.0)

@@ -168,6 +168,15 @@ def test_plan_file_supplies_what_prometheus_cannot_observe(stack: Stack,
     assert planned["capacity"]["now"]["tier"] != default["capacity"]["now"]["tier"]
 
 
+def test_blob_storage_growth_per_day(stack: Stack) -> None:
+    _, doc = forecast(stack, "--trigger", "disk_usage")
+    growth = {g["instance"]: g for g in doc["storage_growth"]}
+    assert set(growth) == {"growing", "flat"}  # young exports no qpq_blob_bytes
+    assert growth["growing"]["bytes_per_day"] == pytest.approx(1e9, rel=0.02)
+    assert growth["growing"]["current_bytes"] == pytest.approx(24e9, rel=0.01)
+    assert growth["flat"]["bytes_per_day"] == pytest.approx(0, abs=1e6)
+
+
 def test_unreachable_prometheus_exits_3_with_one_line() -> None:
     url = f"http://127.0.0.1:{free_port()}"
     result = runner.invoke(app, ["capacity", "forecast", "--prometheus-url", url,
