@@ -39,7 +39,7 @@ FAST_TESTS := tests/server/test_dispatch.py tests/server/test_codec.py \
 	tests/test_import_boundaries.py tests/storage/test_contract.py \
 	tests/storage/test_filestore.py tests/ops/test_capacity.py \
 	tests/ops/test_triggers_definition.py tests/bundle/test_generated_files.py \
-	tests/test_cli_usage_exit_codes.py
+	tests/test_cli_usage_exit_codes.py tests/ops/test_forecast_fit.py
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -n 2 -q $(FAST_TESTS)

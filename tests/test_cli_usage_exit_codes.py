@@ -17,6 +17,9 @@ BIN = Path(sys.executable).parent
     ["tune", "no-such-kind"],
     ["capacity", "plan", "--users", "-5", "--msgs-per-user-hour", "1", "--avg-msg-bytes", "1",
      "--blob-uploads-per-day", "0", "--avg-blob-mb", "0", "--retention-days", "1"],
+    ["capacity", "forecast", "--prometheus-url", "http://127.0.0.1:1", "--timeout", "abc"],
+    ["capacity", "forecast", "--prometheus-url", "http://127.0.0.1:1", "--lookback", "14x"],
+    ["report", "--prometheus-url", "http://127.0.0.1:1", "--out", "r.html", "--horizon", "soon"],
 ])
 def test_qpq_ops_usage_errors_exit_64(args: list[str]) -> None:
     result = subprocess.run([str(BIN / "qpq-ops"), *args], capture_output=True, text=True,

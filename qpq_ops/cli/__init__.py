@@ -6,7 +6,18 @@ import sys
 
 import typer
 
-from qpq_ops.cli import backup, capacity, doctor, render, restore, rotate, triggers, tune
+from qpq_ops.cli import (
+    backup,
+    capacity,
+    doctor,
+    forecast,
+    render,
+    report,
+    restore,
+    rotate,
+    triggers,
+    tune,
+)
 from qpq_ops.exit_codes import ExitCode
 
 __all__ = ["app", "main"]
@@ -18,10 +29,12 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+capacity.app.command("forecast")(forecast.forecast)
 app.add_typer(capacity.app, name="capacity")
 app.command("check-triggers")(triggers.check_triggers)
 app.add_typer(tune.app, name="tune")
 app.command("doctor")(doctor.doctor)
+app.command("report")(report.report)
 app.add_typer(render.app, name="render")
 app.add_typer(backup.app, name="backup")
 app.command("restore")(restore.restore)
