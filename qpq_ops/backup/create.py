@@ -17,8 +17,6 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from qpq_ops.backup.age import AgeWriter
 from qpq_ops.backup.archive import ArchiveWriter
 from qpq_ops.backup.database import Snapshot, snapshot_database
-from qpq_ops.backup.deployment import Deployment
-from qpq_ops.backup.errors import OpsError, Refused
 from qpq_ops.backup.filestore import counts_from_members
 from qpq_ops.backup.layout import DB_MEMBER, source_files
 from qpq_ops.backup.manifest import (
@@ -30,6 +28,8 @@ from qpq_ops.backup.manifest import (
     fingerprint,
 )
 from qpq_ops.backup.textfile import write_backup_metrics
+from qpq_ops.deployment import Deployment
+from qpq_ops.errors import OpsError, Refused
 from qpq_server import __version__ as server_version
 from qpq_server.storage.migrations import SCHEMA_VERSION
 

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import msgpack
 
-from qpq_ops.backup.errors import OpsError
+from qpq_ops.errors import OpsError
 from qpq_server.errors import StorageError
 from qpq_server.storage.base import RESTORE_STATE_KEY
 from qpq_server.storage.filestore import FileStorage

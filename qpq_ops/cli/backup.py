@@ -23,19 +23,18 @@ from rich.table import Table
 from qpq_ops._console import err, fail, out, print_json
 from qpq_ops.backup import (
     BackupRequest,
-    OpsError,
     apply_prune,
     create_backup,
     list_archives,
-    load_deployment,
     plan_prune,
     verify_archive,
 )
 from qpq_ops.backup.age import decode_recipient, load_identities
 from qpq_ops.backup.archive import is_encrypted
 from qpq_ops.backup.create import planned_bytes
-from qpq_ops.backup.deployment import Deployment
 from qpq_ops.backup.textfile import DEFAULT_TEXTFILE_DIR
+from qpq_ops.deployment import Deployment, load_deployment
+from qpq_ops.errors import OpsError
 from qpq_ops.exit_codes import ExitCode
 from qpq_server.secrets import Secret
 
