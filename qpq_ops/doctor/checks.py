@@ -82,10 +82,10 @@ def check_sysctl_values(inputs: DoctorInputs) -> CheckResult:
 
 
 def _config_refused(check_id: str, title: str,
+                    detail: str = "cannot tell: qpq-server refuses the config",
                     state: CheckState = CheckState.SKIPPED) -> CheckResult:
     """For a check that needs the config's paths when qpq-server refuses the config."""
-    return CheckResult(check_id, title, state,
-                       "cannot tell: qpq-server refuses the config (see the config check)",
+    return CheckResult(check_id, title, state, f"{detail} (see the config check)",
                        "fix the config first")
 
 
@@ -133,7 +133,8 @@ def check_config(inputs: DoctorInputs) -> CheckResult:
 def check_readyz(inputs: DoctorInputs) -> CheckResult:
     title = "Server ready (/readyz)"
     if inputs.deployment is None:  # it cannot (re)start with this config
-        return _config_refused("readyz", title, CheckState.CRITICAL)
+        return _config_refused("readyz", title, "qpq-server refuses this config, so it "
+                               "cannot start", CheckState.CRITICAL)
     url = inputs.deployment.metrics_url + "/readyz"
     fix = "start it (systemctl start qpq-server) and read its log (journalctl -u qpq-server)"
     try:
