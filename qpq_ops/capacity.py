@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
+from qpq_ops.errors import CapacityInputError
 from qpq_ops.triggers import get_trigger
 
 __all__ = [
@@ -33,7 +34,6 @@ __all__ = [
     "NOFILE",
     "SYSCTL",
     "TIERS",
-    "CapacityInputError",
     "CapacityInputs",
     "CapacityPlan",
     "MemoryModel",
@@ -66,14 +66,6 @@ SYSCTL: dict[str, int] = {
 }
 
 BEYOND_ONE_NODE = "beyond one node: scale horizontally"
-
-
-class CapacityInputError(ValueError):
-    """An input the worksheet cannot use; `field` names the option."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Literal
 
+from qpq_ops.exit_codes import ExitCode, severity
+
 __all__ = [
     "RUNBOOK_DOC",
     "TRIGGERS",
@@ -68,6 +70,14 @@ class State(StrEnum):
     CRITICAL = "critical"
     NO_DATA = "no-data"
 
+    @property
+    def exit_code(self) -> ExitCode:
+        return _STATE_EXIT[self]
+
+
+_STATE_EXIT = {State.OK: ExitCode.OK, State.WARNING: ExitCode.WARNING,
+               State.CRITICAL: ExitCode.CRITICAL, State.NO_DATA: ExitCode.CANNOT_EVALUATE}
+
 
 class Direction(StrEnum):
     """Which side of the thresholds is bad."""
@@ -83,15 +93,12 @@ class Source(StrEnum):
     QPQ = "qpq"
 
 
-# Order used to combine states into one status (DESIGN.md's exit-code rule).
-_STATE_RANK = {State.OK: 0, State.NO_DATA: 1, State.WARNING: 2, State.CRITICAL: 3}
-
-
 def worst_state(states: list[State] | tuple[State, ...]) -> State:
-    """critical > warning > no-data > ok; an empty list is no-data (nothing evaluated)."""
+    """The worst by `qpq_ops.exit_codes.severity`: critical > warning > no-data > ok; an
+    empty list is no-data (nothing evaluated)."""
     if not states:
         return State.NO_DATA
-    return max(states, key=lambda s: _STATE_RANK[s])
+    return max(states, key=lambda s: severity(s.exit_code))
 
 
 # --- selectors -----------------------------------------------------------------------------

@@ -32,3 +32,33 @@ def test_qpq_ops_help_exits_0() -> None:
     result = subprocess.run([str(BIN / "qpq-ops"), "--help"], capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0 and "check-triggers" in result.stdout
+
+
+# A command that lets an error through: `tune sysctl` with its renderer made to raise.
+CRASH = """
+import sys
+import qpq_ops.cli.tune as tune
+from qpq_ops.errors import ArchiveDamaged
+
+def boom():
+    raise {error}
+
+tune.render_sysctl_conf = boom
+sys.argv = ["qpq-ops", "tune", "sysctl"]
+from qpq_ops.cli import main
+main()
+"""
+
+
+@pytest.mark.parametrize(("error", "code", "line"), [
+    ("RuntimeError('disk\\nexploded')", 3, "qpq-ops: error: unexpected RuntimeError: disk exploded"),
+    ("KeyError('x')", 3, "qpq-ops: error: unexpected KeyError: 'x'"),
+    ("ArchiveDamaged('member db truncated')", 2, "qpq-ops: error: member db truncated"),
+])
+def test_qpq_ops_uncaught_errors_are_one_line_with_their_exit_code(
+        error: str, code: int, line: str) -> None:
+    """Never 1 (a caller would read "warnings") and never a traceback (issue 13)."""
+    result = subprocess.run([sys.executable, "-c", CRASH.format(error=error)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == code, result.stderr
+    assert result.stderr == line + "\n"

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from qpq_ops.backup.errors import ArchiveDamaged, Refused, WrongKey
+from qpq_ops.errors import ArchiveDamaged, Refused, WrongKey
 
 __all__ = ["AGE_SUFFIX", "AgeReader", "AgeWriter", "decode_identity", "decode_recipient",
            "encode_identity", "encode_recipient", "load_identities"]

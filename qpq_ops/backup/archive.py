@@ -21,9 +21,9 @@ from typing import BinaryIO
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from qpq_ops.backup.age import AGE_SUFFIX, AgeReader
-from qpq_ops.backup.errors import ArchiveDamaged, Refused
 from qpq_ops.backup.layout import safe_member_path
 from qpq_ops.backup.manifest import MANIFEST_NAME, Manifest
+from qpq_ops.errors import ArchiveDamaged, Refused
 
 __all__ = ["ArchiveWriter", "ExtractedMember", "extract_archive", "is_encrypted",
            "read_manifest"]

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qpq_ops.backup.archive import read_manifest
-from qpq_ops.backup.errors import OpsError
 from qpq_ops.backup.manifest import Manifest, parse_archive_name
+from qpq_ops.errors import OpsError
 
 __all__ = ["ArchiveInfo", "PrunePlan", "apply_prune", "list_archives", "plan_prune"]
 

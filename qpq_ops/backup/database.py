@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qpq_ops.backup.errors import OpsError, WrongKey
+from qpq_ops.errors import OpsError, WrongKey
 from qpq_server.errors import WrongDatabaseKey
 from qpq_server.secrets import Secret
 from qpq_server.storage.sqlcipher import connect_sqlcipher, key_pragma

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from qpq_ops.backup.database import check_integrity, open_db
-from qpq_ops.backup.deployment import Deployment
-from qpq_ops.backup.errors import OpsError
 from qpq_ops.backup.filestore import file_restore_state, store_counts, store_problems
 from qpq_ops.backup.purge import DONE, restore_state
+from qpq_ops.deployment import Deployment
+from qpq_ops.errors import OpsError
 from qpq_server.secrets import Secret
 
 __all__ = ["DoctorCheck", "DoctorReport", "run_doctor"]

@@ -18,9 +18,9 @@ from typing import Any, TypeVar
 
 import msgpack
 
-from qpq_ops.backup.errors import OpsError
-from qpq_server.app import RESTORE_STATE_KEY
+from qpq_ops.errors import OpsError
 from qpq_server.errors import StorageError
+from qpq_server.storage.base import RESTORE_STATE_KEY
 from qpq_server.storage.filestore import FileStorage
 
 __all__ = ["STORE_MEMBER_PREFIX", "counts_from_members", "file_complete_purge", "file_mark_pending",

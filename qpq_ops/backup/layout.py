@@ -24,8 +24,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from qpq_ops.backup.deployment import Deployment
-from qpq_ops.backup.errors import ArchiveDamaged
+from qpq_ops.deployment import Deployment
+from qpq_ops.errors import ArchiveDamaged
 
 __all__ = ["DATA_TREES", "DB_MEMBER", "SECRET_TREES", "Source", "restore_target",
            "safe_member_path", "source_files"]

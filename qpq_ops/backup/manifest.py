@@ -16,7 +16,7 @@ import re
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from qpq_ops.backup.errors import ArchiveDamaged
+from qpq_ops.errors import ArchiveDamaged
 from qpq_server.secrets import Secret
 
 __all__ = [

@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from qpq_server.app import RESTORE_STATE_KEY
+from qpq_server.storage.base import RESTORE_STATE_KEY
 
 __all__ = ["PENDING_PURGE", "complete_purge", "mark_pending_purge", "restore_state"]
 

@@ -19,16 +19,16 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from qpq_ops.backup.archive import ExtractedMember, extract_archive, read_manifest
 from qpq_ops.backup.database import open_db, schema_version
-from qpq_ops.backup.deployment import Deployment
 from qpq_ops.backup.doctor import DoctorReport, run_doctor
-from qpq_ops.backup.errors import ArchiveDamaged, OpsError, Refused
 from qpq_ops.backup.filestore import file_complete_purge, file_mark_pending, file_restore_state
 from qpq_ops.backup.layout import DATA_TREES, DB_MEMBER, SECRET_TREES, restore_target
 from qpq_ops.backup.manifest import Manifest
-from qpq_ops.backup.ownership import give_to, owner_of
 from qpq_ops.backup.purge import PENDING_PURGE, complete_purge, mark_pending_purge, restore_state
-from qpq_ops.backup.server_process import running_pid
 from qpq_ops.backup.verify import check_extracted
+from qpq_ops.deployment import Deployment
+from qpq_ops.errors import ArchiveDamaged, OpsError, Refused
+from qpq_ops.ownership import give_to, owner_of
+from qpq_ops.server_process import running_pid
 from qpq_server.secrets import Secret, read_env_file, write_env_file
 from qpq_server.storage.migrations import SCHEMA_VERSION
 from qpq_server.storage.sqlcipher import key_pragma, migrate

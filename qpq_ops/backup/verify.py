@@ -20,10 +20,10 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from qpq_ops.backup.archive import ExtractedMember, extract_archive
 from qpq_ops.backup.database import check_integrity, open_db, row_counts, schema_version
-from qpq_ops.backup.errors import OpsError, WrongKey
 from qpq_ops.backup.filestore import store_counts, store_problems
 from qpq_ops.backup.layout import DB_MEMBER
 from qpq_ops.backup.manifest import Manifest, fingerprint
+from qpq_ops.errors import OpsError, WrongKey
 from qpq_server.secrets import Secret
 
 __all__ = ["VerifyReport", "check_extracted", "verify_archive"]

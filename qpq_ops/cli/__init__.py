@@ -18,6 +18,7 @@ from qpq_ops.cli import (
     triggers,
     tune,
 )
+from qpq_ops.errors import OpsError
 from qpq_ops.exit_codes import ExitCode
 
 __all__ = ["app", "main"]
@@ -43,7 +44,12 @@ app.add_typer(rotate.app, name="rotate")
 
 def main() -> None:
     """Run the CLI with DESIGN.md's exit codes: usage errors exit 64, not click's 2
-    (2 means "critical found" to scripts that call qpq-ops)."""
+    (2 means "critical found" to scripts that call qpq-ops).
+
+    An error no command handled is one line on stderr, never a traceback: an `OpsError`
+    exits with its own code, anything else with 3 ("could not complete"), so that a
+    caller such as the qpq_rotate role never reads a crash as 1 ("warnings").
+    """
     # typer vendors click; its UsageError is what a bad option or argument raises.
     from typer._click.exceptions import ClickException, UsageError
 
@@ -58,4 +64,15 @@ def main() -> None:
     except typer.Abort:
         print("Aborted.", file=sys.stderr)
         sys.exit(130)
+    except OpsError as exc:
+        _one_line(str(exc))
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # a bug: say what broke in one line, exit 3
+        _one_line(f"unexpected {type(exc).__name__}: {exc}")
+        sys.exit(ExitCode.CANNOT_EVALUATE)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _one_line(message: str) -> None:
+    line = " ".join(message.split()) or "no detail"
+    print(f"qpq-ops: error: {line[:500]}", file=sys.stderr)

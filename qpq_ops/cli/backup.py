@@ -23,23 +23,22 @@ from rich.table import Table
 from qpq_ops._console import err, fail, out, print_json
 from qpq_ops.backup import (
     BackupRequest,
-    OpsError,
     apply_prune,
     create_backup,
     list_archives,
-    load_deployment,
     plan_prune,
     verify_archive,
 )
 from qpq_ops.backup.age import decode_recipient, load_identities
 from qpq_ops.backup.archive import is_encrypted
 from qpq_ops.backup.create import planned_bytes
-from qpq_ops.backup.deployment import Deployment
 from qpq_ops.backup.textfile import DEFAULT_TEXTFILE_DIR
+from qpq_ops.cli._deployment import deployment_or_fail
+from qpq_ops.errors import OpsError
 from qpq_ops.exit_codes import ExitCode
 from qpq_server.secrets import Secret
 
-__all__ = ["IdentityOpt", "app", "deployment_or_fail", "identities_from", "progress_bar"]
+__all__ = ["IdentityOpt", "app", "identities_from", "progress_bar"]
 
 app = typer.Typer(
     help="Online, consistent backups: the encrypted database (SQLite backup API, never a "
@@ -68,13 +67,6 @@ def progress_bar(description: str, total: int | None) -> Iterator[Callable[[int]
                   transient=True, disable=not console.is_terminal) as progress:
         task = progress.add_task(description, total=total)
         yield lambda n: progress.update(task, advance=n)
-
-
-def deployment_or_fail(config: Path) -> Deployment:
-    try:
-        return load_deployment(config)
-    except OpsError as exc:
-        fail(str(exc), exc.exit_code)
 
 
 def _mb(n: int) -> str:

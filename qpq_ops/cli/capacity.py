@@ -16,12 +16,12 @@ from qpq_ops._console import fail, out, print_json
 from qpq_ops.capacity import (
     BEYOND_ONE_NODE,
     TIERS,
-    CapacityInputError,
     CapacityInputs,
     CapacityPlan,
     plan,
 )
-from qpq_ops.evaluate.prometheus_client import PrometheusQuerier, SourceError
+from qpq_ops.errors import CapacityInputError, SourceError
+from qpq_ops.evaluate.prometheus_client import PrometheusQuerier
 from qpq_ops.exit_codes import ExitCode
 
 __all__ = ["app", "inputs_from_file", "observed_load", "plan_command"]

@@ -13,18 +13,17 @@ from rich.table import Table
 from qpq_ops._console import fail, out, print_json, styled_state
 from qpq_ops.capacity import plan
 from qpq_ops.cli.capacity import inputs_from_file
+from qpq_ops.deployment import Deployment, load_deployment
 from qpq_ops.doctor import (
     CHECK_IDS,
     CheckResult,
-    DeploymentError,
     DoctorInputs,
     exit_code_for,
-    load_deployment,
     run_doctor,
     worst,
 )
+from qpq_ops.errors import ConfigInvalid, ConfigUnreadable, SourceError
 from qpq_ops.evaluate.direct import http_url
-from qpq_ops.evaluate.prometheus_client import SourceError
 
 __all__ = ["doctor", "doctor_table"]
 
@@ -81,17 +80,23 @@ def doctor(
     prometheus_url = prometheus_url or os.environ.get("QPQ_PROMETHEUS_URL") or None
     if not timeout > 0:
         fail(f"--timeout: must be greater than 0, got {timeout:g}")
+    deployment: Deployment | None = None
     try:
         deployment = load_deployment(config)
+    except ConfigUnreadable as exc:
+        fail(str(exc))
+    except ConfigInvalid:
+        pass  # a finding, not a usage error: the config check reports it
+    try:
         prometheus_url = None if prometheus_url is None else http_url(prometheus_url)
-    except (DeploymentError, SourceError) as exc:
+    except SourceError as exc:
         fail(str(exc))
     unknown = sorted(set(skip or ()) - set(CHECK_IDS))
     if unknown:
         fail(f"--skip: unknown check {unknown[0]!r}; known: {', '.join(CHECK_IDS)}")
     capacity = None if plan_file is None else plan(inputs_from_file(plan_file))
     inputs = DoctorInputs(
-        deployment=deployment, prometheus_url=prometheus_url, plan=capacity,
+        config_path=config, deployment=deployment, prometheus_url=prometheus_url, plan=capacity,
         textfile_dir=textfile_dir, proc_sys=proc_sys, proc=proc, timeout=timeout,
         now=time.time(), skip=frozenset(skip or ()),
     )

@@ -9,8 +9,10 @@ import typer
 from rich.table import Table
 
 from qpq_ops._console import err, fail, out, print_json, styled_state
-from qpq_ops.backup import OpsError, RestoreRequest, RestoreResult, restore_archive, resume_restore
-from qpq_ops.cli.backup import IdentityOpt, deployment_or_fail, identities_from, progress_bar
+from qpq_ops.backup import RestoreRequest, RestoreResult, restore_archive, resume_restore
+from qpq_ops.cli._deployment import deployment_or_fail
+from qpq_ops.cli.backup import IdentityOpt, identities_from, progress_bar
+from qpq_ops.errors import OpsError
 from qpq_ops.exit_codes import ExitCode
 
 __all__ = ["restore"]

@@ -10,8 +10,8 @@ import typer
 from rich.table import Table
 
 from qpq_ops._console import err, fail, out, print_json
-from qpq_ops.backup import OpsError
-from qpq_ops.cli.backup import deployment_or_fail
+from qpq_ops.cli._deployment import deployment_or_fail
+from qpq_ops.errors import OpsError
 from qpq_ops.exit_codes import ExitCode
 from qpq_ops.rotate import (
     RotationResult,

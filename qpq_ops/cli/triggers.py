@@ -17,10 +17,10 @@ from rich.table import Table
 from rich.text import Text
 
 from qpq_ops._console import err, fail, out, print_json, styled_state
+from qpq_ops.errors import SourceError
 from qpq_ops.evaluate.direct import evaluate_direct, http_url
 from qpq_ops.evaluate.model import Evaluation
 from qpq_ops.evaluate.prometheus import evaluate_prometheus
-from qpq_ops.evaluate.prometheus_client import SourceError
 from qpq_ops.exit_codes import ExitCode
 from qpq_ops.triggers import TRIGGER_IDS, TRIGGERS, Trigger, get_trigger
 

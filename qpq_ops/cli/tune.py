@@ -12,7 +12,7 @@ from rich.table import Table
 
 from qpq_ops._console import err, fail, out, print_json
 from qpq_ops.capacity import NOFILE, SYSCTL
-from qpq_ops.exit_codes import ExitCode
+from qpq_ops.exit_codes import ExitCode, worst
 from qpq_ops.tuning import (
     LIMITS_D_PATH,
     SYSCTL_PATH,
@@ -38,14 +38,13 @@ app = typer.Typer(
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON alone on stdout.")]
 
 
+_EXIT = {CheckState.OK: ExitCode.OK, CheckState.BELOW: ExitCode.WARNING,
+         CheckState.UNKNOWN: ExitCode.CANNOT_EVALUATE}
+
+
 def checks_exit_code(checks: list[SettingCheck]) -> ExitCode:
     """1 when any setting is below, else 3 when any could not be read, else 0."""
-    states = {c.state for c in checks}
-    if CheckState.BELOW in states:
-        return ExitCode.WARNING
-    if CheckState.UNKNOWN in states:
-        return ExitCode.CANNOT_EVALUATE
-    return ExitCode.OK
+    return worst(_EXIT[c.state] for c in checks)
 
 
 def _live_json(value: int | None) -> int | str | None:

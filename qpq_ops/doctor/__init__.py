@@ -2,6 +2,7 @@
 
 `run_doctor(DoctorInputs) -> list[CheckResult]` runs every check of `CHECKS`
 concurrently (each bounded by its own timeout) and returns them in `CHECKS` order.
+The deployment comes from the shared `qpq_ops.deployment.load_deployment`.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 from qpq_ops.doctor.checks import CHECK_IDS, CHECKS, DoctorInputs
-from qpq_ops.doctor.deployment import Deployment, DeploymentError, load_deployment
 from qpq_ops.doctor.model import CheckResult, CheckState, exit_code_for, worst
 
 __all__ = [
@@ -17,11 +17,8 @@ __all__ = [
     "CHECK_IDS",
     "CheckResult",
     "CheckState",
-    "Deployment",
-    "DeploymentError",
     "DoctorInputs",
     "exit_code_for",
-    "load_deployment",
     "run_doctor",
     "worst",
 ]

@@ -23,11 +23,12 @@ import httpx
 from cryptography import x509
 
 from qpq_ops.capacity import CapacityPlan
+from qpq_ops.deployment import Deployment
 from qpq_ops.doctor.clock import ClockReading, read_clock
-from qpq_ops.doctor.deployment import Deployment
 from qpq_ops.doctor.model import CheckResult, CheckState
-from qpq_ops.evaluate.exposition import ParseError, parse
-from qpq_ops.evaluate.prometheus_client import PrometheusQuerier, SourceError
+from qpq_ops.errors import ParseError, SourceError
+from qpq_ops.evaluate.exposition import parse
+from qpq_ops.evaluate.prometheus_client import PrometheusQuerier
 from qpq_ops.triggers import get_trigger
 from qpq_ops.tuning import CheckState as TuneState
 from qpq_ops.tuning import SettingCheck, check_nofile, check_sysctl
@@ -45,7 +46,10 @@ BACKUP_METRIC = "qpq_backup_last_success_timestamp_seconds"
 
 @dataclass(frozen=True)
 class DoctorInputs:
-    deployment: Deployment
+    config_path: Path
+    deployment: Deployment | None
+    """None when qpq-server would refuse the config: the config check says why, and the
+    checks that need its paths say they cannot tell."""
     prometheus_url: str | None
     plan: CapacityPlan | None
     textfile_dir: Path
@@ -77,7 +81,17 @@ def check_sysctl_values(inputs: DoctorInputs) -> CheckResult:
                         "net.core.{r,w}mem_{max,default}")
 
 
-def _server_pid(deployment: Deployment, proc: Path) -> int | None:
+def _config_refused(check_id: str, title: str,
+                    detail: str = "cannot tell: qpq-server refuses the config",
+                    state: CheckState = CheckState.SKIPPED) -> CheckResult:
+    """For a check that needs the config's paths when qpq-server refuses the config."""
+    return CheckResult(check_id, title, state, f"{detail} (see the config check)",
+                       "fix the config first")
+
+
+def _server_pid(deployment: Deployment | None, proc: Path) -> int | None:
+    if deployment is None:
+        return None
     try:
         pid = int(deployment.pid_file.read_text().strip())
     except (OSError, ValueError):
@@ -103,7 +117,7 @@ def check_config(inputs: DoctorInputs) -> CheckResult:
     if not Path(binary).exists():
         return CheckResult("config", title, CheckState.SKIPPED, "qpq-server not installed here")
     try:
-        out = subprocess.run([binary, "check-config", str(inputs.deployment.config_path)],
+        out = subprocess.run([binary, "check-config", str(inputs.config_path)],
                              capture_output=True, text=True, timeout=60, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return CheckResult("config", title, CheckState.NO_DATA, f"check-config failed: {exc}")
@@ -113,12 +127,15 @@ def check_config(inputs: DoctorInputs) -> CheckResult:
     first = problems[0] if problems else f"exit {out.returncode}"
     more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
     return CheckResult("config", title, CheckState.CRITICAL, first + more,
-                       f"qpq-server check-config {inputs.deployment.config_path}")
+                       f"qpq-server check-config {inputs.config_path}")
 
 
 def check_readyz(inputs: DoctorInputs) -> CheckResult:
-    url = inputs.deployment.metrics_url + "/readyz"
     title = "Server ready (/readyz)"
+    if inputs.deployment is None:  # it cannot (re)start with this config
+        return _config_refused("readyz", title, "qpq-server refuses this config, so it "
+                               "cannot start", CheckState.CRITICAL)
+    url = inputs.deployment.metrics_url + "/readyz"
     fix = "start it (systemctl start qpq-server) and read its log (journalctl -u qpq-server)"
     try:
         response = httpx.get(url, timeout=inputs.timeout)
@@ -141,9 +158,12 @@ def _served_expiry(deployment: Deployment, timeout: float) -> float | None:
 
 
 def check_tls_cert(inputs: DoctorInputs) -> CheckResult:
-    path = inputs.deployment.tls_cert
     title = "TLS certificate expiry"
-    fix = f"qpq-ops rotate tls --config {inputs.deployment.config_path}"
+    deployment = inputs.deployment
+    if deployment is None:
+        return _config_refused("tls_cert", title)
+    path = deployment.tls_cert
+    fix = f"qpq-ops rotate tls --config {inputs.config_path}"
     try:
         cert = x509.load_pem_x509_certificate(path.read_bytes())
     except OSError as exc:
@@ -163,13 +183,13 @@ def check_tls_cert(inputs: DoctorInputs) -> CheckResult:
         return CheckResult("tls_cert", title, CheckState.CRITICAL, detail, fix, days)
     if days < CERT_WARNING_DAYS:
         return CheckResult("tls_cert", title, CheckState.WARNING, detail, fix, days)
-    served = _served_expiry(inputs.deployment, inputs.timeout)
+    served = _served_expiry(deployment, inputs.timeout)
     if served is not None and abs(served - not_after) > 1:
         return CheckResult(
             "tls_cert", title, CheckState.WARNING,
             f"{detail}, but the server serves a certificate expiring "
             f"{datetime.fromtimestamp(served, UTC):%Y-%m-%d}",
-            f"reload the server: kill -HUP $(cat {inputs.deployment.pid_file})", days,
+            f"reload the server: kill -HUP $(cat {deployment.pid_file})", days,
         )
     return CheckResult("tls_cert", title, CheckState.OK, detail, value=days)
 
@@ -188,8 +208,10 @@ def _gb(n: float) -> str:
 
 
 def check_disk(inputs: DoctorInputs) -> CheckResult:
-    data_dir = inputs.deployment.data_dir
     title = "Free disk for the data dir"
+    if inputs.deployment is None:
+        return _config_refused("disk", title)
+    data_dir = inputs.deployment.data_dir
     try:
         usage = shutil.disk_usage(data_dir)
     except OSError as exc:
@@ -244,7 +266,7 @@ def _backup_timestamp(inputs: DoctorInputs) -> tuple[float | None, str]:
 
 def check_backup(inputs: DoctorInputs) -> CheckResult:
     title = "Last successful backup"
-    config = inputs.deployment.config_path
+    config = inputs.config_path
     fix = f"qpq-ops backup create --config {config} --dest BACKUP_DIR (and schedule it)"
     stamp, where = _backup_timestamp(inputs)
     if stamp is None:
@@ -291,10 +313,13 @@ def _same_endpoint(scrape_url: str, deployment: Deployment) -> bool:
 
 def check_prometheus_scrape(inputs: DoctorInputs) -> CheckResult:
     title = "Prometheus scrapes this server"
-    where = inputs.deployment.metrics_listen
-    fix = f"add {where} to a scrape job in prometheus.yml and reload Prometheus"
     if inputs.prometheus_url is None:
         return CheckResult("prometheus", title, CheckState.SKIPPED, "no --prometheus-url")
+    deployment = inputs.deployment
+    if deployment is None:
+        return _config_refused("prometheus", title)
+    where = deployment.metrics_listen
+    fix = f"add {where} to a scrape job in prometheus.yml and reload Prometheus"
     prom = PrometheusQuerier(inputs.prometheus_url, inputs.timeout)
     try:
         targets = prom.targets()
@@ -303,7 +328,7 @@ def check_prometheus_scrape(inputs: DoctorInputs) -> CheckResult:
                            "check --prometheus-url and that Prometheus runs")
     finally:
         prom.close()
-    ours = [t for t in targets if _same_endpoint(t.scrape_url, inputs.deployment)]
+    ours = [t for t in targets if _same_endpoint(t.scrape_url, deployment)]
     if not ours:
         return CheckResult("prometheus", title, CheckState.WARNING,
                            f"no active target scrapes {where}", fix)

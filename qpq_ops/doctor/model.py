@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from qpq_ops.exit_codes import ExitCode
+from qpq_ops.exit_codes import ExitCode, severity
 
 __all__ = ["CheckResult", "CheckState", "exit_code_for", "worst"]
 
@@ -17,10 +17,6 @@ class CheckState(StrEnum):
     NO_DATA = "no-data"
     SKIPPED = "skipped"
     """not asked for (e.g. no --prometheus-url) or the host cannot tell; never fails"""
-
-
-_RANK = {CheckState.SKIPPED: 0, CheckState.OK: 1, CheckState.NO_DATA: 2,
-         CheckState.WARNING: 3, CheckState.CRITICAL: 4}
 
 
 @dataclass(frozen=True)
@@ -40,14 +36,19 @@ class CheckResult:
                 "detail": self.detail, "fix": self.fix, "value": self.value}
 
 
-def worst(results: list[CheckResult]) -> CheckState:
-    return max((r.state for r in results), key=lambda s: _RANK[s], default=CheckState.OK)
+_EXIT = {CheckState.OK: ExitCode.OK, CheckState.SKIPPED: ExitCode.OK,
+         CheckState.WARNING: ExitCode.WARNING, CheckState.CRITICAL: ExitCode.CRITICAL,
+         CheckState.NO_DATA: ExitCode.CANNOT_EVALUATE}
 
 
 def exit_code_for(state: CheckState) -> ExitCode:
-    """DESIGN.md: 2 critical, else 1 warning, else 3 no-data, else 0."""
-    return {
-        CheckState.CRITICAL: ExitCode.CRITICAL,
-        CheckState.WARNING: ExitCode.WARNING,
-        CheckState.NO_DATA: ExitCode.CANNOT_EVALUATE,
-    }.get(state, ExitCode.OK)
+    """DESIGN.md: 2 critical, else 1 warning, else 3 no-data, else 0 (skipped never fails)."""
+    return _EXIT[state]
+
+
+def worst(results: list[CheckResult]) -> CheckState:
+    """The worst state by `qpq_ops.exit_codes.severity`; "skipped" only when every check
+    was skipped, "ok" when there are none."""
+    states = [r.state for r in results]
+    ran = [s for s in states if s is not CheckState.SKIPPED] or states
+    return max(ran, key=lambda s: severity(exit_code_for(s)), default=CheckState.OK)

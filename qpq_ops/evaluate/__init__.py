@@ -5,17 +5,15 @@
 - `evaluate_direct(metrics_url, ...)`: two scrapes `sample_s` apart; triggers that need
   history are no-data ("not evaluable in direct mode").
 Both return an `Evaluation` (results, worst `status`, DESIGN.md `exit_code`, `to_json()`)
-or raise `SourceError` with a one-line message.
+or raise `qpq_ops.errors.SourceError` with a one-line message.
 """
 
 from qpq_ops.evaluate.direct import evaluate_direct
 from qpq_ops.evaluate.model import Evaluation, TriggerResult, exit_code_for
 from qpq_ops.evaluate.prometheus import evaluate_prometheus
-from qpq_ops.evaluate.prometheus_client import SourceError
 
 __all__ = [
     "Evaluation",
-    "SourceError",
     "TriggerResult",
     "evaluate_direct",
     "evaluate_prometheus",

@@ -16,9 +16,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-from qpq_ops.evaluate.exposition import Exposition, ParseError, compute, parse
+from qpq_ops.errors import ParseError, SourceError
+from qpq_ops.evaluate.exposition import Exposition, compute, parse
 from qpq_ops.evaluate.model import Evaluation, TriggerResult
-from qpq_ops.evaluate.prometheus_client import SourceError
 from qpq_ops.triggers import TRIGGERS, Quantile, Source, State, Trigger
 
 __all__ = ["evaluate_direct", "http_url", "metrics_endpoint", "scrape"]

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from qpq_ops.errors import ParseError
 from qpq_ops.triggers import (
     BusyPercent,
     Gauge,
@@ -25,13 +26,9 @@ from qpq_ops.triggers import (
     UsedPercent,
 )
 
-__all__ = ["Exposition", "Labels", "ParseError", "compute", "histogram_quantile", "parse"]
+__all__ = ["Exposition", "Labels", "compute", "histogram_quantile", "parse"]
 
 Labels = tuple[tuple[str, str], ...]
-
-
-class ParseError(ValueError):
-    """The text is not a Prometheus exposition."""
 
 
 @dataclass(frozen=True)

@@ -78,9 +78,4 @@ class Evaluation:
 
 def exit_code_for(status: State) -> ExitCode:
     """DESIGN.md: 2 critical, else 1 warning, else 3 no-data, else 0."""
-    return {
-        State.CRITICAL: ExitCode.CRITICAL,
-        State.WARNING: ExitCode.WARNING,
-        State.NO_DATA: ExitCode.CANNOT_EVALUATE,
-        State.OK: ExitCode.OK,
-    }[status]
+    return status.exit_code

@@ -16,8 +16,9 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
+from qpq_ops.errors import SourceError
 from qpq_ops.evaluate.model import Evaluation, TriggerResult
-from qpq_ops.evaluate.prometheus_client import PrometheusQuerier, PromSample, SourceError
+from qpq_ops.evaluate.prometheus_client import PrometheusQuerier, PromSample
 from qpq_ops.triggers import TRIGGERS, Direction, Quantile, State, Trigger
 
 __all__ = ["SustainWindow", "evaluate_prometheus", "sustain_window"]

@@ -16,11 +16,9 @@ from prometheus_api_client import PrometheusConnect
 from prometheus_api_client.exceptions import PrometheusApiClientException
 from urllib3.util.retry import Retry
 
-__all__ = ["PromSample", "PromTarget", "PrometheusQuerier", "SourceError"]
+from qpq_ops.errors import SourceError
 
-
-class SourceError(Exception):
-    """The metrics source could not be read; the message is one line for the operator."""
+__all__ = ["PromSample", "PromTarget", "PrometheusQuerier"]
 
 
 @dataclass(frozen=True)

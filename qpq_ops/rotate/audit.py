@@ -15,7 +15,7 @@ import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from qpq_ops.backup.ownership import give_to, owner_of
+from qpq_ops.ownership import give_to, owner_of
 
 __all__ = ["AuditRecord", "append_audit", "audit_path", "read_audit"]
 

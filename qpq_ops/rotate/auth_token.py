@@ -12,14 +12,14 @@ import secrets as token_source
 import time
 from collections.abc import Callable
 
-from qpq_ops.backup.deployment import Deployment
-from qpq_ops.backup.errors import Refused
 from qpq_ops.backup.manifest import fingerprint
-from qpq_ops.backup.ownership import give_to, owner_of
-from qpq_ops.backup.server_process import reload_server
+from qpq_ops.deployment import Deployment
+from qpq_ops.errors import Refused
+from qpq_ops.ownership import give_to, owner_of
 from qpq_ops.rotate.audit import AuditRecord, append_audit, read_audit
 from qpq_ops.rotate.env_override import override_warnings
 from qpq_ops.rotate.result import RotationResult
+from qpq_ops.server_process import reload_server
 from qpq_server.secrets import Secret, read_env_file, write_env_file
 
 __all__ = ["DEFAULT_GRACE_S", "finish_auth_token", "rotate_auth_token"]

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import NameOID
 
-from qpq_ops.backup.errors import Refused
+from qpq_ops.errors import Refused
 
 __all__ = ["CertPair", "cert_fingerprint", "key_pem", "load_pair", "pem", "self_signed"]
 

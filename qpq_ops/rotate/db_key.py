@@ -20,14 +20,14 @@ from pathlib import Path
 
 from qpq_ops.backup.create import BackupRequest, create_backup
 from qpq_ops.backup.database import open_db
-from qpq_ops.backup.deployment import Deployment
-from qpq_ops.backup.errors import OpsError, Refused, WrongKey
 from qpq_ops.backup.manifest import fingerprint
-from qpq_ops.backup.ownership import give_to, owner_of
-from qpq_ops.backup.server_process import running_pid, stop_server
 from qpq_ops.backup.verify import verify_archive
+from qpq_ops.deployment import Deployment
+from qpq_ops.errors import OpsError, Refused, WrongKey
+from qpq_ops.ownership import give_to, owner_of
 from qpq_ops.rotate.audit import AuditRecord, append_audit
 from qpq_ops.rotate.result import RotationResult
+from qpq_ops.server_process import running_pid, stop_server
 from qpq_server.secrets import Secret, read_env_file, write_env_file
 from qpq_server.storage.sqlcipher import key_pragma
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from qpq_ops.backup.server_process import running_pid
+from qpq_ops.server_process import running_pid
 from qpq_server.config import Config
 
 __all__ = ["override_warnings"]

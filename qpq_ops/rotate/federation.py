@@ -21,9 +21,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from qpq_ops.backup.deployment import Deployment
-from qpq_ops.backup.errors import Refused
-from qpq_ops.backup.ownership import give_to, owner_of
+from qpq_ops.deployment import Deployment
+from qpq_ops.errors import Refused
+from qpq_ops.ownership import give_to, owner_of
 from qpq_ops.rotate.audit import AuditRecord, append_audit
 from qpq_ops.rotate.certs import cert_fingerprint, key_pem, pem
 from qpq_ops.rotate.result import RotationResult

@@ -20,13 +20,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from qpq_ops.backup.database import open_db
-from qpq_ops.backup.deployment import Deployment
-from qpq_ops.backup.errors import OpsError, Refused
 from qpq_ops.backup.filestore import store_problems
-from qpq_ops.backup.ownership import give_to, owner_of
-from qpq_ops.backup.server_process import running_pid
+from qpq_ops.deployment import Deployment
+from qpq_ops.errors import OpsError, Refused
+from qpq_ops.ownership import give_to, owner_of
 from qpq_ops.rotate.audit import AuditRecord, append_audit
 from qpq_ops.rotate.result import RotationResult
+from qpq_ops.server_process import running_pid
 from qpq_server.auth.opaque import create_setup
 
 __all__ = ["finish_opaque", "rotate_opaque", "setup_versions"]

@@ -21,14 +21,14 @@ from pathlib import Path
 
 from cryptography import x509
 
-from qpq_ops.backup.deployment import Deployment
-from qpq_ops.backup.errors import Refused
-from qpq_ops.backup.ownership import give_to, owner_of
-from qpq_ops.backup.server_process import reload_server
+from qpq_ops.deployment import Deployment
+from qpq_ops.errors import Refused
+from qpq_ops.ownership import give_to, owner_of
 from qpq_ops.rotate.audit import AuditRecord, append_audit
 from qpq_ops.rotate.certs import CertPair, cert_fingerprint, key_pem, load_pair, pem
 from qpq_ops.rotate.certs import self_signed as make_self_signed
 from qpq_ops.rotate.result import RotationResult
+from qpq_ops.server_process import reload_server
 from qpq_server.tls import write_private_file
 
 __all__ = ["TlsPaths", "finish_tls", "rotate_tls", "stage_tls"]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from qpq_ops.backup import load_deployment, run_doctor
+from qpq_ops.backup import run_doctor
+from qpq_ops.deployment import load_deployment
 from qpq_server.secrets import Secret
 from qpq_server.storage.sqlcipher import connect_sqlcipher
 from tests.backup.support import add_blob, db_key_of, populate

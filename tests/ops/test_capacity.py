@@ -10,11 +10,11 @@ from typer.testing import CliRunner
 
 from qpq_ops.capacity import (
     BEYOND_ONE_NODE,
-    CapacityInputError,
     CapacityInputs,
     plan,
 )
 from qpq_ops.cli import app
+from qpq_ops.errors import CapacityInputError
 
 runner = CliRunner()
 

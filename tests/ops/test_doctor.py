@@ -21,12 +21,12 @@ from typer.testing import CliRunner
 
 from qpq_ops.capacity import CapacityInputs, plan
 from qpq_ops.cli import app
+from qpq_ops.deployment import Deployment, load_deployment
 from qpq_ops.doctor import (
     CHECK_IDS,
     CheckState,
     DoctorInputs,
     exit_code_for,
-    load_deployment,
     run_doctor,
     worst,
 )
@@ -80,11 +80,19 @@ def record_backup(textfile: Path, when: float) -> None:
 
 def inputs(server: RunningServer, host: dict[str, Path], **kw: object) -> DoctorInputs:
     base = DoctorInputs(
-        deployment=load_deployment(server.config_path), prometheus_url=None, plan=None,
+        config_path=server.config_path, deployment=load_deployment(server.config_path),
+        prometheus_url=None, plan=None,
         textfile_dir=host["textfile"], proc_sys=host["proc_sys"], proc=host["proc"],
         now=time.time(), clock=synced_clock,
     )
     return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
+
+
+def configured(deployment: Deployment, section: str, **values: str) -> Deployment:
+    """`deployment` as if its config's [section] said `values`."""
+    config = deployment.config
+    part = dataclasses.replace(getattr(config, section), **values)
+    return dataclasses.replace(deployment, config=dataclasses.replace(config, **{section: part}))
 
 
 def by_id(results: list) -> dict:  # type: ignore[type-arg]
@@ -174,7 +182,7 @@ def test_tls_certificate_expiry_thresholds(server: RunningServer, host: dict[str
                                            tmp_path: Path, days: float, state: str) -> None:
     cert = tmp_path / "cert.pem"
     make_cert(server.data_dir / "tls" / "key.pem", cert, days)
-    deployment = dataclasses.replace(load_deployment(server.config_path), tls_cert=cert)
+    deployment = configured(load_deployment(server.config_path), "server", tls_cert=str(cert))
     result = by_id(run_doctor(inputs(server, host, deployment=deployment)))["tls_cert"]
     if days == 200:
         # the file is fine, but the running server still serves its 365-day certificate
@@ -193,12 +201,12 @@ def test_tls_certificate_missing_or_garbage_is_critical(server: RunningServer,
                                                         host: dict[str, Path],
                                                         tmp_path: Path) -> None:
     deployment = load_deployment(server.config_path)
-    missing = dataclasses.replace(deployment, tls_cert=tmp_path / "nope.pem")
+    missing = configured(deployment, "server", tls_cert=str(tmp_path / "nope.pem"))
     assert by_id(run_doctor(inputs(server, host, deployment=missing)))[
         "tls_cert"].state == "critical"
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not a cert")
-    bad = dataclasses.replace(deployment, tls_cert=garbage)
+    bad = configured(deployment, "server", tls_cert=str(garbage))
     result = by_id(run_doctor(inputs(server, host, deployment=bad)))["tls_cert"]
     assert result.state == "critical" and "not a PEM certificate" in result.detail
 
@@ -272,8 +280,8 @@ def test_prometheus_target_down_is_critical(server: RunningServer, host: dict[st
     config["metrics"]["listen"] = f"127.0.0.1:{port}"
     other = tmp_path / "qpq-server.toml"
     other.write_text(tomli_w.dumps(config))
-    deployment = dataclasses.replace(load_deployment(server.config_path),
-                                     metrics_listen=f"127.0.0.1:{port}")
+    deployment = configured(load_deployment(server.config_path), "metrics",
+                            listen=f"127.0.0.1:{port}")
     with running_prometheus(tmp_path, [ScrapeJob("qpq", [f"127.0.0.1:{port}"])]) as prom:
         prom.wait_for('up{job="qpq"} == 0')
         results = by_id(run_doctor(inputs(server, host, deployment=deployment,
@@ -294,6 +302,10 @@ def test_invalid_config_is_critical(server: RunningServer, host: dict[str, Path]
     assert checks["config"]["state"] == "critical"
     assert "max_connections" in checks["config"]["detail"]
     assert checks["readyz"]["state"] == "critical"  # nothing runs there
+    # the paths the server would use are unknown: those checks say so and do not guess
+    assert checks["tls_cert"]["state"] == checks["disk"]["state"] == "skipped"
+    assert "refuses the config" in checks["tls_cert"]["detail"]
+    assert checks["sysctl"]["state"] == "ok"  # host checks still run
     assert result.exit_code == 2
 
 
@@ -318,6 +330,7 @@ def test_sighup_makes_the_server_serve_the_rotated_certificate(tmp_path: Path) -
 @pytest.mark.parametrize(("args", "text"), [
     ([], "--config PATH is required"),
     (["--config", "/nonexistent/qpq-server.toml"], "cannot read /nonexistent/qpq-server.toml"),
+    (["--config", "/"], "cannot read /: Is a directory"),
     (["--skip", "disks"], "--skip: unknown check 'disks'"),
     (["--timeout", "0"], "--timeout: must be greater than 0"),
 ])

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from qpq_ops.backup.errors import OpsError
+from qpq_ops.errors import OpsError
 from qpq_server.config import Config
 
 __all__ = ["ReloadResult", "reload_server", "running_pid", "stop_server"]
