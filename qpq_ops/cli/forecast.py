@@ -12,8 +12,8 @@ from rich.table import Table
 from qpq_ops._console import err, fail, out, print_json, styled_state
 from qpq_ops.cli.capacity import inputs_from_file
 from qpq_ops.cli.triggers import format_value
+from qpq_ops.errors import SourceError
 from qpq_ops.evaluate.direct import http_url
-from qpq_ops.evaluate.prometheus_client import SourceError
 from qpq_ops.exit_codes import ExitCode
 from qpq_ops.forecast import (
     FORECAST_TRIGGER_IDS,

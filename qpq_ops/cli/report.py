@@ -13,8 +13,9 @@ import typer
 from qpq_ops._console import err, fail, print_json
 from qpq_ops.cli.doctor import DEFAULT_TEXTFILE_DIR
 from qpq_ops.cli.forecast import parse_window, prometheus_url_or_fail
-from qpq_ops.doctor import DeploymentError, DoctorInputs, load_deployment
-from qpq_ops.evaluate.prometheus_client import SourceError
+from qpq_ops.deployment import Deployment, load_deployment
+from qpq_ops.doctor import DoctorInputs
+from qpq_ops.errors import ConfigInvalid, ConfigUnreadable, SourceError
 from qpq_ops.exit_codes import ExitCode
 from qpq_ops.report import ReportInputs, build_report
 
@@ -83,11 +84,15 @@ def report(
     url = prometheus_url_or_fail(prometheus_url)
     doctor_inputs = None
     if config is not None:
+        deployment: Deployment | None = None
         try:
             deployment = load_deployment(config)
-        except DeploymentError as exc:
+        except ConfigUnreadable as exc:
             fail(str(exc))
-        doctor_inputs = DoctorInputs(deployment=deployment, prometheus_url=url, plan=None,
+        except ConfigInvalid:
+            pass  # a finding the doctor section of the report shows, not a usage error
+        doctor_inputs = DoctorInputs(config_path=config, deployment=deployment,
+                                     prometheus_url=url, plan=None,
                                      textfile_dir=DEFAULT_TEXTFILE_DIR, now=time.time())
     with err().status("starting", spinner="dots") as status:
         inputs = ReportInputs(url, lookback_s, horizon_s, instance or (), doctor_inputs,

@@ -13,7 +13,8 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from qpq_ops.evaluate.prometheus_client import PrometheusQuerier, SourceError
+from qpq_ops.errors import SourceError
+from qpq_ops.evaluate.prometheus_client import PrometheusQuerier
 from qpq_ops.forecast.fit import Series
 
 __all__ = ["MAX_POINTS", "RangeQuerier", "RangeResult", "fetch_ranges", "instance_matcher",

@@ -1,0 +1,225 @@
+"""The package's import boundaries, checked over the real import graph.
+
+Every `import`/`from … import` in qpq_server, qpq_ops, scripts and bench counts: module
+level, inside `if TYPE_CHECKING:` and inside functions (a lazy import still couples the
+two modules). A failure names the offending import as `file:line importer -> imported`.
+Rules that are about what gets *loaded* (a backend, aioquic) run the import for real in a
+fresh interpreter, where lazy imports are allowed by design.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("qpq_server", "qpq_ops")
+
+
+@dataclass(frozen=True)
+class Edge:
+    importer: str
+    imported: str
+    where: str
+
+    def __str__(self) -> str:
+        return f"{self.where} {self.importer} -> {self.imported}"
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _python_files(*tops: str) -> Iterator[Path]:
+    for top in tops:
+        base = ROOT / top
+        yield from sorted(p for p in base.rglob("*.py") if "templates" not in p.parts)
+
+
+def _known_modules() -> set[str]:
+    return {module_name(p) for p in _python_files(*PACKAGES, "tests")}
+
+
+def _resolve(node: ast.ImportFrom, importer: str, is_package: bool) -> str:
+    if not node.level:
+        return node.module or ""
+    base = importer.split(".")
+    keep = len(base) - node.level + (1 if is_package else 0)
+    return ".".join(base[:keep] + ([node.module] if node.module else []))
+
+
+def edges_of(path: Path, known: set[str], importer: str | None = None) -> Iterator[Edge]:
+    importer = importer or module_name(path)
+    tree = ast.parse(path.read_text(), filename=str(path))
+    rel = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield Edge(importer, alias.name, f"{rel}:{node.lineno}")
+        elif isinstance(node, ast.ImportFrom):
+            target = _resolve(node, importer, path.name == "__init__.py")
+            for alias in node.names:
+                # `from pkg import submodule` imports the submodule itself.
+                sub = f"{target}.{alias.name}"
+                yield Edge(importer, sub if sub in known else target, f"{rel}:{node.lineno}")
+
+
+def all_edges(*tops: str) -> list[Edge]:
+    known = _known_modules()
+    return [e for p in _python_files(*tops) for e in edges_of(p, known)]
+
+
+def _under(name: str, *prefixes: str) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def violations(edges: Iterable[Edge], importer: tuple[str, ...],
+               forbidden: tuple[str, ...], allowed: tuple[str, ...] = ()) -> list[str]:
+    return [str(e) for e in edges
+            if _under(e.importer, *importer) and _under(e.imported, *forbidden)
+            and not _under(e.imported, *allowed)]
+
+
+@pytest.fixture(scope="module")
+def edges() -> list[Edge]:
+    return all_edges(*PACKAGES)
+
+
+def find_cycle(edges: Iterable[Edge], scope: str) -> list[str] | None:
+    graph: dict[str, set[str]] = {}
+    for e in edges:
+        if _under(e.importer, scope) and _under(e.imported, scope) and e.importer != e.imported:
+            graph.setdefault(e.importer, set()).add(e.imported)
+    state: dict[str, int] = {}  # 1 on the stack, 2 done
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return [*stack[stack.index(nxt):], nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (found := visit(start)):
+            return found
+    return None
+
+
+# -- the rules -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_no_import_cycle_type_checking_and_lazy_imports_included(
+        edges: list[Edge], package: str) -> None:
+    cycle = find_cycle(edges, package)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_protocol_core_imports_no_network_and_no_storage(edges: list[Edge]) -> None:
+    bad = violations(edges, ("qpq_server.protocol",),
+                     ("aioquic", "websockets", "asyncio", "socket", "ssl",
+                      "qpq_server.storage", "qpq_server.transport", "sqlcipher3", "psycopg"))
+    assert not bad, "\n".join(bad)
+
+
+def test_storage_backends_import_nothing_from_transports(edges: list[Edge]) -> None:
+    bad = violations(edges, ("qpq_server.storage",),
+                     ("qpq_server.transport", "qpq_server.app", "qpq_server.service",
+                      "aioquic", "websockets"))
+    assert not bad, "\n".join(bad)
+
+
+def test_server_never_imports_ops(edges: list[Edge]) -> None:
+    bad = violations(edges, ("qpq_server",), ("qpq_ops",))
+    assert not bad, "\n".join(bad)
+
+
+# What qpq_ops may take from the server: configuration, data-dir layout, secrets, storage,
+# the error tree and file helpers, key/cert helpers for rotation, the version; the client
+# library and the throwaway launcher only for the commands that talk QUIC (lazily).
+OPS_MAY_USE = (
+    "qpq_server.config", "qpq_server.datadir", "qpq_server.secrets", "qpq_server.storage",
+    "qpq_server.errors", "qpq_server.fsutil", "qpq_server.tls", "qpq_server.auth.opaque",
+    "qpq_server.metrics", "qpq_server.devserver", "qpq_server.client",
+)
+
+
+def test_ops_uses_only_the_servers_public_pieces(edges: list[Edge]) -> None:
+    bad = [str(e) for e in edges
+           if _under(e.importer, "qpq_ops") and _under(e.imported, "qpq_server")
+           and e.imported != "qpq_server" and not _under(e.imported, *OPS_MAY_USE)]
+    assert not bad, "\n".join(bad)
+
+
+def test_triggers_definition_imports_no_cli_or_renderer(edges: list[Edge]) -> None:
+    bad = violations(edges, ("qpq_ops.triggers",),
+                     ("qpq_ops.cli", "qpq_ops.render", "qpq_ops.evaluate", "typer", "rich"))
+    assert not bad, "\n".join(bad)
+
+
+def test_renderers_and_check_triggers_never_import_each_other(edges: list[Edge]) -> None:
+    check = ("qpq_ops.cli.triggers", "qpq_ops.evaluate")
+    bad = violations(edges, ("qpq_ops.render",), check)
+    bad += violations(edges, check, ("qpq_ops.render", "qpq_ops.cli.render"))
+    assert not bad, "\n".join(bad)
+
+
+def test_client_library_imports_only_codec_and_kt_verification(edges: list[Edge]) -> None:
+    bad = violations(edges, ("qpq_server.client",), ("qpq_server",),
+                     allowed=("qpq_server.client", "qpq_server.protocol.codec",
+                              "qpq_server.kt.merkle", "qpq_server.kt.sth",
+                              "qpq_server.errors", "qpq_server.fsutil"))
+    assert not bad, "\n".join(bad)
+
+
+def test_nothing_outside_tests_imports_tests() -> None:
+    bad = violations(all_edges(*PACKAGES, "scripts", "bench"),
+                     ("qpq_server", "qpq_ops", "scripts", "bench"), ("tests",))
+    assert not bad, "\n".join(sorted(set(bad)))
+
+
+def _loaded_after(statement: str) -> set[str]:
+    code = f"import sys\n{statement}\nprint('\\n'.join(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60, cwd=ROOT).stdout
+    return set(out.split())
+
+
+def test_importing_the_service_loads_no_storage_backend() -> None:
+    loaded = _loaded_after("import qpq_server.service")
+    backends = {m for m in loaded if _under(m, "qpq_server.storage.sqlcipher",
+                                            "qpq_server.storage.filestore",
+                                            "qpq_server.storage.postgres", "sqlcipher3",
+                                            "psycopg")}
+    assert not backends
+
+
+def test_importing_the_ops_cli_loads_no_quic_or_websockets() -> None:
+    loaded = _loaded_after("import qpq_ops.cli")
+    assert not {m for m in loaded if _under(m, "aioquic", "websockets")}
+
+
+def test_the_graph_walker_sees_type_checking_and_lazy_imports(tmp_path: Path) -> None:
+    """The rules above are only as good as the walker: it must report every kind."""
+    src = ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import a.b\n"
+           "def f() -> None:\n    from c import d\n")
+    path = tmp_path / "probe.py"
+    path.write_text(src)
+    found = {e.imported for e in edges_of(path, set(), importer="qpq_server.probe")}
+    assert found == {"typing", "a.b", "c"}
+    graph = [Edge("x.a", "x.b", ""), Edge("x.b", "x.c", ""), Edge("x.c", "x.a", "")]
+    assert find_cycle(graph, "x") == ["x.a", "x.b", "x.c", "x.a"]
