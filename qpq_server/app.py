@@ -18,7 +18,7 @@ from pathlib import Path
 from qpq_server.blobs.store import BlobStore
 from qpq_server.blobs.transfer import BlobTransfers
 from qpq_server.config import Config, load_config, parse_hostport
-from qpq_server.core import ServerCore, build_core
+from qpq_server.core import ServerCore, build_core, load_session_signer
 from qpq_server.errors import ConfigError
 from qpq_server.fsutil import write_atomic
 from qpq_server.http import HealthServer
@@ -123,7 +123,8 @@ class ServerApp:
     def _start_background(self, stack: contextlib.AsyncExitStack, blobs: BlobStore) -> None:
         loop = asyncio.get_running_loop()
         for task in (loop.create_task(self.heartbeat.run()),
-                     loop.create_task(self._sweep_blobs(blobs))):
+                     loop.create_task(self._sweep_blobs(blobs)),
+                     loop.create_task(self.core.service.revocations.run())):
             stack.callback(task.cancel)
 
     def _install_signals(self, stack: contextlib.AsyncExitStack) -> None:
@@ -162,12 +163,15 @@ class ServerApp:
         return self.listener.in_flight_requests + ws
 
     def reload(self) -> None:
-        """SIGHUP: re-read access tokens and the TLS certificate; connections stay up."""
+        """SIGHUP: re-read access tokens, the session key and the TLS certificate;
+        connections on a token still accepted stay up."""
         try:
             secrets = load_secrets(self.env_file)
-            self.service.access.replace(secrets.auth_tokens)
-            self._close_revoked()
+            signer = load_session_signer(self.config)
             self.listener.reload_certificate()
+            self.service.access.replace(secrets.auth_tokens)
+            self.service.signer = signer
+            self._close_revoked()
             self.metrics.tls_cert_expiry_timestamp_seconds.set(
                 certificate_not_after(self.config.tls_cert_path))
         except (ConfigError, OSError, ValueError) as exc:

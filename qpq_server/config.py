@@ -92,6 +92,11 @@ class RateLimitConfig:
     account_burst: int = 40
     address_rate_per_s: float = 50.0
     address_burst: int = 100
+    # Failed logins per (account, address): this many pass, then each further one
+    # doubles the wait (from login_backoff_base_s up to login_backoff_max_s).
+    login_failures_burst: int = 5
+    login_backoff_base_s: float = 1.0
+    login_backoff_max_s: float = 900.0
 
 
 @dataclass(frozen=True)
@@ -251,6 +256,9 @@ _POSITIVE = {
     ("rate_limit", "account_burst"),
     ("rate_limit", "address_rate_per_s"),
     ("rate_limit", "address_burst"),
+    ("rate_limit", "login_failures_burst"),
+    ("rate_limit", "login_backoff_base_s"),
+    ("rate_limit", "login_backoff_max_s"),
 }
 _HOSTPORTS = {("server", "listen"), ("metrics", "listen"), ("federation", "listen"),
               ("websocket", "listen")}

@@ -27,7 +27,7 @@ from qpq_server.secrets import ServerSecrets
 from qpq_server.service import Service
 from qpq_server.storage.base import RESTORE_STATE_KEY, Storage
 
-__all__ = ["ServerCore", "build_core"]
+__all__ = ["ServerCore", "build_core", "load_session_signer"]
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class ServerCore:
     blobs: BlobStore
 
 
-def _session_signer(config: Config) -> SessionSigner:
+def load_session_signer(config: Config) -> SessionSigner:
     path = session_key_path(config.data_dir)
     try:
         key = path.read_bytes()
@@ -73,7 +73,7 @@ async def build_core(config: Config, secrets: ServerSecrets, storage: Storage,
     await blobs.open()
     service = Service(
         config=config, storage=storage, opaque=OpaqueServer(config.data_dir / "opaque"),
-        signer=_session_signer(config), access=AccessTokens(secrets.auth_tokens),
+        signer=load_session_signer(config), access=AccessTokens(secrets.auth_tokens),
         metrics=metrics, notifier=notifier or InProcessNotifier(), kt=kt, blobs=blobs,
         clock=clock,
     )

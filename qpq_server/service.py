@@ -16,7 +16,9 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 from qpq_server.auth.access import AccessTokens
+from qpq_server.auth.backoff import LoginBackoff
 from qpq_server.auth.opaque import OpaqueServer
+from qpq_server.auth.revocation import SessionRevocations
 from qpq_server.auth.sessions import SessionSigner
 from qpq_server.config import Config
 from qpq_server.errors import (
@@ -46,6 +48,7 @@ _OPAQUE_MSG_MAX = 1024
 _KEY_BYTES = 32
 _KEY_PACKAGE_MAX = 1024
 _MAX_BLOBS_PER_MESSAGE = 16
+_FRESH_LOGIN_S = 120.0
 
 
 class KeyLog(Protocol):
@@ -87,6 +90,9 @@ class Service:
         self._account_limiter = RateLimiter(rl.account_rate_per_s, rl.account_burst)
         self._address_limiter = RateLimiter(rl.address_rate_per_s, rl.address_burst)
         self._login_ids = itertools.count(1)
+        self._backoff = LoginBackoff(rl.login_failures_burst, rl.login_backoff_base_s,
+                                     rl.login_backoff_max_s)
+        self.revocations = SessionRevocations(storage, clock)
         per_minute = config.limits.enqueue_bytes_per_minute
         self._enqueue_bytes = RateLimiter(per_minute / 60.0, per_minute)
         self._fetch_locks = KeyedLocks()
@@ -102,6 +108,9 @@ class Service:
             "login_finish": self._login_finish,
             "reregister_start": self._reregister_start,
             "reregister_finish": self._reregister_finish,
+            "passwd_start": self._passwd_start,
+            "passwd_finish": self._passwd_finish,
+            "logout": self._logout,
             "publish_keys": self._publish_keys,
             "get_keys": self._get_keys,
             "enqueue": self._enqueue,
@@ -111,6 +120,7 @@ class Service:
 
     async def start(self) -> None:
         self.metrics.delivery_queue_depth.set(await self.storage.queue_depth())
+        await self.revocations.load()
 
     # -- gates -------------------------------------------------------------------------
     def admit(self, op: str, conn: ConnectionState) -> None:
@@ -141,9 +151,20 @@ class Service:
 
     def _session_user(self, request: dict[str, Any]) -> str:
         token = v.get_str(request, "session", max_len=512)
-        user = self.signer.verify(token, self.clock()).username
+        session = self.signer.verify(token, self.clock())
+        self.revocations.check(session)
+        user = session.username
         self._limit_account("u:" + user, "too many requests for this account; slow down")
         return user
+
+    def _require_fresh_login(self, user: str, conn: ConnectionState) -> None:
+        """A session alone is not enough to change credentials: a stolen token must not
+        become a permanent takeover. The password was proved on this connection just now."""
+        proved = conn.fresh_logins.get(user)
+        if proved is None or self.clock() - proved > _FRESH_LOGIN_S:
+            raise Unauthenticated(f"log in as {user!r} on this connection first (within "
+                                  f"{_FRESH_LOGIN_S:.0f} s): changing credentials needs the "
+                                  "current password, not only a session")
 
     # -- handlers ----------------------------------------------------------------------
     async def _hello(self, request: dict[str, Any], conn: ConnectionState) -> dict[str, Any]:
@@ -180,7 +201,9 @@ class Service:
                            conn: ConnectionState) -> dict[str, Any]:
         username = v.get_username(request)
         message = v.get_bytes(request, "request", max_len=_OPAQUE_MSG_MAX)
-        self._limit_account("login:" + username,
+        # Per account *and* address: a guesser elsewhere cannot lock the real user out.
+        self._backoff.check(username, conn.peer, self.clock())
+        self._limit_account(f"login:{username}|{conn.peer}",
                             "too many login attempts for this account; slow down")
         account = await self.storage.get_account(username)
         response, pending = self.opaque.login_start(
@@ -207,8 +230,11 @@ class Service:
             self.opaque.login_finish(pending, finalization)
         except LoginFailed:
             self.metrics.auth_login_failure_total.inc()
+            self._backoff.failed(pending.username, conn.peer, self.clock())
             log.info("login failed", extra={"user": pending.username})
             raise
+        self._backoff.succeeded(pending.username, conn.peer)
+        conn.fresh_logins[pending.username] = self.clock()
         self.metrics.auth_login_success_total.inc()
         if pending.username not in conn.logged_in_as:
             conn.logged_in_as.add(pending.username)
@@ -221,21 +247,67 @@ class Service:
 
     async def _reregister_start(self, request: dict[str, Any],
                                 conn: ConnectionState) -> dict[str, Any]:
-        """After an OPAQUE setup rotation: a logged-in user re-registers under the new
-        setup (the client knows the password it just logged in with)."""
+        """After an OPAQUE setup rotation: a user who just logged in under the old setup
+        re-registers under the new one (the client knows the password it just used)."""
         user = self._session_user(request)
+        await self._require_pending_setup_move(user)
+        self._require_fresh_login(user, conn)
         message = v.get_bytes(request, "request", max_len=_OPAQUE_MSG_MAX)
         return {"response": self.opaque.registration_start(user, message)}
 
     async def _reregister_finish(self, request: dict[str, Any],
                                  conn: ConnectionState) -> dict[str, Any]:
         user = self._session_user(request)
+        await self._require_pending_setup_move(user)
+        self._require_fresh_login(user, conn)
         upload = v.get_bytes(request, "upload", max_len=_OPAQUE_MSG_MAX)
         record = self.opaque.registration_finish(upload)
         await self.storage.update_password_file(user, record, self.opaque.current_version)
         log.info("account moved to the current OPAQUE setup",
                  extra={"user": user, "setup_version": self.opaque.current_version})
         return {"setup_version": self.opaque.current_version}
+
+    async def _require_pending_setup_move(self, user: str) -> None:
+        account = await self.storage.get_account(user)
+        if account is None or account.setup_version >= self.opaque.current_version:
+            raise BadRequest("this account has no OPAQUE setup move pending; "
+                             "use passwd_start to change a password")
+
+    async def _passwd_start(self, request: dict[str, Any],
+                            conn: ConnectionState) -> dict[str, Any]:
+        """Change the password: needs a session and a password proof on this
+        connection moments before (the client logs in with the old password first)."""
+        user = self._session_user(request)
+        self._require_fresh_login(user, conn)
+        message = v.get_bytes(request, "request", max_len=_OPAQUE_MSG_MAX)
+        return {"response": self.opaque.registration_start(user, message)}
+
+    async def _passwd_finish(self, request: dict[str, Any],
+                             conn: ConnectionState) -> dict[str, Any]:
+        user = self._session_user(request)
+        self._require_fresh_login(user, conn)
+        upload = v.get_bytes(request, "upload", max_len=_OPAQUE_MSG_MAX)
+        record = self.opaque.registration_finish(upload)
+        await self.storage.update_password_file(user, record, self.opaque.current_version)
+        # Every other session of the account dies with the old password.
+        await self.revocations.revoke(user)
+        conn.fresh_logins.pop(user, None)
+        token, expires = self.signer.issue(user, self.clock())
+        log.info("password changed; the account's other sessions are revoked",
+                 extra={"user": user})
+        return {"session": token, "expires_at": expires}
+
+    async def _logout(self, request: dict[str, Any], conn: ConnectionState) -> dict[str, Any]:
+        """Revoke every session of the account (all devices): sessions are bearer
+        tokens, so ending one means ending what was issued until now."""
+        user = self._session_user(request)
+        await self.revocations.revoke(user)
+        conn.fresh_logins.pop(user, None)
+        if user in conn.logged_in_as:
+            conn.logged_in_as.discard(user)
+            self.metrics.sessions_active.dec()
+        log.info("logged out; the account's sessions are revoked", extra={"user": user})
+        return {"revoked": True}
 
     async def _publish_keys(self, request: dict[str, Any],
                             conn: ConnectionState) -> dict[str, Any]:
@@ -361,5 +433,6 @@ class Service:
         self.metrics.sessions_active.dec(len(conn.logged_in_as))
         conn.logged_in_as.clear()
         conn.pending_logins.clear()
+        conn.fresh_logins.clear()
 
 

@@ -1,4 +1,5 @@
-"""`qpq-ops rotate auth-token|tls|federation|db-key|opaque`: rotate every secret."""
+"""`qpq-ops rotate auth-token|tls|federation|db-key|opaque|session-key`: rotate every
+secret."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from qpq_ops.rotate import (
 )
 from qpq_ops.rotate.auth_token import DEFAULT_GRACE_S
 from qpq_ops.rotate.federation import finish_federation
+from qpq_ops.rotate.session_key import rotate_session_key
 from qpq_ops.rotate.tls import finish_tls, stage_tls
 
 __all__ = ["app"]
@@ -105,6 +107,23 @@ def auth_token(
                                        reload_command=reload_command), json_out)
     _run(lambda: rotate_auth_token(dep, dry_run=dry_run, grace_s=grace_hours * 3600,
                                    reload_command=reload_command), json_out)
+
+
+@app.command("session-key")
+def session_key(
+    config: ConfigOpt,
+    reload_command: ReloadOpt = None,
+    dry_run: DryRunOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """New key for signing session tokens: every session ends at once.
+
+    For a leaked session key or a suspected mass theft of sessions. The server reloads
+    (SIGHUP) and refuses every token signed with the old key; users log in again. The
+    key is written beside the others in the data dir, never printed."""
+    dep = deployment_or_fail(config)
+    _run(lambda: rotate_session_key(dep, dry_run=dry_run, reload_command=reload_command),
+         json_out)
 
 
 @app.command("tls")

@@ -1,7 +1,10 @@
-"""Session tokens any worker process can verify: HMAC-SHA256 over (user, expiry, nonce).
+"""Session tokens any worker process can verify: HMAC-SHA256 over (user, expiry, issue
+time, nonce).
 
 No server-side session table is needed, so several processes on one host (or several
-hosts sharing the key) accept each other's sessions.
+hosts sharing the key) accept each other's sessions. Revocation (logout, a password
+change) is a per-account "not before" mark compared with the issue time
+(`qpq_server.auth.revocation`).
 """
 
 from __future__ import annotations
@@ -19,13 +22,14 @@ from qpq_server.errors import InvalidSession
 
 __all__ = ["Session", "SessionSigner"]
 
-_VERSION = 1
+_VERSION = 2  # 2 adds the issue time; version-1 tokens are refused (log in again)
 
 
 @dataclass(frozen=True)
 class Session:
     username: str
     expires_at: float
+    issued_at: float
 
 
 def _b64(data: bytes) -> str:
@@ -53,7 +57,8 @@ class SessionSigner:
 
     def issue(self, username: str, now: float) -> tuple[str, float]:
         expires = now + self._ttl
-        body = msgpack.packb([_VERSION, username, expires, os.urandom(12)], use_bin_type=True)
+        body = msgpack.packb([_VERSION, username, expires, now, os.urandom(12)],
+                             use_bin_type=True)
         return f"{_b64(body)}.{_b64(self._mac(body))}", expires
 
     def verify(self, token: str, now: float) -> Session:
@@ -65,11 +70,15 @@ class SessionSigner:
         if not hmac.compare_digest(mac, self._mac(body)):
             raise InvalidSession("session token signature does not verify")
         try:
-            version, username, expires, _nonce = msgpack.unpackb(body, raw=False)
+            fields = msgpack.unpackb(body, raw=False)
         except (ValueError, TypeError, msgpack.ExtraData):
             raise InvalidSession("session token is malformed") from None
-        if version != _VERSION or not isinstance(username, str):
-            raise InvalidSession("session token version is not supported")
+        if not isinstance(fields, list) or len(fields) != 5 or fields[0] != _VERSION:
+            raise InvalidSession("session token version is not supported; log in again")
+        _version, username, expires, issued, _nonce = fields
+        if not isinstance(username, str) or not isinstance(expires, float | int) \
+                or not isinstance(issued, float | int):
+            raise InvalidSession("session token is malformed")
         if float(expires) <= now:
             raise InvalidSession("session expired; log in again")
-        return Session(username=username, expires_at=float(expires))
+        return Session(username=username, expires_at=float(expires), issued_at=float(issued))

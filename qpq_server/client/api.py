@@ -102,6 +102,29 @@ class QpqClient:
                                                    response["response"])
         await self.conn.call("reregister_finish", session=session, upload=finish.get_message())
 
+    async def change_password(self, username: str, old: str, new: str) -> None:
+        """Prove the old password (a login on this connection), then register the new
+        one; the server revokes every other session of the account."""
+        await self.login(username, old)
+        session = self._session(username)
+        start = opaque.client_registration_start(new.encode())
+        response = await self.conn.call("passwd_start", session=session,
+                                        request=start.get_message())
+        finish = opaque.client_registration_finish(new.encode(), start.get_state(),
+                                                   response["response"])
+        result = await self.conn.call("passwd_finish", session=session,
+                                      upload=finish.get_message())
+        profile = self.profile(username)
+        profile.session, profile.session_expires = result["session"], result["expires_at"]
+        profile.save()
+
+    async def logout(self, username: str) -> None:
+        """End every session of the account (on all devices) and forget ours."""
+        await self.conn.call("logout", session=self._session(username))
+        profile = self.profile(username)
+        profile.session, profile.session_expires = None, 0.0
+        profile.save()
+
     def has_session(self, username: str) -> bool:
         profile = self.profile(username)
         return bool(profile.session) and profile.session_expires > time.time() + 30

@@ -133,6 +133,37 @@ def login(ctx: typer.Context, user: str) -> None:
 
 
 @app.command()
+def passwd(ctx: typer.Context, user: str) -> None:
+    """Change your password: the current one (QPQ_PASSWORD or a prompt) proves it is you,
+    then the new one (QPQ_NEW_PASSWORD or a prompt, asked twice). Every other session of
+    the account ends."""
+    opts: Options = ctx.obj
+    old = _password(f"current password for {user}: ")
+    new = os.environ.get("QPQ_NEW_PASSWORD") or _new_password(user)
+    _run(opts, lambda c: c.change_password(user, old, new))
+    print(f"password changed for {user}; other sessions of {user} are logged out")
+
+
+@app.command()
+def logout(ctx: typer.Context, user: str) -> None:
+    """End every session of USER, on every device (sessions are bearer tokens)."""
+    opts: Options = ctx.obj
+    _run(opts, lambda c: c.logout(user))
+    print(f"logged out {user} everywhere")
+
+
+def _new_password(user: str) -> str:
+    if not sys.stdin.isatty():
+        _die("usage", "no new password: set QPQ_NEW_PASSWORD or run in a terminal", 64)
+    first = getpass.getpass(f"new password for {user}: ")
+    if not first:
+        _die("usage", "the new password must not be empty", 64)
+    if getpass.getpass("again: ") != first:
+        _die("usage", "the two new passwords differ", 64)
+    return first
+
+
+@app.command()
 def send(
     ctx: typer.Context,
     sender: Annotated[str, typer.Argument(metavar="FROM")],

@@ -59,6 +59,9 @@ class ConnectionState:
     """Users who completed an OPAQUE login on this connection."""
     pending_logins: dict[int, PendingLogin] = field(default_factory=dict)
     """Server-side OPAQUE login states awaiting `login_finish`, by login id."""
+    fresh_logins: dict[str, float] = field(default_factory=dict)
+    """When each user last proved their password on this connection (a password change
+    needs such a proof moments before, not only a session)."""
 
 
 class DispatchMetrics(Protocol):

@@ -112,3 +112,6 @@ class Storage(Protocol):
     async def get_meta(self, key: str) -> str | None: ...
 
     async def set_meta(self, key: str, value: str) -> None: ...
+
+    async def meta_with_prefix(self, prefix: str) -> dict[str, str]:
+        """Every meta key starting with `prefix`, with its value."""

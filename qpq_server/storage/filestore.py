@@ -428,6 +428,9 @@ class FileStorage:
     async def get_meta(self, key: str) -> str | None:
         return self._meta.get(key)
 
+    async def meta_with_prefix(self, prefix: str) -> dict[str, str]:
+        return {k: v for k, v in self._meta.items() if k.startswith(prefix)}
+
     async def set_meta(self, key: str, value: str) -> None:
         def run() -> None:
             meta = {**self._meta, key: value}

@@ -417,6 +417,15 @@ class SqlCipherStorage:
 
         return await self._read(run)
 
+    async def meta_with_prefix(self, prefix: str) -> dict[str, str]:
+        def run(conn: Connection) -> dict[str, str]:
+            # Range scan on the primary key: every key k with prefix <= k < prefix + max.
+            rows = conn.execute("SELECT key, value FROM meta WHERE key >= ? AND key < ?",
+                                (prefix, prefix + "\U0010ffff")).fetchall()
+            return {str(k): str(v) for k, v in rows if str(k).startswith(prefix)}
+
+        return await self._read(run)
+
     async def set_meta(self, key: str, value: str) -> None:
         await self._write(lambda conn: conn.execute(
             "INSERT INTO meta(key, value) VALUES (?, ?)"
