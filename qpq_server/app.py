@@ -19,11 +19,12 @@ from qpq_server.blobs.store import BlobStore
 from qpq_server.blobs.transfer import BlobTransfers
 from qpq_server.config import Config, load_config, parse_hostport
 from qpq_server.core import ServerCore, build_core, load_session_signer
-from qpq_server.errors import ConfigError
+from qpq_server.errors import ConfigError, QpqError
 from qpq_server.fsutil import write_atomic
 from qpq_server.http import HealthServer
 from qpq_server.liveness import LoopHeartbeat
 from qpq_server.metrics import ServerMetrics
+from qpq_server.notifier import DeliveryNotifier, InProcessNotifier
 from qpq_server.protocol.dispatch import ConnectionState
 from qpq_server.secrets import load_secrets
 from qpq_server.storage import open_storage
@@ -31,6 +32,8 @@ from qpq_server.storage.base import RESTORE_STATE_KEY
 from qpq_server.tls import certificate_not_after
 from qpq_server.transport.quic import QuicListener
 from qpq_server.transport.websocket import WebSocketListener
+from qpq_server.worker_notifier import WorkerNotifier
+from qpq_server.workers import WorkerContext, per_worker_share, worker_group
 
 __all__ = ["RESTORE_STATE_KEY", "ServerApp", "run_server"]
 
@@ -40,9 +43,12 @@ _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 class ServerApp:
-    def __init__(self, config_path: Path) -> None:
+    def __init__(self, config_path: Path, worker: WorkerContext | None = None) -> None:
         self.config_path = config_path
-        self.config: Config = load_config(config_path)
+        self.worker = worker
+        # A worker runs on its share of the host's budgets (connections, token buckets).
+        self.config: Config = per_worker_share(load_config(config_path),
+                                               worker.count if worker else 1)
         self.env_file = config_path.parent / ".env"
         self.secrets = load_secrets(self.env_file)
         self.metrics = ServerMetrics()
@@ -61,24 +67,40 @@ class ServerApp:
         async with contextlib.AsyncExitStack() as stack:
             await self.storage.open()
             stack.push_async_callback(self.storage.close)
-            self.core: ServerCore = await build_core(self.config, self.secrets, self.storage,
-                                                     self.metrics)
+            notifier = self._notifier()
+            self.core: ServerCore = await build_core(
+                self.config, self.secrets, self.storage, self.metrics, notifier=notifier,
+                worker=self.worker.index if self.worker and self.worker.count > 1 else None)
+            if isinstance(notifier, WorkerNotifier):
+                notifier.start()
+                stack.callback(notifier.close)
             self.service = self.core.service
+            if self.worker is not None and self.worker.count > 1:
+                self.service.worker = self.worker.index
             self.metrics.tls_cert_expiry_timestamp_seconds.set(
                 certificate_not_after(self.config.tls_cert_path))
             await self._start_quic(stack)
             await self._start_websocket(stack)
-            self._start_health(stack)
+            if self.worker is None:  # workers: the supervisor serves /metrics and the pid
+                self._start_health(stack)
             self._start_background(stack, self.core.blobs)
             self._install_signals(stack)
-            self._write_pid(stack)
+            if self.worker is None:
+                self._write_pid(stack)
             self.ready = True
+            if self.worker is not None:
+                self._report_to_supervisor(stack, self.worker)
             log.info("serving", extra={"listen": self.config.server.listen,
                                        "quic_port": self.listener.port,
                                        "metrics": self.config.metrics.listen,
                                        "domain": self.config.server.domain})
             await self._stop.wait()
             await self._drain()
+
+    def _notifier(self) -> DeliveryNotifier:
+        if self.worker is None or self.worker.count <= 1:
+            return InProcessNotifier()
+        return WorkerNotifier(worker_group(self.config), self.worker.index, self.worker.count)
 
     # -- start-up steps, each registering its own release ------------------------------
     async def _start_quic(self, stack: contextlib.AsyncExitStack) -> None:
@@ -90,7 +112,7 @@ class ServerApp:
                           cfg.blobs.upload_deadline_s))
         host, port = parse_hostport(cfg.server.listen)
         try:
-            await self.listener.start(host, port)
+            await self.listener.start(host, port, reuse_port=self.worker is not None)
         except OSError as exc:
             raise ConfigError(f"cannot listen on UDP {cfg.server.listen}: {exc.strerror}") from None
         stack.callback(self.listener.close)
@@ -124,8 +146,30 @@ class ServerApp:
         loop = asyncio.get_running_loop()
         for task in (loop.create_task(self.heartbeat.run()),
                      loop.create_task(self._sweep_blobs(blobs)),
-                     loop.create_task(self.core.service.revocations.run())):
+                     loop.create_task(self.core.service.revocations.run()),
+                     loop.create_task(self._refresh_queue_depth())):
             stack.callback(task.cancel)
+
+    def _report_to_supervisor(self, stack: contextlib.AsyncExitStack,
+                              worker: WorkerContext) -> None:
+        """'R' once serving, then a beat per second from the event loop: the supervisor's
+        /readyz needs every worker's loop alive, not only its process."""
+        fd = worker.pipe_fd
+
+        async def beat() -> None:
+            os.write(fd, b"R")
+            while True:
+                await asyncio.sleep(1.0)
+                try:
+                    os.write(fd, b".")
+                except BlockingIOError:
+                    continue
+                except OSError:  # the supervisor is gone: stop like on SIGTERM
+                    self._stop.set()
+                    return
+
+        task = asyncio.get_running_loop().create_task(beat())
+        stack.callback(task.cancel)
 
     def _install_signals(self, stack: contextlib.AsyncExitStack) -> None:
         loop = asyncio.get_running_loop()
@@ -157,6 +201,14 @@ class ServerApp:
             except OSError as exc:
                 log.error("blob sweep failed", extra={"error": str(exc)})
             await asyncio.sleep(self.config.retention.sweep_interval_s)
+
+    async def _refresh_queue_depth(self) -> None:
+        """The depth is host-wide (other workers and nodes enqueue too): read it from
+        storage now and then instead of trusting this process's own counting."""
+        while True:
+            await asyncio.sleep(5.0)
+            with contextlib.suppress(QpqError, OSError):
+                await self.core.service.refresh_queue_depth()
 
     def _in_flight(self) -> int:
         ws = self.websocket.in_flight_requests if self.websocket is not None else 0

@@ -83,11 +83,21 @@ def run(
     # to its user, whatever the shell's umask.
     os.umask(0o077)
     try:
+        if _worker_count(path) > 1:
+            from qpq_server.supervisor import Supervisor
+
+            raise typer.Exit(Supervisor(path).run())
         run_server(path)
     except QpqError as exc:
         raise _fail(str(exc)) from None
     except KeyboardInterrupt:
         pass
+
+
+def _worker_count(path: Path) -> int:
+    from qpq_server.config import load_config
+
+    return load_config(path).server.worker_count
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ referenced files) so `check-config` can report them all at once.
 
 from __future__ import annotations
 
+import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -50,6 +51,14 @@ class ServerConfig:
     session_ttl_s: int = 86400
     log_level: str = "info"
     shutdown_grace_s: float = 10.0
+    # Worker processes sharing the QUIC port (SO_REUSEPORT): N, or "auto" (usable cores).
+    workers: int | str = 1
+
+    @property
+    def worker_count(self) -> int:
+        if self.workers == "auto":
+            return max(1, len(os.sched_getaffinity(0)))
+        return int(self.workers)
 
 
 @dataclass(frozen=True)
@@ -264,6 +273,11 @@ _HOSTPORTS = {("server", "listen"), ("metrics", "listen"), ("federation", "liste
               ("websocket", "listen")}
 
 
+def _workers_ok(value: Any) -> bool:
+    return value == "auto" or (isinstance(value, int) and not isinstance(value, bool)
+                               and 1 <= value <= 256)
+
+
 def _type_ok(value: Any, default: Any) -> bool:
     if isinstance(default, bool):
         return isinstance(value, bool)
@@ -292,6 +306,13 @@ def _build_section(name: str, raw: Any, problems: list[str]) -> Any:
             problems.append(f"[{name}] unknown key {key!r}")
             continue
         default = getattr(defaults, key)
+        if (name, key) == ("server", "workers"):
+            if not _workers_ok(value):
+                problems.append(f'[server] workers must be an integer 1..256 or "auto", '
+                                f"got {value!r}")
+            else:
+                values[key] = value
+            continue
         if not _type_ok(value, default):
             problems.append(
                 f"[{name}] {key} must be {type(default).__name__}, got {type(value).__name__}"
@@ -354,6 +375,9 @@ def _parse(path: Path) -> tuple[Config, list[str]]:
     if config.storage.backend == "postgres":
         problems.append('[storage] backend = "postgres" is not available in this build of '
                         'qpq-server; use "sqlcipher" or "file"')
+    if config.server.workers != 1 and config.storage.backend == "file":
+        problems.append('[server] workers > 1 needs [storage] backend = "sqlcipher" (or '
+                        '"postgres"): the file backend keeps its counters in one process')
     if config.federation.enabled:
         # Refuse rather than run without the relaying the operator asked for.
         problems.append("[federation] enabled = true, but federation relaying is not available "

@@ -58,8 +58,10 @@ async def _refuse_unfinished_restore(storage: Storage) -> None:
 
 async def build_core(config: Config, secrets: ServerSecrets, storage: Storage,
                      metrics: ServerMetrics, notifier: DeliveryNotifier | None = None,
-                     clock: Callable[[], float] = time.time) -> ServerCore:
-    """Everything behind the transports, on storage that is already open."""
+                     clock: Callable[[], float] = time.time,
+                     worker: int | None = None) -> ServerCore:
+    """Everything behind the transports, on storage that is already open. `worker` is
+    this process's index when several workers share the data dir."""
     await _refuse_unfinished_restore(storage)
     kt = KtLog(storage, load_signer(config.kt_signing_key_path), on_size=metrics.kt_log_size.set,
                clock=clock)
@@ -69,7 +71,8 @@ async def build_core(config: Config, secrets: ServerSecrets, storage: Storage,
                       retention_s=config.retention.days * 86400,
                       on_bytes=metrics.blob_bytes.set,
                       max_concurrent_uploads=config.blobs.max_concurrent_uploads,
-                      on_refused=lambda kind: metrics.quota_refused_total.labels(kind=kind).inc())
+                      on_refused=lambda kind: metrics.quota_refused_total.labels(kind=kind).inc(),
+                      worker=worker)
     await blobs.open()
     service = Service(
         config=config, storage=storage, opaque=OpaqueServer(config.data_dir / "opaque"),

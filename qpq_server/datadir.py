@@ -14,6 +14,7 @@ from qpq_server.auth.opaque import create_setup
 from qpq_server.config import (
     BlobsConfig,
     FederationConfig,
+    LimitsConfig,
     MetricsConfig,
     QuicConfig,
     RateLimitConfig,
@@ -44,10 +45,12 @@ def default_config(domain: str) -> dict[str, dict[str, object]]:
     """The keys an operator is most likely to tune, at their defaults."""
     return {
         "server": {**_defaults(ServerConfig(), "listen"), "domain": domain, "data_dir": ".",
-                   **_defaults(ServerConfig(), "tls_cert", "tls_key")},
+                   **_defaults(ServerConfig(), "tls_cert", "tls_key", "workers")},
         "quic": _defaults(QuicConfig(), "idle_timeout_s", "max_concurrent_bidi_streams",
                           "max_connections", "max_frame_bytes", "handshake_timeout_s",
-                          "max_handshakes_in_flight", "retry"),
+                          "max_handshakes_in_flight", "retry", "hello_timeout_s"),
+        "limits": _defaults(LimitsConfig(), "max_response_bytes", "mailbox_max_bytes",
+                            "max_recipients"),
         "storage": _defaults(StorageConfig(), "backend", "pool_size"),
         "metrics": _defaults(MetricsConfig(), "listen"),
         "rate_limit": _defaults(RateLimitConfig(), "account_rate_per_s", "account_burst",

@@ -1,4 +1,12 @@
-"""Every metric of DESIGN.md the server exports, on a registry passed in (no globals)."""
+"""Every metric of DESIGN.md the server exports, on a registry passed in (no globals).
+
+With several worker processes (PROMETHEUS_MULTIPROC_DIR set by the supervisor) values
+live in per-process files the supervisor merges on `/metrics`: counters and histograms
+are summed; each gauge says how (`livesum` for what each worker holds, such as
+connections — each worker's share of the connection cap adds up to the configured cap;
+`mostrecent` for host-wide facts every worker reads from storage; `max`/`min` for facts
+all workers share).
+"""
 
 from __future__ import annotations
 
@@ -28,9 +36,11 @@ class ServerMetrics:
             "qpq_enqueue", "Messages accepted into delivery queues", registry=r)
         self.fetch_total = Counter("qpq_fetch", "Fetch calls served", registry=r)
         self.delivery_queue_depth = Gauge(
-            "qpq_delivery_queue_depth", "Messages waiting for delivery, all queues", registry=r)
+            "qpq_delivery_queue_depth", "Messages waiting for delivery, all queues", registry=r,
+            multiprocess_mode="mostrecent")
         self.delivery_waiters = Gauge(
-            "qpq_delivery_waiters", "Parked long-poll fetches", registry=r)
+            "qpq_delivery_waiters", "Parked long-poll fetches", registry=r,
+            multiprocess_mode="livesum")
         self.rate_limit_hit_total = Counter(
             "qpq_rate_limit_hit", "Requests refused by the rate limiter", ["scope"], registry=r)
         self.auth_login_failure_total = Counter(
@@ -39,14 +49,17 @@ class ServerMetrics:
         self.auth_login_success_total = Counter(
             "qpq_auth_login_success", "Successful logins", registry=r)
         self.connections_active = Gauge(
-            "qpq_connections_active", "Open QUIC connections", registry=r)
+            "qpq_connections_active", "Open QUIC connections", registry=r,
+            multiprocess_mode="livesum")
         self.connections_max = Gauge(
-            "qpq_connections_max", "Configured connection cap", registry=r)
+            "qpq_connections_max", "Configured connection cap", registry=r,
+            multiprocess_mode="livesum")
         self.connections_refused_total = Counter(
             "qpq_connections_refused", "Connections refused (cap, handshake flood, draining)",
             ["reason"], registry=r)
         self.sessions_active = Gauge(
-            "qpq_sessions_active", "Live sessions (logged-in connections)", registry=r)
+            "qpq_sessions_active", "Live sessions (logged-in connections)", registry=r,
+            multiprocess_mode="livesum")
         self.tls_handshake_duration_seconds = Histogram(
             "qpq_tls_handshake_duration_seconds", "QUIC/TLS handshake time",
             buckets=_HANDSHAKE_BUCKETS, registry=r)
@@ -58,15 +71,17 @@ class ServerMetrics:
         self.db_write_duration_seconds = Histogram(
             "qpq_db_write_duration_seconds", "Storage commit latency",
             buckets=_LATENCY_BUCKETS, registry=r)
-        self.blob_bytes = Gauge("qpq_blob_bytes", "Bytes held in blob storage", registry=r)
+        self.blob_bytes = Gauge("qpq_blob_bytes", "Bytes held in blob storage", registry=r,
+                                multiprocess_mode="mostrecent")
         self.kt_log_size = Gauge(
-            "qpq_kt_log_size", "Leaves in the key-transparency log", registry=r)
+            "qpq_kt_log_size", "Leaves in the key-transparency log", registry=r,
+            multiprocess_mode="max")
         self.federation_relay_total = Counter(
             "qpq_federation_relay", "Messages relayed to/from federation peers",
             ["peer", "result"], registry=r)
         self.tls_cert_expiry_timestamp_seconds = Gauge(
             "qpq_tls_cert_expiry_timestamp_seconds", "notAfter of the serving TLS certificate",
-            registry=r)
+            registry=r, multiprocess_mode="min")
         self.quota_refused_total = Counter(
             "qpq_quota_refused", "Requests refused by a quota", ["kind"], registry=r)
         self.reload_total = Counter(

@@ -60,6 +60,9 @@ class KeyLog(Protocol):
     def proof_for(self, username: str, identity_key: bytes) -> dict[str, Any] | None:
         """Inclusion proof of (username, key) in the current head, or None."""
 
+    async def refresh(self) -> None:
+        """Catch up with what other processes appended."""
+
 
 class BlobIndex(Protocol):
     """The blob store as the messaging core uses it: which blobs exist, who may fetch."""
@@ -97,6 +100,8 @@ class Service:
         self._enqueue_bytes = RateLimiter(per_minute / 60.0, per_minute)
         self._fetch_locks = KeyedLocks()
         self.draining = False
+        self.worker: int | None = None  # this process's index among several workers
+        self._queue_depth = 0
 
     def ops(self) -> Mapping[str, Handler]:
         return {
@@ -119,8 +124,18 @@ class Service:
         }
 
     async def start(self) -> None:
-        self.metrics.delivery_queue_depth.set(await self.storage.queue_depth())
+        await self.refresh_queue_depth()
         await self.revocations.load()
+
+    async def refresh_queue_depth(self) -> None:
+        """Read the host-wide depth from storage (other workers and nodes change it)."""
+        self._queue_depth = await self.storage.queue_depth()
+        self.metrics.delivery_queue_depth.set(self._queue_depth)
+
+    def _adjust_queue_depth(self, delta: int) -> None:
+        # set(), not inc(): the gauge is "most recent" across worker processes.
+        self._queue_depth = max(0, self._queue_depth + delta)
+        self.metrics.delivery_queue_depth.set(self._queue_depth)
 
     # -- gates -------------------------------------------------------------------------
     def admit(self, op: str, conn: ConnectionState) -> None:
@@ -175,8 +190,11 @@ class Service:
             raise Unauthenticated("access token rejected")
         conn.authenticated = True
         conn.token_id = token_id
-        return {"protocol": "qpq/1", "domain": self.config.server.domain,
-                "max_frame_bytes": self.config.quic.max_frame_bytes}
+        answer = {"protocol": "qpq/1", "domain": self.config.server.domain,
+                  "max_frame_bytes": self.config.quic.max_frame_bytes}
+        if self.worker is not None:  # which worker the kernel put this connection on
+            answer["worker"] = self.worker
+        return answer
 
     async def _ping(self, request: dict[str, Any], conn: ConnectionState) -> dict[str, Any]:
         return {"time": self.clock()}
@@ -339,8 +357,14 @@ class Service:
             "identity_key": account.identity_key,
             "key_package": package.key_package if package else None,
             "key_package_id": package.id if package else None,
-            "kt": self.kt.proof_for(username, account.identity_key) if self.kt else None,
+            "kt": await self._kt_proof(username, account.identity_key),
         }
+
+    async def _kt_proof(self, username: str, identity_key: bytes) -> dict[str, Any] | None:
+        if self.kt is None:
+            return None
+        await self.kt.refresh()
+        return self.kt.proof_for(username, identity_key)
 
     async def _enqueue(self, request: dict[str, Any], conn: ConnectionState) -> dict[str, Any]:
         sender = self._session_user(request)
@@ -369,7 +393,7 @@ class Service:
             await self.blobs.add_refs(blob_ids, recipients)
         ids = await self.storage.enqueue(sender, recipients, payload, self.clock())
         self.metrics.enqueue_total.inc(len(ids))
-        self.metrics.delivery_queue_depth.inc(len(ids))
+        self._adjust_queue_depth(len(ids))
         self.notifier.notify(recipients)
         return {"ids": ids}
 
@@ -426,7 +450,7 @@ class Service:
         user = self._session_user(request)
         ids = v.get_int_list(request, "ids", max_items=self.config.limits.max_fetch_batch)
         deleted = await self.storage.ack(user, ids)
-        self.metrics.delivery_queue_depth.dec(deleted)
+        self._adjust_queue_depth(-deleted)
         return {"deleted": deleted}
 
     def connection_closed(self, conn: ConnectionState) -> None:

@@ -25,6 +25,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -119,7 +120,11 @@ class BlobStore:
     def __init__(self, root: Path, *, max_blob_bytes: int, quota_bytes_per_account: int,
                  retention_s: float, on_bytes: Callable[[int], None] | None = None,
                  max_concurrent_uploads: int = 4,
-                 on_refused: Callable[[str], None] | None = None) -> None:
+                 on_refused: Callable[[str], None] | None = None,
+                 worker: int | None = None) -> None:
+        # Several worker processes share the directory: each keeps its own temp dir,
+        # and reads a blob's .meta from disk before trusting its in-memory copy.
+        self._worker = worker
         self.max_concurrent_uploads = max_concurrent_uploads
         self._on_refused = on_refused
         self._uploads_of: dict[str, int] = {}  # owner -> uploads in progress
@@ -133,8 +138,13 @@ class BlobStore:
         self._uploading: set[str] = set()
 
     @property
+    def _shared(self) -> bool:
+        return self._worker is not None
+
+    @property
     def tmp_dir(self) -> Path:
-        return self.root / "tmp"
+        base = self.root / "tmp"
+        return base / f"w{self._worker}" if self._worker is not None else base
 
     @property
     def total_bytes(self) -> int:
@@ -157,15 +167,22 @@ class BlobStore:
 
     def _load(self) -> None:
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if self.tmp_dir.exists():  # uploads cut off by a crash or a stop
+        if self.tmp_dir.exists():  # uploads cut off by a crash or a stop (ours only)
             for leftover in self.tmp_dir.iterdir():
-                leftover.unlink()
-        self.tmp_dir.mkdir(mode=0o700, exist_ok=True)
+                if leftover.is_dir():
+                    if not self._shared:  # per-worker dirs of an earlier multi-worker run
+                        shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink()
+        self.tmp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         for meta in self.root.glob("??/??/*.meta"):
             blob_id = meta.name[:-5]
             blob = meta.with_name(blob_id)
             if not _HEX64.match(blob_id) or not blob.exists():
-                meta.unlink()  # install did not finish: the upload was never acknowledged
+                # The install did not finish: the upload was never acknowledged. With
+                # sibling workers it may be one installing right now: only old ones go.
+                if not self._shared or meta.stat().st_mtime < time.time() - 3600:
+                    meta.unlink()
                 continue
             data = json.loads(meta.read_text())
             self._blobs[blob_id] = BlobInfo(blob_id, str(data["owner"]), int(data["size"]),
@@ -177,12 +194,30 @@ class BlobStore:
 
     # -- queries -----------------------------------------------------------------------
     def get(self, blob_id: str) -> BlobInfo | None:
+        if self._shared:
+            self._reload(blob_id)
         return self._blobs.get(blob_id)
+
+    def _reload(self, blob_id: str) -> None:
+        """Shared mode: another worker may have stored, referenced or deleted it."""
+        if not _HEX64.match(blob_id):
+            return
+        try:
+            data = json.loads(self._meta_path(blob_id).read_text())
+            present = self.path_for(blob_id).exists()
+        except (OSError, ValueError):
+            present = False
+        if not present:
+            self._blobs.pop(blob_id, None)
+            return
+        self._blobs[blob_id] = BlobInfo(blob_id, str(data["owner"]), int(data["size"]),
+                                        float(data["created_at"]),
+                                        frozenset(data.get("pending", [])))
 
     def visible_to(self, blob_id: str, user: str) -> BlobInfo | None:
         """The blob if `user` uploaded it or a queued message to `user` names it; else
         None, exactly as for a blob that does not exist (no one learns of others')."""
-        info = self._blobs.get(blob_id)
+        info = self.get(blob_id)
         if info is None or (user != info.owner and user not in info.pending):
             return None
         return info
@@ -251,7 +286,7 @@ class BlobStore:
         """A queued message names these blobs: keep them until each recipient fetched."""
         names = frozenset(recipients)
         for blob_id in blob_ids:
-            info = self._blobs.get(blob_id)
+            info = self.get(blob_id)
             if info is None:
                 raise NotFound(f"no blob {blob_id}")
             updated = replace(info, pending=info.pending | names)
@@ -259,7 +294,7 @@ class BlobStore:
             await asyncio.to_thread(self._write_meta, updated)
 
     async def downloaded(self, blob_id: str, user: str) -> None:
-        info = self._blobs.get(blob_id)
+        info = self.get(blob_id)
         if info is not None and user in info.pending:
             updated = replace(info, pending=info.pending - {user})
             self._blobs[blob_id] = updated
@@ -268,8 +303,12 @@ class BlobStore:
     async def sweep(self, now: float | None = None) -> list[str]:
         """Delete blobs older than the retention that no pending recipient still needs."""
         now = time.time() if now is None else now
-        expired = [b.blob_id for b in self._blobs.values()
-                   if not b.pending and b.created_at < now - self.retention_s]
+        candidates = [b.blob_id for b in self._blobs.values()
+                      if not b.pending and b.created_at < now - self.retention_s]
+        if self._shared:  # another worker may have referenced one meanwhile
+            candidates = [b for b in candidates if (info := self.get(b)) is not None
+                          and not info.pending]
+        expired = candidates
         for blob_id in expired:
             self._blobs.pop(blob_id, None)
             await asyncio.to_thread(self._delete, blob_id)

@@ -3,8 +3,8 @@
 Identity-key publications are appended through `KtLog.publish` (storage commits the
 key and its leaf together; the in-memory tree follows the stored order). Operations
 need only the access token: the log is public to everyone allowed to talk to the
-server. `kt_ops` gives the app `kt_head`, `kt_lookup`, `kt_inclusion` and `kt_consistency` to
-register; `get_keys` answers carry the same proof (`KtLog.proof_for`).
+server. `kt_ops` gives the app `kt_head`, `kt_lookup`, `kt_inclusion` and
+`kt_consistency` to register; `get_keys` answers carry the same proof (`KtLog.proof_for`).
 """
 
 from __future__ import annotations
@@ -62,6 +62,12 @@ class KtLog:
         async with self._lock:
             await self._catch_up()
 
+    async def refresh(self) -> None:
+        """Take in leaves other processes appended (worker processes, other nodes on one
+        database) before answering from the in-memory tree."""
+        async with self._lock:
+            await self._catch_up()
+
     async def _catch_up(self) -> None:
         """Append whatever storage holds beyond our tree (in stored order)."""
         for entry in await self._storage.kt_leaves(start=len(self._tree)):
@@ -104,10 +110,12 @@ def kt_ops(log: KtLog, storage: Storage) -> Mapping[str, Handler]:
     """The log's public operations (the access token is enough to read it)."""
 
     async def kt_head(request: dict[str, Any], conn: ConnectionState) -> dict[str, Any]:
+        await log.refresh()
         return {"head": log.head().to_wire(), "public_key": log.public_key}
 
     async def kt_lookup(request: dict[str, Any], conn: ConnectionState) -> dict[str, Any]:
         username = v.get_username(request)
+        await log.refresh()
         account = await storage.get_account(username)
         if account is None:
             raise UnknownUser(f"no user {username!r}")
@@ -121,6 +129,7 @@ def kt_ops(log: KtLog, storage: Storage) -> Mapping[str, Handler]:
     async def kt_inclusion(request: dict[str, Any], conn: ConnectionState) -> dict[str, Any]:
         username = v.get_username(request)
         key = v.get_bytes(request, "identity_key", max_len=_KEY_BYTES, min_len=_KEY_BYTES)
+        await log.refresh()
         proof = log.proof_for(username, key)
         if proof is None:
             raise NotFound(f"no leaf for this key of {username!r} in the log")
@@ -128,6 +137,7 @@ def kt_ops(log: KtLog, storage: Storage) -> Mapping[str, Handler]:
 
     async def kt_consistency(request: dict[str, Any],
                              conn: ConnectionState) -> dict[str, Any]:
+        await log.refresh()
         size = log.size
         first = v.get_int(request, "first", lo=0, hi=2**62)
         second = v.get_int(request, "second", lo=0, hi=2**62)

@@ -72,6 +72,12 @@ def migrate(conn: Connection) -> int:
         )
     for target in range(version, SCHEMA_VERSION):
         conn.execute("BEGIN IMMEDIATE")
+        # Read the version again under the write lock: several worker processes may open
+        # a new database at once, and only one may apply each step.
+        (current,) = conn.execute("PRAGMA user_version").fetchone()
+        if current > target:
+            conn.execute("COMMIT")
+            continue
         try:
             for statement in MIGRATIONS[target].split(";"):
                 if statement.strip():

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aioquic.asyncio.protocol import QuicConnectionProtocol
-from aioquic.asyncio.server import QuicServer, serve
+from aioquic.asyncio.server import QuicServer
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import (
@@ -389,16 +389,21 @@ class QuicListener:
         busy = self._tracker.handshaking > self._config.quic.max_handshakes_in_flight // 2
         self._server._retry = self._retry_handler if busy else None  # type: ignore[assignment]
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, host: str, port: int, reuse_port: bool = False) -> None:
+        """Listen on UDP host:port; with `reuse_port` several worker processes share the
+        port and the kernel keeps each client 4-tuple on one of them."""
         def factory(quic: QuicConnection, **kwargs: Any) -> QpqServerProtocol:
             return QpqServerProtocol(quic, dispatcher=self._dispatcher, metrics=self._metrics,
                                      on_closed=self._on_closed, config=self._config,
                                      tracker=self._tracker, blobs=self._blobs,
                                      on_handshaking_changed=self._update_retry, **kwargs)
 
-        self._server = await serve(host, port, configuration=self.configuration,
-                                   create_protocol=factory,
-                                   retry=self._config.quic.retry == "always")
+        # aioquic's serve() without its fixed socket options: SO_REUSEPORT is ours to set.
+        _, server = await asyncio.get_running_loop().create_datagram_endpoint(
+            lambda: QuicServer(configuration=self.configuration, create_protocol=factory,
+                               retry=self._config.quic.retry == "always"),
+            local_addr=(host, port), reuse_port=reuse_port)
+        self._server = server
         self._metrics.connections_max.set(self._config.quic.max_connections)
 
     def reload_certificate(self) -> None:
