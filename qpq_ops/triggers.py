@@ -1,4 +1,4 @@
-"""The nine scaling triggers of the scaling guide, defined once as data.
+"""The scaling triggers (the guide's nine plus qpq's process_cpu), defined once as data.
 
 Alert rules, dashboard thresholds, the docs table and `qpq-ops check-triggers` are all
 generated from `TRIGGERS`; change a threshold here and every consumer follows.
@@ -23,7 +23,13 @@ from typing import Literal
 from qpq_ops.exit_codes import ExitCode, severity
 
 __all__ = [
+    "BACKUP_CRITICAL_AGE_S",
+    "BACKUP_MAX_AGE_S",
+    "DEFAULT_SCOPE",
+    "RATE_WINDOW",
     "RUNBOOK_DOC",
+    "TLS_EXPIRY_CRITICAL_S",
+    "TLS_EXPIRY_WARNING_S",
     "TRIGGERS",
     "TRIGGER_IDS",
     "BusyPercent",
@@ -31,8 +37,10 @@ __all__ = [
     "Gauge",
     "Measure",
     "PerMinute",
+    "ProcessBusyPercent",
     "Quantile",
     "RatioPercent",
+    "Scope",
     "Severity",
     "Source",
     "State",
@@ -56,7 +64,23 @@ TRIGGER_IDS: tuple[str, ...] = (
     "login_failures",
     "connections",
     "tls_handshake_latency",
+    "process_cpu",
 )
+
+# Health thresholds that are not scaling triggers; the alert rules, the dashboard, the
+# runbooks and `qpq-ops doctor` all read these (one place, so they cannot disagree).
+TLS_EXPIRY_WARNING_S = 14 * 86400
+"""Warn when the serving certificate expires within 14 days (time to rotate calmly)."""
+TLS_EXPIRY_CRITICAL_S = 3 * 86400
+"""Critical within 3 days: clients refuse an expired certificate."""
+BACKUP_MAX_AGE_S = 26 * 3600
+"""A daily backup plus two hours of slack (the stale-backup alert, doctor's warning)."""
+BACKUP_CRITICAL_AGE_S = 72 * 3600
+"""Three days without a backup: doctor says critical."""
+
+RATE_WINDOW = "5m"
+"""Range of every rate(): at least four scrape intervals up to a 75 s scrape interval,
+so Prometheus's default 1 m interval still yields a value (a 1 m window goes absent)."""
 
 
 class Severity(StrEnum):
@@ -93,6 +117,23 @@ class Source(StrEnum):
     QPQ = "qpq"
 
 
+@dataclass(frozen=True)
+class Scope:
+    """Which series the triggers read: the scrape job of each source, and the filesystem
+    that holds the data dir. A node_exporter of another team's host in the same
+    Prometheus (another job) is never read; a full `/boot/efi` is not the data volume."""
+
+    qpq_job: str = "qpq"
+    node_job: str = "node"
+    mountpoint: str = "/"
+
+    def job(self, source: Source) -> str:
+        return self.node_job if source is Source.NODE else self.qpq_job
+
+
+DEFAULT_SCOPE = Scope()
+
+
 def worst_state(states: list[State] | tuple[State, ...]) -> State:
     """The worst by `qpq_ops.exit_codes.severity`: critical > warning > no-data > ok; an
     empty list is no-data (nothing evaluated)."""
@@ -119,6 +160,14 @@ def _select(metric: str, fixed: str, extra: str) -> str:
     return f"{metric}{{{','.join(parts)}}}" if parts else metric
 
 
+def _window_s(window: str) -> int:
+    """'5m' -> 300."""
+    match = re.fullmatch(r"(\d+)([smh])", window)
+    if match is None:
+        raise ValueError(f"unsupported window {window!r}")
+    return int(match.group(1)) * {"s": 1, "m": 60, "h": 3600}[match.group(2)]
+
+
 # --- measures: what a trigger computes, rendered to PromQL or computed from scrapes -------
 
 
@@ -138,18 +187,21 @@ class Gauge:
 
 @dataclass(frozen=True)
 class PerMinute:
-    """A counter's increase per minute, from its per-second rate over `window`."""
+    """A counter's increase per minute, averaged over `window`."""
 
     counter: str
-    window: str = "1m"
+    window: str = RATE_WINDOW
 
     @property
     def metrics(self) -> tuple[str, ...]:
         return (self.counter,)
 
     def promql(self, extra: str = "") -> str:
+        # increase / minutes rather than 60 * rate: the same value, but exact in float64
+        # for whole-number increases (so "at the threshold" is not one ulp above it)
         sel = _select(self.counter, "", extra)
-        return f"60 * sum by (instance) (rate({sel}[{self.window}]))"
+        minutes = _window_s(self.window) / 60
+        return f"sum by (instance) (increase({sel}[{self.window}])) / {_fmt(minutes)}"
 
 
 @dataclass(frozen=True)
@@ -158,7 +210,7 @@ class Quantile:
 
     histogram: str
     q: float
-    window: str = "5m"
+    window: str = RATE_WINDOW
 
     @property
     def metrics(self) -> tuple[str, ...]:
@@ -201,6 +253,8 @@ class UsedPercent:
     total: str
     matchers: str = ""
     per_series: bool = False
+    data_filesystem: bool = False
+    """Read only the filesystem mounted at `Scope.mountpoint` (the data dir's)."""
 
     @property
     def metrics(self) -> tuple[str, ...]:
@@ -220,7 +274,7 @@ class BusyPercent:
 
     counter: str
     idle_matcher: str
-    window: str = "1m"
+    window: str = RATE_WINDOW
 
     @property
     def metrics(self) -> tuple[str, ...]:
@@ -231,7 +285,28 @@ class BusyPercent:
         return f"100 * (1 - avg by (instance) (rate({sel}[{self.window}])))"
 
 
-Measure = Gauge | PerMinute | Quantile | RatioPercent | UsedPercent | BusyPercent
+@dataclass(frozen=True)
+class ProcessBusyPercent:
+    """100 x the CPU seconds per second of the busiest process series of an instance.
+
+    One aioquic worker uses at most one core: a worker at 100 % is saturated while a
+    4-core host reads 25 %, so this is taken per worker (per series) and the max counts.
+    """
+
+    counter: str
+    window: str = RATE_WINDOW
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return (self.counter,)
+
+    def promql(self, extra: str = "") -> str:
+        sel = _select(self.counter, "", extra)
+        return f"100 * max by (instance) (rate({sel}[{self.window}]))"
+
+
+Measure = (Gauge | PerMinute | Quantile | RatioPercent | UsedPercent | BusyPercent
+           | ProcessBusyPercent)
 
 
 # --- the trigger ---------------------------------------------------------------------------
@@ -264,7 +339,25 @@ class Trigger:
 
     @property
     def expr(self) -> str:
-        return self.measure.promql()
+        """The PromQL of the value with the default scope (jobs qpq and node, `/`)."""
+        return self.expr_in(DEFAULT_SCOPE)
+
+    def local_matchers(self, scope: Scope) -> str:
+        """Matchers that hold inside one scrape (no `job`): the data filesystem."""
+        measure = self.measure
+        if isinstance(measure, UsedPercent) and measure.data_filesystem:
+            return f'mountpoint="{_quote(scope.mountpoint)}"'
+        return ""
+
+    def matchers_in(self, scope: Scope, extra: str = "") -> str:
+        """Every matcher the trigger's series need in Prometheus: job, filesystem, extra."""
+        parts = [f'job="{_quote(scope.job(self.source))}"', self.local_matchers(scope),
+                 _inner_matchers(extra)]
+        return ",".join(p for p in parts if p)
+
+    def expr_in(self, scope: Scope, extra: str = "") -> str:
+        """The expression reading only `scope`'s series, plus `extra` matchers."""
+        return self.measure.promql(self.matchers_in(scope, extra))
 
     @property
     def metrics(self) -> tuple[str, ...]:
@@ -279,13 +372,6 @@ class Trigger:
     def runbook(self) -> str:
         """Relative link to the trigger's runbook section."""
         return f"{RUNBOOK_DOC}#{self.runbook_anchor}"
-
-    def expr_with_selector(self, selector: str) -> str:
-        """The expression with extra label matchers on every series it reads.
-
-        `selector` is '{instance="a:9090"}', 'job="qpq",instance=~"n1:.*"' or ''.
-        """
-        return self.measure.promql(_inner_matchers(selector))
 
     def threshold(self, severity: Severity) -> float:
         return self.critical if severity is Severity.CRITICAL else self.warning
@@ -310,11 +396,13 @@ class Trigger:
         return f"{op} {_fmt(self.threshold(severity))}"
 
 
+def _quote(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"')
+
+
 def _fmt(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(value)
 
-
-_REAL_FILESYSTEMS = 'fstype!~"tmpfs|ramfs|devtmpfs|squashfs|nsfs|overlay|fuse.lxcfs"'
 
 TRIGGERS: tuple[Trigger, ...] = (
     Trigger(
@@ -348,14 +436,15 @@ TRIGGERS: tuple[Trigger, ...] = (
     Trigger(
         id="disk_usage",
         title="Disk usage",
-        measures="Space used on the fullest real filesystem, from node_exporter's "
+        measures="Space used on the filesystem that holds the data dir (its mountpoint, "
+        "set at render time and with --mountpoint), from node_exporter's "
         "node_filesystem_avail_bytes and node_filesystem_size_bytes.",
         unit="percent",
         measure=UsedPercent(
             "node_filesystem_avail_bytes",
             "node_filesystem_size_bytes",
-            matchers=_REAL_FILESYSTEMS,
             per_series=True,
+            data_filesystem=True,
         ),
         warning=70.0,
         critical=90.0,
@@ -447,6 +536,21 @@ TRIGGERS: tuple[Trigger, ...] = (
         sustain_s=0,
         alert_for_s=300,
         action="Add CPU (handshakes are CPU-bound); check the network path for loss.",
+        source=Source.QPQ,
+    ),
+    Trigger(
+        id="process_cpu",
+        title="Worker CPU",
+        measures="CPU time of the busiest qpq worker process as a share of one core, "
+        "from process_cpu_seconds_total (one aioquic process cannot use a second core).",
+        unit="percent",
+        measure=ProcessBusyPercent("process_cpu_seconds_total"),
+        warning=80.0,
+        critical=95.0,
+        sustain_s=300,
+        alert_for_s=300,
+        action="Run more worker processes ([server] workers = N or \"auto\"), then more "
+        "nodes; a 4-core host at 25 % can have one saturated worker.",
         source=Source.QPQ,
     ),
 )

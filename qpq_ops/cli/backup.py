@@ -19,8 +19,9 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
-from qpq_ops._console import err, fail, out, print_json
+from qpq_ops._console import err, fail, out, print_json, styled, warn
 from qpq_ops.backup import (
     BackupRequest,
     apply_prune,
@@ -152,7 +153,7 @@ def create(
         table.add_row("metric", str(result.metrics_file or "not written"))
         out().print(table)
         for warning in warnings:
-            err().print(f"[yellow]warning:[/] {warning}")
+            warn(warning)
     if warnings:
         raise typer.Exit(int(ExitCode.WARNING))
 
@@ -188,7 +189,8 @@ def list_command(
         table.add_row(
             i.path.name, i.created.strftime("%Y-%m-%d %H:%M:%S"), _mb(i.size_bytes),
             m.server_version if m else (
-                "[yellow]encrypted[/]" if is_encrypted(i.path) else "[red]unreadable[/]"),
+                styled("encrypted", "yellow") if is_encrypted(i.path)
+                else styled("unreadable", "red")),
             str(m.schema_version) if m else "",
             ("yes" if m.includes_secrets else "no") if m else "",
             str(m.row_counts.get("messages", "")) if m else "")
@@ -239,14 +241,15 @@ def verify(
                     "row_counts": report.manifest.row_counts})
     else:
         for problem in report.problems:
-            err().print(f"[bold red]problem:[/] {problem}")
+            warn(problem, "problem:", "bold red")
         if report.ok:
             what = ("checksums, database key and integrity" if report.database_checked
                     else "checksums only (no QPQ_DB_KEY: database not opened)")
-            out().print(f"[green]ok[/] {archive.name}: {report.members_checked} members, "
-                        f"{what}")
+            out().print(styled("ok ", "green") + Text(
+                f"{archive.name}: {report.members_checked} members, {what}"))
         else:
-            out().print(f"[bold red]damaged[/] {archive.name}: {len(report.problems)} problems")
+            out().print(styled("damaged ", "bold red")
+                        + Text(f"{archive.name}: {len(report.problems)} problems"))
     raise typer.Exit(int(code))
 
 

@@ -11,8 +11,9 @@ from typing import Annotated
 import typer
 import yaml
 from rich.table import Table
+from rich.text import Text
 
-from qpq_ops._console import fail, out, print_json
+from qpq_ops._console import fail, out, print_json, styled
 from qpq_ops.capacity import (
     BEYOND_ONE_NODE,
     TIERS,
@@ -176,12 +177,14 @@ def _print_plan(result: CapacityPlan, sources: dict[str, str]) -> None:
     console.print(figures)
 
     if result.tier == BEYOND_ONE_NODE:
-        console.print(f"[bold red]Tier: {BEYOND_ONE_NODE}[/] (needs exceed the Large tier)")
+        console.print(styled(f"Tier: {BEYOND_ONE_NODE}", "bold red")
+                      + Text(" (needs exceed the Large tier)"))
     else:
         tier = next(t for t in TIERS if t.name == result.tier)
         console.print(
-            f"[bold]Tier: {tier.name}[/] ({tier.purpose}): {tier.cpu}, {tier.memory}, "
-            f"{tier.disk}, {tier.network}; supports {tier.supports}"
+            styled(f"Tier: {tier.name}", "bold") + Text(
+                f" ({tier.purpose}): {tier.cpu}, {tier.memory}, "
+                f"{tier.disk}, {tier.network}; supports {tier.supports}")
         )
     console.print(
         f"Provision at least: {result.host_vcpus} vCPU, {_si(result.host_memory_bytes)} "
@@ -192,8 +195,8 @@ def _print_plan(result: CapacityPlan, sources: dict[str, str]) -> None:
     for key, value in result.sysctl.items():
         console.print(f"  {key} = {value}", highlight=False)
     console.print(f"  LimitNOFILE={result.nofile}", highlight=False)
-    console.print("[dim]Note: the guide's 5 KB per connection is the Rust figure; aioquic "
-                  "measured ~70 KB per idle connection (aioquic-notes.md).[/]")
+    console.print(styled("Note: the guide's 5 KB per connection is the Rust figure; aioquic "
+                         "measured ~70 KB per idle connection (aioquic-notes.md).", "dim"))
 
 
 @app.command("plan")

@@ -34,8 +34,8 @@ def doctor_table(results: list[CheckResult], config: Path) -> Table:
     table = Table(title=f"qpq doctor ({config}) status: {worst(results)}", title_justify="left")
     table.add_column("check")
     table.add_column("state")
-    table.add_column("found")
-    table.add_column("fix")
+    table.add_column("found", overflow="fold")
+    table.add_column("fix", overflow="fold")  # wrapped, never cut: it is copied
     for r in results:
         table.add_row(r.title, styled_state(r.state), r.detail, r.fix)
     return table

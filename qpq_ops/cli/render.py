@@ -14,9 +14,11 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from qpq_ops._console import err, fail, out, print_json
+from qpq_ops._console import err, fail, out, print_json, styled
 from qpq_ops.exit_codes import ExitCode
 from qpq_ops.render import Artefact, FileStatus, RenderedFile, check_files, render, write_files
+from qpq_ops.render.settings import DEFAULT_RUNBOOK_BASE_URL, RenderSettings, configured
+from qpq_ops.triggers import DEFAULT_SCOPE, Scope
 
 __all__ = ["app", "default_root"]
 
@@ -40,6 +42,18 @@ CheckOpt = Annotated[
     typer.Option("--check", help="Write nothing; exit 1 if any file differs or is missing."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON alone on stdout.")]
+QpqJobOpt = Annotated[str, typer.Option(
+    "--qpq-job", metavar="JOB", help="Scrape job of the qpq servers every rule selects.")]
+NodeJobOpt = Annotated[str, typer.Option(
+    "--node-job", metavar="JOB", help="Scrape job of the nodes' node_exporter.")]
+MountOpt = Annotated[str, typer.Option(
+    "--data-mountpoint", metavar="PATH",
+    help="Mountpoint of the filesystem holding the data dir (disk_usage watches only it; "
+    "`df --output=target DATA_DIR` prints it).")]
+RunbookOpt = Annotated[str, typer.Option(
+    "--runbook-base-url", metavar="URL",
+    help="Absolute URL under which docs/ is served; alert runbook_url links point there "
+    "(e.g. https://git.example.org/ops/qpq/-/blob/main/docs).")]
 
 
 def default_root(start: Path) -> Path:
@@ -51,11 +65,20 @@ def default_root(start: Path) -> Path:
     return start
 
 
-def _run(artefact: Artefact, root: Path | None, check: bool, as_json: bool) -> None:
+def _settings(qpq_job: str, node_job: str, mountpoint: str, runbook: str) -> RenderSettings:
+    try:
+        return RenderSettings(Scope(qpq_job, node_job, mountpoint), runbook)
+    except ValueError as exc:
+        fail(str(exc))
+
+
+def _run(artefact: Artefact, root: Path | None, check: bool, as_json: bool,
+         settings: RenderSettings) -> None:
     root = default_root(Path.cwd()) if root is None else root
     if not root.is_dir():
         fail(f"output root {root} is not a directory")
-    files: tuple[RenderedFile, ...] = render(artefact)
+    with configured(settings):
+        files: tuple[RenderedFile, ...] = render(artefact)
     try:
         results = check_files(files, root) if check else write_files(files, root)
     except OSError as exc:
@@ -74,7 +97,7 @@ def _run(artefact: Artefact, root: Path | None, check: bool, as_json: bool) -> N
         style = {FileStatus.WRITTEN: "cyan", FileStatus.UNCHANGED: "green",
                  FileStatus.DIFFERS: "bold red", FileStatus.MISSING: "bold red"}
         for f, status in results:
-            table.add_row(str(f.path), f"[{style[status]}]{status}[/]")
+            table.add_row(str(f.path), styled(str(status), style[status]))
         out().print(table)
     if check and stale:
         err().print(
@@ -87,33 +110,58 @@ def _run(artefact: Artefact, root: Path | None, check: bool, as_json: bool) -> N
 
 
 @app.command("alerts")
-def alerts(root: RootOpt = None, check: CheckOpt = False, as_json: JsonOpt = False) -> None:
+def alerts(root: RootOpt = None, check: CheckOpt = False, as_json: JsonOpt = False,
+        qpq_job: QpqJobOpt = DEFAULT_SCOPE.qpq_job,
+        node_job: NodeJobOpt = DEFAULT_SCOPE.node_job,
+        data_mountpoint: MountOpt = DEFAULT_SCOPE.mountpoint,
+        runbook_base_url: RunbookOpt = DEFAULT_RUNBOOK_BASE_URL) -> None:
     """prometheus/alerts/qpq-alerts.yml and prometheus/rules/qpq-recording.yml."""
-    _run(Artefact.ALERTS, root, check, as_json)
+    _run(Artefact.ALERTS, root, check, as_json,
+         _settings(qpq_job, node_job, data_mountpoint, runbook_base_url))
 
 
 @app.command("rules-tests")
 def rules_tests(root: RootOpt = None, check: CheckOpt = False,
-                as_json: JsonOpt = False) -> None:
+                as_json: JsonOpt = False,
+        qpq_job: QpqJobOpt = DEFAULT_SCOPE.qpq_job,
+        node_job: NodeJobOpt = DEFAULT_SCOPE.node_job,
+        data_mountpoint: MountOpt = DEFAULT_SCOPE.mountpoint,
+        runbook_base_url: RunbookOpt = DEFAULT_RUNBOOK_BASE_URL) -> None:
     """prometheus/tests/*.yml: promtool tests driving every alert."""
-    _run(Artefact.RULES_TESTS, root, check, as_json)
+    _run(Artefact.RULES_TESTS, root, check, as_json,
+         _settings(qpq_job, node_job, data_mountpoint, runbook_base_url))
 
 
 @app.command("dashboard")
 def dashboard(root: RootOpt = None, check: CheckOpt = False,
-              as_json: JsonOpt = False) -> None:
+              as_json: JsonOpt = False,
+        qpq_job: QpqJobOpt = DEFAULT_SCOPE.qpq_job,
+        node_job: NodeJobOpt = DEFAULT_SCOPE.node_job,
+        data_mountpoint: MountOpt = DEFAULT_SCOPE.mountpoint,
+        runbook_base_url: RunbookOpt = DEFAULT_RUNBOOK_BASE_URL) -> None:
     """dashboards/qpq-overview.json (Grafana)."""
-    _run(Artefact.DASHBOARD, root, check, as_json)
+    _run(Artefact.DASHBOARD, root, check, as_json,
+         _settings(qpq_job, node_job, data_mountpoint, runbook_base_url))
 
 
 @app.command("docs")
-def docs(root: RootOpt = None, check: CheckOpt = False, as_json: JsonOpt = False) -> None:
+def docs(root: RootOpt = None, check: CheckOpt = False, as_json: JsonOpt = False,
+        qpq_job: QpqJobOpt = DEFAULT_SCOPE.qpq_job,
+        node_job: NodeJobOpt = DEFAULT_SCOPE.node_job,
+        data_mountpoint: MountOpt = DEFAULT_SCOPE.mountpoint,
+        runbook_base_url: RunbookOpt = DEFAULT_RUNBOOK_BASE_URL) -> None:
     """docs/operations/{monitoring,incident-response,scaling-guide}.md."""
-    _run(Artefact.DOCS, root, check, as_json)
+    _run(Artefact.DOCS, root, check, as_json,
+         _settings(qpq_job, node_job, data_mountpoint, runbook_base_url))
 
 
 @app.command("all")
 def render_all(root: RootOpt = None, check: CheckOpt = False,
-               as_json: JsonOpt = False) -> None:
+               as_json: JsonOpt = False,
+        qpq_job: QpqJobOpt = DEFAULT_SCOPE.qpq_job,
+        node_job: NodeJobOpt = DEFAULT_SCOPE.node_job,
+        data_mountpoint: MountOpt = DEFAULT_SCOPE.mountpoint,
+        runbook_base_url: RunbookOpt = DEFAULT_RUNBOOK_BASE_URL) -> None:
     """Every generated file of the bundle."""
-    _run(Artefact.ALL, root, check, as_json)
+    _run(Artefact.ALL, root, check, as_json,
+         _settings(qpq_job, node_job, data_mountpoint, runbook_base_url))

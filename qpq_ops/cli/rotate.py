@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from qpq_ops._console import err, fail, out, print_json
+from qpq_ops._console import fail, out, print_json, warn
 from qpq_ops.cli._deployment import deployment_or_fail
 from qpq_ops.errors import OpsError
 from qpq_ops.exit_codes import ExitCode
@@ -70,7 +70,7 @@ def _report(result: RotationResult, json_out: bool) -> None:
             table.add_row("next", step)
         out().print(table)
         for warning in result.warnings:
-            err().print(f"[yellow]warning:[/] {warning}")
+            warn(warning)
     raise typer.Exit(int(ExitCode.WARNING if result.warnings else ExitCode.OK))
 
 

@@ -16,13 +16,13 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
-from qpq_ops._console import err, fail, out, print_json, styled_state
+from qpq_ops._console import STATE_STYLE, err, fail, out, print_json
 from qpq_ops.errors import SourceError
 from qpq_ops.evaluate.direct import evaluate_direct, http_url
-from qpq_ops.evaluate.model import Evaluation
+from qpq_ops.evaluate.model import Evaluation, TriggerResult
 from qpq_ops.evaluate.prometheus import evaluate_prometheus
 from qpq_ops.exit_codes import ExitCode
-from qpq_ops.triggers import TRIGGER_IDS, TRIGGERS, Trigger, get_trigger
+from qpq_ops.triggers import DEFAULT_SCOPE, TRIGGER_IDS, TRIGGERS, Scope, Trigger, get_trigger
 
 __all__ = ["check_triggers", "evaluation_table", "format_value"]
 
@@ -40,29 +40,71 @@ def format_value(value: float | None, unit: str) -> str:
     return f"{value:,.0f}"
 
 
-def evaluation_table(evaluation: Evaluation) -> Table:
-    table = Table(
-        title=f"Scaling triggers ({evaluation.source}: {evaluation.url}) "
-        f"status: {evaluation.status}",
-        title_justify="left",
-    )
-    table.add_column("trigger")
-    table.add_column("instance")
-    table.add_column("value", justify="right")
-    table.add_column("warning", justify="right")
-    table.add_column("critical", justify="right")
-    table.add_column("state")
-    table.add_column("action / note")
-    for r in evaluation.results:
-        t = r.trigger
-        action = t.action if r.state in ("warning", "critical") else ""
-        detail = "\n".join(x for x in (action, f"[dim]{r.note}[/]" if r.note else "") if x)
-        table.add_row(
-            t.title, r.instance or "-", format_value(r.value, t.unit),
-            format_value(t.warning, t.unit), format_value(t.critical, t.unit),
-            styled_state(r.state), detail,
-        )
-    return table
+COMPACT_BELOW = 110
+"""Terminal width under which the table drops to three columns plus a notes list."""
+
+
+def _detail_text(r: TriggerResult) -> str:
+    """Action (when beyond a threshold) and note, as plain text."""
+    action = r.trigger.action if r.state in ("warning", "critical") else ""
+    return "\n".join(x for x in (action, r.note) if x)
+
+
+def _title(evaluation: Evaluation) -> Text:
+    title = Text(f"Scaling triggers ({evaluation.source}: {evaluation.url}) status: ")
+    title.append(str(evaluation.status), style=STATE_STYLE.get(str(evaluation.status), ""))
+    return title
+
+
+def evaluation_table(evaluation: Evaluation, width: int | None = None) -> RenderableType:
+    """The evaluation for people: every text from data is escaped (an action such as
+    "tighten [rate_limit]" is not markup), and under `COMPACT_BELOW` columns the layout
+    is compact: trigger and instance in one cell, thresholds under the value, and the
+    actions and notes as a list below the table, so nothing wraps letter by letter."""
+    width = out().width if width is None else width
+    parts: list[RenderableType] = []
+    if width < COMPACT_BELOW:
+        table = Table(title=_title(evaluation), title_justify="left", expand=False)
+        table.add_column("trigger / instance", overflow="fold")
+        table.add_column("value (warn/crit)", justify="right", overflow="fold")
+        table.add_column("state", no_wrap=True)
+        notes: list[Text] = []
+        for r in evaluation.results:
+            t = r.trigger
+            cell = Text(t.title)
+            cell.append(f"\n{r.instance or '-'}", style="dim")
+            value = Text(format_value(r.value, t.unit))
+            value.append(f"\n{format_value(t.warning, t.unit)} / "
+                         f"{format_value(t.critical, t.unit)}", style="dim")
+            table.add_row(cell, value, Text(str(r.state), style=STATE_STYLE.get(r.state, "")))
+            if plain := _detail_text(r):
+                notes.append(Text(f"{t.id} @ {r.instance or '-'}: ", style="bold")
+                             + Text(plain.replace("\n", " ")))
+        parts += [table, *notes]
+    else:
+        table = Table(title=_title(evaluation), title_justify="left")
+        table.add_column("trigger")
+        table.add_column("instance", overflow="fold")
+        table.add_column("value", justify="right")
+        table.add_column("warning", justify="right")
+        table.add_column("critical", justify="right")
+        table.add_column("state", no_wrap=True)
+        table.add_column("action / note", overflow="fold")
+        for r in evaluation.results:
+            t = r.trigger
+            detail: Text = Text(t.action if r.state in ("warning", "critical") else "")
+            if r.note:
+                detail.append(("\n" if detail else "") + r.note, style="dim")
+            table.add_row(
+                Text(t.title), Text(r.instance or "-"), format_value(r.value, t.unit),
+                format_value(t.warning, t.unit), format_value(t.critical, t.unit),
+                Text(str(r.state), style=STATE_STYLE.get(r.state, "")), detail,
+            )
+        parts.append(table)
+    if evaluation.skipped:
+        parts.append(Text(f"not evaluated: {', '.join(evaluation.skipped)}: "
+                          f"{evaluation.skipped_note}", style="magenta"))
+    return Group(*parts)
 
 
 def _choose_triggers(ids: list[str] | None) -> tuple[Trigger, ...]:
@@ -94,7 +136,8 @@ def check_triggers(
     )] = None,
     node_metrics_url: Annotated[str | None, typer.Option(
         "--node-metrics-url", metavar="URL",
-        help="With --metrics-url: also scrape node_exporter for memory and disk.",
+        help="With --metrics-url: also scrape node_exporter for the host triggers (CPU, "
+        "memory, disk); without it they are listed once as not evaluated.",
     )] = None,
     sample: Annotated[float, typer.Option(
         "--sample", metavar="SECONDS",
@@ -107,7 +150,15 @@ def check_triggers(
         "when the scrape config relabels node_exporter and the server to the node's name.",
     )] = None,
     job: Annotated[str | None, typer.Option(
-        "--job", metavar="JOB", help="Only series with this `job` label.")] = None,
+        "--job", metavar="JOB", help="Scrape job of the qpq servers (qpq triggers read only "
+        f"it). Default: {DEFAULT_SCOPE.qpq_job}.")] = None,
+    node_job: Annotated[str | None, typer.Option(
+        "--node-job", metavar="JOB", help="Scrape job of node_exporter (host triggers read "
+        f"only it). Default: {DEFAULT_SCOPE.node_job}.")] = None,
+    mountpoint: Annotated[str, typer.Option(
+        "--mountpoint", metavar="PATH", help="Mountpoint of the filesystem holding the data "
+        "dir; disk_usage reads only it (`df --output=target DATA_DIR`).",
+    )] = DEFAULT_SCOPE.mountpoint,
     trigger: Annotated[list[str] | None, typer.Option(
         "--trigger", metavar="ID",
         help=f"Only this trigger (repeatable): {', '.join(TRIGGER_IDS)}.",
@@ -126,22 +177,33 @@ def check_triggers(
         "--sustain-scale", hidden=True, help="Compress sustain windows (tests only).",
     )] = 1.0,
 ) -> None:
-    """Evaluate the nine scaling triggers of the scaling guide.
+    """Evaluate the scaling triggers of the scaling guide (and qpq's worker CPU).
 
-    States: ok, warning, critical, no-data (a missing metric is never ok). Exit code:
-    2 if any trigger is critical, else 1 if any is warning, else 3 if any has no data or
-    the source failed, else 0.
+    States: ok, warning, critical, no-data. A target that is down, a metric missing
+    for one instance, and a value beyond a threshold whose sustain window has not been
+    observed yet ("not sustained yet") are no-data, never ok. Every target of the qpq
+    and node jobs (from `up`) gets a row. Exit code: 2 if any trigger is critical, else
+    1 if any is warning, else 3 if any has no data or the source failed, else 0.
 
     Examples: `check-triggers --prometheus-url http://127.0.0.1:9091 --instance node1`;
     without Prometheus, `check-triggers --metrics-url 127.0.0.1:9090 --node-metrics-url
-    127.0.0.1:9100 --sample 15` (CPU needs history: no-data in this mode).
+    127.0.0.1:9100 --sample 15` (host triggers need --node-metrics-url; without it they
+    are listed once as not evaluated).
     """
     if prometheus_url is None and metrics_url is None:
         prometheus_url = os.environ.get("QPQ_PROMETHEUS_URL") or None
     if (prometheus_url is None) == (metrics_url is None):
         fail("give exactly one of --prometheus-url (or QPQ_PROMETHEUS_URL) and --metrics-url")
-    if metrics_url is not None and (instance or job):
-        fail("--instance and --job select Prometheus series; use them with --prometheus-url")
+    if metrics_url is not None and (instance or job or node_job):
+        fail("--instance, --job and --node-job select Prometheus series; use them with "
+             "--prometheus-url")
+    if not mountpoint.startswith("/"):
+        fail(f"--mountpoint: must be an absolute path, got {mountpoint!r}")
+    for flag, given in (("--job", job), ("--node-job", node_job)):
+        if given is not None and not given.strip():
+            fail(f"{flag}: must not be empty")
+    scope = Scope(job or DEFAULT_SCOPE.qpq_job, node_job or DEFAULT_SCOPE.node_job,
+                  mountpoint)
     if prometheus_url is not None and node_metrics_url is not None:
         fail("--node-metrics-url is for direct mode (--metrics-url)")
     for name, value in (("--sample", sample), ("--timeout", timeout), ("--watch", watch),
@@ -160,11 +222,12 @@ def check_triggers(
     def evaluate() -> Evaluation:
         if prometheus_url is not None:
             return evaluate_prometheus(prometheus_url, triggers=chosen, instances=instance or (),
-                                       job=job, timeout=timeout, sustain_scale=sustain_scale)
+                                       scope=scope, timeout=timeout,
+                                       sustain_scale=sustain_scale)
         assert metrics_url is not None
         return evaluate_direct(metrics_url, node_metrics_url=node_metrics_url,
                                sample_s=sample, timeout=timeout, triggers=chosen,
-                               sleep=_sampling_progress)
+                               scope=scope, sleep=_sampling_progress)
 
     if watch is None:
         try:

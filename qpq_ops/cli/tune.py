@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from qpq_ops._console import err, fail, out, print_json
+from qpq_ops._console import err, fail, out, print_json, styled
 from qpq_ops.capacity import NOFILE, SYSCTL
 from qpq_ops.exit_codes import ExitCode, worst
 from qpq_ops.tuning import (
@@ -68,7 +68,7 @@ def _print_checks(checks: list[SettingCheck], title: str) -> None:
     for c in checks:
         live = "?" if c.live is None else str(_live_json(c.live))
         style = {"ok": "green", "below": "yellow", "unknown": "magenta"}[c.state]
-        table.add_row(c.name, str(c.recommended), live, f"[{style}]{c.state}[/]")
+        table.add_row(c.name, str(c.recommended), live, styled(str(c.state), style))
     out().print(table)
     below = [c for c in checks if c.state is not CheckState.OK]
     if below:

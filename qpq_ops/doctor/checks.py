@@ -29,15 +29,22 @@ from qpq_ops.doctor.model import CheckResult, CheckState
 from qpq_ops.errors import ParseError, SourceError
 from qpq_ops.evaluate.exposition import parse
 from qpq_ops.evaluate.prometheus_client import PrometheusQuerier
-from qpq_ops.triggers import get_trigger
+from qpq_ops.triggers import (
+    BACKUP_CRITICAL_AGE_S,
+    BACKUP_MAX_AGE_S,
+    TLS_EXPIRY_CRITICAL_S,
+    TLS_EXPIRY_WARNING_S,
+    get_trigger,
+)
 from qpq_ops.tuning import CheckState as TuneState
 from qpq_ops.tuning import SettingCheck, check_nofile, check_sysctl
 
 __all__ = ["CHECKS", "CHECK_IDS", "DoctorInputs"]
 
 DAY = 86_400.0
-CERT_WARNING_DAYS = 30
-CERT_CRITICAL_DAYS = 7
+# The thresholds the alerts use (qpq_ops/triggers.py), so doctor and alerts agree.
+CERT_WARNING_DAYS = TLS_EXPIRY_WARNING_S / DAY
+CERT_CRITICAL_DAYS = TLS_EXPIRY_CRITICAL_S / DAY
 CLOCK_WARNING_S = 0.1
 CLOCK_CRITICAL_S = 1.0
 BACKUP_FILE = "qpq_backup.prom"
@@ -57,8 +64,8 @@ class DoctorInputs:
     proc: Path = Path("/proc")
     timeout: float = 5.0
     now: float = 0.0
-    backup_warning_age_s: float = 26 * 3600.0
-    backup_critical_age_s: float = 72 * 3600.0
+    backup_warning_age_s: float = float(BACKUP_MAX_AGE_S)
+    backup_critical_age_s: float = float(BACKUP_CRITICAL_AGE_S)
     clock: Callable[[], ClockReading | None] = read_clock
     skip: frozenset[str] = frozenset()
 

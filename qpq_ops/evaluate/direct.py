@@ -2,8 +2,11 @@
 
 The qpq server's page (and node_exporter's, when given) is scraped at the start and
 after `sample_s` seconds; counters become rates over that interval and histograms a
-quantile of the interval's observations. A trigger that needs history (a sustain window)
-is reported as no-data "not evaluable in direct mode" rather than guessed.
+quantile of the interval's observations. The qpq process's own metrics answer what they
+can (worker CPU from `process_cpu_seconds_total`); host triggers need node_exporter
+(`node_metrics_url`) and without it are listed once as skipped, not as failing rows.
+A sustained trigger (CPU) that reads ok is ok (no window can be worse than now); one
+that reads beyond a threshold is no-data "not sustained yet": the sample is no window.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import httpx
 from qpq_ops.errors import ParseError, SourceError
 from qpq_ops.evaluate.exposition import Exposition, compute, parse
 from qpq_ops.evaluate.model import Evaluation, TriggerResult
-from qpq_ops.triggers import TRIGGERS, Quantile, Source, State, Trigger
+from qpq_ops.triggers import DEFAULT_SCOPE, TRIGGERS, Quantile, Scope, Source, State, Trigger
 
 __all__ = ["evaluate_direct", "http_url", "metrics_endpoint", "scrape"]
 
@@ -62,21 +65,23 @@ def scrape(client: httpx.Client, url: str) -> tuple[Exposition, float]:
 
 
 def _result(trigger: Trigger, instance: str, first: Exposition, second: Exposition,
-            dt: float) -> TriggerResult:
-    if trigger.sustain_s > 0:
-        return TriggerResult(
-            trigger, instance, State.NO_DATA, None,
-            note=f"not evaluable in direct mode: needs {trigger.sustain_s} s of history "
-            "(use --prometheus-url)",
-        )
-    value = compute(trigger.measure, first, second, dt)
+            dt: float, scope: Scope) -> TriggerResult:
+    value = compute(trigger.measure, first, second, dt, trigger.local_matchers(scope))
     if value is None:
         return TriggerResult(trigger, instance, State.NO_DATA, None,
                              note="metric absent: " + ", ".join(trigger.metrics))
     if math.isnan(value) and isinstance(trigger.measure, Quantile):
         return TriggerResult(trigger, instance, State.OK, None,
                              note=f"no observations in the {dt:.1f} s sample")
-    return TriggerResult(trigger, instance, trigger.state_for(value), value)
+    state = trigger.state_for(value)
+    if trigger.sustain_s > 0 and state is not State.OK:
+        return TriggerResult(
+            trigger, instance, State.NO_DATA, None, current=value,
+            note=f"not sustained yet: {value:.1f} now, but a {dt:.0f} s sample cannot show "
+            f"{trigger.sustain_s} s (use --prometheus-url)",
+        )
+    note = f"over a {dt:.0f} s sample" if trigger.sustain_s > 0 else ""
+    return TriggerResult(trigger, instance, state, value, current=value, note=note)
 
 
 def evaluate_direct(
@@ -86,6 +91,7 @@ def evaluate_direct(
     sample_s: float = 10.0,
     timeout: float = 10.0,
     triggers: Sequence[Trigger] = TRIGGERS,
+    scope: Scope = DEFAULT_SCOPE,
     sleep: Callable[[float], None] = time.sleep,
 ) -> Evaluation:
     """Scrape twice, `sample_s` apart (waiting with `sleep`), and evaluate `triggers`.
@@ -106,14 +112,13 @@ def evaluate_direct(
         second = scrape_all()
 
     results = []
+    skipped = tuple(t.id for t in triggers if t.source not in sources)
     for trigger in triggers:
         if trigger.source not in sources:
-            results.append(TriggerResult(
-                trigger, None, State.NO_DATA, None,
-                note="host metric: give --node-metrics-url (node_exporter)",
-            ))
             continue
         instance = urlsplit(sources[trigger.source]).netloc
         (a, ta), (b, tb) = first[trigger.source], second[trigger.source]
-        results.append(_result(trigger, instance, a, b, max(tb - ta, 1e-3)))
-    return Evaluation("direct", sources[Source.QPQ], started, tuple(results))
+        results.append(_result(trigger, instance, a, b, max(tb - ta, 1e-3), scope))
+    note = ("host triggers need node_exporter: give --node-metrics-url (e.g. "
+            "127.0.0.1:9100) or use --prometheus-url" if skipped else "")
+    return Evaluation("direct", sources[Source.QPQ], started, tuple(results), skipped, note)

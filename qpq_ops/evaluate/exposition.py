@@ -21,6 +21,7 @@ from qpq_ops.triggers import (
     Gauge,
     Measure,
     PerMinute,
+    ProcessBusyPercent,
     Quantile,
     RatioPercent,
     UsedPercent,
@@ -101,8 +102,11 @@ def histogram_quantile(q: float, buckets: Mapping[float, float]) -> float:
     return math.nan
 
 
-def compute(measure: Measure, first: Exposition, second: Exposition, dt: float) -> float | None:
-    """The measure's value over the interval; None when its metrics are absent."""
+def compute(measure: Measure, first: Exposition, second: Exposition, dt: float,
+            matchers: str = "") -> float | None:
+    """The measure's value over the interval; None when its metrics are absent.
+
+    `matchers` (e.g. `mountpoint="/srv"`) restrict a filesystem measure's series."""
     if isinstance(measure, Gauge):
         return _sum(second.series(measure.metric))
     if isinstance(measure, RatioPercent):
@@ -111,7 +115,12 @@ def compute(measure: Measure, first: Exposition, second: Exposition, dt: float) 
             return None
         return math.nan if den == 0 else 100 * num / den
     if isinstance(measure, UsedPercent):
-        return _used_percent(measure, second)
+        return _used_percent(measure, second, matchers)
+    if isinstance(measure, ProcessBusyPercent):
+        if not second.series(measure.counter):
+            return None
+        deltas = _deltas(first.series(measure.counter), second.series(measure.counter))
+        return 100 * max(deltas.values()) / dt if deltas else None
     if isinstance(measure, PerMinute):
         if not second.series(measure.counter):
             return None
@@ -137,11 +146,11 @@ def compute(measure: Measure, first: Exposition, second: Exposition, dt: float) 
     raise TypeError(f"unknown measure {measure!r}")
 
 
-def _used_percent(measure: UsedPercent, scrape: Exposition) -> float | None:
+def _used_percent(measure: UsedPercent, scrape: Exposition, matchers: str) -> float | None:
     avail = {k: v for k, v in scrape.series(measure.available).items()
-             if _matches(k, measure.matchers)}
+             if _matches(k, measure.matchers) and _matches(k, matchers)}
     total = {k: v for k, v in scrape.series(measure.total).items()
-             if _matches(k, measure.matchers)}
+             if _matches(k, measure.matchers) and _matches(k, matchers)}
     if measure.per_series:
         used = [100 * (1 - avail[k] / total[k]) for k in avail if total.get(k)]
         return max(used) if used else None

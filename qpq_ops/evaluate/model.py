@@ -57,6 +57,9 @@ class Evaluation:
     url: str
     evaluated_at: float
     results: tuple[TriggerResult, ...]
+    skipped: tuple[str, ...] = ()
+    """ids of triggers this source cannot answer at all (said once, in `skipped_note`)"""
+    skipped_note: str = ""
 
     @property
     def status(self) -> State:
@@ -73,6 +76,7 @@ class Evaluation:
             "url": self.url,
             "evaluated_at": self.evaluated_at,
             "triggers": [r.to_json() for r in self.results],
+            "skipped": {"ids": list(self.skipped), "reason": self.skipped_note},
         }
 
 

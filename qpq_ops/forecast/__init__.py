@@ -28,7 +28,7 @@ from qpq_ops.forecast.trend import (
     TriggerForecast,
     forecast_trigger,
 )
-from qpq_ops.triggers import State, get_trigger, worst_state
+from qpq_ops.triggers import DEFAULT_SCOPE, State, get_trigger, worst_state
 
 __all__ = [
     "FORECAST_TRIGGER_IDS",
@@ -127,7 +127,7 @@ def run_forecast(url: str, *, lookback_s: int, horizon_s: int,
     triggers = [get_trigger(i) for i in (trigger_ids or FORECAST_TRIGGER_IDS)]
     rate_window = f"{max(300, 2 * step)}s"
     enqueue = f"qpq_enqueue_total{{{matcher}}}"
-    exprs = {t.id: t.expr_with_selector(matcher) for t in triggers}
+    exprs = {t.id: t.expr_in(DEFAULT_SCOPE, matcher) for t in triggers}
     exprs |= {
         "_rate": f"60 * sum by (instance) (rate({enqueue}[{rate_window}]))",
         "_users": f"sum(qpq_connections_active{{{matcher}}})",

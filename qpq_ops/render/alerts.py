@@ -14,9 +14,18 @@ from pathlib import PurePosixPath
 
 from qpq_ops.render._files import RenderedFile, yaml_document
 from qpq_ops.render.recording_rules import trigger_record
-from qpq_ops.render.selectors import NODE_JOB, QPQ_JOB
+from qpq_ops.render.selectors import job_matcher
+from qpq_ops.render.settings import current, runbook_url
 from qpq_ops.render.units import duration_text, human_value, value_template
-from qpq_ops.triggers import RUNBOOK_DOC, TRIGGERS, Direction, Severity, Trigger
+from qpq_ops.triggers import (
+    BACKUP_MAX_AGE_S,
+    TLS_EXPIRY_CRITICAL_S,
+    TLS_EXPIRY_WARNING_S,
+    TRIGGERS,
+    Direction,
+    Severity,
+    Trigger,
+)
 
 __all__ = [
     "BACKUP_MAX_AGE_S",
@@ -26,6 +35,7 @@ __all__ = [
     "TLS_EXPIRY_WARNING_S",
     "AlertRule",
     "all_alerts",
+    "health_alerts",
     "render",
     "trigger_alert",
     "trigger_alert_name",
@@ -33,11 +43,6 @@ __all__ = [
 ]
 
 PATH = PurePosixPath("prometheus/alerts/qpq-alerts.yml")
-
-BACKUP_MAX_AGE_S = 26 * 3600
-"""A daily backup plus two hours of slack."""
-TLS_EXPIRY_WARNING_S = 14 * 86400
-TLS_EXPIRY_CRITICAL_S = 3 * 86400
 
 
 @dataclass(frozen=True)
@@ -66,7 +71,7 @@ class AlertRule:
 
     @property
     def runbook_url(self) -> str:
-        return f"{RUNBOOK_DOC}#{self.runbook_anchor}"
+        return runbook_url(self.runbook_anchor)
 
     @property
     def annotations(self) -> dict[str, str]:
@@ -79,8 +84,16 @@ def trigger_alert_name(trigger: Trigger, severity: Severity) -> str:
     return f"qpq_{trigger.id}_{severity}"
 
 
+def _title(trigger: Trigger) -> str:
+    """The trigger's title, naming the filesystem for the data-volume trigger."""
+    if trigger.local_matchers(current().scope):
+        return f"{trigger.title} of {current().scope.mountpoint}"
+    return trigger.title
+
+
 def trigger_alert(trigger: Trigger, severity: Severity) -> AlertRule:
     side = "above" if trigger.direction is Direction.ABOVE else "below"
+    title = _title(trigger)
     threshold = human_value(trigger.unit, trigger.threshold(severity))
     held = f" for at least {duration_text(trigger.alert_for_s)}" if trigger.alert_for_s else ""
     return AlertRule(
@@ -89,9 +102,9 @@ def trigger_alert(trigger: Trigger, severity: Severity) -> AlertRule:
         expr=f"{trigger_record(trigger)} {trigger.comparison(severity)}",
         for_s=trigger.alert_for_s,
         severity=severity,
-        summary=f"{trigger.title} {side} {threshold} on {{{{ $labels.instance }}}}",
+        summary=f"{title} {side} {threshold} on {{{{ $labels.instance }}}}",
         description=(
-            f"{trigger.title} on {{{{ $labels.instance }}}} is "
+            f"{title} on {{{{ $labels.instance }}}} is "
             f"{value_template(trigger.unit)}{held} "
             f"(warning {side} {human_value(trigger.unit, trigger.warning)}, "
             f"critical {side} {human_value(trigger.unit, trigger.critical)}). "
@@ -109,16 +122,12 @@ def trigger_alerts() -> tuple[AlertRule, ...]:
     )
 
 
-_UP = f'up{{job=~"{QPQ_JOB}|{NODE_JOB}"}}'
-_CERT = f'qpq_tls_cert_expiry_timestamp_seconds{{job="{QPQ_JOB}"}}'
-_BACKUP = f'qpq_backup_last_success_timestamp_seconds{{job="{NODE_JOB}"}}'
-
-
 def _cert_alert(severity: Severity, within_s: int) -> AlertRule:
+    cert = f"qpq_tls_cert_expiry_timestamp_seconds{{{job_matcher('qpq')}}}"
     return AlertRule(
         name=f"qpq_tls_cert_expiry_{severity}",
         group="qpq-health",
-        expr=f"{_CERT} - time() < {within_s}",
+        expr=f"{cert} - time() < {within_s}",
         for_s=600,
         severity=severity,
         summary=f"TLS certificate of {{{{ $labels.instance }}}} expires within "
@@ -130,68 +139,77 @@ def _cert_alert(severity: Severity, within_s: int) -> AlertRule:
     )
 
 
-HEALTH_ALERTS: tuple[AlertRule, ...] = (
-    AlertRule(
-        name="qpq_instance_down",
-        group="qpq-health",
-        expr=f"{_UP} == 0",
-        for_s=120,
-        severity=Severity.CRITICAL,
-        summary="{{ $labels.job }} target {{ $labels.instance }} is down",
-        description="Prometheus has failed to scrape job {{ $labels.job }} on "
-        "{{ $labels.instance }} for 2 minutes: the process stopped or crashed, or its "
-        "metrics port is unreachable.",
-        runbook_anchor="instance_down",
-    ),
-    AlertRule(
-        name="qpq_udp_receive_buffer_errors",
-        group="qpq-health",
-        expr=f'rate(node_netstat_Udp_RcvbufErrors{{job="{NODE_JOB}"}}[5m]) > 0',
-        for_s=600,
-        severity=Severity.WARNING,
-        summary="UDP datagrams dropped for lack of receive buffer on {{ $labels.instance }}",
-        description="The kernel drops {{ printf \"%.2f\" $value }} UDP datagrams/s on "
-        "{{ $labels.instance }} because socket receive buffers are full "
-        "(node_netstat_Udp_RcvbufErrors rising). QUIC loses packets and retransmits: the "
-        "UDP buffer sysctls are missing. Check with `qpq-ops tune sysctl --check`.",
-        runbook_anchor="udp_receive_buffer_errors",
-    ),
-    _cert_alert(Severity.WARNING, TLS_EXPIRY_WARNING_S),
-    _cert_alert(Severity.CRITICAL, TLS_EXPIRY_CRITICAL_S),
-    AlertRule(
-        name="qpq_backup_stale",
-        group="qpq-health",
-        expr=f"time() - max by (instance) ({_BACKUP}) > {BACKUP_MAX_AGE_S}",
-        for_s=0,
-        severity=Severity.WARNING,
-        summary="No successful backup of {{ $labels.instance }} in "
-        f"{duration_text(BACKUP_MAX_AGE_S)}",
-        description="The last successful `qpq-ops backup create` on {{ $labels.instance }} "
-        "finished {{ humanizeDuration $value }} ago.",
-        runbook_anchor="backup_stale",
-        reason="too_old",
-    ),
-    AlertRule(
-        # The same alert for a node whose node_exporter shows no backup metric at all.
-        name="qpq_backup_stale",
-        group="qpq-health",
-        expr=f'max by (instance) (up{{job="{NODE_JOB}"}} == 1) '
-        f"unless on (instance) max by (instance) ({_BACKUP})",
-        for_s=3600,
-        severity=Severity.WARNING,
-        summary="No successful backup of {{ $labels.instance }} recorded",
-        description="node_exporter on {{ $labels.instance }} has shown no "
-        "qpq_backup_last_success_timestamp_seconds for an hour: no backup has ever "
-        "succeeded there, or the textfile collector does not read the directory "
-        "`qpq-ops backup create --textfile-dir` writes to.",
-        runbook_anchor="backup_stale",
-        reason="missing",
-    ),
-)
+def health_alerts() -> tuple[AlertRule, ...]:
+    """The health alerts of the current render settings (jobs, runbook links)."""
+    scope = current().scope
+    up = f'up{{job=~"{scope.qpq_job}|{scope.node_job}"}}'
+    backup = f"qpq_backup_last_success_timestamp_seconds{{{job_matcher('node')}}}"
+    return (
+        AlertRule(
+            name="qpq_instance_down",
+            group="qpq-health",
+            expr=f"{up} == 0",
+            for_s=120,
+            severity=Severity.CRITICAL,
+            summary="{{ $labels.job }} target {{ $labels.instance }} is down",
+            description="Prometheus has failed to scrape job {{ $labels.job }} on "
+            "{{ $labels.instance }} for 2 minutes: the process stopped or crashed, or its "
+            "metrics port is unreachable.",
+            runbook_anchor="instance_down",
+        ),
+        AlertRule(
+            name="qpq_udp_receive_buffer_errors",
+            group="qpq-health",
+            expr=f"rate(node_netstat_Udp_RcvbufErrors{{{job_matcher('node')}}}[5m]) > 0",
+            for_s=600,
+            severity=Severity.WARNING,
+            summary="UDP datagrams dropped for lack of receive buffer on {{ $labels.instance }}",
+            description="The kernel drops {{ printf \"%.2f\" $value }} UDP datagrams/s on "
+            "{{ $labels.instance }} because socket receive buffers are full "
+            "(node_netstat_Udp_RcvbufErrors rising). QUIC loses packets and retransmits: the "
+            "UDP buffer sysctls are missing. Check with `qpq-ops tune sysctl --check`.",
+            runbook_anchor="udp_receive_buffer_errors",
+        ),
+        _cert_alert(Severity.WARNING, TLS_EXPIRY_WARNING_S),
+        _cert_alert(Severity.CRITICAL, TLS_EXPIRY_CRITICAL_S),
+        AlertRule(
+            name="qpq_backup_stale",
+            group="qpq-health",
+            expr=f"time() - max by (instance) ({backup}) > {BACKUP_MAX_AGE_S}",
+            for_s=0,
+            severity=Severity.WARNING,
+            summary="No successful backup of {{ $labels.instance }} in "
+            f"{duration_text(BACKUP_MAX_AGE_S)}",
+            description="The last successful `qpq-ops backup create` on {{ $labels.instance }} "
+            "finished {{ humanizeDuration $value }} ago.",
+            runbook_anchor="backup_stale",
+            reason="too_old",
+        ),
+        AlertRule(
+            # The same alert for a node whose node_exporter shows no backup metric at all.
+            name="qpq_backup_stale",
+            group="qpq-health",
+            expr=f"max by (instance) (up{{{job_matcher('node')}}} == 1) "
+            f"unless on (instance) max by (instance) ({backup})",
+            for_s=3600,
+            severity=Severity.WARNING,
+            summary="No successful backup of {{ $labels.instance }} recorded",
+            description="node_exporter on {{ $labels.instance }} has shown no "
+            "qpq_backup_last_success_timestamp_seconds for an hour: no backup has ever "
+            "succeeded there, or the textfile collector does not read the directory "
+            "`qpq-ops backup create --textfile-dir` writes to.",
+            runbook_anchor="backup_stale",
+            reason="missing",
+        ),
+    )
+
+
+HEALTH_ALERTS: tuple[AlertRule, ...] = health_alerts()
+"""The health alerts with the default render settings."""
 
 
 def all_alerts() -> tuple[AlertRule, ...]:
-    return trigger_alerts() + HEALTH_ALERTS
+    return trigger_alerts() + health_alerts()
 
 
 def _rule(alert: AlertRule) -> dict[str, object]:

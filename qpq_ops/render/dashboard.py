@@ -21,6 +21,7 @@ from grafana_foundation_sdk.builders.common import (
     VizLegendOptions,
 )
 from grafana_foundation_sdk.builders.dashboard import (
+    AnnotationQuery,
     Dashboard,
     DatasourceVariable,
     QueryVariable,
@@ -48,9 +49,17 @@ from grafana_foundation_sdk.models.dashboard import (
 
 from qpq_ops.render._files import HEADER, RenderedFile
 from qpq_ops.render.recording_rules import latency_record, rate_record, trigger_record
-from qpq_ops.render.selectors import NODE_JOB, QPQ_JOB
+from qpq_ops.render.selectors import job_matcher
 from qpq_ops.render.units import duration_text, grafana_unit, human_value
-from qpq_ops.triggers import TRIGGERS, Direction, Trigger, get_trigger
+from qpq_ops.triggers import (
+    BACKUP_MAX_AGE_S,
+    TLS_EXPIRY_CRITICAL_S,
+    TLS_EXPIRY_WARNING_S,
+    TRIGGERS,
+    Direction,
+    Trigger,
+    get_trigger,
+)
 
 __all__ = ["PATH", "UID", "PanelSpec", "Query", "RowSpec", "build", "layout", "render"]
 
@@ -77,6 +86,8 @@ class PanelSpec:
     unit: str = "short"
     trigger: str | None = None
     """Draw this trigger's warning/critical thresholds on the panel."""
+    steps: tuple[tuple[float | None, str], ...] = ()
+    """Other thresholds as (from value, colour) steps, e.g. certificate expiry."""
     kind: Literal["timeseries", "stat"] = "timeseries"
     width: int = 8
     height: int = 8
@@ -102,6 +113,14 @@ def _quantiles(histogram: str, extra: tuple[str, ...] = ()) -> tuple[Query, ...]
         _q(latency_record(histogram, name, extra) + SEL, f"{{{{instance}}}}{label} {name}")
         for name in ("p50", "p95", "p99")
     )
+
+
+def _qpq_sel() -> str:
+    return f'{{{job_matcher("qpq")},instance=~"$instance"}}'
+
+
+def _node_sel() -> str:
+    return f'{{{job_matcher("node")},instance=~"$instance"}}'
 
 
 def _thresholds_text(trigger: Trigger) -> str:
@@ -147,6 +166,12 @@ def layout() -> tuple[RowSpec, ...]:
                       "Messages accepted into delivery queues and fetch calls served, per second.",
                       (_q(_rate("qpq_enqueue_total"), "{{instance}} enqueue"),
                        _q(_rate("qpq_fetch_total"), "{{instance}} fetch")),
+                      unit="reqps", width=12),
+            PanelSpec("Requests by operation",
+                      "Requests served per second per operation, the R of RED "
+                      "(qpq_rpc_duration_seconds_count); errors and durations below.",
+                      (_q(_rate("qpq_rpc_duration_seconds_count", ("op",)),
+                          "{{instance}} {{op}}"),),
                       unit="reqps", width=12),
             PanelSpec("RPC errors by operation and code",
                       "Requests answered with an error, per second (qpq_rpc_errors_total).",
@@ -207,6 +232,22 @@ def layout() -> tuple[RowSpec, ...]:
         RowSpec("Rate limiting", (
             _trigger_panel("rate_limit_hits", width=24),
         )),
+        RowSpec("qpq processes (per worker)", (
+            _trigger_panel("process_cpu", "Worker CPU (share of one core)",
+                           extra=(_q(f"100 * rate(process_cpu_seconds_total{_qpq_sel()}"
+                                     "[5m])", "{{instance}} {{worker}}"),)),
+            PanelSpec("Worker resident memory",
+                      "Resident set size of each qpq process (process_resident_memory_bytes); "
+                      "a steady climb at flat traffic is a leak.",
+                      (_q(f"process_resident_memory_bytes{_qpq_sel()}",
+                          "{{instance}} {{worker}}"),), unit="bytes"),
+            PanelSpec("Worker open files",
+                      "Open file descriptors of each qpq process against its limit "
+                      "(process_open_fds, process_max_fds): every QUIC connection holds none, "
+                      "but SQLCipher, blobs and sockets do; `qpq-ops tune ulimits --check`.",
+                      (_q(f"process_open_fds{_qpq_sel()}", "{{instance}} {{worker}} open"),
+                       _q(f"process_max_fds{_qpq_sel()}", "{{instance}} {{worker}} limit")),),
+        )),
         RowSpec("Host", (
             _trigger_panel("cpu"),
             _trigger_panel("memory"),
@@ -214,8 +255,7 @@ def layout() -> tuple[RowSpec, ...]:
                       "Datagrams the kernel dropped because a socket receive buffer was full "
                       "(node_netstat_Udp_RcvbufErrors). Anything above zero means the UDP "
                       "sysctls are missing: `qpq-ops tune sysctl --check`.",
-                      (_q(f'rate(node_netstat_Udp_RcvbufErrors{{job="{NODE_JOB}",'
-                          'instance=~"$instance"}[5m])'),),
+                      (_q(f"rate(node_netstat_Udp_RcvbufErrors{_node_sel()}[5m])"),),
                       unit="pps"),
         )),
         RowSpec("Blobs and key transparency", (
@@ -232,17 +272,22 @@ def layout() -> tuple[RowSpec, ...]:
                       unit="reqps"),
             PanelSpec("TLS certificate expires in",
                       "Time left until notAfter of the serving certificate "
-                      "(qpq_tls_cert_expiry_timestamp_seconds). Alerts below 14 and 3 days.",
-                      (_q(f'qpq_tls_cert_expiry_timestamp_seconds{{job="{QPQ_JOB}",'
-                          'instance=~"$instance"} - time()'),),
-                      unit="s", kind="stat"),
+                      "(qpq_tls_cert_expiry_timestamp_seconds). Alerts below "
+                      f"{duration_text(TLS_EXPIRY_WARNING_S)} (warning) and "
+                      f"{duration_text(TLS_EXPIRY_CRITICAL_S)} (critical).",
+                      (_q(f"qpq_tls_cert_expiry_timestamp_seconds{_qpq_sel()} - time()"),),
+                      unit="s", kind="stat",
+                      steps=((None, _COLORS["critical"]),
+                             (TLS_EXPIRY_CRITICAL_S, _COLORS["warning"]),
+                             (TLS_EXPIRY_WARNING_S, _COLORS["ok"]))),
             PanelSpec("Last successful backup",
                       "Age of the last successful `qpq-ops backup create` "
                       "(qpq_backup_last_success_timestamp_seconds, node_exporter textfile). "
-                      "Alerts above 26 hours.",
-                      (_q(f'time() - qpq_backup_last_success_timestamp_seconds{{job="{NODE_JOB}",'
-                          'instance=~"$instance"}'),),
-                      unit="s", kind="stat"),
+                      f"Alerts above {duration_text(BACKUP_MAX_AGE_S)}.",
+                      (_q("time() - qpq_backup_last_success_timestamp_seconds"
+                          f"{_node_sel()}"),),
+                      unit="s", kind="stat",
+                      steps=((None, _COLORS["ok"]), (BACKUP_MAX_AGE_S, _COLORS["warning"]))),
         )),
     )
 
@@ -278,6 +323,9 @@ def _panel(spec: PanelSpec, panel_id: int) -> StatPanel | TimeseriesPanel:
         if isinstance(panel, TimeseriesPanel):
             panel = panel.thresholds_style(
                 GraphThresholdsStyleConfig().mode(GraphThresholdsStyleMode.DASHED_AND_AREA))
+    elif spec.steps:
+        panel = panel.thresholds(ThresholdsConfig().mode(ThresholdsMode.ABSOLUTE).steps(
+            [Threshold(value=value, color=color) for value, color in spec.steps]))
     elif spec.kind == "stat":
         panel = panel.thresholds(ThresholdsConfig().mode(ThresholdsMode.ABSOLUTE)
                                  .steps([Threshold(value=None, color="blue")]))
@@ -301,10 +349,15 @@ def build() -> Dashboard:
         .with_variable(DatasourceVariable("DS_PROMETHEUS").label("Prometheus")
                        .type("prometheus"))
         .with_variable(QueryVariable("instance").label("instance").datasource(DATASOURCE)
-                       .query(f'label_values(up{{job="{QPQ_JOB}"}}, instance)')
+                       .query(f"label_values(up{{{job_matcher('qpq')}}}, instance)")
                        .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED)
                        .sort(VariableSort.ALPHABETICAL_ASC)
                        .multi(True).include_all(True).all_value(".*"))
+        # A qpq process (re)started: a deploy, a crash, a restart by systemd.
+        .annotation(AnnotationQuery().name("qpq restarts").datasource(DATASOURCE)
+                    .enable(True).icon_color("purple")
+                    .expr(f"changes(process_start_time_seconds{{{job_matcher('qpq')}}}[2m])"
+                          " > 0"))
     )
     panel_id = 1
     for row in layout():

@@ -8,26 +8,32 @@ recipe here raises, so a trigger of a new kind cannot ship without promtool test
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
-from qpq_ops.render.selectors import NODE_JOB, QPQ_JOB
+from qpq_ops.render.settings import current
 from qpq_ops.triggers import (
     BusyPercent,
     Gauge,
     Measure,
     PerMinute,
+    ProcessBusyPercent,
     Quantile,
     RatioPercent,
-    Source,
     Trigger,
     UsedPercent,
 )
 
-__all__ = ["STEP_S", "InputSeries", "series_for", "window_seconds"]
+__all__ = ["FOREIGN_MOUNTPOINT", "SCRAPE_INTERVALS_S", "STEP_S", "InputSeries",
+           "per_minute_increment", "series_for", "window_seconds"]
 
 STEP_S = 15
 """Sample spacing of the synthetic series (the bundle's scrape interval)."""
+SCRAPE_INTERVALS_S = (15, 60)
+"""Scrape intervals the generated tests cover: the bundle's and Prometheus's default."""
+FOREIGN_MOUNTPOINT = "/boot/efi"
+"""A full filesystem that is not the data volume: it must not move disk_usage."""
 
 _TOTAL = 1000.0
 """Denominator of ratio measures: round, so that percentages come out exact."""
@@ -43,10 +49,20 @@ class InputSeries:
     """Increase per sample (0 for a constant gauge)."""
     literal: str | None = None
     """promtool values notation used as is (e.g. '1x3 0x11'), instead of start/step."""
+    reset_at: int | None = None
+    """A counter restarts from zero at this sample index (it reads `step` there)."""
+    precise: bool = False
+    """Write `step` with every digit (a boundary test needs the exact float)."""
 
     def values(self, samples: int) -> str:
+        if self.precise:
+            return f"{_num(self.start)}+{self.step!r}x{samples - 1}"
         if self.literal is not None:
             return self.literal
+        if self.reset_at is not None:
+            k = self.reset_at
+            return (f"{_num(self.start)}+{_num(self.step)}x{k - 1} "
+                    f"{_num(self.step)}+{_num(self.step)}x{samples - k - 1}")
         if self.step == 0:
             return f"{_num(self.start)}x{samples - 1}"
         return f"{_num(self.start)}+{_num(self.step)}x{samples - 1}"
@@ -112,18 +128,60 @@ def window_seconds(measure: Measure) -> int:
     return int(match.group(1)) * {"s": 1, "m": 60, "h": 3600}[match.group(2)]
 
 
-def series_for(trigger: Trigger, instance: str, value: float) -> list[InputSeries]:
-    job = NODE_JOB if trigger.source is Source.NODE else QPQ_JOB
+def per_minute_increment(value: float, step_s: int, window_s: int,
+                         eval_index: int) -> float | None:
+    """A counter increment per sample on which `increase(c[window]) / minutes`
+    evaluated at sample `eval_index` reads `value` bit-exactly in float64, or None.
+
+    The window starts on a sample (Prometheus 2 ranges are closed), so increase() is
+    (v[k] - v[k-n]) * (sampled / sampled) with v[i] = i * increment, as promtool expands
+    `0+INCxN`. Whole-number increases are exact; a neighbouring float is tried otherwise.
+    """
+    n = window_s // step_s
+    first, last = eval_index - n, eval_index
+    up = down = value / 60 * step_s
+    for _ in range(256):
+        for candidate in (up, down):
+            delta = candidate * last - candidate * first
+            if delta * ((n * step_s) / (n * step_s)) / (window_s / 60) == value:
+                return candidate
+        up, down = math.nextafter(up, math.inf), math.nextafter(down, -math.inf)
+    return None
+
+
+def series_for(trigger: Trigger, instance: str, value: float, step_s: int = STEP_S,
+               job: str | None = None, reset_at: int | None = None,
+               exact_at: int | None = None) -> list[InputSeries]:
+    """Input series on which `trigger` reads `value` (once its window is full).
+
+    `job` overrides the trigger's own job (a foreign job must not be read); `reset_at`
+    makes a counter restart from zero at that sample (a restart must not move the rate);
+    `exact_at` asks for a bit-exact reading at that sample index (boundary tests;
+    ValueError when no input gives it).
+    """
+    job = current().scope.job(trigger.source) if job is None else job
     base = {"instance": instance, "job": job}
     measure = trigger.measure
     if isinstance(measure, Gauge):
         return [InputSeries(_sel(measure.metric, base), value, 0)]
     if isinstance(measure, PerMinute):
-        return [InputSeries(_sel(measure.counter, base), 0, value / 60 * STEP_S)]
+        increment = value / 60 * step_s
+        if exact_at is not None:
+            exact = per_minute_increment(value, step_s, window_seconds(measure), exact_at)
+            if exact is None:
+                raise ValueError(f"trigger {trigger.id}: no counter reads exactly {value}")
+            return [InputSeries(_sel(measure.counter, base), 0, exact, precise=True)]
+        return [InputSeries(_sel(measure.counter, base), 0, increment, reset_at=reset_at)]
     if isinstance(measure, BusyPercent):
         labels = {**base, "cpu": "0", **_matching_labels(measure.idle_matcher)}
         idle_per_s = 1 - value / 100
-        return [InputSeries(_sel(measure.counter, labels), 0, idle_per_s * STEP_S)]
+        return [InputSeries(_sel(measure.counter, labels), 0, idle_per_s * step_s)]
+    if isinstance(measure, ProcessBusyPercent):
+        # the saturated worker and an idle one on the same instance: the max counts
+        busy = InputSeries(_sel(measure.counter, {**base, "worker": "1"}), 0,
+                           value / 100 * step_s)
+        idle = InputSeries(_sel(measure.counter, {**base, "worker": "2"}), 0, 0)
+        return [busy, idle]
     if isinstance(measure, RatioPercent):
         return [
             InputSeries(_sel(measure.numerator, base), _TOTAL * value / 100, 0),
@@ -131,11 +189,14 @@ def series_for(trigger: Trigger, instance: str, value: float) -> list[InputSerie
         ]
     if isinstance(measure, UsedPercent):
         labels = {**base, **(_matching_labels(measure.matchers) if measure.matchers else {})}
+        excluded = _excluded_labels(measure.matchers) if measure.matchers else None
+        if measure.data_filesystem:
+            labels["mountpoint"] = current().scope.mountpoint
+            excluded = {**labels, "mountpoint": FOREIGN_MOUNTPOINT}
         series = [
             InputSeries(_sel(measure.available, labels), _TOTAL * (1 - value / 100), 0),
             InputSeries(_sel(measure.total, labels), _TOTAL, 0),
         ]
-        excluded = _excluded_labels(measure.matchers) if measure.matchers else None
         if excluded is not None:
             # A full filesystem the matchers exclude: it must not move the value.
             excluded = {**base, **excluded}
@@ -145,12 +206,15 @@ def series_for(trigger: Trigger, instance: str, value: float) -> list[InputSerie
             ]
         return series
     if isinstance(measure, Quantile):
-        # All observations in the first bucket (0, le]: histogram_quantile interpolates
-        # linearly inside it, so quantile q reads exactly q * le.
-        upper = value / measure.q
+        # 90 % of the observations in (0, value], the rest above it: the q > 0.9 rank
+        # falls in the +Inf bucket and histogram_quantile returns the highest finite
+        # bound, `value`, bit-exactly (interpolation would be off by float noise).
+        if not measure.q > 0.9:
+            raise NotImplementedError(f"trigger {trigger.id}: quantile recipe needs q > 0.9")
         bucket = f"{measure.histogram}_bucket"
+        below = _OBSERVATIONS_PER_STEP * 9 // 10
         return [
-            InputSeries(_sel(bucket, {**base, "le": _num(upper)}), 0, _OBSERVATIONS_PER_STEP),
+            InputSeries(_sel(bucket, {**base, "le": _num(value)}), 0, below),
             InputSeries(_sel(bucket, {**base, "le": "+Inf"}), 0, _OBSERVATIONS_PER_STEP),
         ]
     raise NotImplementedError(

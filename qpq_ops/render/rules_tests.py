@@ -1,10 +1,13 @@
 """promtool rule unit tests: `prometheus/tests/*.yml` (run by `promtool test rules`).
 
-`qpq-triggers-test.yml` is built from `TRIGGERS`: per trigger, three instances whose
-raw metrics (from `measure_series`) read below the warning threshold, between the
-thresholds and beyond critical. The test checks the recorded trigger value, that no
-alert fires before `for:` has passed, and that afterwards exactly the right warning
-and critical alerts fire, with their full annotations. `qpq-health-test.yml` drives the
+`qpq-triggers-test.yml` is built from `TRIGGERS`: per trigger and per scrape interval
+(15 s and Prometheus's default 1 m), instances whose raw metrics (from `measure_series`)
+read ok, exactly at each threshold (not beyond it: `>` is strict), just above each
+threshold, between the thresholds across a counter reset, and beyond critical, plus a
+critical-looking instance of a foreign scrape job that must be ignored. The test checks
+the recorded trigger value, that no alert fires before `for:` has passed, and that
+afterwards exactly the right warning and critical alerts fire, with their full
+annotations; a `>` turned into `>=` fails it. `qpq-health-test.yml` drives the
 health alerts. Rendering fails when an alert rule has no test.
 """
 
@@ -15,21 +18,35 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
 from qpq_ops.render._files import RenderedFile, yaml_document
+from qpq_ops.render.alerts import PATH as ALERTS_PATH
 from qpq_ops.render.alerts import (
-    BACKUP_MAX_AGE_S,
-    HEALTH_ALERTS,
     AlertRule,
     all_alerts,
+    health_alerts,
     trigger_alert,
 )
-from qpq_ops.render.alerts import PATH as ALERTS_PATH
-from qpq_ops.render.measure_series import STEP_S, InputSeries, series_for, window_seconds
+from qpq_ops.render.measure_series import (
+    SCRAPE_INTERVALS_S,
+    STEP_S,
+    InputSeries,
+    series_for,
+    window_seconds,
+)
 from qpq_ops.render.recording_rules import PATH as RECORDING_PATH
 from qpq_ops.render.recording_rules import trigger_record
-from qpq_ops.render.selectors import NODE_JOB, QPQ_JOB
+from qpq_ops.render.settings import current
 from qpq_ops.render.template_expand import expand
 from qpq_ops.render.units import duration_text
-from qpq_ops.triggers import TRIGGERS, Direction, Severity, Trigger
+from qpq_ops.triggers import (
+    BACKUP_MAX_AGE_S,
+    TLS_EXPIRY_CRITICAL_S,
+    TLS_EXPIRY_WARNING_S,
+    TRIGGERS,
+    Direction,
+    PerMinute,
+    Severity,
+    Trigger,
+)
 
 __all__ = [
     "BACKUP_PATH",
@@ -91,26 +108,50 @@ def _fired(alert: AlertRule, labels: Mapping[str, str], value: float) -> Expecte
 
 
 def trigger_levels(trigger: Trigger) -> dict[str, float]:
-    """Values for the three test instances: ok, warning only, critical (and warning)."""
+    """Values of the test instances by name: ok, at and just beyond each threshold,
+    between the thresholds (`warning`) and well beyond critical."""
     w, c = trigger.warning, trigger.critical
+    sign = 1 if trigger.direction is Direction.ABOVE else -1
+
+    def just_beyond(x: float) -> float:
+        nudge = {"percent": 0.5, "messages": 1.0, "per_minute": 1.0}.get(trigger.unit,
+                                                                         abs(x) * 0.02)
+        return x + sign * nudge
+
     if trigger.direction is Direction.ABOVE:
         crit = (c + 100) / 2 if trigger.unit == "percent" else c * 1.5
-        return {"ok": w / 2, "warning": (w + c) / 2, "critical": crit}
-    return {"ok": w * 2 if w > 0 else w + 1, "warning": (w + c) / 2, "critical": c / 2}
+        ok = w / 2
+    else:
+        crit, ok = c / 2, (w * 2 if w > 0 else w + 1)
+    return {"ok": ok, "at-warning": w, "above-warning": just_beyond(w),
+            "warning": (w + c) / 2, "at-critical": c, "above-critical": just_beyond(c),
+            "critical": crit}
 
 
 def _minutes_ceil(seconds: int) -> int:
     return -(-seconds // 60) * 60
 
 
-def trigger_group(trigger: Trigger) -> TestGroup:
+FOREIGN_JOB = "other-team"
+"""A job the rules must never read (another team's exporter in the same Prometheus)."""
+
+
+def trigger_group(trigger: Trigger, step_s: int = STEP_S) -> TestGroup:
     levels = trigger_levels(trigger)
     instances = {f"{trigger.id}-{name}": value for name, value in levels.items()}
-    series = tuple(s for inst, value in instances.items()
-                   for s in series_for(trigger, inst, value))
+    window = window_seconds(trigger.measure)
     # Rate windows are full from `window` on; `for:` then runs; 2 minutes of margin.
-    fire_s = _minutes_ceil(window_seconds(trigger.measure)) + trigger.alert_for_s + 120
-    samples = (fire_s + 60) // STEP_S + 1
+    fire_s = _minutes_ceil(window) + trigger.alert_for_s + 120
+    samples = (fire_s + 60) // step_s + 1
+    reset_at = (fire_s - window // 2) // step_s  # inside the window the alert reads
+    series: list[InputSeries] = []
+    for inst, value in instances.items():
+        reset = reset_at if (inst == f"{trigger.id}-warning"
+                             and isinstance(trigger.measure, PerMinute)) else None
+        exact = fire_s // step_s if inst.startswith(f"{trigger.id}-at-") else None
+        series += series_for(trigger, inst, value, step_s, reset_at=reset, exact_at=exact)
+    series += series_for(trigger, f"{trigger.id}-foreign", levels["critical"], step_s,
+                         job=FOREIGN_JOB)
     checks: list[AlertCheck] = []
     if trigger.alert_for_s >= 60:
         # Every instance already reads its level, but `for:` has not passed yet.
@@ -131,8 +172,8 @@ def trigger_group(trigger: Trigger) -> TestGroup:
         tuple((f'{{instance="{inst}"}}', round(value, 6))
               for inst, value in sorted(instances.items())),
     )
-    return TestGroup(f"trigger {trigger.id}", STEP_S, samples, series, tuple(checks),
-                     (sample_check,))
+    return TestGroup(f"trigger {trigger.id} scraped every {duration_text(step_s)}", step_s,
+                     samples, tuple(series), tuple(checks), (sample_check,))
 
 
 _AT_LEAST = {
@@ -142,24 +183,25 @@ _AT_LEAST = {
 
 
 def _health(name: str, reason: str | None = None) -> AlertRule:
-    for alert in HEALTH_ALERTS:
+    for alert in health_alerts():
         if alert.name == name and alert.reason == reason:
             return alert
     raise KeyError(name)
 
 
-def _series(metric: str, labels: Mapping[str, str], start: float, step: float) -> InputSeries:
+def _series(metric: str, labels: Mapping[str, str], start: float, step: float,
+            literal: str | None = None) -> InputSeries:
     inner = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    return InputSeries(f"{metric}{{{inner}}}", start, step)
+    return InputSeries(f"{metric}{{{inner}}}", start, step, literal=literal)
 
 
 def _instance_down() -> TestGroup:
     alert = _health("qpq_instance_down")
-    up_qpq = {"instance": "n1", "job": QPQ_JOB}
+    up_qpq = {"instance": "n1", "job": current().scope.qpq_job}
     # n1's qpq server answers for 4 minutes, then stops; its node_exporter stays up.
     series = (
-        InputSeries('up{instance="n1",job="qpq"}', 1, 0, literal="1x3 0x11"),
-        _series("up", {"instance": "n1", "job": NODE_JOB}, 1, 0),
+        _series("up", up_qpq, 1, 0, literal="1x3 0x11"),
+        _series("up", {"instance": "n1", "job": current().scope.node_job}, 1, 0),
     )
     return TestGroup(
         "health instance down", 60, 16, series,
@@ -172,25 +214,27 @@ def _instance_down() -> TestGroup:
 
 def _udp_errors() -> TestGroup:
     alert = _health("qpq_udp_receive_buffer_errors")
+    node = current().scope.node_job
     series = (
-        _series("node_netstat_Udp_RcvbufErrors", {"instance": "n1", "job": NODE_JOB}, 0, 30),
-        _series("node_netstat_Udp_RcvbufErrors", {"instance": "n2", "job": NODE_JOB}, 0, 0),
+        _series("node_netstat_Udp_RcvbufErrors", {"instance": "n1", "job": node}, 0, 30),
+        _series("node_netstat_Udp_RcvbufErrors", {"instance": "n2", "job": node}, 0, 0),
     )
     return TestGroup(
         "health udp receive buffer errors", 60, 21, series,
         (
             AlertCheck(300, alert.name),
             AlertCheck(900, alert.name,
-                       (_fired(alert, {"instance": "n1", "job": NODE_JOB}, 0.5),)),
+                       (_fired(alert, {"instance": "n1", "job": node}, 0.5),)),
         ),
     )
 
 
 def _tls_expiry() -> TestGroup:
     now = 1200
+    qpq = current().scope.qpq_job
     expiries = {"cert-fresh": 30 * 86400, "cert-soon": 7 * 86400, "cert-urgent": 86400}
     series = tuple(
-        _series("qpq_tls_cert_expiry_timestamp_seconds", {"instance": i, "job": QPQ_JOB}, v, 0)
+        _series("qpq_tls_cert_expiry_timestamp_seconds", {"instance": i, "job": qpq}, v, 0)
         for i, v in expiries.items()
     )
     checks: list[AlertCheck] = []
@@ -198,9 +242,10 @@ def _tls_expiry() -> TestGroup:
         alert = _health(f"qpq_tls_cert_expiry_{severity}")
         checks.append(AlertCheck(300, alert.name))
         fired = tuple(
-            _fired(alert, {"instance": i, "job": QPQ_JOB}, v - now)
+            _fired(alert, {"instance": i, "job": qpq}, v - now)
             for i, v in sorted(expiries.items())
-            if v - now < (86400 * (14 if severity is Severity.WARNING else 3))
+            if v - now < (TLS_EXPIRY_WARNING_S if severity is Severity.WARNING
+                          else TLS_EXPIRY_CRITICAL_S)
         )
         checks.append(AlertCheck(now, alert.name, fired))
     return TestGroup("health tls certificate expiry", 60, 31, series, tuple(checks))
@@ -210,7 +255,7 @@ def _backup() -> TestGroup:
     too_old = _health("qpq_backup_stale", "too_old")
     missing = _health("qpq_backup_stale", "missing")
     hour, step = 3600, 300  # samples 5 min apart: within the 5 min lookback, no gaps
-    node = {"job": NODE_JOB}
+    node = {"job": current().scope.node_job}
     series = (
         *(_series("up", {"instance": i, **node}, 1, 0) for i in ("fresh", "stale", "never")),
         # fresh: a backup before every scrape (the timestamp is the sample's time);
@@ -308,7 +353,8 @@ def _check_coverage(groups: tuple[TestGroup, ...]) -> None:
 
 
 def render() -> tuple[RenderedFile, ...]:
-    trigger_groups = tuple(trigger_group(t) for t in TRIGGERS)
+    trigger_groups = tuple(trigger_group(t, step) for t in TRIGGERS
+                           for step in SCRAPE_INTERVALS_S)
     health, backup = health_groups(), backup_groups()
     _check_coverage(trigger_groups + health + backup)
     return (_test_file(TRIGGERS_PATH, trigger_groups), _test_file(HEALTH_PATH, health),

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from qpq_ops.render.units import duration_text
+from qpq_ops.triggers import BACKUP_MAX_AGE_S, TLS_EXPIRY_CRITICAL_S, TLS_EXPIRY_WARNING_S
+
 __all__ = ["RUNBOOKS", "Runbook", "runbook_for"]
 
 
@@ -78,11 +81,13 @@ RUNBOOKS: tuple[Runbook, ...] = (
     Runbook(
         anchor="disk_usage",
         title="Disk usage",
-        symptom="The fullest filesystem fills up. When the data directory's filesystem is "
-        "full, SQLCipher commits fail and the server answers writes with errors.",
+        symptom="The filesystem holding the data dir (the alert names its mountpoint) fills "
+        "up. When it is full, SQLCipher commits fail and the server answers writes with "
+        "errors. Other filesystems (a full /boot/efi) do not raise this alert.",
         checks=(
-            "Which filesystem (`df -h`)? The data dir (qpq.db, WAL, blobs/) or the backup "
-            "destination?",
+            "Is the alert's mountpoint really the data dir's (`df --output=target "
+            "/path/to/data`)? If not, re-render the rules with `qpq-ops render alerts "
+            "--data-mountpoint PATH`.",
             "What grows: the database and WAL, blobs (`qpq_blob_bytes`), old backups?",
         ),
         commands=(
@@ -226,6 +231,27 @@ RUNBOOKS: tuple[Runbook, ...] = (
         ),
     ),
     Runbook(
+        anchor="process_cpu",
+        title="Worker CPU",
+        symptom="One qpq worker process is near one full core: its requests and handshakes "
+        "queue behind each other although the host's CPU (the cpu trigger) may read 25 % "
+        "on four cores. aioquic runs one event loop per process.",
+        checks=(
+            "How many workers run (`[server] workers`), and is the busy one always the "
+            "same (one hot account or connection) or all of them (real load)?",
+            "Is there a handshake storm or a login brute force (see those runbooks)?",
+        ),
+        commands=(
+            f"qpq-ops check-triggers --prometheus-url {_PROM} --trigger process_cpu",
+            "top -H -p \"$(cat /path/to/data/qpq-server.pid)\"",
+        ),
+        fix=(
+            "Run more worker processes on the same port: `[server] workers = \"auto\"` "
+            "(one per usable core), then reload; beyond the host's cores, add nodes.",
+            "Size workers per host with `qpq-ops capacity plan`.",
+        ),
+    ),
+    Runbook(
         anchor="instance_down",
         title="Target down",
         symptom="Prometheus cannot scrape a qpq server or a node_exporter: the process is "
@@ -272,8 +298,10 @@ RUNBOOKS: tuple[Runbook, ...] = (
     Runbook(
         anchor="tls_cert_expiry",
         title="TLS certificate expiry",
-        symptom="The serving certificate's notAfter is near. After it passes, clients "
-        "refuse to connect.",
+        symptom="The serving certificate's notAfter is near: warning within "
+        f"{duration_text(TLS_EXPIRY_WARNING_S)}, critical within "
+        f"{duration_text(TLS_EXPIRY_CRITICAL_S)}. After it passes, clients refuse to "
+        "connect.",
         checks=(
             "Which certificate does the server serve (`[server] tls_cert`)?",
             "Is automatic renewal (if any) failing?",
@@ -291,8 +319,9 @@ RUNBOOKS: tuple[Runbook, ...] = (
     Runbook(
         anchor="backup_stale",
         title="Stale or missing backup",
-        symptom="No `qpq-ops backup create` has succeeded on the node for over 26 hours, or "
-        "none was ever recorded. A disk failure now would lose data.",
+        symptom="No `qpq-ops backup create` has succeeded on the node for over "
+        f"{duration_text(BACKUP_MAX_AGE_S)}, or none was ever recorded. A disk failure now "
+        "would lose data.",
         checks=(
             "Does the backup job run (cron or systemd timer), and what does its log say?",
             "Is the destination full or unreachable?",

@@ -8,11 +8,20 @@ series of one node join on `instance`.
 
 from __future__ import annotations
 
-__all__ = ["NODE_JOB", "PROMETHEUS_JOB", "QPQ_JOB", "RATE_WINDOW"]
+from qpq_ops.triggers import DEFAULT_SCOPE, RATE_WINDOW
 
-QPQ_JOB = "qpq"
-NODE_JOB = "node"
+__all__ = ["NODE_JOB", "PROMETHEUS_JOB", "QPQ_JOB", "RATE_WINDOW", "job_matcher"]
+
+QPQ_JOB = DEFAULT_SCOPE.qpq_job
+"""Default job names; `qpq-ops render --qpq-job/--node-job` renders others."""
+NODE_JOB = DEFAULT_SCOPE.node_job
 PROMETHEUS_JOB = "prometheus"
 
-RATE_WINDOW = "5m"
-"""Range of the recorded rates and quantiles (at least 4 scrape intervals of 15 s)."""
+
+def job_matcher(source: str) -> str:
+    """`job="qpq"` (source "qpq") or `job="node"` (source "node") of the current render."""
+    from qpq_ops.render.settings import current  # settings imports triggers only
+
+    scope = current().scope
+    return f'job="{scope.qpq_job if source == "qpq" else scope.node_job}"'
+

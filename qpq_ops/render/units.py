@@ -40,7 +40,8 @@ def value_template(unit: Unit) -> str:
     if unit == "seconds":
         return "{{ humanizeDuration $value }}"
     if unit == "messages":
-        return "{{ humanize $value }}"
+        # not `humanize`: it prints 99,999 as "100k", over a 100,000 threshold
+        return '{{ printf "%.0f" $value }}'
     return '{{ printf "%.0f" $value }}/min'
 
 
@@ -51,7 +52,7 @@ def go_format(unit: Unit, value: float) -> str:
     if unit == "seconds":
         return go_humanize_duration(value)
     if unit == "messages":
-        return go_humanize(value)
+        return f"{value:.0f}"
     return f"{value:.0f}/min"
 
 

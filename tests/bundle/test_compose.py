@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
+from qpq_ops.render.settings import DEFAULT_RUNBOOK_BASE_URL
 from tests.bundle.conftest import tool
 
 SECRETS = ("QPQ_AUTH_TOKEN", "QPQ_DB_KEY", "GRAFANA_ADMIN_PASSWORD")
@@ -95,7 +96,14 @@ def test_mounted_paths_exist_in_the_repository(repo: Path, compose: dict[str, An
         build = service.get("build")
         if build:
             assert (repo / build["context"] / build["dockerfile"]).is_file()
-    assert set(mounted) == {"./prometheus", "./grafana-provisioning", "./dashboards"}
+    assert set(mounted) == {"./prometheus", "./grafana-provisioning", "./dashboards", "./docs"}
+
+
+def test_grafana_serves_the_runbooks_where_alert_links_point(compose: dict[str, Any]) -> None:
+    served = "http://localhost:3000/public/" + next(
+        v.split(":")[1].removeprefix("/usr/share/grafana/public/")
+        for v in compose["services"]["grafana"]["volumes"] if v.startswith("./docs:"))
+    assert served == DEFAULT_RUNBOOK_BASE_URL
 
 
 def test_server_limits_follow_the_scaling_guide(compose: dict[str, Any]) -> None:

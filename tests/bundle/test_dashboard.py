@@ -12,7 +12,13 @@ import yaml
 
 from qpq_ops.render.dashboard import UID
 from qpq_ops.render.recording_rules import trigger_record
-from qpq_ops.triggers import TRIGGERS
+from qpq_ops.triggers import (
+    BACKUP_MAX_AGE_S,
+    TLS_EXPIRY_CRITICAL_S,
+    TLS_EXPIRY_WARNING_S,
+    TRIGGERS,
+    get_trigger,
+)
 
 
 @pytest.fixture(scope="module")
@@ -74,13 +80,34 @@ def test_dashboard_has_the_rows_operators_need(dashboard: dict[str, Any]) -> Non
         assert wanted in rows
     exprs = " ".join(t["expr"] for p in _panels(dashboard) for t in p["targets"])
     for quantile in ("p50", "p95", "p99"):
-        assert f"instance_op:qpq_rpc_duration_seconds:{quantile}" in exprs
+        assert f"instance_op:qpq_rpc_duration_seconds:{quantile}_rate5m" in exprs
     # Handshake and commit latency: p50 and p99 beside the trigger's own p95.
     for histogram, trigger in (("qpq_tls_handshake_duration_seconds", "tls_handshake_latency"),
                                ("qpq_db_write_duration_seconds", "disk_io_latency")):
         for quantile in ("p50", "p99"):
-            assert f"instance:{histogram}:{quantile}" in exprs
-        assert f"instance:qpq_trigger_{trigger}:value" in exprs
+            assert f"instance:{histogram}:{quantile}_rate5m" in exprs
+        assert trigger_record(get_trigger(trigger)) in exprs
+
+
+def test_dashboard_shows_red_per_op_worker_processes_and_restarts(
+        dashboard: dict[str, Any]) -> None:
+    exprs = " ".join(t["expr"] for p in _panels(dashboard) for t in p["targets"])
+    assert "instance_op:qpq_rpc_duration_seconds_count:rate5m" in exprs  # R of RED
+    for metric in ("process_resident_memory_bytes", "process_cpu_seconds_total",
+                   "process_open_fds", "process_max_fds"):
+        assert f'{metric}{{job="qpq"' in exprs, metric
+    (restarts,) = dashboard["annotations"]["list"]
+    assert "process_start_time_seconds" in restarts["expr"]
+
+
+def test_certificate_and_backup_panels_carry_the_health_thresholds(
+        dashboard: dict[str, Any]) -> None:
+    panels = {p["title"]: p for p in _panels(dashboard)}
+    steps = panels["TLS certificate expires in"]["fieldConfig"]["defaults"]["thresholds"]
+    assert [s["value"] for s in steps["steps"]] == [
+        None, TLS_EXPIRY_CRITICAL_S, TLS_EXPIRY_WARNING_S]
+    steps = panels["Last successful backup"]["fieldConfig"]["defaults"]["thresholds"]
+    assert [s["value"] for s in steps["steps"]] == [None, BACKUP_MAX_AGE_S]
 
 
 def test_panel_ids_are_unique_and_panels_do_not_overlap(dashboard: dict[str, Any]) -> None:

@@ -11,6 +11,7 @@ from qpq_ops import capacity
 from qpq_ops.metrics_catalog import METRICS
 from qpq_ops.render.alerts import all_alerts
 from qpq_ops.render.runbooks import RUNBOOKS
+from qpq_ops.render.settings import DEFAULT_RUNBOOK_BASE_URL, runbook_url
 from qpq_ops.render.tables import threshold_text
 from qpq_ops.triggers import RUNBOOK_DOC, TRIGGERS, Severity
 
@@ -28,7 +29,9 @@ def test_every_runbook_url_in_the_alert_rules_lands_on_a_section(repo: Path) -> 
         for rule in group["rules"]:
             url = rule["annotations"]["runbook_url"]
             path, _, anchor = url.partition("#")
-            assert path == RUNBOOK_DOC and anchor in anchors, url
+            # absolute, so it opens from an Alertmanager mail or a Grafana notification
+            assert path == runbook_url("x").partition("#")[0], url
+            assert path.startswith(DEFAULT_RUNBOOK_BASE_URL) and anchor in anchors, url
 
 
 def test_incident_response_has_one_section_per_trigger_with_all_four_parts(repo: Path) -> None:

@@ -14,9 +14,11 @@ from qpq_ops.render import alerts as alerts_module
 from qpq_ops.render import rules_tests
 from qpq_ops.render.alerts import all_alerts, trigger_alert_name
 from qpq_ops.render.measure_series import series_for
+from qpq_ops.render.recording_rules import trigger_record
 from qpq_ops.render.selectors import NODE_JOB, PROMETHEUS_JOB, QPQ_JOB
+from qpq_ops.render.settings import runbook_url
 from qpq_ops.render.units import duration_text
-from qpq_ops.triggers import TRIGGERS, Severity, get_trigger
+from qpq_ops.triggers import TRIGGERS, Severity, Trigger, get_trigger
 from tests.bundle.conftest import tool
 
 
@@ -60,8 +62,10 @@ def _mutated_bundle(repo: Path, tmp_path: Path, old: str, new: str) -> list[str]
 
 
 @pytest.mark.parametrize(("old", "new"), [
-    ("instance:qpq_trigger_cpu:value > 70", "instance:qpq_trigger_cpu:value > 85"),
-    ("instance:qpq_trigger_connections:value > 95", "instance:qpq_trigger_connections:value > 99"),
+    ("instance:qpq_trigger_cpu:busy_percent_rate5m > 70",
+     "instance:qpq_trigger_cpu:busy_percent_rate5m > 85"),
+    ("instance:qpq_trigger_connections:percent > 95",
+     "instance:qpq_trigger_connections:percent > 99"),
     ("    for: 5m\n", "    for: 1m\n"),
     ("severity: critical\n      trigger: memory", "severity: warning\n      trigger: memory"),
     ("time() < 1209600", "time() < 86400"),
@@ -71,6 +75,41 @@ def test_promtool_tests_fail_when_an_alert_rule_drifts(
         repo: Path, tmp_path: Path, old: str, new: str) -> None:
     result = promtool("test", "rules", *_mutated_bundle(repo, tmp_path, old, new))
     assert result.returncode != 0, result.stdout
+
+
+@pytest.mark.parametrize("trigger", TRIGGERS, ids=lambda t: t.id)
+def test_boundary_cases_catch_greater_or_equal_for_every_threshold(
+        repo: Path, tmp_path: Path, trigger: Trigger) -> None:
+    """At the threshold is not beyond it: `>` turned into `>=` in any one trigger alert
+    makes the generated promtool tests fail (the at-threshold instances read it
+    bit-exactly, at both scrape intervals)."""
+    for severity in Severity:
+        alert = f"{trigger_record(trigger)} {trigger.comparison(severity)}\n"
+        mutated = alert.replace(" > ", " >= ")
+        tests = _mutated_bundle(repo, tmp_path / str(severity), alert, mutated)
+        result = promtool("test", "rules", *tests)
+        assert result.returncode != 0, f"{trigger.id} {severity}: {result.stdout}"
+
+
+def test_a_foreign_job_and_a_counter_reset_are_in_the_generated_tests(repo: Path) -> None:
+    text = (repo / "prometheus/tests/qpq-triggers-test.yml").read_text()
+    doc = yaml.safe_load(text)
+    names = [t["name"] for t in doc["tests"]]
+    for trigger in TRIGGERS:
+        for step in ("15s", "1m"):
+            assert f"trigger {trigger.id} scraped every {step}" in names
+    assert 'job="other-team"' in text
+    for test in doc["tests"]:
+        if not test["name"].startswith("trigger "):
+            continue
+        inputs = " ".join(s["series"] for s in test["input_series"])
+        assert "-foreign" in inputs
+        # promtool compares whole sample sets: the foreign instance must not be recorded
+        expected = [e["labels"] for c in test["promql_expr_test"] for e in c["exp_samples"]]
+        assert expected and not any("-foreign" in labels for labels in expected)
+    reset = [s for t in doc["tests"] for s in t["input_series"]
+             if 'instance="rate_limit_hits-warning"' in s["series"]]
+    assert reset and all(" " in s["values"] for s in reset)  # two segments: a restart
 
 
 def test_every_trigger_has_warning_and_critical_alerts_as_defined(repo: Path) -> None:
@@ -83,7 +122,7 @@ def test_every_trigger_has_warning_and_critical_alerts_as_defined(repo: Path) ->
             assert rule["expr"].endswith(trigger.comparison(severity)), rule["expr"]
             assert rule["labels"] == {"severity": str(severity), "trigger": trigger.id}
             annotations = rule["annotations"]
-            assert annotations["runbook_url"] == f"{trigger.runbook}"
+            assert annotations["runbook_url"] == runbook_url(trigger.id)
             assert "$value" in annotations["description"]
 
 
@@ -116,9 +155,9 @@ def test_each_trigger_has_a_test_group_checking_its_recorded_value(repo: Path) -
     doc = yaml.safe_load((repo / "prometheus/tests/qpq-triggers-test.yml").read_text())
     groups = {t["name"]: t for t in doc["tests"]}
     for trigger in TRIGGERS:
-        group = groups[f"trigger {trigger.id}"]
+        group = groups[f"trigger {trigger.id} scraped every 15s"]
         exprs = [c["expr"] for c in group["promql_expr_test"]]
-        assert exprs == [f"round(instance:qpq_trigger_{trigger.id}:value, 0.000001)"]
+        assert exprs == [f"round({trigger_record(trigger)}, 0.000001)"]
 
 
 def test_a_trigger_of_an_unknown_measure_kind_cannot_be_rendered() -> None:
@@ -138,8 +177,9 @@ def test_a_trigger_of_an_unknown_measure_kind_cannot_be_rendered() -> None:
 
 def test_an_alert_without_a_promtool_scenario_fails_rendering(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    extra = dataclasses.replace(alerts_module.HEALTH_ALERTS[0], name="qpq_untested")
-    monkeypatch.setattr(alerts_module, "HEALTH_ALERTS", (*alerts_module.HEALTH_ALERTS, extra))
+    health = alerts_module.health_alerts()
+    extra = dataclasses.replace(health[0], name="qpq_untested")
+    monkeypatch.setattr(alerts_module, "health_alerts", lambda: (*health, extra))
     with pytest.raises(ValueError, match="qpq_untested"):
         rules_tests.render()
 

@@ -7,10 +7,13 @@ import pytest
 from qpq_ops.render.template_expand import expand
 from qpq_ops.render.units import (
     duration_text,
+    go_format,
     go_humanize,
     go_humanize_duration,
     human_value,
+    value_template,
 )
+from qpq_ops.triggers import TRIGGERS, Trigger
 
 
 @pytest.mark.parametrize(("value", "text"), [
@@ -50,3 +53,27 @@ def test_template_expansion_refuses_constructs_it_cannot_predict() -> None:
         expand("{{ $value | humanizePercentage }}", {}, 0.5)
     with pytest.raises(KeyError):
         expand("{{ $labels.job }}", {"instance": "n1"}, 1)
+
+
+def _read_back(text: str) -> float:
+    """The number an operator reads in an alert's value text ('99999', '5ms', '90.0%')."""
+    for suffix, scale in (("/min", 1.0), ("%", 1.0), ("ms", 1e-3), ("us", 1e-6), ("s", 1.0)):
+        if text.endswith(suffix):
+            return float(text.removesuffix(suffix)) * scale
+    return float(text)
+
+
+@pytest.mark.parametrize("trigger", TRIGGERS, ids=lambda t: t.id)
+def test_a_value_just_under_a_threshold_never_reads_as_over_it(trigger: Trigger) -> None:
+    for threshold in (trigger.warning, trigger.critical):
+        for under in (threshold - 1, threshold * 0.9999, threshold - 0.04):
+            if under <= 0 or under >= threshold:
+                continue
+            shown = go_format(trigger.unit, under)
+            assert _read_back(shown) <= threshold, (under, shown)
+
+
+def test_queue_depth_is_printed_exactly_not_humanized() -> None:
+    # `humanize` would print 99,999 as "100k" next to "critical above 100,000"
+    assert value_template("messages") == '{{ printf "%.0f" $value }}'
+    assert go_format("messages", 99_999) == "99999"

@@ -6,8 +6,10 @@ observations per second of the profile's value. The same function gives the samp
 any time, so `history()` (OpenMetrics for promtool backfill) and the live `/metrics`
 page continue each other without a counter reset.
 
-`/metrics` serves every instance with an `instance` label (scrape with honor_labels);
-`/metrics/NAME` serves one instance without it (for direct mode).
+`/metrics` serves every instance with `instance` and `job` labels (scrape with
+honor_labels): node_* series in `NODE_JOB`, the rest in `QPQ_JOB`, so the fakes are told
+apart from real targets with `--job`/`--node-job`; `/metrics/NAME` serves one instance
+without them (for direct mode).
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from tests.helpers.ports import free_port
 
+QPQ_JOB = "fakeqpq"
+NODE_JOB = "fakenode"
+JOB_ARGS = ("--job", QPQ_JOB, "--node-job", NODE_JOB)
+"""check-triggers options that select the fake instances."""
 BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 OBS_PER_S = 10.0
 CPUS = ("0", "1")
@@ -40,24 +46,26 @@ class Profile:
     conn_max: float | None = None
     handshake_s: float | None = None
     enqueue_per_s: float | None = None
+    worker_cpu: float | None = None        # percent of one core, busiest worker
 
 
 # Inputs that put every trigger in one state.
 OK = Profile(cpu_busy=20, mem_used=50, disk_used=40, db_write_s=0.003, queue_depth=10,
              rate_limit_per_min=30, login_failures_per_min=6, conn_active=10, conn_max=1000,
-             handshake_s=0.03, enqueue_per_s=2)
+             handshake_s=0.03, enqueue_per_s=2, worker_cpu=20)
 WARN = Profile(cpu_busy=80, mem_used=80, disk_used=75, db_write_s=0.007, queue_depth=20_000,
                rate_limit_per_min=300, login_failures_per_min=120, conn_active=850,
-               conn_max=1000, handshake_s=0.2, enqueue_per_s=3)
+               conn_max=1000, handshake_s=0.2, enqueue_per_s=3, worker_cpu=85)
 CRIT = Profile(cpu_busy=95, mem_used=95, disk_used=95, db_write_s=0.03, queue_depth=200_000,
                rate_limit_per_min=3000, login_failures_per_min=1200, conn_active=990,
-               conn_max=1000, handshake_s=2.0, enqueue_per_s=5)
+               conn_max=1000, handshake_s=2.0, enqueue_per_s=5, worker_cpu=97)
 
 
 def expected_values(p: Profile) -> dict[str, float]:
     assert p.db_write_s is not None and p.handshake_s is not None
     assert p.conn_active is not None and p.conn_max is not None
     return {
+        "process_cpu": p.worker_cpu,
         "cpu": p.cpu_busy, "memory": p.mem_used, "disk_usage": p.disk_used,
         "disk_io_latency": expected_p95(p.db_write_s), "delivery_queue_depth": p.queue_depth,
         "rate_limit_hits": p.rate_limit_per_min,
@@ -152,6 +160,11 @@ class FakeInstance:
             out.append(("qpq_connections_max", {}, p.conn_max))
         if p.enqueue_per_s is not None:
             out.append(("qpq_enqueue_total", {}, self._integral(t, "enqueue_per_s")))
+        if p.worker_cpu is not None:
+            # the busy worker and an idle one: the trigger takes the busiest
+            out.append(("process_cpu_seconds_total", {"worker": "1"},
+                        self._integral(t, "worker_cpu")))
+            out.append(("process_cpu_seconds_total", {"worker": "2"}, 1.0))
         return out
 
 
@@ -168,7 +181,13 @@ def _rate(profile: Profile, name: str) -> float | None:
         return None if value is None else value / 60
     if name == "enqueue_per_s":
         return profile.enqueue_per_s
+    if name == "worker_cpu":
+        return None if profile.worker_cpu is None else profile.worker_cpu / 100
     raise KeyError(name)
+
+
+def _job(metric: str) -> str:
+    return NODE_JOB if metric.startswith("node_") else QPQ_JOB
 
 
 def _labels(labels: dict[str, str]) -> str:
@@ -190,18 +209,18 @@ class FakeExporter:
             if only is not None and name != only:
                 continue
             for metric, labels, value in instance.samples(t):
-                extra = {} if only is not None else {"instance": name}
+                extra = {} if only is not None else {"instance": name, "job": _job(metric)}
                 lines.append(f"{metric}{_labels({**labels, **extra})} {value!r}")
         return "\n".join(lines) + "\n"
 
-    def history(self, start: float, end: float, step: float, job: str) -> str:
+    def history(self, start: float, end: float, step: float) -> str:
         """OpenMetrics text of every sample from start to end, for promtool backfill."""
         series: dict[str, list[str]] = {}
         t = start
         while t < end:
             for name, instance in self.instances.items():
                 for metric, labels, value in instance.samples(t):
-                    key = metric + _labels({**labels, "instance": name, "job": job})
+                    key = metric + _labels({**labels, "instance": name, "job": _job(metric)})
                     series.setdefault(key, []).append(f"{key} {value!r} {t:.3f}")
             t += step
         # OpenMetrics wants each family's samples together.

@@ -87,8 +87,14 @@ def test_real_server_and_node_exporter_in_direct_mode(server: RunningServer,
                                                       node_exporter: str) -> None:
     code, doc = direct("--metrics-url", server.metrics_url, "--node-metrics-url", node_exporter)
     rows = {t["id"]: t for t in doc["triggers"]}
-    assert rows["cpu"]["state"] == "no-data"
-    assert "not evaluable in direct mode" in rows["cpu"]["note"]
+    assert doc["skipped"]["ids"] == []
+    # a sample cannot show a 5-minute window: ok when ok now, else "not sustained yet"
+    for sustained in ("cpu", "process_cpu"):
+        row = rows[sustained]
+        if row["state"] == "no-data":
+            assert "not sustained yet" in row["note"] and row["current"] > 70, row
+        else:
+            assert row["state"] == "ok" and row["value"] <= 80, row
     for host in ("memory", "disk_usage"):
         assert rows[host]["state"] != "no-data" and 0 < rows[host]["value"] < 100
         assert rows[host]["instance"] == node_exporter.removeprefix("http://")
@@ -97,24 +103,32 @@ def test_real_server_and_node_exporter_in_direct_mode(server: RunningServer,
         assert rows[qpq]["instance"] == server.metrics_url.removeprefix("http://")
     for hist in ("disk_io_latency", "tls_handshake_latency"):
         assert rows[hist]["state"] == "ok"
-    assert code == {"critical": 2, "warning": 1, "no-data": 3}[doc["status"]]
+    assert code == {"critical": 2, "warning": 1, "no-data": 3, "ok": 0}[doc["status"]]
     assert doc["source"] == "direct"
 
 
-def test_direct_mode_without_node_exporter_reports_host_triggers_no_data(
+def test_direct_mode_without_node_exporter_exits_0_on_a_healthy_server(
         server: RunningServer) -> None:
     code, doc = direct("--metrics-url", server.metrics_url)
     rows = {t["id"]: t for t in doc["triggers"]}
-    assert rows["memory"]["state"] == "no-data"
-    assert "--node-metrics-url" in rows["memory"]["note"]
-    assert code == 3
+    # host triggers are said once, not as failing rows
+    assert doc["skipped"]["ids"] == ["cpu", "memory", "disk_usage"]
+    assert "--node-metrics-url" in doc["skipped"]["reason"]
+    assert set(rows) == set(TRIGGER_IDS) - {"cpu", "memory", "disk_usage"}
+    # the qpq process's own CPU is answered from process_cpu_seconds_total
+    assert rows["process_cpu"]["value"] is not None and rows["process_cpu"]["state"] == "ok"
+    assert doc["status"] == "ok" and code == 0
+    table = runner.invoke(app, ["check-triggers", "--sample", "1", "--metrics-url",
+                                server.metrics_url], env={"COLUMNS": "100"})
+    assert table.exit_code == 0
+    assert table.stdout.count("--node-metrics-url") == 1
 
 
 def test_direct_mode_selected_qpq_triggers_exit_0(server: RunningServer) -> None:
     code, doc = direct("--metrics-url", server.metrics_url.removeprefix("http://") + "/metrics",
                        *triggers_except("cpu", "memory", "disk_usage"))
     assert code == 0 and doc["status"] == "ok"
-    assert len(doc["triggers"]) == 6
+    assert len(doc["triggers"]) == 7
 
 
 @pytest.mark.parametrize(("instance", "profile", "state", "code"), [
@@ -125,12 +139,21 @@ def test_direct_mode_turns_counters_into_rates(fake: FakeExporter, instance: str
                                                code: int) -> None:
     page = f"{fake.url}/metrics/{instance}"
     exit_code, doc = direct("--metrics-url", page, "--node-metrics-url", page,
-                            *triggers_except("cpu"))
+                            *triggers_except("cpu", "process_cpu"))
     assert exit_code == code
     want = expected_values(profile)
     for row in doc["triggers"]:
         assert row["state"] == state, row
         assert row["value"] == pytest.approx(want[row["id"]], rel=0.05), row
+    # worker CPU: the busiest worker's process_cpu_seconds_total; beyond a threshold a
+    # sample is not a sustained window
+    _, doc = direct("--metrics-url", page, "--trigger", "process_cpu")
+    (row,) = doc["triggers"]
+    if state == "ok":
+        assert row["value"] == pytest.approx(want["process_cpu"], rel=0.05)
+    else:
+        assert row["state"] == "no-data" and "not sustained yet" in row["note"]
+        assert row["current"] == pytest.approx(want["process_cpu"], rel=0.05)
 
 
 def test_direct_mode_absent_metrics_are_no_data(fake: FakeExporter) -> None:

@@ -131,7 +131,7 @@ def test_watch_keeps_going_when_the_source_fails_and_exits_3() -> None:
     (("--prometheus-url", "http://127.0.0.1:1", "--metrics-url", "http://127.0.0.1:2"),
      "give exactly one of"),
     (("--metrics-url", "http://127.0.0.1:1", "--instance", "a"),
-     "--instance and --job select Prometheus series"),
+     "--job and --node-job select Prometheus series"),
     (("--prometheus-url", "http://127.0.0.1:1", "--node-metrics-url", "http://127.0.0.1:2"),
      "--node-metrics-url is for direct mode"),
     (("--prometheus-url", "http://127.0.0.1:1", "--trigger", "disk"),

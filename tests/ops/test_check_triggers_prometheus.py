@@ -3,7 +3,10 @@ node_exporter and a test exporter that serves chosen values for fake instances.
 
 Ten minutes of the test exporter's history are backfilled with promtool before
 Prometheus starts, so the production 5-minute sustain window is evaluated for real
-without waiting for it.
+without waiting for it. The fake instances live in their own jobs (`JOB_ARGS` selects
+them); the real server and node_exporter are jobs qpq and node as `realhost`, beside a
+dead target `deadhost` in both jobs and the same node_exporter scraped as another
+team's job (`foreign`), which must never show up.
 """
 
 from __future__ import annotations
@@ -21,13 +24,16 @@ from typer.testing import CliRunner
 
 from qpq_ops.cli import app
 from qpq_ops.evaluate.prometheus import evaluate_prometheus
-from qpq_ops.triggers import TRIGGER_IDS, State, get_trigger
+from qpq_ops.triggers import TRIGGER_IDS, Scope, State, get_trigger
 from tests.helpers.ports import free_port
 from tests.helpers.prometheus import RunningPrometheus, ScrapeJob, running_prometheus
 from tests.helpers.server import RunningServer, running_server
 from tests.ops.fake_exporter import (
     CRIT,
+    JOB_ARGS,
+    NODE_JOB,
     OK,
+    QPQ_JOB,
     WARN,
     FakeExporter,
     FakeInstance,
@@ -37,6 +43,7 @@ from tests.ops.fake_exporter import (
 )
 
 runner = CliRunner()
+FAKE_SCOPE = Scope(QPQ_JOB, NODE_JOB)
 
 @dataclass
 class Stack:
@@ -58,12 +65,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         FakeInstance("partial", [(t0, Profile(queue_depth=5, conn_active=1, conn_max=100))]),
         # CPU at 95 % only for the last two minutes: not sustained for five.
         FakeInstance("late", [(t0, None), (now - 120, Profile(cpu_busy=95))]),
-        # CPU and queue critical all along except a dip 280-180 s ago (queue: 110-80 s
-        # ago, longer than the 15 s subquery step).
+        # CPU and queue critical all along except a dip 510-360 s ago (queue: 110-80 s
+        # ago, longer than the 15 s subquery step). CPU is a 5-minute rate, so the dip
+        # shows in the rates of the whole sustain window but not in the current one.
         FakeInstance("dip", [
             (t0, Profile(cpu_busy=95, queue_depth=200_000)),
-            (now - 280, Profile(cpu_busy=10, queue_depth=200_000)),
-            (now - 180, Profile(cpu_busy=95, queue_depth=200_000)),
+            (now - 510, Profile(cpu_busy=10, queue_depth=200_000)),
+            (now - 360, Profile(cpu_busy=95, queue_depth=200_000)),
             (now - 110, Profile(cpu_busy=95, queue_depth=0)),
             (now - 80, Profile(cpu_busy=95, queue_depth=200_000)),
         ]),
@@ -75,15 +83,24 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     )
     try:
         with serving(exporter), running_server(tmp) as server:
+            dead = f"127.0.0.1:{free_port()}"  # nothing listens there
             jobs = [
                 ScrapeJob("fake", [exporter.hostport], honor_labels=True),
                 ScrapeJob("qpq", [server.metrics_url.removeprefix("http://")],
                           instance="realhost"),
                 ScrapeJob("node", [f"127.0.0.1:{node_port}"], instance="realhost"),
+                ScrapeJob("other-team-node", [f"127.0.0.1:{node_port}"], instance="foreign"),
             ]
-            history = exporter.history(t0, now, 2.0, job="fake")
-            with running_prometheus(tmp, jobs, history=history) as prom:
-                prom.wait_for_targets_up()
+            dead_targets = [{"job_name": f"dead-{job}", "static_configs": [{"targets": [dead]}],
+                             "relabel_configs": [
+                                 {"target_label": "instance", "replacement": "deadhost"},
+                                 {"target_label": "job", "replacement": job}]}
+                            for job in ("qpq", "node")]
+            history = exporter.history(t0, now, 2.0)
+            with running_prometheus(tmp, jobs, scrape_configs=dead_targets,
+                                    history=history) as prom:
+                prom.wait_for('up{instance="deadhost"} == 0', lambda r: len(r) == 2)
+                prom.wait_for('up{instance=~"realhost|foreign"} == 1', lambda r: len(r) == 3)
                 # rate() needs two samples of the real targets
                 for metric in ("qpq_connections_max", "node_memory_MemTotal_bytes"):
                     prom.wait_for(f'count_over_time({metric}{{instance="realhost"}}[1m]) >= 3')
@@ -93,11 +110,17 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         node.wait(timeout=10)
 
 
-def check(stack: Stack, *args: str) -> tuple[int, dict]:  # type: ignore[type-arg]
+def check_real(stack: Stack, *args: str) -> tuple[int, dict]:  # type: ignore[type-arg]
+    """check-triggers with the default jobs (qpq, node)."""
     result = runner.invoke(app, ["check-triggers", "--prometheus-url", stack.prom.url,
                                  "--json", *args])
     assert result.exit_code in (0, 1, 2, 3), result.output
     return result.exit_code, json.loads(result.stdout)
+
+
+def check(stack: Stack, *args: str) -> tuple[int, dict]:  # type: ignore[type-arg]
+    """check-triggers on the fake instances' jobs."""
+    return check_real(stack, *JOB_ARGS, *args)
 
 
 @pytest.mark.parametrize(("instance", "profile", "state", "code"), [
@@ -134,7 +157,7 @@ def test_absent_metrics_are_no_data_never_ok(stack: Stack) -> None:
     assert states["delivery_queue_depth"] == "ok"
     assert states["connections"] == "ok"
     for absent in ("cpu", "memory", "disk_usage", "disk_io_latency", "rate_limit_hits",
-                   "login_failures", "tls_handshake_latency"):
+                   "login_failures", "tls_handshake_latency", "process_cpu"):
         assert states[absent] == "no-data"
     assert exit_code == 3
 
@@ -148,7 +171,7 @@ def test_several_instances_are_evaluated_separately(stack: Stack) -> None:
 
 
 def test_without_selector_every_instance_gets_a_row(stack: Stack) -> None:
-    exit_code, doc = check(stack, "--trigger", "delivery_queue_depth", "--job", "fake")
+    exit_code, doc = check(stack, "--trigger", "delivery_queue_depth")
     rows = {t["instance"]: t["state"] for t in doc["triggers"]}
     assert rows == {"ok": "ok", "warn": "warning", "crit": "critical", "partial": "ok",
                     "dip": "critical"}
@@ -156,14 +179,15 @@ def test_without_selector_every_instance_gets_a_row(stack: Stack) -> None:
 
 
 def test_cpu_sustained_over_the_production_window(stack: Stack) -> None:
-    _, doc = check(stack, "--trigger", "cpu", "--job", "fake")
+    _, doc = check(stack, "--trigger", "cpu")
     rows = {t["instance"]: t for t in doc["triggers"]}
     assert rows["crit"]["state"] == "critical"
     assert rows["warn"]["state"] == "warning"
-    # 95 % for two minutes only: the five-minute condition has not held.
-    assert rows["late"]["state"] == "ok"
+    # 95 % for two minutes only (no data before): not sustained yet, which is not ok.
+    assert rows["late"]["state"] == "no-data"
+    assert rows["late"]["value"] is None
     assert rows["late"]["current"] == pytest.approx(95, abs=3)
-    assert "not sustained" in rows["late"]["note"]
+    assert "not sustained yet" in rows["late"]["note"]
     # 95 % now, but it dipped to 10 % within the window: not sustained either.
     assert rows["dip"]["state"] == "ok"
     assert rows["dip"]["current"] == pytest.approx(95, abs=1)
@@ -171,9 +195,9 @@ def test_cpu_sustained_over_the_production_window(stack: Stack) -> None:
 
 
 def test_sustain_scale_compresses_the_window_for_tests(stack: Stack) -> None:
-    # A 60 s window: the late instance has held 95 % for longer, the dip is older.
+    # A 30 s window: the late instance has held 95 % for longer, the dip is older.
     _, doc = check(stack, "--trigger", "cpu", "--instance", "late", "--instance", "dip",
-                   "--sustain-scale", "0.2")
+                   "--sustain-scale", "0.1")
     assert {t["instance"]: t["state"] for t in doc["triggers"]} == {
         "late": "critical", "dip": "critical"}
 
@@ -182,49 +206,99 @@ def test_sustained_gauge_needs_the_whole_window(stack: Stack) -> None:
     sustained_queue = dataclasses.replace(get_trigger("delivery_queue_depth"),
                                           sustain_s=300, alert_for_s=300)
     full = evaluate_prometheus(stack.prom.url, triggers=[sustained_queue],
-                               instances=["dip", "crit"])
+                               instances=["dip", "crit"], scope=FAKE_SCOPE)
     states = {r.instance: r.state for r in full.results}
     assert states == {"dip": State.OK, "crit": State.CRITICAL}
     dip = next(r for r in full.results if r.instance == "dip")
     assert dip.value == 0 and dip.current == 200_000
     # with a 30 s window the dip (80-110 s ago) is outside it
     short = evaluate_prometheus(stack.prom.url, triggers=[sustained_queue],
-                                instances=["dip"], sustain_scale=0.1)
+                                instances=["dip"], sustain_scale=0.1, scope=FAKE_SCOPE)
     assert short.results[0].state is State.CRITICAL
 
 
 def test_real_server_and_node_exporter_relabelled_to_one_instance(stack: Stack) -> None:
-    exit_code, doc = check(stack, "--instance", "realhost")
+    exit_code, doc = check_real(stack, "--instance", "realhost")
     rows = {t["id"]: t for t in doc["triggers"]}
     for qpq_trigger in ("disk_io_latency", "delivery_queue_depth", "rate_limit_hits",
                         "login_failures", "connections", "tls_handshake_latency"):
         assert rows[qpq_trigger]["state"] == "ok", rows[qpq_trigger]
     assert rows["connections"]["value"] == 0
     assert rows["delivery_queue_depth"]["value"] == 0
-    # Prometheus has seen the real host for seconds: CPU cannot be sustained yet.
-    assert rows["cpu"]["state"] == "ok" and "not sustained" in rows["cpu"]["note"]
+    # Prometheus has seen the real host for seconds: a busy CPU is not sustained yet
+    # (no-data), an idle one is ok; never a silent pass either way.
+    for sustained in ("cpu", "process_cpu"):
+        row = rows[sustained]
+        assert row["state"] in ("ok", "no-data"), row
+        if row["state"] == "no-data":
+            assert "not sustained yet" in row["note"], row
+        else:
+            assert row["value"] < 80, row
     for host_trigger in ("memory", "disk_usage"):
         assert rows[host_trigger]["state"] != "no-data"
         assert 0 < rows[host_trigger]["value"] < 100
-    assert exit_code in (0, 1, 2)
+    states = {row["state"] for row in rows.values()}
+    assert exit_code == (2 if "critical" in states else 1 if "warning" in states
+                         else 3 if "no-data" in states else 0)
 
 
-def test_job_selector_restricts_series(stack: Stack) -> None:
-    _, doc = check(stack, "--job", "qpq", "--trigger", "connections")
+def test_every_target_of_the_jobs_gets_a_row_and_a_down_one_is_never_ok(
+        stack: Stack) -> None:
+    exit_code, doc = check_real(stack, "--trigger", "connections", "--trigger", "memory")
+    rows = {(t["id"], t["instance"]): t for t in doc["triggers"]}
+    assert set(rows) == {("connections", "realhost"), ("connections", "deadhost"),
+                         ("memory", "realhost"), ("memory", "deadhost")}
+    assert rows["connections", "realhost"]["state"] == "ok"
+    for trigger_id in ("connections", "memory"):
+        dead = rows[trigger_id, "deadhost"]
+        assert dead["state"] == "no-data" and "target down" in dead["note"], dead
+    assert doc["status"] == "no-data" and exit_code == 3
+
+
+def test_a_foreign_job_never_appears(stack: Stack) -> None:
+    _, doc = check_real(stack)
+    assert "foreign" not in {t["instance"] for t in doc["triggers"]}
+    _, doc = check_real(stack, "--instance", "foreign")
+    assert {t["state"] for t in doc["triggers"]} == {"no-data"}
+
+
+def test_job_selects_the_qpq_series_and_node_job_the_host_series(stack: Stack) -> None:
+    _, doc = check_real(stack, "--job", "qpq", "--trigger", "connections",
+                        "--instance", "realhost")
     assert [(t["instance"], t["state"]) for t in doc["triggers"]] == [("realhost", "ok")]
+    # --job moves only the qpq triggers: memory still reads the node job
+    _, doc = check_real(stack, "--job", QPQ_JOB, "--trigger", "memory",
+                        "--trigger", "connections")
+    rows = {(t["id"], t["instance"]): t["state"] for t in doc["triggers"]}
+    assert rows["memory", "realhost"] != "no-data"
+    assert ("connections", "crit") in rows and ("memory", "crit") not in rows
+    _, doc = check_real(stack, "--node-job", "other-team-node", "--trigger", "memory")
+    assert {t["instance"] for t in doc["triggers"]} == {"foreign"}
 
 
 def test_table_output_names_triggers_states_and_actions(stack: Stack) -> None:
     result = runner.invoke(app, ["check-triggers", "--prometheus-url", stack.prom.url,
-                                 "--instance", "crit"], env={"COLUMNS": "250"})
+                                 *JOB_ARGS, "--instance", "crit"], env={"COLUMNS": "250"})
     assert result.exit_code == 2
     for text in ("CPU usage", "critical", "95.0 %", "200,000", "1,000.0/min",
-                 "Scale horizontally", "2,425.0 ms"):
+                 "Scale horizontally", "2,425.0 ms", "tighten [rate_limit]"):
+        assert text in result.stdout, text
+
+
+def test_table_stays_readable_at_80_columns(stack: Stack) -> None:
+    result = runner.invoke(app, ["check-triggers", "--prometheus-url", stack.prom.url,
+                                 *JOB_ARGS, "--instance", "crit"], env={"COLUMNS": "80"})
+    assert result.exit_code == 2
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    # whole words in the cells, the actions listed below the table, markup kept as text
+    for text in ("CPU usage", "Connections vs cap", "critical", "95.0 %",
+                 "[rate_limit]"):
         assert text in result.stdout, text
 
 
 def test_environment_variable_gives_the_prometheus_url(stack: Stack) -> None:
-    result = runner.invoke(app, ["check-triggers", "--json", "--instance", "warn"],
+    result = runner.invoke(app, ["check-triggers", "--json", *JOB_ARGS, "--instance", "warn"],
                            env={"QPQ_PROMETHEUS_URL": stack.prom.url})
     assert result.exit_code == 1
     assert json.loads(result.stdout)["status"] == "warning"
@@ -232,7 +306,7 @@ def test_environment_variable_gives_the_prometheus_url(stack: Stack) -> None:
 
 def test_watch_re_evaluates_and_prints_one_json_line_per_pass(stack: Stack) -> None:
     result = runner.invoke(app, ["check-triggers", "--prometheus-url", stack.prom.url,
-                                 "--instance", "warn", "--json", "--watch", "0.2",
+                                 *JOB_ARGS, "--instance", "warn", "--json", "--watch", "0.2",
                                  "--count", "3"])
     assert result.exit_code == 1
     docs = [json.loads(line) for line in result.stdout.splitlines()]
@@ -243,7 +317,8 @@ def test_watch_re_evaluates_and_prints_one_json_line_per_pass(stack: Stack) -> N
 
 def test_watch_table_mode_exits_with_last_status(stack: Stack) -> None:
     result = runner.invoke(app, ["check-triggers", "--prometheus-url", stack.prom.url,
-                                 "--instance", "ok", "--watch", "0.1", "--count", "2"])
+                                 *JOB_ARGS, "--instance", "ok", "--watch", "0.1",
+                                 "--count", "2"])
     assert result.exit_code == 0
     assert "Scaling triggers" in result.stdout
 

@@ -176,7 +176,7 @@ def test_unreadable_sysctl_is_no_data(server: RunningServer, host: dict[str, Pat
     assert results["sysctl"].state == "no-data"
 
 
-@pytest.mark.parametrize(("days", "state"), [(200, "ok"), (20, "warning"), (3, "critical"),
+@pytest.mark.parametrize(("days", "state"), [(200, "ok"), (10, "warning"), (2, "critical"),
                                              (-2, "critical")])
 def test_tls_certificate_expiry_thresholds(server: RunningServer, host: dict[str, Path],
                                            tmp_path: Path, days: float, state: str) -> None:
@@ -361,3 +361,25 @@ def test_qpq_config_environment_variable_names_the_config(server: RunningServer,
                                  str(host["proc_sys"]), "--textfile-dir", str(host["textfile"])],
                            env={"QPQ_CONFIG": str(server.config_path)})
     assert json.loads(result.stdout)["config"] == str(server.config_path)
+
+
+def test_doctor_table_wraps_the_fix_and_prints_brackets_as_text(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from qpq_ops._console import out
+    from qpq_ops.cli.doctor import doctor_table
+    from qpq_ops.doctor.model import CheckResult, CheckState
+
+    monkeypatch.setenv("COLUMNS", "80")
+    long_path = "/srv/" + "very-long-directory-name/" * 4 + "qpq-server.toml"
+    fix = f"qpq-ops backup create --config {long_path} --dest [backups]"
+    out().print(doctor_table([CheckResult("backup", "Last backup", CheckState.WARNING,
+                                          "no backup recorded [textfile]", fix)],
+                             tmp_path / "qpq-server.toml"))
+    text = capsys.readouterr().out
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert "…" not in text  # wrapped, never cut: the command is copied from here
+    assert "[backups]" in text and "[textfile]" in text  # data, not markup
+    cells = "".join(line.split("│")[-2].strip() for line in text.splitlines()
+                    if line.count("│") >= 5)
+    assert long_path in cells

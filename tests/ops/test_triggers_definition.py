@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 
 import pytest
 
 from qpq_ops.triggers import (
+    DEFAULT_SCOPE,
     RUNBOOK_DOC,
     TRIGGER_IDS,
     TRIGGERS,
     Direction,
+    Scope,
     State,
     get_trigger,
     validate_triggers,
@@ -21,6 +24,7 @@ from qpq_ops.triggers import (
 DESIGN_IDS = [
     "cpu", "memory", "disk_usage", "disk_io_latency", "delivery_queue_depth",
     "rate_limit_hits", "login_failures", "connections", "tls_handshake_latency",
+    "process_cpu",
 ]
 
 GUIDE_THRESHOLDS = {
@@ -28,10 +32,11 @@ GUIDE_THRESHOLDS = {
     "disk_io_latency": (0.005, 0.020), "delivery_queue_depth": (10_000, 100_000),
     "rate_limit_hits": (100, 1000), "login_failures": (50, 500),
     "connections": (80, 95), "tls_handshake_latency": (0.1, 0.5),
+    "process_cpu": (80, 95),  # qpq's own: percent of the one core a worker can use
 }
 
 
-def test_nine_triggers_in_design_order_with_guide_thresholds() -> None:
+def test_guide_triggers_then_process_cpu_in_design_order_with_thresholds() -> None:
     assert [t.id for t in TRIGGERS] == DESIGN_IDS == list(TRIGGER_IDS)
     for t in TRIGGERS:
         assert (t.warning, t.critical) == GUIDE_THRESHOLDS[t.id]
@@ -42,34 +47,48 @@ def test_nine_triggers_in_design_order_with_guide_thresholds() -> None:
 
 
 def test_cpu_is_sustained_five_minutes_and_others_instantaneous() -> None:
-    assert get_trigger("cpu").sustain_s == 300
-    assert all(t.sustain_s == 0 for t in TRIGGERS if t.id != "cpu")
+    sustained = ("cpu", "process_cpu")
+    assert all(get_trigger(i).sustain_s == 300 for i in sustained)
+    assert all(t.sustain_s == 0 for t in TRIGGERS if t.id not in sustained)
     assert all(t.alert_for_s >= t.sustain_s for t in TRIGGERS)
 
 
 def test_expressions_use_the_design_metrics() -> None:
     assert get_trigger("connections").expr == (
-        "100 * sum by (instance) (qpq_connections_active) / "
-        "sum by (instance) (qpq_connections_max)"
+        '100 * sum by (instance) (qpq_connections_active{job="qpq"}) / '
+        'sum by (instance) (qpq_connections_max{job="qpq"})'
     )
+    assert get_trigger("process_cpu").expr == (
+        '100 * max by (instance) (rate(process_cpu_seconds_total{job="qpq"}[5m]))')
     assert "qpq_db_write_duration_seconds_bucket" in get_trigger("disk_io_latency").expr
     assert "qpq_tls_handshake_duration_seconds_bucket" in get_trigger(
         "tls_handshake_latency").expr
-    assert 'node_cpu_seconds_total{mode="idle"}' in get_trigger("cpu").expr
+    assert 'node_cpu_seconds_total{mode="idle",job="node"}' in get_trigger("cpu").expr
 
 
-def test_selector_is_added_to_every_series() -> None:
-    expr = get_trigger("connections").expr_with_selector('{instance="a:9090"}')
-    assert expr.count('{instance="a:9090"}') == 2
-    cpu = get_trigger("cpu").expr_with_selector('job="node"')
-    assert 'node_cpu_seconds_total{mode="idle",job="node"}' in cpu
-    assert get_trigger("memory").expr_with_selector("") == get_trigger("memory").expr
+def test_every_series_selects_its_job_and_the_data_filesystem() -> None:
+    scope = Scope(qpq_job="qpq-eu", node_job="hosts", mountpoint="/srv/qpq")
+    expr = get_trigger("connections").expr_in(scope, '{instance="a:9090"}')
+    assert expr.count('{job="qpq-eu",instance="a:9090"}') == 2
+    assert 'job="hosts"' in get_trigger("cpu").expr_in(scope)
+    disk = get_trigger("disk_usage").expr_in(scope)
+    assert disk.count('{job="hosts",mountpoint="/srv/qpq"}') == 2
+    assert get_trigger("memory").expr_in(DEFAULT_SCOPE) == get_trigger("memory").expr
+    for t in TRIGGERS:  # no bare metric name anywhere: every selector has a job
+        selectors = re.findall(r"\{[^}]*\}", t.expr)
+        assert selectors and all(re.search(r'(^\{|,)job="', sel) for sel in selectors), t.expr
+
+
+def test_rate_windows_survive_a_one_minute_scrape_interval() -> None:
+    for t in TRIGGERS:
+        for window in re.findall(r"\[(\d+)m\]", t.expr):
+            assert int(window) * 60 >= 4 * 60, t.expr
 
 
 def test_every_expression_parses_with_promtool(tmp_path) -> None:
     rules = ["groups:", "- name: t", "  rules:"]
     for t in TRIGGERS:
-        for expr in (t.expr, t.expr_with_selector('{instance="x:1",job="j"}')):
+        for expr in (t.expr, t.expr_in(Scope("j", "n", "/d"), '{instance="x:1"}')):
             rules += [f"  - record: qpq:{t.id}", f"    expr: '{expr}'"]
     path = tmp_path / "rules.yml"
     path.write_text("\n".join(rules) + "\n")
