@@ -1,8 +1,14 @@
-"""The metrics qpq exports, as data (DESIGN.md's metrics table).
+"""The metrics qpq exports, as data, read from the server's own metric registry.
+
+`qpq_server.metrics.ServerMetrics` is the one place a server metric is declared; this
+module builds it on a throwaway registry and reads each family's name, type, help and
+label names, so the catalogue cannot drift from what the server exports. Only the
+backup textfile metrics, written by `qpq-ops backup create`, are listed here.
 
 Used for the generated metrics table in `docs/operations/monitoring.md` and by the
 metric-contract test, which scrapes a real server and node_exporter and fails when a
-name listed here, or named by an alert, recording rule or dashboard panel, is missing.
+name or label listed here, or named by an alert, recording rule or dashboard panel, is
+missing.
 """
 
 from __future__ import annotations
@@ -45,49 +51,40 @@ class MetricSpec:
     source: MetricSource = MetricSource.SERVER
 
 
-METRICS: tuple[MetricSpec, ...] = (
-    MetricSpec("qpq_enqueue_total", MetricType.COUNTER,
-               "messages accepted into delivery queues"),
-    MetricSpec("qpq_fetch_total", MetricType.COUNTER, "fetch calls served"),
-    MetricSpec("qpq_delivery_queue_depth", MetricType.GAUGE,
-               "messages waiting for delivery, all queues"),
-    MetricSpec("qpq_delivery_waiters", MetricType.GAUGE, "parked long-poll fetches"),
-    MetricSpec("qpq_rate_limit_hit_total", MetricType.COUNTER,
-               "requests refused by the rate limiter"),
-    MetricSpec("qpq_auth_login_failure_total", MetricType.COUNTER,
-               "failed logins (bad password, unknown user, bad token)"),
-    MetricSpec("qpq_auth_login_success_total", MetricType.COUNTER, "successful logins"),
-    MetricSpec("qpq_connections_active", MetricType.GAUGE, "open QUIC connections"),
-    MetricSpec("qpq_connections_max", MetricType.GAUGE,
-               "configured connection cap (triggers compare the two)"),
-    MetricSpec("qpq_connections_refused_total", MetricType.COUNTER,
-               "connections refused (cap reached, handshake flood, draining); "
-               "beyond DESIGN.md's table", labels=("reason",)),
-    MetricSpec("qpq_sessions_active", MetricType.GAUGE, "live sessions"),
-    MetricSpec("qpq_tls_handshake_duration_seconds", MetricType.HISTOGRAM,
-               "QUIC/TLS handshake time"),
-    MetricSpec("qpq_rpc_duration_seconds", MetricType.HISTOGRAM,
-               "request handling time per operation", labels=("op",)),
-    MetricSpec("qpq_rpc_errors_total", MetricType.COUNTER,
-               "requests answered with an error", labels=("op", "code")),
-    MetricSpec("qpq_db_write_duration_seconds", MetricType.HISTOGRAM,
-               "storage commit latency (the disk I/O latency trigger)"),
-    MetricSpec("qpq_blob_bytes", MetricType.GAUGE, "bytes held in blob storage"),
-    MetricSpec("qpq_kt_log_size", MetricType.GAUGE, "leaves in the key-transparency log"),
-    MetricSpec("qpq_federation_relay_total", MetricType.COUNTER,
-               "messages relayed to/from peers", labels=("peer", "result")),
-    MetricSpec("qpq_tls_cert_expiry_timestamp_seconds", MetricType.GAUGE,
-               "notAfter of the serving TLS certificate"),
+def _server_metrics() -> tuple[MetricSpec, ...]:
+    """Every metric `ServerMetrics` declares, in declaration order."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from qpq_server.metrics import ServerMetrics
+
+    specs = []
+    for wrapper in vars(ServerMetrics(CollectorRegistry())).values():
+        if not isinstance(wrapper, MetricWrapperBase):
+            continue
+        (family,) = wrapper.describe()
+        kind = MetricType(family.type)
+        # counters are named as scraped and queried, with their `_total`
+        name = f"{family.name}_total" if kind is MetricType.COUNTER else family.name
+        # prometheus_client keeps a family's label names on the wrapper only
+        labels = tuple(getattr(wrapper, "_labelnames", ()))
+        specs.append(MetricSpec(name, kind, family.documentation, labels))
+    return tuple(specs)
+
+
+_BACKUP_TEXTFILE: tuple[MetricSpec, ...] = (
     MetricSpec("qpq_backup_last_success_timestamp_seconds", MetricType.GAUGE,
-               "end time of the last successful `qpq-ops backup create`",
+               "End time of the last successful `qpq-ops backup create`",
                source=MetricSource.BACKUP_TEXTFILE),
     MetricSpec("qpq_backup_last_size_bytes", MetricType.GAUGE,
-               "size of the last successful backup archive",
+               "Size of the last successful backup archive",
                source=MetricSource.BACKUP_TEXTFILE),
     MetricSpec("qpq_backup_last_duration_seconds", MetricType.GAUGE,
-               "wall time of the last successful backup",
+               "Wall time of the last successful backup",
                source=MetricSource.BACKUP_TEXTFILE),
 )
+
+METRICS: tuple[MetricSpec, ...] = _server_metrics() + _BACKUP_TEXTFILE
 
 _BY_NAME = {spec.name: spec for spec in METRICS}
 

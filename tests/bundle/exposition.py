@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from prometheus_client.parser import text_string_to_metric_families
 
 __all__ = ["Exposition", "parse_exposition"]
 
@@ -13,6 +15,8 @@ class Exposition:
     """family name as in `# TYPE` -> type (counters keep `_total` here)."""
     samples: frozenset[str]
     """names of the sample lines."""
+    labels: dict[str, list[tuple[str, ...]]] = field(default_factory=dict)
+    """sample name -> the label names of each of its sample lines."""
 
     def exports(self, name: str) -> bool:
         """True when a query for `name` can match: a sample or a declared family.
@@ -38,4 +42,8 @@ def parse_exposition(text: str) -> Exposition:
             types[name] = kind.strip()
         elif line and not line.startswith("#"):
             samples.add(line.split("{", 1)[0].split(" ", 1)[0])
-    return Exposition(types, frozenset(samples))
+    labels: dict[str, list[tuple[str, ...]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels.setdefault(sample.name, []).append(tuple(sorted(sample.labels)))
+    return Exposition(types, frozenset(samples), labels)

@@ -17,7 +17,13 @@ import httpx
 import pytest
 import yaml
 
-from qpq_ops.metrics_catalog import METRICS, MetricSource, sample_names
+from qpq_ops.metrics_catalog import (
+    METRICS,
+    MetricSource,
+    MetricSpec,
+    metric_by_name,
+    sample_names,
+)
 from qpq_ops.triggers import TRIGGERS
 from tests.bundle.conftest import NodeExporter
 from tests.bundle.exposition import Exposition, parse_exposition
@@ -123,6 +129,63 @@ def test_server_exports_every_catalogued_metric_with_its_type(server_metrics: Ex
         if not spec.labels:  # a labelled family has samples only once a child exists
             for sample in sample_names(spec):
                 assert sample in server_metrics.samples, f"{sample} has no sample line"
+
+
+_GENERIC_LABELS = {"instance", "job", "le"}
+
+
+def _family(sample: str) -> str:
+    for suffix in ("_bucket", "_count", "_sum"):
+        if sample.endswith(suffix) and metric_by_name_or_none(sample.removesuffix(suffix)):
+            return sample.removesuffix(suffix)
+    return sample
+
+
+def metric_by_name_or_none(name: str) -> MetricSpec | None:
+    return next((m for m in METRICS if m.name == name), None)
+
+
+def test_every_label_the_rules_group_or_match_by_is_a_label_of_the_metric(repo: Path) -> None:
+    """`sum by (instance, op, code) (rate(qpq_rpc_errors_total[5m]))` needs op and code
+    on qpq_rpc_errors_total; a renamed label would silently collapse the series."""
+    checked = 0
+    exprs = [*_rule_exprs(repo / "prometheus/rules/qpq-recording.yml").values(),
+             *_rule_exprs(repo / "prometheus/alerts/qpq-alerts.yml").values()]
+    for expr in exprs:
+        grouped = {label.strip() for group in re.findall(r"\bby \(([^)]*)\)", expr)
+                   for label in group.split(",")}
+        matched = set(re.findall(r"([a-zA-Z_]+)\s*(?:=~|!~|!=|=)\s*\"", expr))
+        for name in metric_names(expr):
+            spec = metric_by_name_or_none(_family(name))
+            if spec is None:
+                continue
+            for label in (grouped | matched) - _GENERIC_LABELS:
+                assert label in spec.labels, f"{label} is not a label of {spec.name}: {expr}"
+                checked += 1
+    assert checked >= 5  # op, code, reason, peer, result at least
+
+
+def test_exported_label_names_equal_the_catalogue(server_metrics: Exposition) -> None:
+    seen = 0
+    for spec in METRICS:
+        if spec.source is not MetricSource.SERVER:
+            continue
+        for sample in sample_names(spec):
+            for labels in server_metrics.labels.get(sample, []):
+                assert set(labels) - {"le"} == set(spec.labels), (sample, labels)
+                seen += 1
+    assert seen  # the fresh server shows at least the label-less families and `scope`
+
+
+def test_catalogue_is_the_server_registry_not_a_copy() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from qpq_server.metrics import ServerMetrics
+
+    families = {m.name for m in ServerMetrics(CollectorRegistry()).registry.collect()}
+    server_specs = [m for m in METRICS if m.source is MetricSource.SERVER]
+    assert {m.name.removesuffix("_total") for m in server_specs} <= families
+    assert metric_by_name("qpq_rate_limit_hit_total").labels == ("scope",)
 
 
 def test_catalogue_lists_every_qpq_metric_the_server_exports(server_metrics: Exposition) -> None:
