@@ -8,6 +8,7 @@ fake tree.
 
 from __future__ import annotations
 
+import os
 import re
 import resource
 from dataclasses import dataclass
@@ -25,7 +26,9 @@ __all__ = [
     "SettingCheck",
     "check_nofile",
     "check_sysctl",
+    "nofile_fix",
     "read_nofile",
+    "read_nr_open",
     "render_limits_d",
     "render_sysctl_conf",
     "render_systemd_dropin",
@@ -134,13 +137,41 @@ def read_nofile(pid: int | None = None, proc: Path = Path("/proc")) -> tuple[int
     return _limit(match.group(1)), _limit(match.group(2))
 
 
+def read_nr_open(proc_sys: Path = Path("/proc/sys")) -> int | None:
+    """The kernel's ceiling for any process's open-files limit (fs.nr_open)."""
+    return _read_int(proc_sys / "fs" / "nr_open")
+
+
+def nofile_fix(want: int, limits: tuple[int, int] | None, is_root: bool) -> str:
+    """What to do so the server gets `want` open files, for the operator at hand.
+
+    A non-root user can raise the soft limit only up to the hard one; past that it takes
+    root (a systemd drop-in for the service, or limits.d for logins).
+    """
+    root_way = (f"as root: qpq-ops tune ulimits --write {SYSTEMD_DROPIN_PATH} && "
+                "systemctl daemon-reload && systemctl restart qpq-server")
+    if limits is None:
+        return root_way
+    hard = limits[1]
+    if hard != resource.RLIM_INFINITY and hard < want:
+        if is_root:
+            return root_way
+        return (f"the hard limit {hard} is below {want} and only root can raise it: ask "
+                f"for `qpq-ops tune ulimits --write {SYSTEMD_DROPIN_PATH}` (service) or "
+                f"`--write-limits-d {LIMITS_D_PATH}` (logins); until then start the server "
+                f"after `ulimit -n {hard}`")
+    return (f"in the shell that starts the server: ulimit -n {want} (your hard limit "
+            f"allows it); for the service: {root_way}")
+
+
 def check_nofile(pid: int | None = None, proc: Path = Path("/proc"),
-                 want: int = NOFILE) -> list[SettingCheck]:
-    """The soft and hard open-files limits of `pid` (or this process) against `want`."""
+                 want: int = NOFILE, who: str | None = None,
+                 proc_sys: Path = Path("/proc/sys")) -> list[SettingCheck]:
+    """The soft and hard open-files limits of `pid` (or this process) against `want`,
+    and the kernel's fs.nr_open, which caps both."""
     limits = read_nofile(pid, proc)
-    who = "this process" if pid is None else f"pid {pid}"
-    fix = (f"systemd: qpq-ops tune ulimits --write {SYSTEMD_DROPIN_PATH}; "
-           f"shell: ulimit -n {want}")
+    who = who or ("this process" if pid is None else f"pid {pid}")
+    fix = nofile_fix(want, limits, os.geteuid() == 0)
     checks = []
     for index, kind in enumerate(("soft", "hard")):
         live = None if limits is None else limits[index]
@@ -151,4 +182,11 @@ def check_nofile(pid: int | None = None, proc: Path = Path("/proc"),
         else:
             state = CheckState.BELOW
         checks.append(SettingCheck(f"nofile {kind} ({who})", want, live, state, fix))
+    nr_open = read_nr_open(proc_sys)
+    checks.append(SettingCheck(
+        "fs.nr_open (kernel ceiling)", want, nr_open,
+        CheckState.UNKNOWN if nr_open is None else (
+            CheckState.OK if nr_open >= want else CheckState.BELOW),
+        f"as root: sysctl -w fs.nr_open={want} and add `fs.nr_open = {want}` to "
+        f"{SYSCTL_PATH}; no limit can exceed it"))
     return checks

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 from pathlib import Path
@@ -26,6 +27,8 @@ from qpq_ops.tuning import (
     render_systemd_dropin,
     write_atomic,
 )
+from qpq_server.config import load_config
+from qpq_server.errors import ConfigError
 
 __all__ = ["app", "checks_exit_code", "checks_json", "sysctl", "ulimits"]
 
@@ -73,6 +76,45 @@ def _print_checks(checks: list[SettingCheck], title: str) -> None:
     below = [c for c in checks if c.state is not CheckState.OK]
     if below:
         out().print(f"Fix: {below[0].fix}", highlight=False, soft_wrap=True)
+
+
+def _server_pid(pid: int | None, pid_file: Path | None, config: Path | None,
+                itself: bool) -> tuple[int | None, str]:
+    """(pid to check, who it is) from the options; None = this process (--self)."""
+    given = [name for name, value in (("--pid", pid), ("--pid-file", pid_file),
+                                      ("--config", config)) if value is not None]
+    if itself:
+        if given:
+            fail(f"--self and {given[0]} name different processes; give one")
+        return None, "qpq-ops itself, not the server"
+    if len(given) > 1:
+        fail(f"give one of --pid, --pid-file, --config (got {', '.join(given)})")
+    if pid is not None:
+        if pid <= 0:
+            fail(f"--pid: must be a positive process id, got {pid}")
+        return pid, f"pid {pid}"
+    if config is None and pid_file is None:
+        env = os.environ.get("QPQ_CONFIG")
+        if not env:
+            fail("--check needs the running server: give --pid, --pid-file or --config "
+                 "(or set QPQ_CONFIG); --self checks this shell instead")
+        config = Path(env)
+    if config is not None:
+        try:
+            pid_file = load_config(config).pid_path
+        except (OSError, ConfigError) as exc:
+            fail(f"--config {config}: {exc}")
+    assert pid_file is not None
+    try:
+        text = pid_file.read_text().strip()
+    except FileNotFoundError:
+        fail(f"no pid file {pid_file}: is the server running?", ExitCode.CANNOT_EVALUATE)
+    except OSError as exc:
+        fail(f"cannot read {pid_file}: {exc.strerror or exc}", ExitCode.CANNOT_EVALUATE)
+    if not text.isdigit() or int(text) <= 0:
+        fail(f"{pid_file} does not hold a process id: {text[:40]!r}",
+             ExitCode.CANNOT_EVALUATE)
+    return int(text), f"server pid {text}"
 
 
 def _write(path: Path, text: str) -> None:
@@ -130,15 +172,30 @@ def ulimits(
         "--check", help="Compare the soft/hard open-files limits with 65536; exit 1 when "
         "below.")] = False,
     pid: Annotated[int | None, typer.Option(
-        help="Check this process (e.g. the server's pid) instead of qpq-ops itself.")] = None,
+        help="With --check: the running server's pid.")] = None,
+    pid_file: Annotated[Path | None, typer.Option(
+        "--pid-file", metavar="PATH", help="With --check: read the server's pid from PATH.",
+    )] = None,
+    config: Annotated[Path | None, typer.Option(
+        "--config", metavar="PATH", help="With --check: the server's qpq-server.toml; its "
+        "pid file (in the data dir) names the running server. Default: $QPQ_CONFIG.",
+    )] = None,
+    itself: Annotated[bool, typer.Option(
+        "--self", help="With --check: check qpq-ops's own limits (the shell's), not the "
+        "server's.")] = False,
     proc: Annotated[Path, typer.Option(
         "--proc", metavar="DIR", help="Where /proc/PID/limits is read from.")] = Path("/proc"),
+    proc_sys: Annotated[Path, typer.Option(
+        "--proc-sys", metavar="DIR", help="Where fs.nr_open is read from.")] = Path("/proc/sys"),
     user: Annotated[str, typer.Option(help="Service user named in the limits.d file.")] = "qpq",
     json_out: JsonOpt = False,
 ) -> None:
     """Open-files limit (LimitNOFILE=65536): systemd drop-in and limits.d file.
 
-    Without options, prints both recommended files.
+    Without options, prints both recommended files. `--check` reads the limits of the
+    running server (--pid, --pid-file or --config; $QPQ_CONFIG by default), not of
+    this shell, and the kernel's fs.nr_open; the fix it prints works for the user
+    running it (a non-root user can raise the soft limit up to the hard one only).
     """
     dropin, limits_d = render_systemd_dropin(), render_limits_d(user)
     if write is not None:
@@ -146,9 +203,10 @@ def ulimits(
     if write_limits_d is not None:
         _write(write_limits_d, limits_d)
     if check:
-        checks = check_nofile(pid, proc)
+        target, who = _server_pid(pid, pid_file, config, itself)
+        checks = check_nofile(target, proc, who=who, proc_sys=proc_sys)
         if json_out:
-            print_json({"nofile": NOFILE, "checks": checks_json(checks)})
+            print_json({"nofile": NOFILE, "pid": target, "checks": checks_json(checks)})
         else:
             _print_checks(checks, "open-files limit")
         raise typer.Exit(int(checks_exit_code(checks)))

@@ -108,7 +108,8 @@ def _server_pid(deployment: Deployment | None, proc: Path) -> int | None:
 
 def check_open_files(inputs: DoctorInputs) -> CheckResult:
     pid = _server_pid(inputs.deployment, inputs.proc)
-    result = _tune_result("nofile", "Open-files limit", check_nofile(pid, inputs.proc),
+    result = _tune_result("nofile", "Open-files limit",
+                          check_nofile(pid, inputs.proc, proc_sys=inputs.proc_sys),
                           "soft and hard limits")
     if pid is None:
         return CheckResult(result.id, result.title, result.state,

@@ -56,7 +56,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
 def host(tmp_path: Path, server: RunningServer) -> dict[str, Path]:
     """Fake /proc/sys and /proc (server pid with good limits) and a fresh backup record."""
     proc_sys = tmp_path / "proc-sys"
-    for key, value in GOOD_SYSCTL.items():
+    for key, value in {**GOOD_SYSCTL, "fs.nr_open": 1048576}.items():
         path = proc_sys.joinpath(*key.split("."))
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(f"{value}\n")

@@ -13,6 +13,9 @@ import pytest
 from typer.testing import CliRunner
 
 from qpq_ops.cli import app
+from qpq_ops.tuning import nofile_fix
+from qpq_server.config import load_config
+from tests.helpers.server import running_server
 
 runner = CliRunner()
 
@@ -126,7 +129,7 @@ def test_ulimits_check_reads_proc_pid_limits(tmp_path: Path, soft: str, hard: st
                                  "--proc", str(root), "--json"])
     assert result.exit_code == code, result.output
     live = [c["live"] for c in json.loads(result.stdout)["checks"]]
-    assert live == [int(v) if v.isdigit() else v for v in (soft, hard)]
+    assert live[:2] == [int(v) if v.isdigit() else v for v in (soft, hard)]
 
 
 def test_ulimits_check_unknown_pid_exits_3(tmp_path: Path) -> None:
@@ -145,7 +148,7 @@ def test_ulimits_check_of_a_real_process_with_low_limits_exits_1() -> None:
         result = runner.invoke(app, ["tune", "ulimits", "--check", "--pid", str(proc.pid),
                                      "--json"])
         assert result.exit_code == 1
-        assert [c["live"] for c in json.loads(result.stdout)["checks"]] == [512, 1024]
+        assert [c["live"] for c in json.loads(result.stdout)["checks"]][:2] == [512, 1024]
     finally:
         proc.kill()
         proc.wait(timeout=5)
@@ -154,11 +157,62 @@ def test_ulimits_check_of_a_real_process_with_low_limits_exits_1() -> None:
 def test_ulimits_check_of_qpq_ops_itself_uses_its_own_rlimit() -> None:
     out = subprocess.run(
         [sys.executable, "-c", "from qpq_ops.cli import main; main()",
-         "tune", "ulimits", "--check", "--json"],
+         "tune", "ulimits", "--check", "--self", "--json"],
         preexec_fn=_lowered, capture_output=True, text=True, timeout=60,
         env={**os.environ, "COLUMNS": "200"},
     )
     assert out.returncode == 1, out.stderr
     checks = json.loads(out.stdout)["checks"]
-    assert [c["live"] for c in checks] == [512, 1024]
-    assert checks[0]["name"] == "nofile soft (this process)"
+    assert [c["live"] for c in checks][:2] == [512, 1024]
+    assert checks[0]["name"] == "nofile soft (qpq-ops itself, not the server)"
+
+
+def test_ulimits_check_reads_the_running_server_through_its_config(tmp_path: Path) -> None:
+    with running_server(tmp_path) as server:
+        pid = int(load_config(server.config_path).pid_path.read_text())
+        assert pid == server.process.pid
+        result = runner.invoke(app, ["tune", "ulimits", "--check", "--json", "--config",
+                                     str(server.config_path)])
+        assert result.exit_code in (0, 1), result.output
+        doc = json.loads(result.stdout)
+        assert doc["pid"] == pid
+        assert doc["checks"][0]["name"] == f"nofile soft (server pid {pid})"
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # what the server inherited
+        assert [c["live"] for c in doc["checks"]][:2] == [soft, hard]
+        by_env = runner.invoke(app, ["tune", "ulimits", "--check", "--json"],
+                               env={"QPQ_CONFIG": str(server.config_path)})
+        assert json.loads(by_env.stdout)["pid"] == pid
+
+
+@pytest.mark.parametrize(("args", "code", "message"), [
+    ([], 64, "--check needs the running server"),
+    (["--pid", "1", "--self"], 64, "--self and --pid name different processes"),
+    (["--pid", "1", "--pid-file", "x"], 64, "give one of --pid, --pid-file, --config"),
+    (["--pid", "0"], 64, "--pid: must be a positive process id"),
+    (["--pid-file", "/nonexistent/qpq.pid"], 3, "is the server running?"),
+])
+def test_ulimits_check_without_a_clear_target_is_refused(
+        monkeypatch: pytest.MonkeyPatch, args: list[str], code: int, message: str) -> None:
+    monkeypatch.delenv("QPQ_CONFIG", raising=False)
+    result = runner.invoke(app, ["tune", "ulimits", "--check", *args])
+    assert result.exit_code == code
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_ulimits_check_compares_with_the_kernel_ceiling_fs_nr_open(tmp_path: Path) -> None:
+    root = fake_limits(tmp_path / "proc", 4242, "65536", "65536")
+    proc_sys = fake_proc_sys(tmp_path / "sys", {"fs.nr_open": 32768})
+    result = runner.invoke(app, ["tune", "ulimits", "--check", "--pid", "4242", "--json",
+                                 "--proc", str(root), "--proc-sys", str(proc_sys)])
+    assert result.exit_code == 1
+    nr_open = json.loads(result.stdout)["checks"][2]
+    assert (nr_open["live"], nr_open["state"]) == (32768, "below")
+    assert "sysctl -w fs.nr_open=65536" in nr_open["fix"]
+
+
+def test_nofile_advice_fits_a_non_root_operator_with_a_low_hard_limit() -> None:
+    advice = nofile_fix(65536, (1024, 4096), is_root=False)
+    assert "only root can raise it" in advice and "ulimit -n 4096" in advice
+    assert "ulimit -n 65536" not in advice  # would fail: above the hard limit
+    assert "ulimit -n 65536" in nofile_fix(65536, (1024, 1048576), is_root=False)
+    assert "systemctl" in nofile_fix(65536, (1024, 4096), is_root=True)
