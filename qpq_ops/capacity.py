@@ -1,8 +1,12 @@
-"""Capacity planning: the scaling guide's worksheet as a pure function.
+"""Capacity planning: qpq's measured model, or the scaling guide's worksheet, as pure functions.
 
-`plan(CapacityInputs) -> CapacityPlan`. No I/O: the CLI reads options, files or
-Prometheus, this module only computes. Units are SI (1 KB = 10^3 B, 1 MB = 10^6 B,
-1 GB = 10^9 B); every output figure is in bytes, vCPUs or counts.
+`plan(CapacityInputs, calibration) -> CapacityPlan`. No I/O: the CLI reads options,
+files, a calibration or Prometheus, this module only computes. With a `Calibration`
+(qpq's own measured costs, `qpq_ops.calibration`) memory and CPU come from what qpq
+costs; without one the guide's worksheet is applied as written (its 5 KB per connection
+and 2,500 connections per vCPU are the Rust original's figures, not qpq's). Units are
+SI (1 KB = 10^3 B, 1 MB = 10^6 B, 1 GB = 10^9 B); every output figure is in bytes, vCPUs
+or counts.
 
 Formulas (scaling guide, "Capacity planning worksheet"):
 - storage per day = users x msgs/hr x 24 x avg_msg_size + blob_uploads x avg_blob_size
@@ -26,6 +30,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
+from qpq_ops.calibration import Calibration
 from qpq_ops.errors import CapacityInputError
 from qpq_ops.triggers import get_trigger
 
@@ -36,8 +41,10 @@ __all__ = [
     "TIERS",
     "CapacityInputs",
     "CapacityPlan",
+    "MeasuredSizing",
     "MemoryModel",
     "Tier",
+    "measured_sizing",
     "plan",
 ]
 
@@ -65,7 +72,21 @@ SYSCTL: dict[str, int] = {
     "net.core.wmem_default": 1_048_576,
 }
 
+NR_OPEN_DEFAULT = 1_048_576
+"""Linux's default fs.nr_open: no process may have more open files without raising it."""
+
 BEYOND_ONE_NODE = "beyond one node: scale horizontally"
+
+# Upper bounds of the inputs: beyond them a figure is a typo, not a deployment.
+INPUT_MAX: dict[str, float] = {
+    "users": 1e9,
+    "msgs_per_user_hour": 1e5,
+    "avg_msg_bytes": 1e8,
+    "blob_uploads_per_day": 1e10,
+    "avg_blob_mb": 1e5,
+    "retention_days": 36_500,
+    "peak_factor": 100,
+}
 
 
 @dataclass(frozen=True)
@@ -107,6 +128,10 @@ class CapacityInputs:
             raise CapacityInputError(
                 "peak_factor", f"must be 1 or more (peak / average), got {self.peak_factor}"
             )
+        for name, ceiling in INPUT_MAX.items():
+            if getattr(self, name) > ceiling:
+                raise CapacityInputError(
+                    name, f"must be at most {ceiling:,.0f}, got {getattr(self, name):g}")
 
 
 @dataclass(frozen=True)
@@ -186,7 +211,28 @@ class CapacityPlan:
     host_disk_bytes: int
     nofile: int
     sysctl: dict[str, int]
+    measured: MeasuredSizing | None = None
+    """qpq's measured model (memory, vcpus and tier above follow it); None = the guide"""
 
+
+@dataclass(frozen=True)
+class MeasuredSizing:
+    """Sizing from qpq's own measured costs (`qpq-ops capacity calibrate`)."""
+
+    memory_bytes: int
+    """all workers' base RSS + peak connections x RSS per idle connection"""
+    cpu_cores: float
+    """server CPU at the peak message rate (enqueue + fetch + ack per message)"""
+    workers: int
+    """worker processes, each kept under the process_cpu warning share of its core"""
+    cores_per_host: int
+    hosts: int
+    reconnect_storm_s: float
+    """time for every peak user to reconnect and log in after a restart, all workers busy"""
+    commits_needed_per_s: float
+    """durable commits at the peak (one per enqueue and one per ack)"""
+    commits_measured_per_s: float
+    calibration_machine: dict[str, str]
 
 def memory_model(users: int) -> MemoryModel:
     """The guide's model: 5 KB/connection, 200 B/session, 100 B per rate-limit entry and
@@ -209,6 +255,30 @@ def _fits(tier: Tier, vcpus: int, memory: int, disk: int, users: int) -> bool:
             and within(disk, tier.disk_max_bytes) and within(users, tier.users_max))
 
 
+def measured_sizing(inputs: CapacityInputs, calibration: Calibration,
+                    cores_per_host: int = 8) -> MeasuredSizing:
+    """What qpq itself costs at the peak, from a calibration."""
+    peak_users = math.ceil(inputs.users * inputs.peak_factor)
+    peak_rate = inputs.users * inputs.msgs_per_user_hour / 3600 * inputs.peak_factor
+    cpu = peak_rate * calibration.cpu_s_per_message
+    # one aioquic worker uses one core; keep each under the process_cpu warning
+    per_worker = get_trigger("process_cpu").warning / 100
+    workers = max(1, math.ceil(cpu / per_worker))
+    storm_cpu = peak_users * (calibration.cpu_s_per_handshake + calibration.cpu_s_per_login)
+    return MeasuredSizing(
+        memory_bytes=workers * calibration.rss_base_bytes
+        + peak_users * calibration.rss_per_connection_bytes,
+        cpu_cores=cpu,
+        workers=workers,
+        cores_per_host=cores_per_host,
+        hosts=max(1, math.ceil(workers / cores_per_host)),
+        reconnect_storm_s=storm_cpu / workers,
+        commits_needed_per_s=2 * peak_rate,
+        commits_measured_per_s=calibration.durable_commits_per_s,
+        calibration_machine=dict(calibration.machine),
+    )
+
+
 def _nofile(peak_users: int) -> int:
     # QUIC connections share one UDP socket, but the WebSocket bridge holds one TCP socket
     # per client: keep two descriptors per peak user, never below the guide's 65,536.
@@ -216,8 +286,11 @@ def _nofile(peak_users: int) -> int:
     return max(NOFILE, 1 << (need - 1).bit_length())
 
 
-def plan(inputs: CapacityInputs) -> CapacityPlan:
-    """Apply the worksheet to `inputs`. Pure; figures are rounded up to whole units."""
+def plan(inputs: CapacityInputs, calibration: Calibration | None = None,
+         cores_per_host: int = 8) -> CapacityPlan:
+    """Size for `inputs`: with `calibration`, memory and vCPUs (and so the tier) from
+    qpq's measured costs; without, the guide's worksheet exactly. Pure; figures are
+    rounded up to whole units."""
     peak_users = math.ceil(inputs.users * inputs.peak_factor)
     message_bytes = math.ceil(
         inputs.users * inputs.msgs_per_user_hour * 24 * inputs.avg_msg_bytes
@@ -233,6 +306,10 @@ def plan(inputs: CapacityInputs) -> CapacityPlan:
     vcpus_conn = max(1, math.ceil(peak_users / USERS_PER_VCPU))
     vcpus_msgs = max(1, math.ceil(peak_rate * REQUESTS_PER_MESSAGE / REQUESTS_PER_VCPU_S))
     vcpus = max(vcpus_conn, vcpus_msgs)
+    measured = None
+    if calibration is not None:
+        measured = measured_sizing(inputs, calibration, cores_per_host)
+        memory, vcpus = measured.memory_bytes, measured.workers
 
     chosen = next(
         (t for t in TIERS if _fits(t, vcpus, memory, retention_storage, peak_users)), None
@@ -247,6 +324,11 @@ def plan(inputs: CapacityInputs) -> CapacityPlan:
         chosen.disk_min_bytes, retention_storage
     )
 
+    nofile = _nofile(peak_users)
+    sysctl = dict(SYSCTL)
+    if nofile > NR_OPEN_DEFAULT:
+        # no limit may exceed fs.nr_open: raise the kernel ceiling with the limit
+        sysctl["fs.nr_open"] = nofile
     return CapacityPlan(
         inputs=inputs,
         peak_users=peak_users,
@@ -267,6 +349,7 @@ def plan(inputs: CapacityInputs) -> CapacityPlan:
         host_vcpus=host_vcpus,
         host_memory_bytes=host_memory,
         host_disk_bytes=host_disk,
-        nofile=_nofile(peak_users),
-        sysctl=dict(SYSCTL),
+        nofile=nofile,
+        sysctl=sysctl,
+        measured=measured,
     )

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import math
 import tomllib
 from dataclasses import asdict, fields
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 import yaml
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
-from qpq_ops._console import fail, out, print_json, styled
+from qpq_ops._console import err, fail, out, print_json, styled
+from qpq_ops.calibration import REFERENCE, CalibrationError, dump
+from qpq_ops.calibration import load as load_calibration
 from qpq_ops.capacity import (
     BEYOND_ONE_NODE,
+    NR_OPEN_DEFAULT,
     TIERS,
     CapacityInputs,
     CapacityPlan,
@@ -24,8 +30,9 @@ from qpq_ops.capacity import (
 from qpq_ops.errors import CapacityInputError, SourceError
 from qpq_ops.evaluate.prometheus_client import PrometheusQuerier
 from qpq_ops.exit_codes import ExitCode
+from qpq_ops.tuning import write_atomic
 
-__all__ = ["app", "inputs_from_file", "observed_load", "plan_command"]
+__all__ = ["app", "calibrate_command", "inputs_from_file", "observed_load", "plan_command"]
 
 app = typer.Typer(
     help="Size a qpq deployment: storage, memory, vCPUs, sizing tier and host tuning.",
@@ -127,8 +134,21 @@ def _si(n: float, unit: str = "B") -> str:
     return f"{n:,.0f} {unit}"
 
 
+class Model(StrEnum):
+    MEASURED = "measured"
+    GUIDE = "guide"
+
+
 def plan_json(result: CapacityPlan, sources: dict[str, str]) -> dict[str, object]:
+    """The plan as JSON; the guide model's keys are exactly those of the worksheet."""
     doc = asdict(result)
+    measured = doc.pop("measured")
+    if measured is not None:
+        guide = plan(result.inputs)
+        doc["model"] = "measured"
+        doc["measured"] = measured
+        doc["guide"] = {"memory_bytes": guide.memory_bytes, "vcpus": guide.vcpus,
+                        "tier": guide.tier}
     model = doc.pop("memory_model")
     doc["memory_model"] = {**model, "total_bytes": result.memory_model.total_bytes}
     doc["host"] = {
@@ -152,28 +172,53 @@ def _print_plan(result: CapacityPlan, sources: dict[str, str]) -> None:
     console.print(inputs)
 
     fill = result.disk_headroom_fill_ratio
+    measured = result.measured
     figures = Table(title="Capacity plan", title_justify="left")
     figures.add_column("figure")
-    figures.add_column("value", justify="right")
-    figures.add_column("how")
-    rows = [
-        ("storage per day", _si(result.storage_per_day_bytes),
-         f"messages {_si(result.message_bytes_per_day)} + blobs {_si(result.blob_bytes_per_day)}"),
-        ("DB growth per month", _si(result.db_growth_per_month_bytes), "storage per day x 30"),
-        ("retained data", _si(result.retained_bytes), "storage per day x retention days"),
-        ("storage for retention", _si(result.retention_storage_bytes),
-         f"retained data / {fill:.2f} (stays under the disk_usage warning)"),
-        ("memory (qpq process)", _si(result.memory_bytes),
-         f"{result.peak_users:,} peak users x 5 KB + 256 MB base"),
-        ("memory model (guide)", _si(result.memory_model.total_bytes),
-         "connections, sessions, rate limits, waiters, pool 50 MB, base 30 MB"),
-        ("vCPUs", str(result.vcpus),
-         f"max(connections / 2,500 -> {result.vcpus_for_connections}, "
-         f"{result.peak_messages_per_s:,.1f} msg/s -> {result.vcpus_for_messages})"),
-        ("open files (nofile)", f"{result.nofile:,}", "ulimit -n / systemd LimitNOFILE"),
-    ]
-    for row in rows:
-        figures.add_row(*row)
+    if measured is not None:
+        figures.add_column("qpq measured", justify="right")
+    figures.add_column("guide", justify="right")
+    figures.add_column("how", overflow="fold")
+    guide = plan(result.inputs)  # the worksheet, for the comparison column
+
+    def row(name: str, mine: str | None, theirs: str, how: str) -> None:
+        cells = [name, *([mine or "-"] if measured is not None else []), theirs, how]
+        figures.add_row(*cells)
+
+    row("storage per day", _si(result.storage_per_day_bytes),
+        _si(guide.storage_per_day_bytes),
+        f"messages {_si(result.message_bytes_per_day)} + blobs {_si(result.blob_bytes_per_day)}")
+    row("DB growth per month", _si(result.db_growth_per_month_bytes),
+        _si(guide.db_growth_per_month_bytes), "storage per day x 30")
+    row("storage for retention", _si(result.retention_storage_bytes),
+        _si(guide.retention_storage_bytes),
+        f"retained {_si(result.retained_bytes)} / {fill:.2f} (under the disk_usage warning)")
+    if measured is not None:
+        calib = result.measured
+        assert calib is not None
+        row("memory (qpq)", _si(measured.memory_bytes), _si(guide.memory_bytes),
+            f"measured: {measured.workers} worker(s) x base RSS + {result.peak_users:,} "
+            "connections x RSS per idle connection; guide: users x 5 KB + 256 MB")
+        row("vCPUs / workers", f"{measured.workers} ({measured.cpu_cores:,.2f} cores busy)",
+            str(guide.vcpus),
+            f"measured: {result.peak_messages_per_s:,.1f} msg/s x CPU per enqueue+fetch+ack, "
+            "each worker under the process_cpu warning; guide: connections / 2,500")
+        row("hosts", f"{measured.hosts}", "1",
+            f"workers / {measured.cores_per_host} cores per host (--cores-per-host)")
+        row("reconnect storm", f"{measured.reconnect_storm_s:,.1f} s", "-",
+            "every peak user handshakes and logs in again after a restart")
+        row("durable commits/s", f"{measured.commits_needed_per_s:,.1f} needed",
+            "-", f"{measured.commits_measured_per_s:,.0f}/s measured on the calibration host")
+    else:
+        row("memory (qpq process)", None, _si(result.memory_bytes),
+            f"{result.peak_users:,} peak users x 5 KB + 256 MB base")
+        row("memory model (guide)", None, _si(result.memory_model.total_bytes),
+            "connections, sessions, rate limits, waiters, pool 50 MB, base 30 MB")
+        row("vCPUs", None, str(result.vcpus),
+            f"max(connections / 2,500 -> {result.vcpus_for_connections}, "
+            f"{result.peak_messages_per_s:,.1f} msg/s -> {result.vcpus_for_messages})")
+    row("open files (nofile)", f"{result.nofile:,}", f"{guide.nofile:,}",
+        "ulimit -n / systemd LimitNOFILE")
     console.print(figures)
 
     if result.tier == BEYOND_ONE_NODE:
@@ -195,8 +240,19 @@ def _print_plan(result: CapacityPlan, sources: dict[str, str]) -> None:
     for key, value in result.sysctl.items():
         console.print(f"  {key} = {value}", highlight=False)
     console.print(f"  LimitNOFILE={result.nofile}", highlight=False)
-    console.print(styled("Note: the guide's 5 KB per connection is the Rust figure; aioquic "
-                         "measured ~70 KB per idle connection (aioquic-notes.md).", "dim"))
+    if "fs.nr_open" in result.sysctl:
+        console.print(styled(f"nofile {result.nofile:,} is above Linux's default fs.nr_open "
+                             f"({NR_OPEN_DEFAULT:,}): apply fs.nr_open first, or no process "
+                             "can get that limit.", "yellow"))
+    if measured is not None:
+        machine = ", ".join(f"{k} {v}" for k, v in measured.calibration_machine.items())
+        console.print(styled(f"Measured model from a calibration on: {machine}. Calibrate "
+                             "this hardware with `qpq-ops capacity calibrate --out FILE`.",
+                             "dim"))
+    else:
+        console.print(styled("Guide model: 5 KB per connection and 2,500 connections per "
+                             "vCPU are the Rust original's figures; qpq measures ~70 KB per "
+                             "idle connection (use --model measured).", "dim"))
 
 
 @app.command("plan")
@@ -226,14 +282,28 @@ def plan_command(
     lookback: Annotated[str, typer.Option(
         help="Window for --from-prometheus, a PromQL duration.")] = "7d",
     timeout: Annotated[float, typer.Option(help="Seconds allowed for Prometheus.")] = 10.0,
+    calibration: Annotated[Path | None, typer.Option(
+        "--calibration", metavar="FILE",
+        help="qpq's measured costs from `qpq-ops capacity calibrate --out FILE`. Default: "
+        "the shipped reference calibration (docs/operations/scaling-guide.md).")] = None,
+    model: Annotated[Model, typer.Option(
+        "--model", help="measured: size from qpq's own costs; guide: the scaling guide's "
+        "worksheet as written (same JSON keys as before, for comparison).",
+    )] = Model.MEASURED,
+    cores_per_host: Annotated[int, typer.Option(
+        "--cores-per-host", metavar="N", help="Cores of one host, for the hosts figure "
+        "(measured model).")] = 8,
     json_out: Annotated[bool, typer.Option(
         "--json", help="Print the plan as JSON (bytes, vCPUs, counts) on stdout.")] = False,
 ) -> None:
-    """Apply the scaling guide's capacity worksheet (SI units: 1 KB = 10^3 B).
+    """Size a deployment from qpq's measured costs (SI units: 1 KB = 10^3 B).
 
     Prints storage per day, DB growth per month, storage for the retention period,
-    memory and vCPU estimates, the sizing tier that fits, and the file descriptor and
-    UDP buffer settings to apply. Invalid inputs exit 64.
+    memory, worker processes, hosts, the reconnect storm after a restart and the
+    durable commits needed (qpq's measured model, `--calibration FILE` or the shipped
+    reference), beside the scaling guide's worksheet figures (`--model guide` for the
+    worksheet alone); then the sizing tier and the file descriptor and UDP buffer
+    settings. Invalid or implausible inputs (e.g. 10^23 users) exit 64.
     """
     raw: dict[str, object] = {}
     sources: dict[str, str] = {}
@@ -264,8 +334,86 @@ def plan_command(
         inputs = CapacityInputs(**numbers)  # type: ignore[arg-type]
     except CapacityInputError as exc:
         fail(f"--{exc.field.replace('_', '-')}: {str(exc).split(': ', 1)[1]}", ExitCode.USAGE)
-    result = plan(inputs)
+    if not 1 <= cores_per_host <= 1024:
+        fail(f"--cores-per-host: must be 1 to 1024, got {cores_per_host}")
+    if model is Model.GUIDE and calibration is not None:
+        fail("--calibration is for --model measured; the guide model has no calibration")
+    costs = None
+    if model is Model.MEASURED:
+        try:
+            costs = REFERENCE if calibration is None else load_calibration(calibration)
+        except CalibrationError as exc:
+            fail(f"--calibration: {exc}")
+    result = plan(inputs, costs, cores_per_host)
     if json_out:
         print_json(plan_json(result, sources))
     else:
         _print_plan(result, sources)
+
+
+@app.command("calibrate")
+def calibrate_command(
+    seconds: Annotated[float, typer.Option(
+        "--seconds", metavar="N", help="Load time, shared by the six phases (2 to 600).",
+    )] = 20.0,
+    idle_connections: Annotated[int, typer.Option(
+        "--idle-connections", metavar="N",
+        help="Idle connections held open to measure RSS per connection (10 to 5,000).",
+    )] = 200,
+    out_file: Annotated[Path | None, typer.Option(
+        "--out", metavar="FILE", help="Write the calibration JSON to FILE, for "
+        "`capacity plan --calibration FILE`.")] = None,
+    json_out: Annotated[bool, typer.Option(
+        "--json", help="Print the calibration as JSON on stdout.")] = False,
+) -> None:
+    """Measure qpq's own costs on this host against a throwaway server on loopback.
+
+    Starts `qpq-server` with a temporary data dir on free 127.0.0.1 ports, then records
+    resident memory per idle connection, server CPU per enqueue, fetch and ack, per
+    QUIC/TLS handshake and per OPAQUE login, and the durable commits per second, with
+    the machine described. Client and server share this host, so CPU figures are upper
+    bounds. Run it on the hardware you size for; exit 3 when the server cannot run.
+    """
+    if not 2 <= seconds <= 600:
+        fail(f"--seconds: must be 2 to 600, got {seconds:g}")
+    if not 10 <= idle_connections <= 5000:
+        fail(f"--idle-connections: must be 10 to 5,000, got {idle_connections}")
+    if out_file is not None and not out_file.parent.is_dir():
+        fail(f"--out: directory {out_file.parent} does not exist")
+    from qpq_ops.calibrate import CalibrationRunError, calibrate
+
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=err(), transient=True) as progress:
+        task = progress.add_task("starting a throwaway qpq-server", total=None)
+        try:
+            result = calibrate(seconds, idle_connections,
+                               progress=lambda phase: progress.update(task, description=phase))
+        except CalibrationRunError as exc:
+            fail(str(exc), ExitCode.CANNOT_EVALUATE)
+    text = dump(result)
+    if out_file is not None:
+        try:
+            write_atomic(out_file, text)
+        except OSError as exc:
+            fail(f"cannot write {out_file}: {exc.strerror or exc}", ExitCode.CANNOT_EVALUATE)
+        err().print(f"wrote {out_file}", highlight=False)
+    if json_out:
+        print_json(json.loads(text))
+        return
+    table = Table(title="qpq's costs on this host", title_justify="left")
+    table.add_column("cost")
+    table.add_column("measured", justify="right")
+    for name, value in (
+        ("base RSS (one process)", _si(result.rss_base_bytes)),
+        ("RSS per idle connection", _si(result.rss_per_connection_bytes)),
+        ("CPU per enqueue", f"{result.cpu_s_per_enqueue * 1e3:.3f} ms"),
+        ("CPU per fetch", f"{result.cpu_s_per_fetch * 1e3:.3f} ms"),
+        ("CPU per ack", f"{result.cpu_s_per_ack * 1e3:.3f} ms"),
+        ("CPU per handshake", f"{result.cpu_s_per_handshake * 1e3:.3f} ms"),
+        ("CPU per OPAQUE login", f"{result.cpu_s_per_login * 1e3:.3f} ms"),
+        ("durable commits", f"{result.durable_commits_per_s:,.0f}/s"),
+    ):
+        table.add_row(name, value)
+    out().print(table)
+    out().print(styled("machine: " + ", ".join(f"{k} {v}" for k, v in result.machine.items()),
+                       "dim"))

@@ -13,6 +13,7 @@ from pathlib import Path, PurePosixPath
 import jinja2
 
 from qpq_ops import capacity
+from qpq_ops.calibration import REFERENCE
 from qpq_ops.render import tables
 from qpq_ops.render._files import HEADER, RenderedFile
 from qpq_ops.render.alerts import AlertRule, all_alerts
@@ -79,6 +80,9 @@ def _environment() -> jinja2.Environment:
         sections=runbook_sections(),
         capacity=capacity,
         example=capacity.plan(EXAMPLE_INPUTS),
+        measured=capacity.plan(EXAMPLE_INPUTS, REFERENCE),
+        reference=REFERENCE,
+        process_cpu=get_trigger("process_cpu"),
         Severity=Severity,
     )
     env.filters.update(human=lambda v, unit: human_value(unit, v), duration=duration_text,

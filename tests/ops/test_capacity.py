@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from qpq_ops.calibration import REFERENCE, Calibration, dump
 from qpq_ops.capacity import (
     BEYOND_ONE_NODE,
+    NR_OPEN_DEFAULT,
     CapacityInputs,
     plan,
 )
@@ -137,8 +139,17 @@ def test_invalid_inputs_are_refused(change: dict[str, object], message: str) -> 
         CapacityInputs(**{**TEN_K, **change})  # type: ignore[arg-type]
 
 
+GUIDE_KEYS = {
+    "inputs", "peak_users", "message_bytes_per_day", "blob_bytes_per_day",
+    "storage_per_day_bytes", "db_growth_per_month_bytes", "retained_bytes",
+    "retention_storage_bytes", "disk_headroom_fill_ratio", "memory_bytes", "memory_model",
+    "peak_messages_per_s", "vcpus_for_connections", "vcpus_for_messages", "vcpus", "tier",
+    "nofile", "sysctl", "host", "input_sources",
+}
+
+
 def test_cli_json_gives_every_figure_and_echoes_inputs() -> None:
-    result = runner.invoke(app, [*_args(**TEN_K), "--json"])
+    result = runner.invoke(app, [*_args(**TEN_K), "--model", "guide", "--json"])
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["inputs"] == {"users": 10000, "msgs_per_user_hour": 10.0,
@@ -155,14 +166,103 @@ def test_cli_json_gives_every_figure_and_echoes_inputs() -> None:
     assert doc["host"] == {"vcpus": 8, "memory_bytes": 8_000_000_000,
                            "disk_bytes": 720_000_000_000}
     assert doc["input_sources"]["users"] == "option"
+    assert set(doc) == GUIDE_KEYS  # the worksheet's JSON, unchanged
 
 
 def test_cli_table_names_tier_and_settings() -> None:
-    result = runner.invoke(app, _args(**TEN_K))
+    result = runner.invoke(app, [*_args(**TEN_K), "--model", "guide"])
     assert result.exit_code == 0, result.output
     for text in ("storage per day", "5.60 GB", "306.00 MB", "Tier: Large",
                  "net.core.rmem_max = 26214400", "LimitNOFILE=65536"):
         assert text in result.stdout
+
+
+def _calibration(**change: object) -> Calibration:
+    base = dict(rss_base_bytes=60_000_000, rss_per_connection_bytes=70_000,
+                cpu_s_per_enqueue=0.0005, cpu_s_per_fetch=0.0003, cpu_s_per_ack=0.0002,
+                cpu_s_per_handshake=0.004, cpu_s_per_login=0.006,
+                durable_commits_per_s=400.0, machine={"cpu": "test"})
+    return Calibration(**{**base, **change})  # type: ignore[arg-type]
+
+
+def test_measured_model_sizes_from_qpq_costs() -> None:
+    # 10,000 users x 10 msg/h = 27.8 msg/s x 1 ms of CPU each = 0.028 cores: one worker;
+    # memory 1 x 60 MB + 10,000 x 70 KB = 760 MB (the guide says 306 MB)
+    result = plan(CapacityInputs(**TEN_K), _calibration())  # type: ignore[arg-type]
+    m = result.measured
+    assert m is not None
+    assert m.memory_bytes == 760_000_000 == result.memory_bytes
+    assert m.cpu_cores == pytest.approx(10_000 * 10 / 3600 * 0.001)
+    assert m.workers == 1 == result.vcpus and m.hosts == 1
+    assert m.reconnect_storm_s == pytest.approx(10_000 * 0.010)
+    assert m.commits_needed_per_s == pytest.approx(2 * 10_000 * 10 / 3600)
+    # a busy deployment: 200,000 users x 60 msg/h = 3,333 msg/s x 1 ms = 3.3 cores
+    # -> 5 workers under the 80 % process_cpu warning; 2 hosts of 4 cores
+    busy = CapacityInputs(**{**TEN_K, "users": 200_000, "msgs_per_user_hour": 60})  # type: ignore[arg-type]
+    m = plan(busy, _calibration(), cores_per_host=4).measured
+    assert m is not None and (m.workers, m.hosts) == (5, 2)
+
+
+def test_cli_measured_json_keeps_the_guide_keys_and_adds_both_models(tmp_path: Path) -> None:
+    path = tmp_path / "calibration.json"
+    path.write_text(dump(_calibration()))
+    result = runner.invoke(app, [*_args(**TEN_K), "--calibration", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert set(doc) > GUIDE_KEYS
+    assert doc["model"] == "measured" and doc["memory_bytes"] == 760_000_000
+    assert doc["measured"]["workers"] == 1
+    assert doc["guide"] == {"memory_bytes": 306_000_000, "vcpus": 4, "tier": "Large"}
+    table = runner.invoke(app, [*_args(**TEN_K), "--calibration", str(path)],
+                          env={"COLUMNS": "160"})
+    for text in ("qpq measured", "guide", "760.00 MB", "306.00 MB", "reconnect storm"):
+        assert text in table.stdout, text
+
+
+def test_default_model_is_the_shipped_reference_calibration() -> None:
+    doc = json.loads(runner.invoke(app, [*_args(**TEN_K), "--json"]).stdout)
+    assert doc["model"] == "measured"
+    assert doc["measured"]["calibration_machine"] == REFERENCE.machine
+    assert doc["memory_bytes"] == (REFERENCE.rss_base_bytes * doc["measured"]["workers"]
+                                   + 10_000 * REFERENCE.rss_per_connection_bytes)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("{", "is not JSON"), ("[]", "must hold a JSON object"),
+    ('{"rss_base_bytes": 1}', "missing"),
+])
+def test_bad_calibration_file_exits_64(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "c.json"
+    path.write_text(text)
+    result = runner.invoke(app, [*_args(**TEN_K), "--calibration", str(path)])
+    assert result.exit_code == 64 and message in result.stderr
+
+
+def test_calibration_with_guide_model_is_a_usage_error(tmp_path: Path) -> None:
+    result = runner.invoke(app, [*_args(**TEN_K), "--model", "guide", "--calibration", "x"])
+    assert result.exit_code == 64
+
+
+@pytest.mark.parametrize(("option", "value"), [
+    ("users", "1e23"), ("msgs_per_user_hour", "1e9"), ("avg_msg_bytes", "1e12"),
+    ("retention_days", "100000"), ("peak_factor", "1000"),
+])
+def test_implausible_inputs_exit_64(option: str, value: str) -> None:
+    result = runner.invoke(app, _args(**{**TEN_K, option: value}))
+    assert result.exit_code == 64, result.output
+    assert "must be at most" in result.stderr
+
+
+def test_nofile_above_the_kernel_ceiling_says_how_to_raise_it() -> None:
+    big = plan(CapacityInputs(**{**TEN_K, "users": 1_000_000}))  # type: ignore[arg-type]
+    assert big.nofile > NR_OPEN_DEFAULT
+    assert big.sysctl["fs.nr_open"] == big.nofile
+    small = plan(CapacityInputs(**TEN_K))  # type: ignore[arg-type]
+    assert "fs.nr_open" not in small.sysctl
+    result = runner.invoke(app, _args(**{**TEN_K, "users": 1_000_000}),
+                           env={"COLUMNS": "200"})
+    assert f"fs.nr_open = {big.nofile}" in result.stdout
+    assert "above Linux's default fs.nr_open" in result.stdout
 
 
 @pytest.mark.parametrize(
@@ -212,7 +312,8 @@ def test_from_file_toml_capacity_table(tmp_path: Path) -> None:
     path.write_text("[capacity]\nusers = 10000\nmsgs_per_user_hour = 10\n"
                     "avg_msg_bytes = 1500\nblob_uploads_per_day = 1000\navg_blob_mb = 2\n"
                     "retention_days = 90\n")
-    result = runner.invoke(app, ["capacity", "plan", "--from-file", str(path), "--json"])
+    result = runner.invoke(app, ["capacity", "plan", "--from-file", str(path), "--model",
+                                 "guide", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["memory_bytes"] == 306_000_000
 

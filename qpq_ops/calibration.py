@@ -1,0 +1,115 @@
+"""qpq's own measured costs, the model `qpq-ops capacity plan --model measured` sizes with.
+
+A `Calibration` is what `qpq-ops capacity calibrate` measured on one host against a real
+server on loopback: resident memory of the process and per idle QUIC connection, server
+CPU seconds per request (enqueue, fetch, ack), per QUIC/TLS handshake and per OPAQUE
+login, and the durable commits per second the storage sustained, with the machine it
+ran on. `REFERENCE` is the calibration shipped as the default (see its `machine`);
+calibrate your own hardware and pass `--calibration FILE` for figures that fit it.
+
+`load(path)` / `dump(calibration)` read and write the JSON `calibrate --out` writes;
+a malformed file raises `CalibrationError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+__all__ = ["REFERENCE", "Calibration", "CalibrationError", "dump", "load"]
+
+
+class CalibrationError(ValueError):
+    """A calibration file that cannot be used; the message is one line."""
+
+
+@dataclass(frozen=True)
+class Calibration:
+    rss_base_bytes: int
+    """resident memory of one idle server process with no connection"""
+    rss_per_connection_bytes: int
+    """extra resident memory per idle QUIC connection"""
+    cpu_s_per_enqueue: float
+    cpu_s_per_fetch: float
+    cpu_s_per_ack: float
+    cpu_s_per_handshake: float
+    """server CPU of one QUIC/TLS handshake (connect, then close)"""
+    cpu_s_per_login: float
+    """server CPU of one OPAQUE login (both round trips)"""
+    durable_commits_per_s: float
+    """storage commits per second sustained by concurrent enqueues (a lower bound)"""
+    machine: dict[str, str] = field(default_factory=dict)
+    """where it was measured: cpu, cores, kernel, python, storage, date"""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if f.name == "machine":
+                continue
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, int | float) \
+                    or not math.isfinite(value) or value <= 0:
+                raise CalibrationError(f"{f.name} must be a positive number, got {value!r}")
+
+    @property
+    def cpu_s_per_message(self) -> float:
+        """One message delivered: enqueued once, fetched and acknowledged once."""
+        return self.cpu_s_per_enqueue + self.cpu_s_per_fetch + self.cpu_s_per_ack
+
+
+def dump(calibration: Calibration) -> str:
+    return json.dumps(asdict(calibration), indent=2, sort_keys=True) + "\n"
+
+
+def load(path: Path) -> Calibration:
+    """The calibration in `path` (as written by `qpq-ops capacity calibrate --out`)."""
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise CalibrationError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except json.JSONDecodeError as exc:
+        raise CalibrationError(f"{path} is not JSON: {exc.msg} (line {exc.lineno})") from None
+    if not isinstance(data, dict):
+        raise CalibrationError(f"{path} must hold a JSON object")
+    known = {f.name for f in fields(Calibration)}
+    missing = sorted(known - set(data) - {"machine"})
+    if missing:
+        raise CalibrationError(f"{path}: missing {', '.join(missing)}")
+    extra = sorted(set(data) - known)
+    if extra:
+        raise CalibrationError(f"{path}: unknown key(s) {', '.join(extra)}")
+    machine = data.get("machine", {})
+    if not isinstance(machine, dict):
+        raise CalibrationError(f"{path}: machine must be an object")
+    try:
+        return Calibration(**{**data, "machine": {str(k): str(v) for k, v in machine.items()}})
+    except CalibrationError as exc:
+        raise CalibrationError(f"{path}: {exc}") from None
+
+
+# `qpq-ops capacity calibrate --seconds 20` on the reference machine below: a 2-vCPU
+# KVM guest (Intel Xeon, 24 GB RAM, virtio disk, ext4) that other jobs shared while it
+# ran, and client and server on the same two cores, so the CPU figures are upper bounds
+# (a dedicated core does better). Recalibrate on your own hardware.
+REFERENCE = Calibration(
+    rss_base_bytes=65_187_840,
+    rss_per_connection_bytes=78_786,
+    cpu_s_per_enqueue=0.0020321,
+    cpu_s_per_fetch=0.0011871,
+    cpu_s_per_ack=0.0018348,
+    cpu_s_per_handshake=0.0042647,
+    cpu_s_per_login=0.0043902,
+    durable_commits_per_s=176.8,
+    machine={
+        "cpu": "Intel(R) Xeon(R) Processor (2 vCPU KVM guest, shared)",
+        "cores": "2",
+        "memory": "24 GB",
+        "storage": "virtio disk, ext4",
+        "kernel": "6.18.44",
+        "python": "3.11.7",
+        "date": "2026-12-01",
+        "seconds": "20",
+        "idle_connections": "200",
+    },
+)
