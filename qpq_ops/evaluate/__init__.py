@@ -1,9 +1,11 @@
 """Evaluate the scaling triggers against a Prometheus or a directly scraped /metrics page.
 
 - `evaluate_prometheus(url, ...)`: PromQL, every query concurrent under one deadline,
-  sustain windows honoured, one result per (trigger, instance).
-- `evaluate_direct(metrics_url, ...)`: two scrapes `sample_s` apart; triggers that need
-  history are no-data ("not evaluable in direct mode").
+  sustain windows honoured, one result per (trigger, instance) for every `up` target
+  of the scope's jobs.
+- `evaluate_direct(metrics_url, ...)`: two scrapes `sample_s` apart; a sustained trigger
+  beyond a threshold is no-data ("not sustained yet"); host triggers without
+  node_exporter are listed once in `Evaluation.skipped`.
 Both return an `Evaluation` (results, worst `status`, DESIGN.md `exit_code`, `to_json()`)
 or raise `qpq_ops.errors.SourceError` with a one-line message.
 """
