@@ -36,15 +36,12 @@ from typing import Any
 import httpx
 
 from qpq_ops.calibration import Calibration
+from qpq_ops.errors import CalibrationRunError
 
-__all__ = ["CalibrationRunError", "ThrowawayServer", "calibrate", "machine_description"]
+__all__ = ["ThrowawayServer", "calibrate", "machine_description", "throwaway_server"]
 
 _PHASES = 6
 """handshakes, logins, enqueue, fetch, ack, commits share the time budget equally"""
-
-
-class CalibrationRunError(RuntimeError):
-    """The throwaway server or the load could not run; the message is one line."""
 
 
 @dataclass(frozen=True)

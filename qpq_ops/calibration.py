@@ -18,11 +18,9 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-__all__ = ["REFERENCE", "Calibration", "CalibrationError", "dump", "load"]
+from qpq_ops.errors import CalibrationError
 
-
-class CalibrationError(ValueError):
-    """A calibration file that cannot be used; the message is one line."""
+__all__ = ["REFERENCE", "Calibration", "dump", "load"]
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,9 @@
     │   │                             data dir, other schema version without --force)
     │   ├── ConfigUnreadable      (64: the config file cannot be read or is not TOML)
     │   ├── ConfigInvalid         (64: qpq-server would refuse this config)
-    │   └── CapacityInputError    (64: a worksheet input is unusable; `field` names it)
+    │   ├── CapacityInputError    (64: a worksheet input is unusable; `field` names it)
+    │   └── CalibrationError      (64: a calibration file cannot be used)
+    ├── CalibrationRunError       (3: `capacity calibrate` could not run its server/load)
     ├── WrongKey                  (3: the given key does not open the database)
     └── SourceError               (3: a metrics source, Prometheus or a /metrics page,
         │                             cannot be reached or answers nonsense)
@@ -24,6 +26,8 @@ from qpq_ops.exit_codes import ExitCode
 
 __all__ = [
     "ArchiveDamaged",
+    "CalibrationError",
+    "CalibrationRunError",
     "CapacityInputError",
     "ConfigInvalid",
     "ConfigUnreadable",
@@ -61,6 +65,14 @@ class CapacityInputError(Refused):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+
+
+class CalibrationError(Refused):
+    """A calibration file that cannot be used; the message is one line."""
+
+
+class CalibrationRunError(OpsError):
+    """The throwaway server or the calibration load could not run; one line."""
 
 
 class WrongKey(OpsError):

@@ -17,7 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from qpq_ops._console import err, fail, out, print_json, styled
-from qpq_ops.calibration import REFERENCE, CalibrationError, dump
+from qpq_ops.calibration import REFERENCE, dump
 from qpq_ops.calibration import load as load_calibration
 from qpq_ops.capacity import (
     BEYOND_ONE_NODE,
@@ -27,7 +27,12 @@ from qpq_ops.capacity import (
     CapacityPlan,
     plan,
 )
-from qpq_ops.errors import CapacityInputError, SourceError
+from qpq_ops.errors import (
+    CalibrationError,
+    CalibrationRunError,
+    CapacityInputError,
+    SourceError,
+)
 from qpq_ops.evaluate.prometheus_client import PrometheusQuerier
 from qpq_ops.exit_codes import ExitCode
 from qpq_ops.tuning import write_atomic
@@ -380,7 +385,7 @@ def calibrate_command(
         fail(f"--idle-connections: must be 10 to 5,000, got {idle_connections}")
     if out_file is not None and not out_file.parent.is_dir():
         fail(f"--out: directory {out_file.parent} does not exist")
-    from qpq_ops.calibrate import CalibrationRunError, calibrate
+    from qpq_ops.calibrate import calibrate
 
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
     with Progress(*columns, console=err(), transient=True) as progress:

@@ -23,8 +23,9 @@ from tests.bundle.conftest import tool
 
 
 def promtool(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    # generous: six agents share two cores, and the trigger tests cover two intervals
     return subprocess.run([tool("promtool"), *args], capture_output=True, text=True,
-                          timeout=60, cwd=cwd)
+                          timeout=300, cwd=cwd)
 
 
 def _rules(path: Path) -> list[dict[str, object]]:
@@ -87,7 +88,8 @@ def test_boundary_cases_catch_greater_or_equal_for_every_threshold(
         alert = f"{trigger_record(trigger)} {trigger.comparison(severity)}\n"
         mutated = alert.replace(" > ", " >= ")
         tests = _mutated_bundle(repo, tmp_path / str(severity), alert, mutated)
-        result = promtool("test", "rules", *tests)
+        triggers_test = [t for t in tests if t.endswith("qpq-triggers-test.yml")]
+        result = promtool("test", "rules", *triggers_test)
         assert result.returncode != 0, f"{trigger.id} {severity}: {result.stdout}"
 
 

@@ -230,9 +230,10 @@ def test_disk_against_the_capacity_plan(server: RunningServer, host: dict[str, P
     free = shutil.disk_usage(server.data_dir).free
 
     def disk_with(retained_bytes: float) -> CheckState:
+        # a day of 1,000 uploads (each input stays within the planner's bounds)
         p = plan(CapacityInputs(users=1, msgs_per_user_hour=0, avg_msg_bytes=1,
-                                blob_uploads_per_day=1, avg_blob_mb=retained_bytes / 1e6,
-                                retention_days=1))
+                                blob_uploads_per_day=1000,
+                                avg_blob_mb=retained_bytes / 1e9, retention_days=1))
         return check_disk(inputs(server, host, plan=p)).state
 
     assert disk_with(free * 0.1) == "ok"

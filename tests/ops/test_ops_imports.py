@@ -34,6 +34,8 @@ SERVER_PIECES = (
     "qpq_server.storage",
     "qpq_server.tls",  # write_private_file for rotated keys
     "qpq_server.auth.opaque",  # create_setup for `rotate opaque`
+    "qpq_server.metrics",  # the metric registry the catalogue is read from (issue 10)
+    "qpq_server.client",  # `capacity calibrate` drives a throwaway server (lazy import)
 )
 
 
