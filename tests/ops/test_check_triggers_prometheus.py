@@ -1,7 +1,7 @@
 """check-triggers against a real Prometheus scraping a real qpq server, a real
 node_exporter and a test exporter that serves chosen values for fake instances.
 
-Ten minutes of the test exporter's history are backfilled with promtool before
+Fifteen minutes of the test exporter's history are backfilled with promtool before
 Prometheus starts, so the production 5-minute sustain window is evaluated for real
 without waiting for it. The fake instances live in their own jobs (`JOB_ARGS` selects
 them); the real server and node_exporter are jobs qpq and node as `realhost`, beside a
@@ -57,7 +57,7 @@ class Stack:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("prom-stack")
     now = time.time()
-    t0 = now - 600
+    t0 = now - 900  # the 5m sustain window of 5m rates reaches 10 minutes back
     exporter = FakeExporter([
         FakeInstance("ok", [(t0, OK)]),
         FakeInstance("warn", [(t0, WARN)]),
