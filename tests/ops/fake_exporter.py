@@ -55,10 +55,10 @@ OK = Profile(cpu_busy=20, mem_used=50, disk_used=40, db_write_s=0.003, queue_dep
              handshake_s=0.03, enqueue_per_s=2, worker_cpu=20)
 WARN = Profile(cpu_busy=80, mem_used=80, disk_used=75, db_write_s=0.007, queue_depth=20_000,
                rate_limit_per_min=300, login_failures_per_min=120, conn_active=850,
-               conn_max=1000, handshake_s=0.2, enqueue_per_s=3, worker_cpu=85)
+               conn_max=1000, handshake_s=0.2, enqueue_per_s=3, worker_cpu=88)
 CRIT = Profile(cpu_busy=95, mem_used=95, disk_used=95, db_write_s=0.03, queue_depth=200_000,
                rate_limit_per_min=3000, login_failures_per_min=1200, conn_active=990,
-               conn_max=1000, handshake_s=2.0, enqueue_per_s=5, worker_cpu=97)
+               conn_max=1000, handshake_s=2.0, enqueue_per_s=5, worker_cpu=99)
 
 
 def expected_values(p: Profile) -> dict[str, float]:

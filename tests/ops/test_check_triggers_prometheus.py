@@ -110,6 +110,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         node.wait(timeout=10)
 
 
+def trig_sustained(trigger_id: str) -> bool:
+    return get_trigger(trigger_id).sustain_s > 0
+
+
 def check_real(stack: Stack, *args: str) -> tuple[int, dict]:  # type: ignore[type-arg]
     """check-triggers with the default jobs (qpq, node)."""
     result = runner.invoke(app, ["check-triggers", "--prometheus-url", stack.prom.url,
@@ -137,7 +141,10 @@ def test_each_trigger_reaches_its_state_with_the_expected_value(
     for row in doc["triggers"]:
         assert row["instance"] == instance
         assert row["state"] == state, row
-        assert row["value"] == pytest.approx(want[row["id"]], rel=0.03), row
+        # a sustained trigger reports the least bad 5-minute rate of its window: the
+        # minimum of noisy rates (scrapes on a loaded machine jitter) reads a little low
+        tolerance = 0.06 if trig_sustained(row["id"]) else 0.03
+        assert row["value"] == pytest.approx(want[row["id"]], rel=tolerance), row
         trig = get_trigger(row["id"])
         assert (row["warning"], row["critical"], row["unit"], row["action"]) == (
             trig.warning, trig.critical, trig.unit, trig.action)
