@@ -16,9 +16,12 @@ from rich.table import Table
 
 from qpq_ops._console import err, fail, out, print_json, styled
 from qpq_ops.exit_codes import ExitCode
+from qpq_ops.mounts import mountpoint_of
 from qpq_ops.render import Artefact, FileStatus, RenderedFile, check_files, render, write_files
 from qpq_ops.render.settings import DEFAULT_RUNBOOK_BASE_URL, RenderSettings, configured
 from qpq_ops.triggers import DEFAULT_SCOPE, Scope
+from qpq_server.config import load_config
+from qpq_server.errors import ConfigError
 
 __all__ = ["app", "default_root"]
 
@@ -46,10 +49,14 @@ QpqJobOpt = Annotated[str, typer.Option(
     "--qpq-job", metavar="JOB", help="Scrape job of the qpq servers every rule selects.")]
 NodeJobOpt = Annotated[str, typer.Option(
     "--node-job", metavar="JOB", help="Scrape job of the nodes' node_exporter.")]
-MountOpt = Annotated[str, typer.Option(
+MountOpt = Annotated[str | None, typer.Option(
     "--data-mountpoint", metavar="PATH",
     help="Mountpoint of the filesystem holding the data dir (disk_usage watches only it; "
-    "`df --output=target DATA_DIR` prints it).")]
+    "`df --output=target DATA_DIR` prints it). Default: that of --config's data dir "
+    f"when given, else {DEFAULT_SCOPE.mountpoint}.", show_default=False)]
+ConfigOpt = Annotated[Path | None, typer.Option(
+    "--config", metavar="PATH", help="The deployment's qpq-server.toml, run on its node: "
+    "the data dir's filesystem becomes --data-mountpoint.")]
 RunbookOpt = Annotated[str, typer.Option(
     "--runbook-base-url", metavar="URL",
     help="Absolute URL under which docs/ is served; alert runbook_url links point there "
@@ -65,7 +72,14 @@ def default_root(start: Path) -> Path:
     return start
 
 
-def _settings(qpq_job: str, node_job: str, mountpoint: str, runbook: str) -> RenderSettings:
+def _settings(qpq_job: str, node_job: str, mountpoint: str | None, runbook: str,
+              config: Path | None) -> RenderSettings:
+    if mountpoint is None and config is not None:
+        try:
+            mountpoint = str(mountpoint_of(load_config(config).data_dir))
+        except (OSError, ConfigError) as exc:
+            fail(f"--config {config}: {exc}")
+    mountpoint = DEFAULT_SCOPE.mountpoint if mountpoint is None else mountpoint
     try:
         return RenderSettings(Scope(qpq_job, node_job, mountpoint), runbook)
     except ValueError as exc:
@@ -113,11 +127,12 @@ def _run(artefact: Artefact, root: Path | None, check: bool, as_json: bool,
 def alerts(root: RootOpt = None, check: CheckOpt = False, as_json: JsonOpt = False,
         qpq_job: QpqJobOpt = DEFAULT_SCOPE.qpq_job,
         node_job: NodeJobOpt = DEFAULT_SCOPE.node_job,
-        data_mountpoint: MountOpt = DEFAULT_SCOPE.mountpoint,
-        runbook_base_url: RunbookOpt = DEFAULT_RUNBOOK_BASE_URL) -> None:
+        data_mountpoint: MountOpt = None,
+        runbook_base_url: RunbookOpt = DEFAULT_RUNBOOK_BASE_URL,
+        config: ConfigOpt = None) -> None:
     """prometheus/alerts/qpq-alerts.yml and prometheus/rules/qpq-recording.yml."""
     _run(Artefact.ALERTS, root, check, as_json,
-         _settings(qpq_job, node_job, data_mountpoint, runbook_base_url))
+         _settings(qpq_job, node_job, data_mountpoint, runbook_base_url, config))
 
 
 @app.command("rules-tests")
@@ -125,11 +140,12 @@ def rules_tests(root: RootOpt = None, check: CheckOpt = False,
                 as_json: JsonOpt = False,
         qpq_job: QpqJobOpt = DEFAULT_SCOPE.qpq_job,
         node_job: NodeJobOpt = DEFAULT_SCOPE.node_job,
-        data_mountpoint: MountOpt = DEFAULT_SCOPE.mountpoint,
-        runbook_base_url: RunbookOpt = DEFAULT_RUNBOOK_BASE_URL) -> None:
+        data_mountpoint: MountOpt = None,
+        runbook_base_url: RunbookOpt = DEFAULT_RUNBOOK_BASE_URL,
+        config: ConfigOpt = None) -> None:
     """prometheus/tests/*.yml: promtool tests driving every alert."""
     _run(Artefact.RULES_TESTS, root, check, as_json,
-         _settings(qpq_job, node_job, data_mountpoint, runbook_base_url))
+         _settings(qpq_job, node_job, data_mountpoint, runbook_base_url, config))
 
 
 @app.command("dashboard")
@@ -137,22 +153,24 @@ def dashboard(root: RootOpt = None, check: CheckOpt = False,
               as_json: JsonOpt = False,
         qpq_job: QpqJobOpt = DEFAULT_SCOPE.qpq_job,
         node_job: NodeJobOpt = DEFAULT_SCOPE.node_job,
-        data_mountpoint: MountOpt = DEFAULT_SCOPE.mountpoint,
-        runbook_base_url: RunbookOpt = DEFAULT_RUNBOOK_BASE_URL) -> None:
+        data_mountpoint: MountOpt = None,
+        runbook_base_url: RunbookOpt = DEFAULT_RUNBOOK_BASE_URL,
+        config: ConfigOpt = None) -> None:
     """dashboards/qpq-overview.json (Grafana)."""
     _run(Artefact.DASHBOARD, root, check, as_json,
-         _settings(qpq_job, node_job, data_mountpoint, runbook_base_url))
+         _settings(qpq_job, node_job, data_mountpoint, runbook_base_url, config))
 
 
 @app.command("docs")
 def docs(root: RootOpt = None, check: CheckOpt = False, as_json: JsonOpt = False,
         qpq_job: QpqJobOpt = DEFAULT_SCOPE.qpq_job,
         node_job: NodeJobOpt = DEFAULT_SCOPE.node_job,
-        data_mountpoint: MountOpt = DEFAULT_SCOPE.mountpoint,
-        runbook_base_url: RunbookOpt = DEFAULT_RUNBOOK_BASE_URL) -> None:
+        data_mountpoint: MountOpt = None,
+        runbook_base_url: RunbookOpt = DEFAULT_RUNBOOK_BASE_URL,
+        config: ConfigOpt = None) -> None:
     """docs/operations/{monitoring,incident-response,scaling-guide}.md."""
     _run(Artefact.DOCS, root, check, as_json,
-         _settings(qpq_job, node_job, data_mountpoint, runbook_base_url))
+         _settings(qpq_job, node_job, data_mountpoint, runbook_base_url, config))
 
 
 @app.command("all")
@@ -160,8 +178,9 @@ def render_all(root: RootOpt = None, check: CheckOpt = False,
                as_json: JsonOpt = False,
         qpq_job: QpqJobOpt = DEFAULT_SCOPE.qpq_job,
         node_job: NodeJobOpt = DEFAULT_SCOPE.node_job,
-        data_mountpoint: MountOpt = DEFAULT_SCOPE.mountpoint,
-        runbook_base_url: RunbookOpt = DEFAULT_RUNBOOK_BASE_URL) -> None:
+        data_mountpoint: MountOpt = None,
+        runbook_base_url: RunbookOpt = DEFAULT_RUNBOOK_BASE_URL,
+        config: ConfigOpt = None) -> None:
     """Every generated file of the bundle."""
     _run(Artefact.ALL, root, check, as_json,
-         _settings(qpq_job, node_job, data_mountpoint, runbook_base_url))
+         _settings(qpq_job, node_job, data_mountpoint, runbook_base_url, config))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from typer.testing import CliRunner
 
 from qpq_ops.cli import app
 from qpq_ops.exit_codes import ExitCode
+from qpq_ops.mounts import mountpoint_of
 from tests.bundle.conftest import tool
 
 runner = CliRunner()
@@ -86,3 +88,28 @@ def test_bad_render_settings_are_usage_errors(tmp_path: Path, args: list[str],
     assert result.exit_code == ExitCode.USAGE
     assert message in result.stderr
     assert not (tmp_path / "prometheus").exists()
+
+
+def test_mountpoint_of_matches_df(tmp_path: Path) -> None:
+    df = subprocess.run(["df", "--output=target", str(tmp_path)], capture_output=True,
+                        text=True, timeout=30, check=True)
+    assert str(mountpoint_of(tmp_path)) == df.stdout.splitlines()[-1].strip()
+    assert str(mountpoint_of(tmp_path / "not" / "yet")) == df.stdout.splitlines()[-1].strip()
+    assert mountpoint_of(Path("/")) == Path("/")
+
+
+def test_config_gives_the_data_dir_mountpoint(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    subprocess.run([str(Path(sys.executable).parent / "qpq-server"), "init", "--data-dir",
+                    str(data)], check=True,
+                   capture_output=True, timeout=60)
+    root = tmp_path / "bundle"
+    root.mkdir()
+    result = runner.invoke(app, ["render", "alerts", "--root", str(root), "--config",
+                                 str(data / "qpq-server.toml")])
+    assert result.exit_code == 0, result.output
+    text = (root / "prometheus/rules/qpq-recording.yml").read_text()
+    assert f'mountpoint="{mountpoint_of(data)}"' in text
+    bad = runner.invoke(app, ["render", "alerts", "--root", str(root), "--config",
+                              str(tmp_path / "missing.toml")])
+    assert bad.exit_code == 64 and "--config" in bad.stderr
