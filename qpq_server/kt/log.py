@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from qpq_server.errors import BadRequest, ConfigError, NotFound, UnknownUser
+from qpq_server.identity import IDENTITY_BYTES
 from qpq_server.kt.merkle import MerkleTree, leaf_hash
 from qpq_server.kt.sth import SignedTreeHead, TreeHeadSigner, kt_leaf
 from qpq_server.protocol import validate as v
@@ -24,7 +25,6 @@ from qpq_server.storage.base import Storage
 
 __all__ = ["KtLog", "kt_ops", "load_signer"]
 
-_KEY_BYTES = 32
 
 
 def load_signer(path: Path) -> TreeHeadSigner:
@@ -128,7 +128,8 @@ def kt_ops(log: KtLog, storage: Storage) -> Mapping[str, Handler]:
 
     async def kt_inclusion(request: dict[str, Any], conn: ConnectionState) -> dict[str, Any]:
         username = v.get_username(request)
-        key = v.get_bytes(request, "identity_key", max_len=_KEY_BYTES, min_len=_KEY_BYTES)
+        key = v.get_bytes(request, "identity_key", max_len=IDENTITY_BYTES,
+                          min_len=IDENTITY_BYTES)
         await log.refresh()
         proof = log.proof_for(username, key)
         if proof is None:

@@ -129,11 +129,11 @@ async def test_register_login_enqueue_fetch_ack_in_process(h: Harness) -> None:
     conn = await h.connect()
     alice = await h.session(conn, "alice")
     bob = await h.session(conn, "bob")
-    published = await h.call(conn, "publish_keys", session=bob, identity_key=b"k" * 32,
+    published = await h.call(conn, "publish_keys", session=bob, identity_key=b"k" * 64,
                              key_packages=[b"p1", b"p2"])
     assert published == {"ok": True, "key_packages": 2}
     keys = await h.call(conn, "get_keys", session=alice, username="bob")
-    assert keys["identity_key"] == b"k" * 32 and keys["key_package"] == b"p1"
+    assert keys["identity_key"] == b"k" * 64 and keys["key_package"] == b"p1"
     assert keys["kt"]["leaf_index"] == 0
 
     sent = await h.call(conn, "enqueue", session=alice, recipients=["bob", "bob"],

@@ -186,7 +186,7 @@ async def test_server_log_matches_independent_tree_of_published_keys(
     ({"op": "kt_consistency", "first": -1, "second": 0}, "bad_request"),
     ({"op": "kt_consistency", "first": "0", "second": 0}, "bad_request"),
     ({"op": "kt_inclusion", "username": "kt_a", "identity_key": b"short"}, "bad_request"),
-    ({"op": "kt_inclusion", "username": "kt_a", "identity_key": b"\x00" * 32}, "not_found"),
+    ({"op": "kt_inclusion", "username": "kt_a", "identity_key": b"\x00" * 64}, "not_found"),
 ])
 async def test_bad_kt_requests_get_stable_error_codes(
         server: RunningServer, client: ClientFactory, request_: dict[str, object],
