@@ -273,3 +273,24 @@ async def test_a_session_cannot_publish_a_prekey_the_identity_did_not_sign(
 
 def test_identity_changed_is_a_verification_failure() -> None:
     assert issubclass(IdentityChanged, KtViolation)
+
+
+async def test_an_old_key_served_as_current_is_detected(
+        server: RunningServer, client: ClientFactory, tmp_path: Path) -> None:
+    """The old key is still in the append-only log, so an inclusion proof alone would
+    pass: the signed key map is what says it is no longer bob's key."""
+    async with client() as c:
+        await c.register("st_alice", "pw")
+        await c.register("st_bob", "pw")
+        old = c.profile("st_bob").identity_public
+    (old_prekey,) = db_exec(server, "SELECT value FROM meta WHERE key = 'spk:st_bob'")
+    async with client_factory_for(server, tmp_path / "bob-new")() as fresh:
+        await fresh.login("st_bob", "pw")  # bob's new device: a new key, logged
+    db_exec(server, "UPDATE accounts SET identity_key = ? WHERE username = 'st_bob'", (old,))
+    db_exec(server, "UPDATE meta SET value = ? WHERE key = 'spk:st_bob'", old_prekey)
+    async with client() as c:  # alice never pinned bob: only the log can tell
+        with pytest.raises(KtViolation) as err:
+            await c.send_text("st_alice", ["st_bob"], "to a key bob retired")
+        assert err.value.code == "kt_not_current"
+        with pytest.raises(KtViolation):
+            await c.kt.lookup("st_bob")
