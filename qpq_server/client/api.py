@@ -201,6 +201,9 @@ class QpqClient:
         session = self._session(sender)
         profile = self.profile(sender)
         keys = [await self._recipient_key(session, name) for name in dict.fromkeys(recipients)]
+        head = self.kt.pinned_head()
+        if head is not None:  # gossip: recipients check it lies on the log they see
+            content = {**content, "kt_head": head.to_wire()}
         envelope = seal(content, sender, profile.identity, profile.identity_public, keys,
                         int(time.time() * 1000))
         extra: dict[str, Any] = {"blobs": list(blobs)} if blobs else {}
@@ -363,6 +366,8 @@ class QpqClient:
                                          profile.private_key_for, identity)
         except DecryptError as exc:  # ForgedSender included: its code says which
             return _rejected(item, exc.code, exc), b"", b""
+        if "kt_head" in content:  # authentic, so the head is what the sender saw
+            await self.kt.check_gossip(content.pop("kt_head"))
         return ReceivedMessage(id=int(item["id"]), sender=env.sender,
                                text=str(content.get("text", "")),
                                sent_at=float(item["sent_at"]), content=content), rpk, \
