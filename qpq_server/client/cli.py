@@ -314,6 +314,9 @@ def kt_verify(
 def _me(opts: Options, me: str | None) -> str:
     """The local user to compare against: --as, else the only profile here."""
     if me:
+        if not (opts.profile / f"{me}.keys").is_file():
+            _die("usage", f"no profile for {me} in {opts.profile} (register or log in "
+                          "as that user first, or pass --profile)", 64)
         return me
     names = sorted(p.stem for p in opts.profile.glob("*.keys"))
     if len(names) != 1:

@@ -294,3 +294,20 @@ async def test_an_old_key_served_as_current_is_detected(
         assert err.value.code == "kt_not_current"
         with pytest.raises(KtViolation):
             await c.kt.lookup("st_bob")
+
+
+async def test_fingerprint_and_trust_bad_input_get_clear_errors(
+        server: RunningServer, client: ClientFactory, tmp_path: Path) -> None:
+    async with client() as c:  # two local users in one profile: which one is "me"?
+        await c.register("bi_one", "pw")
+        await c.register("bi_two", "pw")
+    profiles = tmp_path / "profiles"
+    ambiguous = cli(server, profiles, "fingerprint", "bi_one")
+    assert ambiguous.returncode == 64 and "--as" in ambiguous.stderr
+    assert len(ambiguous.stderr.strip().splitlines()) == 1
+    chosen = cli(server, profiles, "fingerprint", "bi_one", "--as", "bi_two", "--json")
+    assert chosen.returncode == 0 and json.loads(chosen.stdout)["matches_pin"] is True
+    unknown = cli(server, profiles, "trust", "bi_nobody")
+    assert unknown.returncode == 1 and "unknown_user" in unknown.stderr
+    no_such_me = cli(server, profiles, "fingerprint", "bi_one", "--as", "bi_ghost")
+    assert no_such_me.returncode == 64 and "bi_ghost" in no_such_me.stderr
