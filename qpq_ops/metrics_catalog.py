@@ -74,6 +74,9 @@ METRICS: tuple[MetricSpec, ...] = (
                "storage commit latency (the disk I/O latency trigger)"),
     MetricSpec("qpq_blob_bytes", MetricType.GAUGE, "bytes held in blob storage"),
     MetricSpec("qpq_kt_log_size", MetricType.GAUGE, "leaves in the key-transparency log"),
+    MetricSpec("qpq_key_packages_low_total", MetricType.COUNTER,
+               "key fetches that left the user with fewer than 5 one-time key packages "
+               "(senders then use the signed prekey); beyond DESIGN.md's table"),
     MetricSpec("qpq_federation_relay_total", MetricType.COUNTER,
                "messages relayed to/from peers", labels=("peer", "result")),
     MetricSpec("qpq_tls_cert_expiry_timestamp_seconds", MetricType.GAUGE,
