@@ -389,15 +389,18 @@ class Service:
     def _check_identity_proof(self, user: str, current: bytes | None, new: bytes,
                               proof: bytes | None, conn: ConnectionState) -> None:
         """Setting an identity needs more than a session (a stolen token must not
-        re-key the account): an OPAQUE login for this user on this connection, or a
-        signature by the previous identity over the handover."""
-        if user in conn.logged_in_as:
+        re-key the account): an OPAQUE login for this user on this connection within
+        the last _FRESH_LOGIN_S (as for a password change), or a signature by the
+        previous identity over the handover."""
+        proved = conn.fresh_logins.get(user)
+        if proved is not None and self.clock() - proved <= _FRESH_LOGIN_S:
             return
         if current is not None and proof is not None and verify_signature(
                 current, proof, identity_change_message(user, current, new)):
             return
-        raise ProofRequired("a new identity key needs a password login on this connection "
-                            "or 'identity_proof' signed by the previous identity key")
+        raise ProofRequired(f"a new identity key needs a password login on this connection "
+                            f"(within {_FRESH_LOGIN_S:.0f} s) or 'identity_proof' signed by "
+                            "the previous identity key")
 
     async def _get_keys(self, request: dict[str, Any], conn: ConnectionState) -> dict[str, Any]:
         requester = self._session_user(request)
