@@ -106,6 +106,13 @@ class RateLimitConfig:
     login_failures_burst: int = 5
     login_backoff_base_s: float = 1.0
     login_backoff_max_s: float = 900.0
+    # get_keys for other users, per requester (refused with rate_limited beyond it)
+    key_fetch_rate_per_s: float = 10.0
+    key_fetch_burst: int = 200
+    # one-time packages one requester may take of one user; beyond it the answer
+    # carries only the signed prekey, so nobody can drain someone's packages
+    one_time_key_rate_per_s: float = 1 / 60
+    one_time_key_burst: int = 5
 
 
 @dataclass(frozen=True)
@@ -268,6 +275,10 @@ _POSITIVE = {
     ("rate_limit", "login_failures_burst"),
     ("rate_limit", "login_backoff_base_s"),
     ("rate_limit", "login_backoff_max_s"),
+    ("rate_limit", "key_fetch_rate_per_s"),
+    ("rate_limit", "key_fetch_burst"),
+    ("rate_limit", "one_time_key_rate_per_s"),
+    ("rate_limit", "one_time_key_burst"),
 }
 _HOSTPORTS = {("server", "listen"), ("metrics", "listen"), ("federation", "listen"),
               ("websocket", "listen")}

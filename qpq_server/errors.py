@@ -18,6 +18,7 @@
         ├── HashMismatch         uploaded blob does not hash to its declared id
         ├── UploadStalled        blob upload stopped sending before it was complete
         ├── NotFound             referenced object does not exist
+        ├── ProofRequired        an identity change without proof of the account
         ├── ServerBusy           server draining or at a limit
         └── Internal             unexpected failure (details only in the log)
 
@@ -36,6 +37,7 @@ __all__ = [
     "InvalidSession",
     "LoginFailed",
     "NotFound",
+    "ProofRequired",
     "QpqError",
     "QuotaExceeded",
     "RateLimited",
@@ -121,6 +123,10 @@ class UploadStalled(BadRequest):
 
 class NotFound(RequestError):
     code = "not_found"
+
+
+class ProofRequired(RequestError):
+    code = "proof_required"
 
 
 class ServerBusy(RequestError):

@@ -76,6 +76,10 @@ class ServerMetrics:
         self.kt_log_size = Gauge(
             "qpq_kt_log_size", "Leaves in the key-transparency log", registry=r,
             multiprocess_mode="max")
+        self.key_packages_low_total = Counter(
+            "qpq_key_packages_low",
+            "Key fetches that left the user with few one-time key packages (or none, "
+            "so senders fell back to the signed prekey)", registry=r)
         self.federation_relay_total = Counter(
             "qpq_federation_relay", "Messages relayed to/from federation peers",
             ["peer", "result"], registry=r)

@@ -25,11 +25,20 @@ from qpq_server.errors import (
     BadRequest,
     LoginFailed,
     NotFound,
+    ProofRequired,
     QuotaExceeded,
     RateLimited,
     ServerBusy,
     Unauthenticated,
     UnknownUser,
+)
+from qpq_server.identity import (
+    IDENTITY_BYTES,
+    PREKEY_BYTES,
+    SIGNATURE_BYTES,
+    identity_change_message,
+    signed_prekey_message,
+    verify_signature,
 )
 from qpq_server.keylocks import KeyedLocks
 from qpq_server.metrics import ServerMetrics
@@ -45,8 +54,9 @@ log = logging.getLogger("qpq.service")
 
 _MAX_PENDING_LOGINS = 8
 _OPAQUE_MSG_MAX = 1024
-_KEY_BYTES = 32
 _KEY_PACKAGE_MAX = 1024
+_KEY_PACKAGES_LOW = 5  # below this after a fetch, qpq_key_packages_low_total counts it
+_SPK_META = "spk:"  # storage meta key prefix: a user's signed prekey || its signature
 _MAX_BLOBS_PER_MESSAGE = 16
 _FRESH_LOGIN_S = 120.0
 
@@ -92,6 +102,9 @@ class Service:
         rl = config.rate_limit
         self._account_limiter = RateLimiter(rl.account_rate_per_s, rl.account_burst)
         self._address_limiter = RateLimiter(rl.address_rate_per_s, rl.address_burst)
+        self._key_fetch_limiter = RateLimiter(rl.key_fetch_rate_per_s, rl.key_fetch_burst)
+        self._one_time_limiter = RateLimiter(rl.one_time_key_rate_per_s,
+                                             rl.one_time_key_burst)
         self._login_ids = itertools.count(1)
         self._backoff = LoginBackoff(rl.login_failures_burst, rl.login_backoff_base_s,
                                      rl.login_backoff_max_s)
@@ -330,31 +343,92 @@ class Service:
     async def _publish_keys(self, request: dict[str, Any],
                             conn: ConnectionState) -> dict[str, Any]:
         user = self._session_user(request)
-        identity = v.get_optional_bytes(request, "identity_key", max_len=_KEY_BYTES,
-                                        min_len=_KEY_BYTES)
+        identity = v.get_optional_bytes(request, "identity_key", max_len=IDENTITY_BYTES,
+                                        min_len=IDENTITY_BYTES)
+        prekey = v.get_optional_bytes(request, "signed_prekey", max_len=PREKEY_BYTES,
+                                      min_len=PREKEY_BYTES)
+        prekey_sig = v.get_optional_bytes(request, "signed_prekey_signature",
+                                          max_len=SIGNATURE_BYTES, min_len=SIGNATURE_BYTES)
+        proof = v.get_optional_bytes(request, "identity_proof", max_len=SIGNATURE_BYTES,
+                                     min_len=SIGNATURE_BYTES)
         packages = v.get_bytes_list(request, "key_packages",
                                     max_items=self.config.limits.max_key_packages,
                                     max_len=_KEY_PACKAGE_MAX)
-        if identity is not None:
+        if (prekey is None) != (prekey_sig is None):
+            raise BadRequest("'signed_prekey' and 'signed_prekey_signature' go together")
+        account = await self.storage.get_account(user)
+        current = account.identity_key if account else None
+        if identity is not None and identity != current:
+            self._check_identity_proof(user, current, identity, proof, conn)
+        effective = identity if identity is not None else current
+        if prekey is not None and prekey_sig is not None and (
+                effective is None or not verify_signature(
+                    effective, prekey_sig, signed_prekey_message(effective, prekey))):
+            raise BadRequest("'signed_prekey_signature' is not a signature of the "
+                                 "prekey by the account's identity key")
+        if identity is not None and identity != current:
             if self.kt is not None:  # logged: clients verify every key they fetch
                 await self.kt.publish(user, identity)
             else:
                 await self.storage.set_identity_key(user, identity)
+            log.info("identity key published", extra={"user": user})
+            if current is not None:
+                await self._drop_key_packages(user)
+        if prekey is not None:
+            await self.storage.set_meta(_SPK_META + user, (prekey + (prekey_sig or b"")).hex())
         count = await self.storage.add_key_packages(user, packages) if packages else (
             await self.storage.count_key_packages(user))
         return {"key_packages": count}
 
+    async def _drop_key_packages(self, user: str) -> None:
+        """A new identity is a new device: the old one's one-time packages would seal
+        messages it alone can open. Rare (key changes), so the generic take loop."""
+        while await self.storage.take_key_package(user) is not None:
+            pass
+
+    def _check_identity_proof(self, user: str, current: bytes | None, new: bytes,
+                              proof: bytes | None, conn: ConnectionState) -> None:
+        """Setting an identity needs more than a session (a stolen token must not
+        re-key the account): an OPAQUE login for this user on this connection within
+        the last _FRESH_LOGIN_S (as for a password change), or a signature by the
+        previous identity over the handover."""
+        proved = conn.fresh_logins.get(user)
+        if proved is not None and self.clock() - proved <= _FRESH_LOGIN_S:
+            return
+        if current is not None and proof is not None and verify_signature(
+                current, proof, identity_change_message(user, current, new)):
+            return
+        raise ProofRequired(f"a new identity key needs a password login on this connection "
+                            f"(within {_FRESH_LOGIN_S:.0f} s) or 'identity_proof' signed by "
+                            "the previous identity key")
+
     async def _get_keys(self, request: dict[str, Any], conn: ConnectionState) -> dict[str, Any]:
-        self._session_user(request)
+        requester = self._session_user(request)
         username = v.get_username(request)
+        rl = self.config.rate_limit
+        if username != requester:
+            self._take(self._key_fetch_limiter, requester, "key_fetch",
+                       "too many key fetches from this account; slow down")
         account = await self.storage.get_account(username)
         if account is None:
             raise UnknownUser(f"no user {username!r}")
         if account.identity_key is None:
             raise NotFound(f"user {username!r} has not published keys yet")
-        package = await self.storage.take_key_package(username)
+        stored = await self.storage.get_meta(_SPK_META + username)
+        signed = bytes.fromhex(stored) if stored else b""
+        # One requester gets a few of a user's one-time packages, then only the signed
+        # prekey: draining someone's packages takes many accounts, and shows in metrics.
+        package = None
+        if not rl.enabled or self._one_time_limiter.allow(f"{requester}>{username}",
+                                                          self.clock()):
+            package = await self.storage.take_key_package(username)
+            if package is None or (await self.storage.count_key_packages(username)
+                                   < _KEY_PACKAGES_LOW):
+                self.metrics.key_packages_low_total.inc()
         return {
             "identity_key": account.identity_key,
+            "signed_prekey": signed[:PREKEY_BYTES] or None,
+            "signed_prekey_signature": signed[PREKEY_BYTES:] or None,
             "key_package": package.key_package if package else None,
             "key_package_id": package.id if package else None,
             "kt": await self._kt_proof(username, account.identity_key),

@@ -58,7 +58,11 @@ def per_worker_share(config: Config, count: int) -> Config:
             rl, account_rate_per_s=_share(rl.account_rate_per_s, count),
             account_burst=_ishare(rl.account_burst, count),
             address_rate_per_s=_share(rl.address_rate_per_s, count),
-            address_burst=_ishare(rl.address_burst, count)),
+            address_burst=_ishare(rl.address_burst, count),
+            key_fetch_rate_per_s=_share(rl.key_fetch_rate_per_s, count),
+            key_fetch_burst=_ishare(rl.key_fetch_burst, count),
+            one_time_key_rate_per_s=_share(rl.one_time_key_rate_per_s, count),
+            one_time_key_burst=_ishare(rl.one_time_key_burst, count)),
         limits=dataclasses.replace(
             limits, enqueue_bytes_per_minute=_ishare(limits.enqueue_bytes_per_minute, count)),
     )

@@ -14,10 +14,19 @@ from typing import Any
 import opaque_ke_py as opaque
 
 from qpq_server.client.connection import ClientError, QpqConnection
-from qpq_server.client.e2e import DecryptError, RecipientKey, open_envelope, seal
+from qpq_server.client.contacts import ContactPins
+from qpq_server.client.e2e import (
+    DecryptError,
+    RecipientKey,
+    open_envelope,
+    parse_envelope,
+    seal,
+)
+from qpq_server.client.errors import IdentityChanged, KtViolation
 from qpq_server.client.files import FileDecryptError, decrypt_stream, encrypt_stream
 from qpq_server.client.kt import KtVerifier
-from qpq_server.client.profile import Profile
+from qpq_server.client.profile import REPLAY_WINDOW_S, Profile
+from qpq_server.identity import signed_prekey_message, verify_signature
 
 __all__ = ["QpqClient", "ReceivedMessage"]
 
@@ -32,6 +41,14 @@ class ReceivedMessage:
     text: str
     sent_at: float
     content: dict[str, Any]
+    verified: bool = True  # False: shown only as a rejection, with `error` saying why
+    error: str | None = None
+
+
+def _rejected(item: dict[str, Any], code: str, why: object) -> ReceivedMessage:
+    return ReceivedMessage(id=int(item["id"]), sender=str(item["from"]),
+                           text=f"[rejected: {why}]", sent_at=float(item["sent_at"]),
+                           content={"type": "error"}, verified=False, error=code)
 
 
 def _safe_name(name: str) -> str:
@@ -56,6 +73,8 @@ class QpqClient:
         self._profiles: dict[str, Profile] = {}
         self.kt = KtVerifier(connection, profile_dir)
         self.more_waiting = False  # the last fetch said more messages wait (page by bytes)
+        self.pins = ContactPins(profile_dir, connection.server)
+        self.replays_dropped = 0  # envelopes already accepted once, dropped by `receive`
 
     def profile(self, username: str) -> Profile:
         if username not in self._profiles:
@@ -90,8 +109,27 @@ class QpqClient:
         profile.save()
         if result.get("setup_version", 0) < result.get("current_setup_version", 0):
             await self._reregister(profile.session, password)
+        # Check our own log entry (a key we did not publish means someone took over the
+        # account); a fresh device checks after publishing its first key.
+        fresh = not profile.published_identity
+        if not fresh:
+            await self.check_own_key(profile)
         await self.publish_keys(profile)
+        if fresh:
+            await self.check_own_key(profile)
         return profile
+
+    async def check_own_key(self, profile: Profile) -> None:
+        """The log must show the identity this profile published, and no other."""
+        found = await self.kt.lookup(profile.username)
+        if found.identity_key != profile.identity_public:
+            raise KtViolation(
+                "kt_foreign_key",
+                f"the key-transparency log shows an identity key for {profile.username} "
+                f"that this device did not publish ({found.identity_key.hex()[:16]}..., "
+                f"ours is {profile.identity_public.hex()[:16]}...). Your contacts now "
+                "encrypt to it: if you did not set up a new device, someone with your "
+                "password or the server itself replaced your key")
 
     async def _reregister(self, session: str, password: str) -> None:
         """The server rotated its OPAQUE setup: move our record to the new one."""
@@ -136,13 +174,20 @@ class QpqClient:
         return profile.session
 
     async def publish_keys(self, profile: Profile) -> int:
+        """Publish the identity (once), the current signed prekey (when new or rotated)
+        and top up one-time packages. Private halves reach the disk first."""
         session = self._session(profile.username)
-        result = await self.conn.call(
-            "publish_keys", session=session,
-            identity_key=None if profile.published_identity else profile.identity_public,
-            key_packages=[])
+        prekey, signature = profile.current_prekey(time.time())
+        fields: dict[str, Any] = {}
+        if not profile.published_identity:
+            fields["identity_key"] = profile.identity_public
+        if not profile.published_identity or profile.published_prekey != prekey:
+            fields.update(signed_prekey=prekey, signed_prekey_signature=signature)
+        profile.save()
+        result = await self.conn.call("publish_keys", session=session, key_packages=[],
+                                      **fields)
         count = int(result["key_packages"])
-        profile.published_identity = True
+        profile.published_identity, profile.published_prekey = True, prekey
         if count < KEY_PACKAGE_LOW_WATER:
             fresh = profile.new_one_time_keys(KEY_PACKAGE_TARGET - count)
             profile.save()  # private halves on disk before the public halves are published
@@ -154,19 +199,40 @@ class QpqClient:
     async def send(self, sender: str, recipients: Sequence[str], content: dict[str, Any],
                    blobs: Sequence[bytes] = ()) -> list[int]:
         session = self._session(sender)
-        keys = []
-        for name in dict.fromkeys(recipients):
-            bundle = await self.conn.call("get_keys", session=session, username=name)
-            # Never encrypt to a key the server's signed, append-only log does not show.
-            await self.kt.verify_key(name, bytes(bundle["identity_key"]), bundle.get("kt"))
-            package = bundle["key_package"]
-            keys.append(RecipientKey(name, bytes(bundle["identity_key"]),
-                                     bytes(package) if package else None))
-        envelope = seal(content, sender, keys)
+        profile = self.profile(sender)
+        keys = [await self._recipient_key(session, name) for name in dict.fromkeys(recipients)]
+        head = self.kt.pinned_head()
+        if head is not None:  # gossip: recipients check it lies on the log they see
+            content = {**content, "kt_head": head.to_wire()}
+        envelope = seal(content, sender, profile.identity, profile.identity_public, keys,
+                        int(time.time() * 1000))
         extra: dict[str, Any] = {"blobs": list(blobs)} if blobs else {}
         result = await self.conn.call("enqueue", session=session, recipients=list(recipients),
                                       payload=envelope, **extra)
         return list(result["ids"])
+
+    async def _recipient_key(self, session: str, name: str) -> RecipientKey:
+        bundle = await self.conn.call("get_keys", session=session, username=name)
+        identity = bundle.get("identity_key")
+        if not isinstance(identity, bytes):
+            raise KtViolation("kt_bad_response", f"server sent no identity key for {name}")
+        # Never encrypt to a key the server's signed, append-only log does not show,
+        # nor to one that differs from the key pinned for this contact.
+        await self.kt.verify_key(name, identity, bundle.get("kt"))
+        self.pins.check(name, identity)
+        prekey, signature = bundle.get("signed_prekey"), bundle.get("signed_prekey_signature")
+        if not isinstance(prekey, bytes) or not isinstance(signature, bytes):
+            raise ClientError("no_signed_prekey",
+                              f"{name} has no signed prekey yet (their client must log in "
+                              "with a current qpq-client); not sending")
+        if len(prekey) != 32 or not verify_signature(
+                identity, signature, signed_prekey_message(identity, prekey)):
+            raise KtViolation("bad_prekey_signature",
+                              f"{name}'s signed prekey is not signed by their verified "
+                              "identity key; not sending")
+        package = bundle.get("key_package")
+        return RecipientKey(name, identity, prekey,
+                            bytes(package) if isinstance(package, bytes) else None)
 
     async def send_file(self, sender: str, recipients: Sequence[str], path: Path) -> list[int]:
         """Encrypt the file (streamed, to a temp file), upload the ciphertext as a blob,
@@ -211,7 +277,9 @@ class QpqClient:
     async def receive(self, username: str, wait_s: float = 0.0, limit: int = 500,
                       before_ack: Callable[[ReceivedMessage], Awaitable[object]] | None = None,
                       ) -> list[ReceivedMessage]:
-        """Fetch, decrypt, then ack; undecryptable messages are reported and acked too.
+        """Fetch, authenticate, decrypt, then ack. Forged or undecryptable messages are
+        returned marked (`verified=False`) and acked; those from a contact whose key
+        changed stay queued until `trust`; replays are dropped (`replays_dropped`).
         `before_ack` runs on each message first (saving attachments): if it raises,
         nothing is acked and the messages stay queued."""
         session = self._session(username)
@@ -219,33 +287,88 @@ class QpqClient:
         timeout = self.conn.timeout + wait_s
         result = await self.conn.call("fetch", timeout=timeout, session=session,
                                       wait_s=wait_s, limit=limit)
-        self.more_waiting = bool(result.get("more"))
         received: list[ReceivedMessage] = []
         used_keys: list[bytes] = []
+        ack_ids: list[int] = []
+        accepted: dict[bytes, int] = {}  # replay id -> message id, in this batch
+        identities: dict[str, bytes | IdentityChanged] = {}
         for item in result["messages"]:
-            try:
-                sender, rpk, content = open_envelope(item["payload"], username,
-                                                     profile.private_key_for)
-            except DecryptError as exc:
-                content = {"type": "error", "text": f"[undecryptable message: {exc}]"}
-                sender, rpk = item["from"], b""
-            if sender != item["from"]:
-                content = {"type": "error",
-                           "text": f"[message claims sender {sender!r} but came from "
-                                   f"{item['from']!r}; dropped]"}
-                sender = item["from"]
+            message, rpk, replay_id = await self._open(profile, item, identities)
+            if message is None or replay_id in accepted:  # accepted before: drop it
+                self.replays_dropped += 1
+                ack_ids.append(int(item["id"]))
+                continue
+            if message.error != "identity_changed":  # stays queued until `trust`
+                ack_ids.append(message.id)
+            if message.verified:
+                accepted[replay_id] = message.id
             used_keys.append(rpk)
-            received.append(ReceivedMessage(
-                id=int(item["id"]), sender=sender, text=str(content.get("text", "")),
-                sent_at=float(item["sent_at"]), content=content))
+            received.append(message)
+        # A message held for `trust` stays at the head of the queue: paging on would
+        # fetch it again, so stop until the user decides.
+        self.more_waiting = bool(result.get("more")) and all(
+            m.error != "identity_changed" for m in received)
         if before_ack is not None:
             for message in received:
                 await before_ack(message)
-        if received:
-            await self.conn.call("ack", session=session, ids=[m.id for m in received])
+        if ack_ids:
+            await self.conn.call("ack", session=session, ids=ack_ids)
             for rpk in used_keys:
                 profile.forget_one_time(rpk)
+            for replay_id in accepted:
+                profile.remember(replay_id, time.time())
             profile.save()
             if len(profile.one_time) < KEY_PACKAGE_LOW_WATER:
                 await self.publish_keys(profile)
         return received
+
+    async def _sender_identity(self, name: str,
+                               cache: dict[str, bytes | IdentityChanged]) -> bytes:
+        """The sender's current identity, proven by the log and matching our pin."""
+        if name not in cache:
+            found = await self.kt.lookup(name)
+            try:
+                self.pins.check(name, found.identity_key)
+                cache[name] = found.identity_key
+            except IdentityChanged as exc:
+                cache[name] = exc
+        value = cache[name]
+        if isinstance(value, IdentityChanged):
+            raise value
+        return value
+
+    async def _open(self, profile: Profile, item: dict[str, Any],
+                    identities: dict[str, bytes | IdentityChanged],
+                    ) -> tuple[ReceivedMessage | None, bytes, bytes]:
+        """Authenticate and decrypt one fetched item: (message, one-time key used,
+        replay id); the message is None for a replay of one accepted before."""
+        try:
+            env = parse_envelope(item["payload"], profile.username)
+        except DecryptError as exc:
+            return _rejected(item, exc.code, exc), b"", b""
+        if env.replay_id in profile.seen:
+            return None, b"", env.replay_id
+        if env.sender != item["from"]:
+            why = f"claims sender {env.sender!r} but came from {item['from']!r}"
+            return _rejected(item, "forged_sender", why), b"", b""
+        if time.time() - env.sent_at_ms / 1000 > REPLAY_WINDOW_S:
+            return _rejected(item, "stale", "older than the replay window"), b"", b""
+        try:
+            identity = await self._sender_identity(env.sender, identities)
+        except IdentityChanged as exc:
+            return _rejected(item, "identity_changed", exc.message), b"", b""
+        except KtViolation:
+            raise
+        except ClientError as exc:  # e.g. the claimed sender has no logged key
+            return _rejected(item, "forged_sender", exc.message), b"", b""
+        try:
+            rpk, content = open_envelope(env, profile.username, profile.identity_public,
+                                         profile.private_key_for, identity)
+        except DecryptError as exc:  # ForgedSender included: its code says which
+            return _rejected(item, exc.code, exc), b"", b""
+        if "kt_head" in content:  # authentic, so the head is what the sender saw
+            await self.kt.check_gossip(content.pop("kt_head"))
+        return ReceivedMessage(id=int(item["id"]), sender=env.sender,
+                               text=str(content.get("text", "")),
+                               sent_at=float(item["sent_at"]), content=content), rpk, \
+            env.replay_id

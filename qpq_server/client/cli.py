@@ -17,6 +17,7 @@ import typer
 
 from qpq_server.client.api import QpqClient, ReceivedMessage
 from qpq_server.client.connection import ClientError, connect
+from qpq_server.client.contacts import safety_number
 from qpq_server.client.kt import KeyVerified, KtViolation
 from qpq_server.client.profile import default_profile_dir
 
@@ -24,7 +25,8 @@ __all__ = ["app", "main"]
 
 T = TypeVar("T")
 KT_VIOLATION_EXIT = 2
-"""Exit code when the server's key-transparency log fails verification."""
+"""Exit code when verification fails: the key-transparency log, a contact's pinned
+identity, or (for `recv`) a message that is not authentic."""
 
 app = typer.Typer(
     name="qpq-client",
@@ -170,7 +172,10 @@ def send(
     recipient: Annotated[str, typer.Argument(metavar="TO", help="Recipient; several as a,b,c")],
     text: Annotated[str | None, typer.Argument(help="Message text (default: read stdin).")] = None,
 ) -> None:
-    """Encrypt TEXT (or stdin) to TO's published keys and send it."""
+    """Encrypt TEXT (or stdin) to TO's published keys and send it. Each recipient's
+    identity must be in the key-transparency log and match the key pinned for them
+    (pinned on first use); a changed key stops the send (exit 2) until you compare
+    `qpq-client fingerprint TO` with them and run `qpq-client trust TO`."""
     opts: Options = ctx.obj
     body = text if text is not None else sys.stdin.read()
     recipients = [r for r in recipient.split(",") if r]
@@ -194,7 +199,11 @@ def recv(
              "files are never overwritten.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per message.")] = False,
 ) -> None:
-    """Fetch, decrypt and acknowledge USER's pending messages (and save attachments)."""
+    """Fetch, authenticate, decrypt and acknowledge USER's pending messages (and save
+    attachments). A message not sealed by its sender's logged identity key is shown
+    REJECTED (in --json: "verified": false and an "error" code) and the exit code is 2;
+    messages from a contact whose key changed stay queued until `qpq-client trust`;
+    copies of messages already received are dropped."""
     opts: Options = ctx.obj
     out_dir = out or Path.cwd()
     saved: dict[int, Path] = {}
@@ -211,11 +220,30 @@ def recv(
             received += await c.receive(user, before_ack=save)
         return received
 
-    for message in _run(opts, work):
+    dropped = 0
+
+    async def work_counted(c: QpqClient) -> list[ReceivedMessage]:
+        nonlocal dropped
+        try:
+            return await work(c)
+        finally:
+            dropped = c.replays_dropped
+
+    messages = _run(opts, work_counted)
+    if dropped:
+        print(f"qpq-client: dropped {dropped} replayed message(s) (already received once)",
+              file=sys.stderr)
+    for message in messages:
         path = saved.get(message.id)
+        if not message.verified:
+            print(f"qpq-client: SECURITY: {message.error}: message {message.id} claiming to "
+                  f"be from {message.sender} rejected: {message.text}", file=sys.stderr)
         if as_json:
             entry: dict[str, object] = {"from": message.sender, "text": message.text,
-                                        "sent_at": message.sent_at}
+                                        "sent_at": message.sent_at,
+                                        "verified": message.verified}
+            if message.error:
+                entry["error"] = message.error
             if path is not None:
                 entry["file"] = {"name": path.name, "path": str(path),
                                  "size": message.content.get("size")}
@@ -223,7 +251,10 @@ def recv(
         else:
             stamp = datetime.fromtimestamp(message.sent_at, UTC).strftime("%Y-%m-%d %H:%M:%S")
             where = f" -> saved to {path}" if path is not None else ""
-            print(f"[{stamp}] {message.sender}: {message.text}{where}")
+            mark = "" if message.verified else f"REJECTED ({message.error}) "
+            print(f"[{stamp}] {mark}{message.sender}: {message.text}{where}")
+    if any(not m.verified for m in messages):
+        raise typer.Exit(KT_VIOLATION_EXIT)
 
 
 @app.command("send-file")
@@ -278,6 +309,82 @@ def kt_verify(
              f"consistent with the pinned head of size {result.previous_size}")
     print(f"{user}: identity key {result.identity_key.hex()[:16]}... is leaf "
           f"{result.leaf_index} of the signed log (size {result.head.size}); {since}")
+
+
+def _me(opts: Options, me: str | None) -> str:
+    """The local user to compare against: --as, else the only profile here."""
+    if me:
+        if not (opts.profile / f"{me}.keys").is_file():
+            _die("usage", f"no profile for {me} in {opts.profile} (register or log in "
+                          "as that user first, or pass --profile)", 64)
+        return me
+    names = sorted(p.stem for p in opts.profile.glob("*.keys"))
+    if len(names) != 1:
+        found = ", ".join(names) if names else "none"
+        _die("usage", f"say which of your users to compare with --as USER "
+                      f"(profiles in {opts.profile}: {found})", 64)
+    return names[0]
+
+
+@app.command()
+def fingerprint(
+    ctx: typer.Context,
+    user: str,
+    me: Annotated[str | None, typer.Option(
+        "--as", help="Your own user (default: the only profile in --profile).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Print the safety number of you and USER. Read it to each other in person or on a
+    call: when both of you see the same 60 digits, nobody sits in between. USER's key
+    comes from the key-transparency log and must match the key pinned for USER."""
+    opts: Options = ctx.obj
+    local = _me(opts, me)
+
+    async def work(c: QpqClient) -> tuple[bytes, bytes, bool]:
+        found = await c.kt.lookup(user)
+        pinned = c.pins.get(user)
+        return c.profile(local).identity_public, found.identity_key, (
+            pinned is None or pinned == found.identity_key)
+
+    mine, theirs, matches_pin = _run(opts, work)
+    number = safety_number(local, mine, user, theirs)
+    if as_json:
+        print(json.dumps({"user": user, "me": local, "safety_number": number,
+                          "identity_key": theirs.hex(), "matches_pin": matches_pin}))
+    else:
+        print(f"safety number for {local} and {user}:\n  {number}")
+        if not matches_pin:
+            print(f"WARNING: {user}'s key differs from the one you pinned; after "
+                  f"comparing, accept it with `qpq-client trust {user}`")
+    if not matches_pin:
+        raise typer.Exit(KT_VIOLATION_EXIT)
+
+
+@app.command()
+def trust(
+    ctx: typer.Context,
+    user: str,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Accept USER's current identity key (after a key change stopped `send`): it is
+    checked against the key-transparency log and pinned. Compare safety numbers with
+    `qpq-client fingerprint USER` first."""
+    opts: Options = ctx.obj
+
+    async def work(c: QpqClient) -> tuple[bytes, bytes | None]:
+        found = await c.kt.lookup(user)
+        previous = c.pins.get(user)
+        c.pins.pin(user, found.identity_key)
+        return found.identity_key, previous
+
+    key, previous = _run(opts, work)
+    if as_json:
+        print(json.dumps({"user": user, "identity_key": key.hex(),
+                          "previous": previous.hex() if previous else None}))
+    elif previous == key:
+        print(f"{user}: identity key {key.hex()[:16]}... was already trusted")
+    else:
+        print(f"{user}: now trusting identity key {key.hex()[:16]}...")
 
 
 def main() -> None:

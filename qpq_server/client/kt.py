@@ -1,5 +1,6 @@
 """Client-side key-transparency checks: every fetched identity key must be in the
-server's signed log, and every new tree head must extend the last one we pinned.
+server's signed log *and* be the user's current key in the signed key map, and every
+new tree head must extend the last one we pinned.
 
 Pins live in PROFILE_DIR/kt/<server>.json: the server's Ed25519 log key (trusted on
 first use) and the last verified signed tree head. A head that is smaller than, or
@@ -17,6 +18,7 @@ from typing import Any, Protocol
 
 from qpq_server.client.errors import ClientError, KtViolation
 from qpq_server.fsutil import write_atomic
+from qpq_server.kt.keymap import verify_map_inclusion
 from qpq_server.kt.merkle import ProofError, leaf_hash, verify_consistency, verify_inclusion
 from qpq_server.kt.sth import SignedTreeHead, kt_leaf, verify_tree_head
 
@@ -55,7 +57,7 @@ class KtVerifier:
             head = data.get("head")
             return key, (None if head is None else SignedTreeHead(
                 int(head["size"]), bytes.fromhex(head["root"]), int(head["timestamp_ms"]),
-                bytes.fromhex(head["signature"])))
+                bytes.fromhex(head["signature"]), bytes.fromhex(head.get("map_root", ""))))
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -66,7 +68,7 @@ class KtVerifier:
         self.pin_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         data = {"public_key": public_key.hex(), "head": {
             "size": head.size, "root": head.root.hex(), "timestamp_ms": head.timestamp_ms,
-            "signature": head.signature.hex()}}
+            "signature": head.signature.hex(), "map_root": head.map_root.hex()}}
         write_atomic(self.pin_path, json.dumps(data, indent=1), mode=0o600)
 
     async def _server_key(self) -> bytes:
@@ -107,6 +109,8 @@ class KtVerifier:
                 proof = list(answer.get("proof") or [])
             try:
                 verify_consistency(old.size, head.size, old.root, head.root, proof)
+                if head.size == old.size and old.map_root and old.map_root != head.map_root:
+                    raise ProofError("two different key maps for the same log")
             except ProofError as exc:
                 raise KtViolation(
                     "kt_fork",
@@ -117,9 +121,49 @@ class KtVerifier:
             self._save_pin(public_key, head)
         return None if old is None else old.size
 
+    def pinned_head(self) -> SignedTreeHead | None:
+        pinned = self._load_pin()
+        return pinned[1] if pinned else None
+
+    async def check_gossip(self, value: Any) -> None:
+        """A head a contact pinned (it travels inside their end-to-end-encrypted
+        messages): it must be signed by the same log key and lie on the same history as
+        ours, else the server shows different logs to different users."""
+        try:
+            head = SignedTreeHead.from_wire(value)
+        except ProofError:
+            raise KtViolation("kt_bad_gossip",
+                              "a contact's message carried a malformed tree head") from None
+        pinned = self._load_pin()
+        old = pinned[1] if pinned else None
+        if pinned is None or old is None or head.size >= old.size:
+            try:
+                await self.check_head(head)  # signature, consistency; pins it when newer
+            except KtViolation:
+                raise
+            except ClientError as exc:  # the server cannot prove the head it signed
+                raise KtViolation(
+                    "kt_fork", f"a contact saw a log head of size {head.size} that the "
+                    f"server cannot extend yours to ({exc.message}): it shows different "
+                    "logs to different users") from None
+            return
+        try:
+            verify_tree_head(head, pinned[0])
+            answer = await self._conn.call("kt_consistency", first=head.size,
+                                           second=old.size)
+            verify_consistency(head.size, old.size, head.root, old.root,
+                               list(answer.get("proof") or []))
+        except ProofError as exc:
+            raise KtViolation(
+                "kt_fork",
+                f"a contact saw a log head (size {head.size}) that is not part of the log "
+                f"you pinned (size {old.size}): {exc}. The server shows different logs "
+                "to different users") from None
+
     async def verify_key(self, username: str, identity_key: bytes,
                          proof: dict[str, Any] | None) -> KeyVerified:
-        """Check that (username, identity_key) is in a signed head consistent with the pin."""
+        """Check that (username, identity_key) is in a signed head consistent with the pin,
+        and is the user's current key in that head's key map."""
         if not isinstance(proof, dict):
             raise KtViolation("kt_missing_proof",
                               f"server sent {username!r}'s key without a log proof")
@@ -139,6 +183,16 @@ class KtVerifier:
                 "kt_bad_proof",
                 f"{username!r}'s identity key is not proven to be in the signed log "
                 f"({exc})") from None
+        map_path = proof.get("map_path")
+        try:
+            if not isinstance(map_path, list):
+                raise ProofError("no proof that it is the current key")
+            verify_map_inclusion(username, identity_key, map_path, head.map_root)
+        except ProofError as exc:
+            raise KtViolation(
+                "kt_not_current",
+                f"{username!r}'s identity key is not proven to be their current key in "
+                f"the signed key map ({exc}): the server may be serving an old key") from None
         return KeyVerified(username, identity_key, index, head, previous)
 
     async def lookup(self, username: str) -> KeyVerified:

@@ -1,7 +1,10 @@
-"""A user's local profile: private keys and the current session, in a 0600 file.
+"""A user's local profile: private keys, the current session and the replay cache, in
+a 0600 file.
 
 Layout: PROFILE_DIR/USER.keys (msgpack). Written atomically so a crash never leaves a
-half-written key file.
+half-written key file. The identity is an X25519 key (key agreement) plus an Ed25519
+key (signing the prekey); the signed prekey is rotated weekly and the previous ones
+are kept a while so messages sealed to them still open.
 """
 
 from __future__ import annotations
@@ -11,12 +14,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgpack
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from qpq_server.client.e2e import public_bytes
 from qpq_server.fsutil import write_atomic
+from qpq_server.identity import signed_prekey_message
 
 __all__ = ["Profile", "default_profile_dir"]
+
+SIGNED_PREKEY_ROTATE_S = 7 * 86400
+SIGNED_PREKEYS_KEPT = 4  # the current one and three predecessors (a month of mail)
+REPLAY_WINDOW_S = 90 * 86400  # envelopes older than this are refused, newer are remembered
 
 
 def default_profile_dir() -> Path:
@@ -24,9 +34,7 @@ def default_profile_dir() -> Path:
     return Path(base) / "qpq-client"
 
 
-def _raw_private(key: X25519PrivateKey) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-
+def _raw_private(key: X25519PrivateKey | Ed25519PrivateKey) -> bytes:
     return key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
                              serialization.NoEncryption())
 
@@ -36,29 +44,60 @@ class Profile:
     path: Path
     username: str
     identity: X25519PrivateKey
+    signing: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
     one_time: dict[bytes, X25519PrivateKey] = field(default_factory=dict)
+    # public -> (private, created at); the newest is the one published
+    signed_prekeys: dict[bytes, tuple[X25519PrivateKey, float]] = field(default_factory=dict)
+    seen: dict[bytes, float] = field(default_factory=dict)  # replay id -> accepted at
     session: str | None = None
     session_expires: float = 0.0
     published_identity: bool = False
+    published_prekey: bytes = b""
 
     @classmethod
     def load_or_create(cls, directory: Path, username: str) -> Profile:
         path = directory / f"{username}.keys"
-        if path.exists():
-            data = msgpack.unpackb(path.read_bytes(), raw=False)
-            return cls(
-                path=path, username=username,
-                identity=X25519PrivateKey.from_private_bytes(data["identity"]),
-                one_time={pub: X25519PrivateKey.from_private_bytes(priv)
-                          for pub, priv in data.get("one_time", {}).items()},
-                session=data.get("session"), session_expires=data.get("session_expires", 0.0),
-                published_identity=data.get("published_identity", False),
-            )
-        return cls(path=path, username=username, identity=X25519PrivateKey.generate())
+        if not path.exists():
+            return cls(path=path, username=username, identity=X25519PrivateKey.generate())
+        data = msgpack.unpackb(path.read_bytes(), raw=False)
+        signing = data.get("signing")
+        return cls(
+            path=path, username=username,
+            identity=X25519PrivateKey.from_private_bytes(data["identity"]),
+            signing=(Ed25519PrivateKey.from_private_bytes(signing) if signing
+                     else Ed25519PrivateKey.generate()),
+            one_time={pub: X25519PrivateKey.from_private_bytes(priv)
+                      for pub, priv in data.get("one_time", {}).items()},
+            signed_prekeys={pub: (X25519PrivateKey.from_private_bytes(priv), float(at))
+                            for pub, (priv, at) in data.get("signed_prekeys", {}).items()},
+            seen={k: float(t) for k, t in data.get("seen", {}).items()},
+            session=data.get("session"), session_expires=data.get("session_expires", 0.0),
+            published_identity=bool(signing) and data.get("published_identity", False),
+            published_prekey=data.get("published_prekey", b""),
+        )
 
     @property
     def identity_public(self) -> bytes:
-        return public_bytes(self.identity)
+        """The 64-byte identity the key-transparency log records: X25519 || Ed25519."""
+        signing = self.signing.public_key().public_bytes(serialization.Encoding.Raw,
+                                                         serialization.PublicFormat.Raw)
+        return public_bytes(self.identity) + signing
+
+    def sign(self, message: bytes) -> bytes:
+        return self.signing.sign(message)
+
+    def current_prekey(self, now: float) -> tuple[bytes, bytes]:
+        """(signed prekey, its signature), rotating it when it is a week old."""
+        newest = max(self.signed_prekeys.items(), key=lambda kv: kv[1][1], default=None)
+        if newest is None or now - newest[1][1] >= SIGNED_PREKEY_ROTATE_S:
+            key = X25519PrivateKey.generate()
+            self.signed_prekeys[public_bytes(key)] = (key, now)
+            for old in sorted(self.signed_prekeys, key=lambda p: self.signed_prekeys[p][1])[
+                    :-SIGNED_PREKEYS_KEPT]:
+                del self.signed_prekeys[old]
+            newest = max(self.signed_prekeys.items(), key=lambda kv: kv[1][1])
+        public = newest[0]
+        return public, self.sign(signed_prekey_message(self.identity_public, public))
 
     def new_one_time_keys(self, count: int) -> list[bytes]:
         publics = []
@@ -70,20 +109,32 @@ class Profile:
         return publics
 
     def private_key_for(self, public: bytes) -> X25519PrivateKey | None:
-        if public == self.identity_public:
+        if public == public_bytes(self.identity):
             return self.identity
+        if public in self.signed_prekeys:
+            return self.signed_prekeys[public][0]
         return self.one_time.get(public)
 
     def forget_one_time(self, public: bytes) -> None:
         """One-time keys are deleted after use: later compromise cannot read old mail."""
         self.one_time.pop(public, None)
 
+    def remember(self, replay_id: bytes, now: float) -> None:
+        self.seen[replay_id] = now
+        for old in [k for k, at in self.seen.items() if now - at > REPLAY_WINDOW_S]:
+            del self.seen[old]
+
     def save(self) -> None:
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         data = msgpack.packb({
             "identity": _raw_private(self.identity),
+            "signing": _raw_private(self.signing),
             "one_time": {pub: _raw_private(k) for pub, k in self.one_time.items()},
+            "signed_prekeys": {pub: [_raw_private(k), at]
+                               for pub, (k, at) in self.signed_prekeys.items()},
+            "seen": self.seen,
             "session": self.session, "session_expires": self.session_expires,
             "published_identity": self.published_identity,
+            "published_prekey": self.published_prekey,
         }, use_bin_type=True)
         write_atomic(self.path, data, mode=0o600)

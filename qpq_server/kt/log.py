@@ -16,15 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from qpq_server.errors import BadRequest, ConfigError, NotFound, UnknownUser
+from qpq_server.identity import IDENTITY_BYTES
+from qpq_server.kt.keymap import KeyMap
 from qpq_server.kt.merkle import MerkleTree, leaf_hash
-from qpq_server.kt.sth import SignedTreeHead, TreeHeadSigner, kt_leaf
+from qpq_server.kt.sth import SignedTreeHead, TreeHeadSigner, kt_leaf, parse_kt_leaf
 from qpq_server.protocol import validate as v
 from qpq_server.protocol.dispatch import ConnectionState, Handler
 from qpq_server.storage.base import Storage
 
 __all__ = ["KtLog", "kt_ops", "load_signer"]
 
-_KEY_BYTES = 32
 
 
 def load_signer(path: Path) -> TreeHeadSigner:
@@ -47,6 +48,8 @@ class KtLog:
         self._clock = clock
         self._tree = MerkleTree()
         self._index_of: dict[bytes, int] = {}  # leaf hash -> latest index
+        self._current: dict[str, bytes] = {}  # username -> latest identity
+        self._map = KeyMap()
         self._head: SignedTreeHead | None = None
         self._lock = asyncio.Lock()
 
@@ -69,12 +72,20 @@ class KtLog:
             await self._catch_up()
 
     async def _catch_up(self) -> None:
-        """Append whatever storage holds beyond our tree (in stored order)."""
+        """Append whatever storage holds beyond our tree (in stored order), and move the
+        current-key map along (built whole on the first load, then path by path)."""
+        first = len(self._tree) == 0
         for entry in await self._storage.kt_leaves(start=len(self._tree)):
             if entry.index != len(self._tree):
                 raise ConfigError(f"key-transparency log has a gap at leaf {len(self._tree)}")
             index = self._tree.append(entry.leaf)
             self._index_of[self._tree.leaf_hash_at(index)] = index
+            username, identity = parse_kt_leaf(entry.leaf)
+            self._current[username] = identity
+            if not first:
+                self._map.update(username, identity)
+        if first:
+            self._map = KeyMap(self._current)
         if self._on_size is not None:
             self._on_size(len(self._tree))
 
@@ -90,7 +101,7 @@ class KtLog:
         size = len(self._tree)
         if self._head is None or self._head.size != size:
             self._head = self._signer.sign(size, self._tree.root(size),
-                                           int(self._clock() * 1000))
+                                           int(self._clock() * 1000), self._map.root)
         return self._head
 
     def proof_for(self, username: str, identity_key: bytes) -> dict[str, Any] | None:
@@ -99,8 +110,11 @@ class KtLog:
         if index is None:
             return None
         head = self.head()
+        current = self._current.get(username) == identity_key
         return {"leaf_index": index, "audit_path": self._tree.inclusion_proof(index, head.size),
-                "head": head.to_wire()}
+                "head": head.to_wire(),
+                # proves "current": only for the key the map holds for the user now
+                "map_path": self._map.proof(username) if current else None}
 
     def consistency(self, first: int, second: int) -> list[bytes]:
         return self._tree.consistency_proof(first, second)
@@ -128,7 +142,8 @@ def kt_ops(log: KtLog, storage: Storage) -> Mapping[str, Handler]:
 
     async def kt_inclusion(request: dict[str, Any], conn: ConnectionState) -> dict[str, Any]:
         username = v.get_username(request)
-        key = v.get_bytes(request, "identity_key", max_len=_KEY_BYTES, min_len=_KEY_BYTES)
+        key = v.get_bytes(request, "identity_key", max_len=IDENTITY_BYTES,
+                          min_len=IDENTITY_BYTES)
         await log.refresh()
         proof = log.proof_for(username, key)
         if proof is None:

@@ -1,4 +1,5 @@
-"""Signed tree heads (Ed25519 over size, timestamp and root) and the leaf encoding.
+"""Signed tree heads (Ed25519 over size, timestamp, log root and key-map root) and the
+leaf encoding.
 
 Both sides build the exact bytes here: the server to sign and append, the client to
 recompute a leaf from the (user, key) it was handed and to check a head's signature.
@@ -15,9 +16,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from qpq_server.kt.merkle import HASH_BYTES, ProofError
 
-__all__ = ["SignedTreeHead", "TreeHeadSigner", "kt_leaf", "verify_tree_head"]
+__all__ = ["SignedTreeHead", "TreeHeadSigner", "kt_leaf", "parse_kt_leaf", "verify_tree_head"]
 
-_STH_CONTEXT = b"qpq-kt-sth/1\x00"
+_STH_CONTEXT = b"qpq-kt-sth/2\x00"
 _LEAF_CONTEXT = b"qpq-kt-leaf/1\x00"
 _RAW_PUBLIC = serialization.Encoding.Raw, serialization.PublicFormat.Raw
 
@@ -30,19 +31,29 @@ def kt_leaf(username: str, identity_key: bytes) -> bytes:
     return _LEAF_CONTEXT + bytes([len(name)]) + name + identity_key
 
 
+def parse_kt_leaf(leaf: bytes) -> tuple[str, bytes]:
+    """(username, identity key) back out of a leaf input; ValueError when malformed."""
+    if not leaf.startswith(_LEAF_CONTEXT) or len(leaf) <= len(_LEAF_CONTEXT):
+        raise ValueError("not a qpq key-transparency leaf")
+    length = leaf[len(_LEAF_CONTEXT)]
+    start = len(_LEAF_CONTEXT) + 1
+    return leaf[start:start + length].decode(), leaf[start + length:]
+
+
 @dataclass(frozen=True)
 class SignedTreeHead:
     size: int
     root: bytes
     timestamp_ms: int
     signature: bytes
+    map_root: bytes  # root of the current-key map (kt/keymap.py) after these leaves
 
     def signed_bytes(self) -> bytes:
-        return tree_head_bytes(self.size, self.timestamp_ms, self.root)
+        return tree_head_bytes(self.size, self.timestamp_ms, self.root, self.map_root)
 
     def to_wire(self) -> dict[str, Any]:
         return {"size": self.size, "root": self.root, "timestamp_ms": self.timestamp_ms,
-                "signature": self.signature}
+                "signature": self.signature, "map_root": self.map_root}
 
     @classmethod
     def from_wire(cls, value: Any) -> SignedTreeHead:
@@ -50,17 +61,20 @@ class SignedTreeHead:
         try:
             size, root = value["size"], value["root"]
             timestamp_ms, signature = value["timestamp_ms"], value["signature"]
+            map_root = value["map_root"]
         except (KeyError, TypeError):
             raise ProofError("malformed signed tree head") from None
         if not (isinstance(size, int) and size >= 0 and isinstance(timestamp_ms, int)
                 and isinstance(root, bytes) and len(root) == HASH_BYTES
+                and isinstance(map_root, bytes) and len(map_root) == HASH_BYTES
                 and isinstance(signature, bytes)):
             raise ProofError("malformed signed tree head")
-        return cls(size, root, timestamp_ms, signature)
+        return cls(size, root, timestamp_ms, signature, map_root)
 
 
-def tree_head_bytes(size: int, timestamp_ms: int, root: bytes) -> bytes:
-    return _STH_CONTEXT + size.to_bytes(8, "big") + timestamp_ms.to_bytes(8, "big") + root
+def tree_head_bytes(size: int, timestamp_ms: int, root: bytes, map_root: bytes) -> bytes:
+    return (_STH_CONTEXT + size.to_bytes(8, "big") + timestamp_ms.to_bytes(8, "big") + root
+            + map_root)
 
 
 class TreeHeadSigner:
@@ -77,9 +91,10 @@ class TreeHeadSigner:
             raise ValueError("the key-transparency signing key must be Ed25519")
         return cls(key)
 
-    def sign(self, size: int, root: bytes, timestamp_ms: int) -> SignedTreeHead:
-        signature = self._key.sign(tree_head_bytes(size, timestamp_ms, root))
-        return SignedTreeHead(size, root, timestamp_ms, signature)
+    def sign(self, size: int, root: bytes, timestamp_ms: int,
+             map_root: bytes) -> SignedTreeHead:
+        signature = self._key.sign(tree_head_bytes(size, timestamp_ms, root, map_root))
+        return SignedTreeHead(size, root, timestamp_ms, signature, map_root)
 
 
 def verify_tree_head(head: SignedTreeHead, public_key: bytes) -> None:

@@ -125,15 +125,36 @@ def code(response: Response) -> str:
 
 # -- the happy path ---------------------------------------------------------------------
 
+async def test_a_new_identity_needs_a_login_on_this_connection_within_the_window(
+        h: Harness) -> None:
+    conn = await h.connect()
+    carol = await h.session(conn, "carol")
+    first = await h.call(conn, "publish_keys", session=carol, identity_key=b"a" * 64,
+                         key_packages=[])
+    assert first["ok"], first
+    h.clock.now += 121  # the password proof on this connection has gone stale
+    stale = await h.call(conn, "publish_keys", session=carol, identity_key=b"b" * 64,
+                         key_packages=[])
+    assert code(stale) == "proof_required"
+    other = await h.connect()  # a session carried to another connection proves nothing
+    assert code(await h.call(other, "publish_keys", session=carol, identity_key=b"b" * 64,
+                             key_packages=[])) == "proof_required"
+    assert (await h.login(conn, "carol"))["ok"]
+    again = await h.call(conn, "publish_keys", session=carol, identity_key=b"b" * 64,
+                         key_packages=[])
+    assert again["ok"], again
+
+
+
 async def test_register_login_enqueue_fetch_ack_in_process(h: Harness) -> None:
     conn = await h.connect()
     alice = await h.session(conn, "alice")
     bob = await h.session(conn, "bob")
-    published = await h.call(conn, "publish_keys", session=bob, identity_key=b"k" * 32,
+    published = await h.call(conn, "publish_keys", session=bob, identity_key=b"k" * 64,
                              key_packages=[b"p1", b"p2"])
     assert published == {"ok": True, "key_packages": 2}
     keys = await h.call(conn, "get_keys", session=alice, username="bob")
-    assert keys["identity_key"] == b"k" * 32 and keys["key_package"] == b"p1"
+    assert keys["identity_key"] == b"k" * 64 and keys["key_package"] == b"p1"
     assert keys["kt"]["leaf_index"] == 0
 
     sent = await h.call(conn, "enqueue", session=alice, recipients=["bob", "bob"],

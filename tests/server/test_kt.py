@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import struct
 import subprocess
 from pathlib import Path
@@ -16,7 +17,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from qpq_server.client import QpqClient, connect
+from qpq_server.client.errors import ClientError
 from qpq_server.client.kt import KtVerifier, KtViolation
+from qpq_server.kt.keymap import KeyMap, verify_map_inclusion
 from qpq_server.kt.merkle import (
     MerkleTree,
     ProofError,
@@ -24,7 +27,7 @@ from qpq_server.kt.merkle import (
     verify_consistency,
     verify_inclusion,
 )
-from qpq_server.kt.sth import SignedTreeHead, kt_leaf, verify_tree_head
+from qpq_server.kt.sth import SignedTreeHead, TreeHeadSigner, kt_leaf, verify_tree_head
 from tests.helpers.server import BIN, RunningServer, running_server, start_server
 from tests.server.conftest import ClientFactory
 
@@ -124,15 +127,71 @@ def test_tree_head_signature_covers_size_root_and_time() -> None:
     key = Ed25519PrivateKey.generate()
     public = key.public_key().public_bytes(serialization.Encoding.Raw,
                                            serialization.PublicFormat.Raw)
-    from qpq_server.kt.sth import TreeHeadSigner
-
-    head = TreeHeadSigner(key).sign(3, mth(DATA[:3]), 1000)
+    head = TreeHeadSigner(key).sign(3, mth(DATA[:3]), 1000, b"\x05" * 32)
     verify_tree_head(head, public)
-    for forged in (SignedTreeHead(4, head.root, 1000, head.signature),
-                   SignedTreeHead(3, mth(DATA[:4]), 1000, head.signature),
-                   SignedTreeHead(3, head.root, 1001, head.signature)):
+    sig = head.signature
+    for forged in (SignedTreeHead(4, head.root, 1000, sig, head.map_root),
+                   SignedTreeHead(3, mth(DATA[:4]), 1000, sig, head.map_root),
+                   SignedTreeHead(3, head.root, 1001, sig, head.map_root),
+                   SignedTreeHead(3, head.root, 1000, sig, b"\x06" * 32)):
         with pytest.raises(ProofError):
             verify_tree_head(forged, public)
+
+
+# -- the current-key map: an independent, literal reading of its spec (hashlib) ---------
+
+
+def spec_position(user: str) -> int:
+    return int.from_bytes(hashlib.sha256(b"qpq-kt-map/1\x00" + user.encode()).digest(), "big")
+
+
+def spec_leaf(user: str, identity: bytes) -> bytes:
+    position = hashlib.sha256(b"qpq-kt-map/1\x00" + user.encode()).digest()
+    return hashlib.sha256(b"\x02" + position + identity).digest()
+
+
+def spec_root(entries: dict[str, bytes], depth: int = 0) -> bytes:
+    if not entries:
+        return bytes(32)
+    if len(entries) == 1:
+        ((user, identity),) = entries.items()
+        return spec_leaf(user, identity)
+    bit = {u: (spec_position(u) >> (255 - depth)) & 1 for u in entries}
+    left = {u: k for u, k in entries.items() if bit[u] == 0}
+    right = {u: k for u, k in entries.items() if bit[u] == 1}
+    return hashlib.sha256(b"\x03" + spec_root(left, depth + 1)
+                          + spec_root(right, depth + 1)).digest()
+
+
+def test_key_map_matches_its_spec_and_proves_only_the_current_key() -> None:
+    rng = random.Random(7)
+    current: dict[str, bytes] = {}
+    incremental = KeyMap()
+    assert incremental.root == spec_root({}) == bytes(32)
+    for step in range(300):
+        user, key = f"user{rng.randrange(60)}", rng.randbytes(64)
+        previous = current.get(user)
+        current[user] = key
+        incremental.update(user, key)
+        if step % 25 == 0 or step == 299:
+            assert incremental.root == spec_root(current) == KeyMap(current).root
+        verify_map_inclusion(user, key, incremental.proof(user), incremental.root)
+        if previous is not None and previous != key:  # the replaced key no longer proves
+            with pytest.raises(ProofError):
+                verify_map_inclusion(user, previous, incremental.proof(user),
+                                     incremental.root)
+    some = next(iter(current))
+    path = incremental.proof(some)
+    for bad in ([bytes([path[0][0] ^ 1]) + path[0][1:], *path[1:]] if path else [b"x"],
+                path[:-1] if path else [bytes(32)], [*path, bytes(32)]):
+        with pytest.raises(ProofError):
+            verify_map_inclusion(some, current[some], bad, incremental.root)
+    with pytest.raises(ProofError):  # someone else's key under this name
+        other = next(u for u in current if u != some)
+        verify_map_inclusion(some, current[other], incremental.proof(other),
+                             incremental.root)
+    with pytest.raises(ProofError):
+        incremental.proof("nobody")
 
 
 # -- a real server -----------------------------------------------------------------------
@@ -186,7 +245,7 @@ async def test_server_log_matches_independent_tree_of_published_keys(
     ({"op": "kt_consistency", "first": -1, "second": 0}, "bad_request"),
     ({"op": "kt_consistency", "first": "0", "second": 0}, "bad_request"),
     ({"op": "kt_inclusion", "username": "kt_a", "identity_key": b"short"}, "bad_request"),
-    ({"op": "kt_inclusion", "username": "kt_a", "identity_key": b"\x00" * 32}, "not_found"),
+    ({"op": "kt_inclusion", "username": "kt_a", "identity_key": b"\x00" * 64}, "not_found"),
 ])
 async def test_bad_kt_requests_get_stable_error_codes(
         server: RunningServer, client: ClientFactory, request_: dict[str, object],
@@ -285,3 +344,53 @@ async def test_client_detects_truncated_and_forked_logs_across_restarts(
             assert kt_cli(srv, tmp_path / "other-profile", "f_a").returncode == 0
         finally:
             srv.stop()
+
+
+class SplitViewLog:
+    """A server showing one user log A: answers from tree A, signs with the real key."""
+
+    server = "split-view"
+
+    def __init__(self, signer: TreeHeadSigner, tree: MerkleTree) -> None:
+        self.signer, self.tree = signer, tree
+
+    def head(self, size: int) -> SignedTreeHead:
+        return self.signer.sign(size, self.tree.root(size), 1000 + size, bytes(32))
+
+    async def call(self, op: str, timeout: float | None = None,
+                   **fields: object) -> dict[str, object]:
+        if op == "kt_head":
+            return {"head": self.head(len(self.tree)).to_wire(),
+                    "public_key": self.signer.public_key}
+        if op == "kt_consistency":
+            first, second = int(str(fields["first"])), int(str(fields["second"]))
+            if second > len(self.tree):
+                raise ClientError("bad_request", "need first <= second <= size")
+            return {"proof": self.tree.consistency_proof(first, second)}
+        raise AssertionError(op)
+
+
+async def test_gossiped_heads_reveal_a_split_view(tmp_path: Path) -> None:
+    """alice and bob are each shown a consistent log, but not the same one: the head bob
+    pinned, carried in his end-to-end-encrypted message, shows alice the fork."""
+    signer = TreeHeadSigner(Ed25519PrivateKey.generate())
+    view_a, view_b = MerkleTree(), MerkleTree()
+    for item in DATA[:10]:
+        view_a.append(item)
+    for item in [*DATA[:5], b"bob's key, as only alice's contacts see it", *DATA[6:12]]:
+        view_b.append(item)
+    alice_server = SplitViewLog(signer, view_a)
+    alice = KtVerifier(alice_server, tmp_path / "alice")
+    await alice.check_head(alice_server.head(10))
+    bob_server = SplitViewLog(signer, view_b)
+    await alice.check_gossip(alice_server.head(7).to_wire())  # an older head of hers: fine
+    await alice.check_gossip(alice_server.head(10).to_wire())
+    for size in (8, 10, 12):  # older, same size, newer than alice's pin
+        with pytest.raises(KtViolation) as err:
+            await alice.check_gossip(bob_server.head(size).to_wire())
+        assert err.value.code in ("kt_fork", "kt_rollback") and "SECURITY" in err.value.message
+    other_key = TreeHeadSigner(Ed25519PrivateKey.generate())
+    with pytest.raises(KtViolation):  # a head the log key never signed
+        await alice.check_gossip(SplitViewLog(other_key, view_a).head(10).to_wire())
+    with pytest.raises(KtViolation):
+        await alice.check_gossip({"size": "x"})
