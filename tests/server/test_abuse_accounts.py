@@ -63,8 +63,8 @@ async def test_reregistration_needs_a_pending_setup_move(srv: RunningServer,
 
 async def test_a_password_change_revokes_the_other_sessions(srv: RunningServer,
                                                             tmp_path: Path) -> None:
-    async with client(srv, tmp_path / "phone") as phone, \
-            client(srv, tmp_path / "laptop") as laptop:
+    # Two connections of one device (one profile): sessions, not devices, are the point.
+    async with client(srv, tmp_path / "p") as phone, client(srv, tmp_path / "p") as laptop:
         await phone.register("pw_carol", "old password")
         await laptop.login("pw_carol", "old password")
         old_laptop_session = laptop.profile("pw_carol").session
@@ -80,7 +80,7 @@ async def test_a_password_change_revokes_the_other_sessions(srv: RunningServer,
 
 async def test_logout_revokes_every_session_of_the_account(srv: RunningServer,
                                                            tmp_path: Path) -> None:
-    async with client(srv, tmp_path / "a") as a, client(srv, tmp_path / "b") as b:
+    async with client(srv, tmp_path / "p") as a, client(srv, tmp_path / "p") as b:
         await a.register("lo_dave", "pw")
         await b.login("lo_dave", "pw")
         other = b.profile("lo_dave").session
