@@ -87,6 +87,8 @@ class StorageConfig:
     busy_timeout_ms: int = 5000
     max_batch: int = 64
     file_dir: str = "store"  # the file backend's directory (relative to data_dir)
+    # postgres: how long to wait for a pooled connection before a request fails cleanly
+    connect_timeout_s: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -255,6 +257,7 @@ _POSITIVE = {
     ("quic", "max_unauthenticated_per_address"),
     ("storage", "pool_size"),
     ("storage", "max_batch"),
+    ("storage", "connect_timeout_s"),
     ("server", "session_ttl_s"),
     ("blobs", "max_blob_bytes"),
     ("blobs", "quota_bytes_per_account"),
@@ -383,9 +386,6 @@ def _parse(path: Path) -> tuple[Config, list[str]]:
         problems.append("[quic] max_frame_bytes must be between 1024 and 67108864")
     if q.idle_timeout_s > 3600:
         problems.append("[quic] idle_timeout_s must be at most 3600")
-    if config.storage.backend == "postgres":
-        problems.append('[storage] backend = "postgres" is not available in this build of '
-                        'qpq-server; use "sqlcipher" or "file"')
     if config.server.workers != 1 and config.storage.backend == "file":
         problems.append('[server] workers > 1 needs [storage] backend = "sqlcipher" (or '
                         '"postgres"): the file backend keeps its counters in one process')
