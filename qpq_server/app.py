@@ -240,8 +240,9 @@ class ServerApp:
             except (StorageError, TimeoutError) as exc:
                 ok = False
                 if self.storage_ok:
+                    detail = getattr(exc, "detail", None) or str(exc) or "probe timed out"
                     log.error("storage unavailable; /readyz fails until it is back",
-                              extra={"error": str(exc) or "probe timed out"})
+                              extra={"error": detail})
             if ok and not self.storage_ok:
                 log.info("storage available again")
             self.storage_ok = ok

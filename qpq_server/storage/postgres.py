@@ -21,7 +21,7 @@ from psycopg import AsyncConnection
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from qpq_server.errors import StorageError, UserExists
+from qpq_server.errors import StorageError, StorageUnavailable, UserExists
 from qpq_server.secrets import Secret
 from qpq_server.storage.base import Account, CommitObserver, KeyPackage, KtLeaf, StoredMessage
 from qpq_server.storage.pg_migrations import PG_MIGRATIONS, PG_SCHEMA_VERSION
@@ -151,10 +151,10 @@ class PostgresStorage:
                 if write and self._on_commit is not None:
                     self._on_commit(time.perf_counter() - started)
                 return result
-        except PoolTimeout as exc:
-            raise StorageError(self._unreachable(exc)) from None
-        except psycopg.OperationalError as exc:
-            raise StorageError(self._unreachable(exc)) from None
+        except (PoolTimeout, psycopg.OperationalError) as exc:
+            # Connection-level: the database is away (restart, network); the client is
+            # told to retry, the operator's log and /readyz get the detail.
+            raise StorageUnavailable(self._unreachable(exc)) from None
         except psycopg.Error as exc:
             raise StorageError(f"PostgreSQL: {describe_pg_error(exc, self._dsn.reveal())}"
                                ) from None
