@@ -14,6 +14,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qpq_server.blobs.store import BlobStore
 from qpq_server.blobs.transfer import BlobTransfers
@@ -34,6 +35,9 @@ from qpq_server.transport.quic import QuicListener
 from qpq_server.transport.websocket import WebSocketListener
 from qpq_server.worker_notifier import WorkerNotifier
 from qpq_server.workers import WorkerContext, per_worker_share, worker_group
+
+if TYPE_CHECKING:
+    from qpq_server.pgnotify import PgNotifier
 
 __all__ = ["RESTORE_STATE_KEY", "ServerApp", "run_server"]
 
@@ -59,13 +63,17 @@ class ServerApp:
                                     database_url=self.secrets.database_url)
         self.ready = False
         self.storage_ok = True  # turned off by the storage probe while the database is away
+        self.pg_notifier: PgNotifier | None = None
         self.heartbeat = LoopHeartbeat()
         self.websocket: WebSocketListener | None = None
         self._stop = asyncio.Event()
 
     def is_ready(self) -> bool:
-        """Serving, and the event loop is alive (asked from the HTTP thread)."""
-        return self.ready and self.storage_ok and self.heartbeat.alive()
+        """Serving, the event loop alive, storage answering and (postgres) the wake-up
+        connections up (asked from the HTTP thread)."""
+        notifier = self.pg_notifier
+        return (self.ready and self.storage_ok and self.heartbeat.alive()
+                and (notifier is None or notifier.connected))
 
     async def run(self) -> None:
         async with contextlib.AsyncExitStack() as stack:
@@ -117,6 +125,7 @@ class ServerApp:
                               connect_timeout_s=self.config.storage.connect_timeout_s)
         await notifier.start()
         stack.push_async_callback(notifier.close)
+        self.pg_notifier = notifier
         return notifier
 
     async def _start_quic(self, stack: contextlib.AsyncExitStack) -> None:

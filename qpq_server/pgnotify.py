@@ -31,7 +31,7 @@ __all__ = ["PgNotifier", "channel_for"]
 log = logging.getLogger("qpq.pgnotify")
 
 _BACKOFF_MIN_S = 0.2
-_BACKOFF_MAX_S = 5.0
+_BACKOFF_MAX_S = 2.0
 
 
 def channel_for(domain: str) -> str:
@@ -49,6 +49,11 @@ class PgNotifier:
         self._sender_pid: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.listening = asyncio.Event()  # set while the LISTEN connection is up
+
+    @property
+    def connected(self) -> bool:
+        """Both connections are up: wake-ups reach and leave this node (for /readyz)."""
+        return self.listening.is_set() and self._sender_pid is not None
 
     @property
     def waiting(self) -> int:
