@@ -71,9 +71,12 @@ class ServerApp:
     def is_ready(self) -> bool:
         """Serving, the event loop alive, storage answering and (postgres) the wake-up
         connections up (asked from the HTTP thread)."""
+        return self.ready and self.heartbeat.alive() and self._dependencies_ok()
+
+    def _dependencies_ok(self) -> bool:
+        """Storage answers and (postgres) the wake-up connections are up."""
         notifier = self.pg_notifier
-        return (self.ready and self.storage_ok and self.heartbeat.alive()
-                and (notifier is None or notifier.connected))
+        return self.storage_ok and (notifier is None or notifier.connected)
 
     async def run(self) -> None:
         async with contextlib.AsyncExitStack() as stack:
@@ -186,6 +189,8 @@ class ServerApp:
             os.write(fd, b"R")
             while True:
                 await asyncio.sleep(1.0)
+                if not self._dependencies_ok():
+                    continue  # no beat: the supervisor's /readyz fails while the DB is away
                 try:
                     os.write(fd, b".")
                 except BlockingIOError:
