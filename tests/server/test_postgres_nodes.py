@@ -24,6 +24,7 @@ from qpq_server.secrets import read_env_file, write_env_file
 from tests.helpers.ports import free_port
 from tests.helpers.postgres import PostgresCluster, pg_cluster, postgres_cluster
 from tests.helpers.server import BIN, RunningServer, init_data_dir, start_server
+from tests.server.test_workers import one_per_worker
 
 __all__ = ["pg_cluster"]
 
@@ -166,3 +167,35 @@ async def test_database_outage_mid_traffic_loses_nothing_acknowledged(
             assert latency < 2.0, f"cross-node wake-up took {latency:.2f}s after the outage"
     assert "storage unavailable" in a.log() and "storage available again" in a.log()
     assert PASSWORD not in a.log() + b.log()
+
+
+async def test_worker_processes_on_postgres_wake_each_other_and_report_outages(
+        tmp_path: Path) -> None:
+    with postgres_cluster() as cluster:
+        config = make_node_a(tmp_path / "w", cluster.new_database())
+        text = tomllib.loads(config.read_text())
+        text["server"]["workers"] = 2
+        config.write_text(tomli_w.dumps(text))
+        srv = start_server(config)
+        try:
+            async with one_per_worker(srv) as conns:
+                a = QpqClient(conns[0], tmp_path / "a")
+                b = QpqClient(conns[1], tmp_path / "b")
+                await a.register("wk_alice", "pw")
+                await b.register("wk_bob", "pw")
+                parked = asyncio.ensure_future(conns[1].call(
+                    "fetch", timeout=30, session=b.profile("wk_bob").session, wait_s=20.0))
+                await until(lambda: srv.metric("qpq_delivery_waiters") == 1, "bob parks")
+                started = time.monotonic()
+                await a.conn.call("enqueue", session=a.profile("wk_alice").session,
+                                  recipients=["wk_bob"], payload=b"across workers")
+                answer = await asyncio.wait_for(parked, 15)
+                assert [m["payload"] for m in answer["messages"]] == [b"across workers"]
+                assert time.monotonic() - started < 2.0
+            cluster.stop("fast")
+            await until(lambda: not ready(srv), "the supervisor's /readyz fails")
+            cluster.start()
+            await until(lambda: ready(srv), "/readyz passes again", timeout=60)
+        finally:
+            srv.stop()
+    assert PASSWORD not in srv.log()
