@@ -45,7 +45,7 @@ log = logging.getLogger("qpq.server")
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _PROBE_INTERVAL_S = 1.0
-_PROBE_TIMEOUT_S = 3.0
+_PROBE_TIMEOUT_S = 10.0  # the postgres ping is bounded by its own ~2 s timeouts
 
 
 class ServerApp:

@@ -35,6 +35,7 @@ Conn = AsyncConnection[Any]
 # node, schema migrations and key-transparency appends.
 _MIGRATION_LOCK = 0x717071_0001
 _KT_APPEND_LOCK = 0x717071_0002
+_PING_TIMEOUT_S = 1.0
 
 
 def dsn_password(dsn: str) -> str:
@@ -64,8 +65,8 @@ class PostgresStorage:
         self._pool: AsyncConnectionPool[Conn] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
-    async def open(self) -> None:
-        pool: AsyncConnectionPool[Conn] = AsyncConnectionPool(
+    def _new_pool(self) -> AsyncConnectionPool[Conn]:
+        return AsyncConnectionPool(
             self._dsn.reveal(), min_size=1, max_size=self._pool_size, open=False,
             timeout=self._timeout, name="qpq",
             # A connection that died with the server (restart, failover) is noticed and
@@ -73,12 +74,18 @@ class PostgresStorage:
             check=AsyncConnectionPool.check_connection,
             kwargs={"connect_timeout": max(1, int(self._timeout))},
         )
+
+    async def _open_pool(self) -> AsyncConnectionPool[Conn]:
+        pool = self._new_pool()
         try:
             await pool.open(wait=True, timeout=self._timeout)
         except (PoolTimeout, psycopg.Error) as exc:
             await pool.close()
             raise StorageError(self._unreachable(exc)) from None
-        self._pool = pool
+        return pool
+
+    async def open(self) -> None:
+        self._pool = await self._open_pool()
         try:
             await self._migrate()
         except BaseException:
@@ -91,8 +98,34 @@ class PostgresStorage:
             await pool.close()
 
     async def ping(self) -> None:
-        """Raise StorageError unless the database answers a trivial query now."""
-        await self._run(lambda conn: _fetchone(conn, "SELECT 1"), write=False)
+        """Raise StorageError unless the database answers a trivial query now.
+
+        Called every second by the server's storage probe. After an outage the pool
+        retries its connections with an uncapped exponential backoff (a minute apart
+        after a long outage); when the database answers a fresh connection while the
+        pool still cannot, the pool is replaced, so service resumes within a probe or two.
+        """
+        try:
+            await self._run(lambda conn: _fetchone(conn, "SELECT 1"), write=False,
+                            timeout=_PING_TIMEOUT_S)
+            return
+        except StorageUnavailable:
+            if not await self._database_answers():
+                raise
+        old, self._pool = self._pool, await self._open_pool()
+        if old is not None:
+            await old.close(timeout=1.0)  # requests holding its connections finish first
+        await self._run(lambda conn: _fetchone(conn, "SELECT 1"), write=False,
+                        timeout=_PING_TIMEOUT_S)
+
+    async def _database_answers(self) -> bool:
+        try:
+            conn = await AsyncConnection.connect(self._dsn.reveal(),
+                                                 connect_timeout=int(_PING_TIMEOUT_S))
+        except psycopg.Error:
+            return False
+        await conn.close()
+        return True
 
     def _unreachable(self, exc: BaseException) -> str:
         if isinstance(exc, PoolTimeout):
@@ -137,14 +170,15 @@ class PostgresStorage:
                                    (target + 1,))
 
     # -- plumbing ----------------------------------------------------------------------
-    async def _run(self, fn: Callable[[Conn], Awaitable[T]], *, write: bool) -> T:
+    async def _run(self, fn: Callable[[Conn], Awaitable[T]], *, write: bool,
+                   timeout: float | None = None) -> T:
         """Run fn in one transaction on a pooled connection; a write returns only after
         PostgreSQL acknowledged the COMMIT."""
         pool = self._pool
         if pool is None:
             raise StorageError("storage is closed")
         try:
-            async with pool.connection() as conn:
+            async with pool.connection(timeout=timeout) as conn:
                 started = time.perf_counter()
                 async with conn.transaction():
                     result = await fn(conn)

@@ -5,17 +5,18 @@ without the DSN's password."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import psycopg
 import pytest
 
-from qpq_server.errors import StorageError
+from qpq_server.errors import StorageError, StorageUnavailable
 from qpq_server.secrets import Secret
 from qpq_server.storage.pg_migrations import PG_SCHEMA_VERSION
 from qpq_server.storage.postgres import PostgresStorage, describe_pg_error
 from tests.helpers.ports import free_port
-from tests.helpers.postgres import PostgresCluster
+from tests.helpers.postgres import PostgresCluster, postgres_cluster
 
 
 @pytest.fixture
@@ -145,3 +146,32 @@ async def test_closed_storage_refuses_clearly(pg_cluster: PostgresCluster) -> No
     await s.close()
     with pytest.raises(StorageError, match="storage is closed"):
         await s.get_meta("k")
+
+
+async def test_outage_is_server_busy_and_ping_brings_the_pool_back() -> None:
+    with postgres_cluster() as cluster:
+        dsn = cluster.new_database().replace("qpq@", "qpq:pw-hidden@", 1)
+        s = PostgresStorage(Secret(dsn), connect_timeout_s=1)
+        await s.open()
+        try:
+            await s.create_account("a", b"pf", 1, 1.0)
+            cluster.stop("fast")
+            with pytest.raises(StorageUnavailable) as caught:
+                await s.enqueue("a", ["a"], b"x", 1.0)
+            assert caught.value.code == "server_busy"
+            assert "127.0.0.1" not in str(caught.value)  # what a client sees
+            assert "pw-hidden" not in caught.value.detail and "\n" not in caught.value.detail
+            with pytest.raises(StorageUnavailable):
+                await s.ping()
+            cluster.start()
+            deadline = time.monotonic() + 20
+            while True:  # the server's probe pings once a second
+                try:
+                    await s.ping()
+                    break
+                except StorageUnavailable:
+                    assert time.monotonic() < deadline, "the pool did not come back"
+                    await asyncio.sleep(0.5)
+            assert await s.existing_users(["a"]) == {"a"}  # nothing committed was lost
+        finally:
+            await s.close()
