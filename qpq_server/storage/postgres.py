@@ -305,11 +305,15 @@ class PostgresStorage:
     async def enqueue(self, sender: str, recipients: Sequence[str], payload: bytes,
                       now: float) -> list[int]:
         async def run(conn: Conn) -> list[int]:
-            ids = []
-            for recipient in recipients:
-                row = await _fetchone(
-                    conn, "INSERT INTO messages(recipient, sender, payload, sent_at)"
+            # Pipelined: one round trip for a message to many recipients, ids in order.
+            async with conn.pipeline():
+                cursors = [await conn.execute(
+                    "INSERT INTO messages(recipient, sender, payload, sent_at)"
                     " VALUES (%s, %s, %s, %s) RETURNING id", (recipient, sender, payload, now))
+                    for recipient in recipients]
+            ids = []
+            for cur in cursors:
+                row = await cur.fetchone()
                 assert row is not None
                 ids.append(int(row[0]))
             return ids

@@ -200,3 +200,13 @@ async def test_meta_with_prefix_returns_only_matching_keys(storage: Storage) -> 
     assert await storage.meta_with_prefix("epoch:") == {
         "epoch:alice": "1", "epoch:bob": "2", "epoch:_%": "3"}
     assert await storage.meta_with_prefix("nothing") == {}
+
+
+async def test_one_message_to_many_recipients_returns_ids_in_recipient_order(
+        storage: Storage) -> None:
+    names = [f"r{i:02d}" for i in range(20)]
+    await make_users(storage, "s", *names)
+    ids = await storage.enqueue("s", names[::-1], b"fan-out", 1.0)
+    assert len(set(ids)) == 20
+    for name, message_id in zip(names[::-1], ids, strict=True):
+        assert [m.id for m in await storage.fetch(name, 10)] == [message_id]
