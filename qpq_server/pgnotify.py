@@ -32,6 +32,7 @@ log = logging.getLogger("qpq.pgnotify")
 
 _BACKOFF_MIN_S = 0.2
 _BACKOFF_MAX_S = 2.0
+_BATCH_MAX = 256
 
 
 def channel_for(domain: str) -> str:
@@ -115,19 +116,30 @@ class PgNotifier:
 
     async def _send_loop(self) -> None:
         backoff = _BACKOFF_MIN_S
-        pending: str | None = None
+        pending: list[str] = []
         while True:
             try:
                 async with await self._connect() as conn:
                     self._sender_pid = conn.info.backend_pid
                     backoff = _BACKOFF_MIN_S
                     while True:
-                        if pending is None:
-                            pending = await self._outbox.get()
-                        await conn.execute("SELECT pg_notify(%s, %s)", (self.channel, pending))
-                        pending = None
+                        if not pending:
+                            pending = await self._next_batch()
+                        # One round trip for a burst of enqueues, not one per recipient.
+                        async with conn.pipeline():
+                            for name in pending:
+                                await conn.execute("SELECT pg_notify(%s, %s)",
+                                                   (self.channel, name))
+                        pending = []
             except (psycopg.Error, OSError) as exc:
                 self._report("NOTIFY", exc)
             self._sender_pid = None
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, _BACKOFF_MAX_S)
+
+    async def _next_batch(self) -> list[str]:
+        """Wait for a name, then take what else is queued (each name once)."""
+        names = {await self._outbox.get(): None}
+        while len(names) < _BATCH_MAX and not self._outbox.empty():
+            names[self._outbox.get_nowait()] = None
+        return list(names)

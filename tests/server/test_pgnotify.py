@@ -75,3 +75,15 @@ def test_channel_names_are_valid_identifiers() -> None:
     name = channel_for("chat.example.org")
     assert name == channel_for("chat.example.org") != channel_for("other.example.org")
     assert name.isidentifier() and len(name) < 63
+
+
+async def test_a_burst_of_notifies_wakes_every_remote_waiter(
+        nodes: tuple[PgNotifier, PgNotifier]) -> None:
+    a, b = nodes
+    names = [f"user{i}" for i in range(300)]
+    waiters = [asyncio.create_task(b.wait(name, 10)) for name in names]
+    await asyncio.sleep(0)
+    assert b.waiting == 300
+    a.notify(names)
+    a.notify(names[:10])  # repeats in a burst are sent once
+    assert all(await asyncio.wait_for(asyncio.gather(*waiters), 10))
