@@ -14,12 +14,13 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qpq_server.blobs.store import BlobStore
 from qpq_server.blobs.transfer import BlobTransfers
 from qpq_server.config import Config, load_config, parse_hostport
 from qpq_server.core import ServerCore, build_core, load_session_signer
-from qpq_server.errors import ConfigError, QpqError
+from qpq_server.errors import ConfigError, QpqError, StorageError
 from qpq_server.fsutil import write_atomic
 from qpq_server.http import HealthServer
 from qpq_server.liveness import LoopHeartbeat
@@ -28,18 +29,23 @@ from qpq_server.notifier import DeliveryNotifier, InProcessNotifier
 from qpq_server.protocol.dispatch import ConnectionState
 from qpq_server.secrets import load_secrets
 from qpq_server.storage import open_storage
-from qpq_server.storage.base import RESTORE_STATE_KEY
+from qpq_server.storage.base import RESTORE_STATE_KEY, HealthProbe
 from qpq_server.tls import certificate_not_after
 from qpq_server.transport.quic import QuicListener
 from qpq_server.transport.websocket import WebSocketListener
 from qpq_server.worker_notifier import WorkerNotifier
 from qpq_server.workers import WorkerContext, per_worker_share, worker_group
 
+if TYPE_CHECKING:
+    from qpq_server.pgnotify import PgNotifier
+
 __all__ = ["RESTORE_STATE_KEY", "ServerApp", "run_server"]
 
 log = logging.getLogger("qpq.server")
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_PROBE_INTERVAL_S = 1.0
+_PROBE_TIMEOUT_S = 10.0  # the postgres ping is bounded by its own ~2 s timeouts
 
 
 class ServerApp:
@@ -53,21 +59,30 @@ class ServerApp:
         self.secrets = load_secrets(self.env_file)
         self.metrics = ServerMetrics()
         self.storage = open_storage(self.config, self.secrets.db_key,
-                                    on_commit=self.metrics.db_write_duration_seconds.observe)
+                                    on_commit=self.metrics.db_write_duration_seconds.observe,
+                                    database_url=self.secrets.database_url)
         self.ready = False
+        self.storage_ok = True  # turned off by the storage probe while the database is away
+        self.pg_notifier: PgNotifier | None = None
         self.heartbeat = LoopHeartbeat()
         self.websocket: WebSocketListener | None = None
         self._stop = asyncio.Event()
 
     def is_ready(self) -> bool:
-        """Serving, and the event loop is alive (asked from the HTTP thread)."""
-        return self.ready and self.heartbeat.alive()
+        """Serving, the event loop alive, storage answering and (postgres) the wake-up
+        connections up (asked from the HTTP thread)."""
+        return self.ready and self.heartbeat.alive() and self._dependencies_ok()
+
+    def _dependencies_ok(self) -> bool:
+        """Storage answers and (postgres) the wake-up connections are up."""
+        notifier = self.pg_notifier
+        return self.storage_ok and (notifier is None or notifier.connected)
 
     async def run(self) -> None:
         async with contextlib.AsyncExitStack() as stack:
             await self.storage.open()
             stack.push_async_callback(self.storage.close)
-            notifier = self._notifier()
+            notifier = await self._start_notifier(stack)
             self.core: ServerCore = await build_core(
                 self.config, self.secrets, self.storage, self.metrics, notifier=notifier,
                 worker=self.worker.index if self.worker and self.worker.count > 1 else None)
@@ -103,6 +118,19 @@ class ServerApp:
         return WorkerNotifier(worker_group(self.config), self.worker.index, self.worker.count)
 
     # -- start-up steps, each registering its own release ------------------------------
+    async def _start_notifier(self, stack: contextlib.AsyncExitStack) -> DeliveryNotifier:
+        """PostgreSQL: wake-ups cross nodes (and workers) over LISTEN/NOTIFY."""
+        if self.config.storage.backend != "postgres":
+            return self._notifier()
+        from qpq_server.pgnotify import PgNotifier, channel_for
+
+        notifier = PgNotifier(self.secrets.database_url, channel_for(self.config.server.domain),
+                              connect_timeout_s=self.config.storage.connect_timeout_s)
+        await notifier.start()
+        stack.push_async_callback(notifier.close)
+        self.pg_notifier = notifier
+        return notifier
+
     async def _start_quic(self, stack: contextlib.AsyncExitStack) -> None:
         cfg, core = self.config, self.core
         self.listener = QuicListener(
@@ -147,7 +175,8 @@ class ServerApp:
         for task in (loop.create_task(self.heartbeat.run()),
                      loop.create_task(self._sweep_blobs(blobs)),
                      loop.create_task(self.core.service.revocations.run()),
-                     loop.create_task(self._refresh_queue_depth())):
+                     loop.create_task(self._refresh_queue_depth()),
+                     loop.create_task(self._probe_storage())):
             stack.callback(task.cancel)
 
     def _report_to_supervisor(self, stack: contextlib.AsyncExitStack,
@@ -160,6 +189,8 @@ class ServerApp:
             os.write(fd, b"R")
             while True:
                 await asyncio.sleep(1.0)
+                if not self._dependencies_ok():
+                    continue  # no beat: the supervisor's /readyz fails while the DB is away
                 try:
                     os.write(fd, b".")
                 except BlockingIOError:
@@ -209,6 +240,27 @@ class ServerApp:
             await asyncio.sleep(5.0)
             with contextlib.suppress(QpqError, OSError):
                 await self.core.service.refresh_queue_depth()
+
+    async def _probe_storage(self) -> None:
+        """Keep `storage_ok` current for /readyz, on backends that can be away (a
+        database server); local files need no probe."""
+        if not isinstance(self.storage, HealthProbe):
+            return
+        while True:
+            try:
+                async with asyncio.timeout(_PROBE_TIMEOUT_S):
+                    await self.storage.ping()
+                ok = True
+            except (StorageError, TimeoutError) as exc:
+                ok = False
+                if self.storage_ok:
+                    detail = getattr(exc, "detail", None) or str(exc) or "probe timed out"
+                    log.error("storage unavailable; /readyz fails until it is back",
+                              extra={"error": detail})
+            if ok and not self.storage_ok:
+                log.info("storage available again")
+            self.storage_ok = ok
+            await asyncio.sleep(_PROBE_INTERVAL_S)
 
     def _in_flight(self) -> int:
         ws = self.websocket.in_flight_requests if self.websocket is not None else 0

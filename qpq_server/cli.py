@@ -31,14 +31,20 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
 def init(
     data_dir: Annotated[Path, typer.Option("--data-dir", help="Directory to initialise.")],
     domain: Annotated[str, typer.Option(help="Server domain (TLS name).")] = "localhost",
+    join: Annotated[Path | None, typer.Option(
+        "--join", metavar="EXISTING_DATA_DIR",
+        help="Make a new node of the cluster that EXISTING_DATA_DIR's node belongs to: own "
+        "TLS certificate, the cluster's secrets and config copied (its [storage] backend "
+        "must be postgres). --domain is taken from it.")] = None,
 ) -> None:
     """Create DIR/qpq-server.toml, a self-signed TLS cert, DIR/.env (0600) with a random
     QPQ_AUTH_TOKEN and QPQ_DB_KEY, the OPAQUE server setup and the server's keys.
     Refuses to overwrite an initialised dir."""
-    from qpq_server.datadir import init_data_dir
+    from qpq_server.datadir import init_data_dir, join_data_dir
 
     try:
-        written = init_data_dir(data_dir, domain)
+        written = (join_data_dir(data_dir, join) if join is not None
+                   else init_data_dir(data_dir, domain))
     except QpqError as exc:
         raise _fail(str(exc)) from None
     except OSError as exc:

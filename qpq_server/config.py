@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from qpq_server.errors import ConfigError
+from qpq_server.secrets import read_env_file
 
 __all__ = [
     "BlobsConfig",
@@ -87,6 +88,8 @@ class StorageConfig:
     busy_timeout_ms: int = 5000
     max_batch: int = 64
     file_dir: str = "store"  # the file backend's directory (relative to data_dir)
+    # postgres: how long to wait for a pooled connection before a request fails cleanly
+    connect_timeout_s: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -255,6 +258,7 @@ _POSITIVE = {
     ("quic", "max_unauthenticated_per_address"),
     ("storage", "pool_size"),
     ("storage", "max_batch"),
+    ("storage", "connect_timeout_s"),
     ("server", "session_ttl_s"),
     ("blobs", "max_blob_bytes"),
     ("blobs", "quota_bytes_per_account"),
@@ -383,9 +387,6 @@ def _parse(path: Path) -> tuple[Config, list[str]]:
         problems.append("[quic] max_frame_bytes must be between 1024 and 67108864")
     if q.idle_timeout_s > 3600:
         problems.append("[quic] idle_timeout_s must be at most 3600")
-    if config.storage.backend == "postgres":
-        problems.append('[storage] backend = "postgres" is not available in this build of '
-                        'qpq-server; use "sqlcipher" or "file"')
     if config.server.workers != 1 and config.storage.backend == "file":
         problems.append('[server] workers > 1 needs [storage] backend = "sqlcipher" (or '
                         '"postgres"): the file backend keeps its counters in one process')
@@ -419,13 +420,36 @@ def _file_problems(config: Config) -> list[str]:
     return problems
 
 
+def _database_url_problems(config: Config, path: Path) -> list[str]:
+    """postgres needs QPQ_DATABASE_URL (environment or the .env beside the config), and it
+    must parse as a libpq DSN. The value is never echoed: it may hold a password."""
+    if config.storage.backend != "postgres":
+        return []
+    env_file = path.parent / ".env"
+    dsn = os.environ.get("QPQ_DATABASE_URL") or read_env_file(env_file).get(
+        "QPQ_DATABASE_URL", "")
+    if not dsn:
+        return [f'[storage] backend = "postgres" needs QPQ_DATABASE_URL (environment or '
+                f'{env_file}), e.g. postgresql://qpq:PASSWORD@db.example:5432/qpq'
+                f'?sslmode=verify-full']
+    import psycopg  # only postgres deployments load the driver
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        conninfo_to_dict(dsn)
+    except psycopg.Error:
+        return ["QPQ_DATABASE_URL is not a valid PostgreSQL connection string "
+                "(postgresql://USER:PASSWORD@HOST:PORT/DBNAME or key=value pairs)"]
+    return []
+
+
 def validate_config(path: Path) -> list[str]:
     """Every problem with the config file at `path` (empty list when valid)."""
     try:
         config, problems = _parse(path)
     except ConfigError as exc:
         return [str(exc)]
-    return problems + _file_problems(config)
+    return problems + _file_problems(config) + _database_url_problems(config, path)
 
 
 def load_config(path: Path) -> Config:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
+import tomllib
 from pathlib import Path
 
 import tomli_w
@@ -24,10 +26,10 @@ from qpq_server.config import (
     WebSocketConfig,
 )
 from qpq_server.errors import ConfigError
-from qpq_server.secrets import write_env_file
+from qpq_server.secrets import read_env_file, write_env_file
 from qpq_server.tls import write_private_file, write_self_signed
 
-__all__ = ["CONFIG_NAME", "init_data_dir", "session_key_path"]
+__all__ = ["CONFIG_NAME", "init_data_dir", "join_data_dir", "session_key_path"]
 
 CONFIG_NAME = "qpq-server.toml"
 
@@ -93,3 +95,34 @@ def init_data_dir(data_dir: Path, domain: str = "localhost") -> list[Path]:
     })
     write_private_file(config_path, tomli_w.dumps(default_config(domain)).encode(), 0o640)
     return [config_path, data_dir / "tls" / "cert.pem", env_path]
+
+
+def join_data_dir(data_dir: Path, existing: Path) -> list[Path]:
+    """A new node of the cluster `existing` belongs to: its own TLS certificate, the
+    cluster's secrets (access tokens, database key and URL, OPAQUE setup, session key, KT
+    signing key) and config copied. Only nodes sharing one PostgreSQL make a cluster."""
+    from qpq_server.config import load_config
+
+    source_path = existing / CONFIG_NAME
+    if not source_path.is_file():
+        raise ConfigError(f"--join {existing}: no {CONFIG_NAME} there (not a qpq data dir)")
+    source = load_config(source_path)
+    if source.storage.backend != "postgres":
+        raise ConfigError(f'--join {existing}: its [storage] backend is '
+                          f'"{source.storage.backend}"; the nodes of a cluster share one '
+                          f'database, so join only a node with backend = "postgres"')
+    written = init_data_dir(data_dir, source.server.domain)
+    for src, dst in ((source.data_dir / "opaque", data_dir / "opaque"),
+                     (session_key_path(source.data_dir).parent, session_key_path(data_dir).parent),
+                     (source.kt_signing_key_path.parent, data_dir / "kt")):
+        shutil.rmtree(dst)
+        shutil.copytree(src, dst)  # keeps the 0600/0700 modes
+    write_env_file(data_dir / ".env", read_env_file(existing / ".env"))
+    raw = tomllib.loads(source_path.read_text())
+    own = default_config(source.server.domain)["server"]
+    # The node's own paths: its data dir and its own certificate; everything else as the
+    # cluster runs it.
+    raw["server"] = {**raw.get("server", {}), "data_dir": ".",
+                     "tls_cert": own["tls_cert"], "tls_key": own["tls_key"]}
+    write_private_file(data_dir / CONFIG_NAME, tomli_w.dumps(raw).encode(), 0o640)
+    return written

@@ -3,7 +3,9 @@
     QpqError
     ├── ConfigError              bad or missing configuration / secrets
     ├── StorageError             the database cannot be opened or used
-    │   └── WrongDatabaseKey     SQLCipher key does not open the database
+    │   ├── WrongDatabaseKey     SQLCipher key does not open the database
+    │   └── StorageUnavailable   the database server is away (also a ServerBusy: the
+    │                            client is told to retry, the detail stays in the log)
     └── RequestError             a client request answered with an error
         ├── BadFrame             malformed, truncated or oversize frame
         ├── BadRequest           unknown op, missing field, wrong type
@@ -44,6 +46,7 @@ __all__ = [
     "RequestError",
     "ServerBusy",
     "StorageError",
+    "StorageUnavailable",
     "TooLarge",
     "Unauthenticated",
     "UnknownUser",
@@ -131,6 +134,17 @@ class ProofRequired(RequestError):
 
 class ServerBusy(RequestError):
     code = "server_busy"
+
+
+class StorageUnavailable(StorageError, ServerBusy):
+    """The database server is away: a StorageError to the server, a ServerBusy ("retry
+    shortly") to the client, whose answer never names the database host."""
+
+    code = "server_busy"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("the server's database is unavailable; retry shortly")
+        self.detail = detail  # for the server's log only
 
 
 class Internal(RequestError):

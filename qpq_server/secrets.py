@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from qpq_server.errors import ConfigError
@@ -63,6 +63,8 @@ def write_env_file(path: Path, values: Mapping[str, str]) -> None:
 class ServerSecrets:
     auth_tokens: tuple[Secret, ...]  # current first, then the previous one during rotation
     db_key: Secret
+    # The PostgreSQL DSN (`[storage] backend = "postgres"`); it may hold a password.
+    database_url: Secret = field(default_factory=lambda: Secret(""))
 
 
 def load_secrets(env_file: Path, environ: Mapping[str, str] | None = None) -> ServerSecrets:
@@ -80,4 +82,5 @@ def load_secrets(env_file: Path, environ: Mapping[str, str] | None = None) -> Se
     if not db_key:
         raise ConfigError(f"QPQ_DB_KEY is not set (environment or {env_file})")
     tokens = (Secret(token),) + ((Secret(previous),) if previous else ())
-    return ServerSecrets(auth_tokens=tokens, db_key=Secret(db_key))
+    return ServerSecrets(auth_tokens=tokens, db_key=Secret(db_key),
+                         database_url=Secret(get("QPQ_DATABASE_URL")))

@@ -9,6 +9,8 @@ command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
 command -v age >/dev/null 2>&1 || need+=(age)
 # headless browser that opens `qpq-ops report` output in tests/ops/test_report_browser.py
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
+# initdb/pg_ctl/postgres for the PostgreSQL backend's tests (tests/helpers/postgres.py)
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || need+=(postgresql)
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi
 if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
 echo "installing Debian packages: ${need[*]}" >&2
@@ -21,3 +23,10 @@ for svc in prometheus prometheus-node-exporter; do
   (command -v systemctl >/dev/null && $SUDO systemctl stop "$svc" 2>/dev/null) || true
   $SUDO pkill -x "$svc" 2>/dev/null || true
 done
+# The packaged PostgreSQL cluster is not used (tests run their own on free ports).
+if [[ " ${need[*]} " == *" postgresql "* ]]; then
+  (command -v systemctl >/dev/null && $SUDO systemctl stop postgresql 2>/dev/null) || true
+  (command -v pg_ctlcluster >/dev/null && for c in /etc/postgresql/*/main; do
+     [ -d "$c" ] && $SUDO pg_ctlcluster "$(basename "$(dirname "$c")")" main stop 2>/dev/null
+   done) || true
+fi

@@ -38,6 +38,7 @@ from qpq_ops.triggers import (
 )
 from qpq_ops.tuning import CheckState as TuneState
 from qpq_ops.tuning import SettingCheck, check_nofile, check_sysctl
+from qpq_server.secrets import read_env_file
 
 __all__ = ["CHECKS", "CHECK_IDS", "DoctorInputs"]
 
@@ -351,6 +352,59 @@ def check_prometheus_scrape(inputs: DoctorInputs) -> CheckResult:
                        "check the server's [metrics] listen and firewall")
 
 
+PG_MIN_VERSION = 130000  # PostgreSQL 13 (Debian 11); qpq's SQL needs 11, 13 is supported
+
+
+def _database_url(deployment: Deployment) -> str:
+    return os.environ.get("QPQ_DATABASE_URL") or read_env_file(deployment.env_file).get(
+        "QPQ_DATABASE_URL", "")
+
+
+def check_database(inputs: DoctorInputs) -> CheckResult:
+    """postgres backend: the database answers, its version, and its schema vs this qpq."""
+    title = "PostgreSQL database"
+    deployment = inputs.deployment
+    if deployment is None:
+        return _config_refused("database", title)
+    if deployment.config.storage.backend != "postgres":
+        return CheckResult("database", title, CheckState.SKIPPED,
+                           f"[storage] backend is {deployment.config.storage.backend!r}")
+    dsn = _database_url(deployment)
+    if not dsn:
+        return CheckResult("database", title, CheckState.CRITICAL, "QPQ_DATABASE_URL is not set",
+                           f"set it in {deployment.env_file} (0600)")
+    import psycopg  # only postgres deployments load the driver
+
+    from qpq_server.storage.pg_migrations import PG_SCHEMA_VERSION
+    from qpq_server.storage.postgres import describe_pg_error
+
+    try:
+        with psycopg.connect(dsn, connect_timeout=max(1, int(inputs.timeout))) as conn:
+            version = int(conn.info.server_version)
+            row = conn.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()
+            schema = 0
+            if row and row[0]:
+                got = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+                schema = int(got[0]) if got and got[0] is not None else 0
+    except psycopg.Error as exc:
+        return CheckResult("database", title, CheckState.CRITICAL,
+                           f"cannot connect: {describe_pg_error(exc, dsn)}",
+                           "check QPQ_DATABASE_URL, that PostgreSQL runs, and pg_hba.conf")
+    shown = f"PostgreSQL {version // 10000}.{version % 10000}, schema {schema}"
+    if schema > PG_SCHEMA_VERSION:
+        return CheckResult("database", title, CheckState.CRITICAL,
+                           f"{shown}: newer than this qpq ({PG_SCHEMA_VERSION})",
+                           "upgrade qpq-server on this node to the cluster's version")
+    if version < PG_MIN_VERSION:
+        return CheckResult("database", title, CheckState.WARNING,
+                           f"{shown}: older than PostgreSQL 13", "upgrade PostgreSQL")
+    if schema < PG_SCHEMA_VERSION:
+        return CheckResult("database", title, CheckState.WARNING,
+                           f"{shown}: this qpq migrates it to {PG_SCHEMA_VERSION} at start",
+                           "start (or restart) qpq-server to apply the migrations")
+    return CheckResult("database", title, CheckState.OK, shown, value=float(schema))
+
+
 Check = Callable[[DoctorInputs], CheckResult]
 
 CHECKS: tuple[tuple[str, Check], ...] = (
@@ -363,6 +417,7 @@ CHECKS: tuple[tuple[str, Check], ...] = (
     ("backup", check_backup),
     ("clock", check_clock),
     ("prometheus", check_prometheus_scrape),
+    ("database", check_database),
 )
 
 CHECK_IDS: tuple[str, ...] = tuple(check_id for check_id, _ in CHECKS)

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
-__all__ = ["RESTORE_STATE_KEY", "Account", "CommitObserver", "KeyPackage", "KtLeaf", "Storage",
-           "StoredMessage"]
+__all__ = ["RESTORE_STATE_KEY", "Account", "CommitObserver", "HealthProbe", "KeyPackage", "KtLeaf",
+           "Storage", "StoredMessage"]
 
 RESTORE_STATE_KEY = "restore_state"
 """Meta key set by `qpq-ops restore`; the server refuses to start until it reads 'done'."""
@@ -115,3 +115,12 @@ class Storage(Protocol):
 
     async def meta_with_prefix(self, prefix: str) -> dict[str, str]:
         """Every meta key starting with `prefix`, with its value."""
+
+
+@runtime_checkable
+class HealthProbe(Protocol):
+    """A backend that can be away (a database server) answers a cheap probe; /readyz
+    fails while it raises."""
+
+    async def ping(self) -> None:
+        """Raise StorageError unless the backend answers now."""

@@ -15,7 +15,8 @@ __all__ = ["open_storage"]
 
 
 def open_storage(config: Config, db_key: Secret,
-                 on_commit: CommitObserver | None = None) -> Storage:
+                 on_commit: CommitObserver | None = None,
+                 database_url: Secret | None = None) -> Storage:
     backend = config.storage.backend
     if backend == "sqlcipher":
         from qpq_server.storage.sqlcipher import SqlCipherStorage
@@ -31,4 +32,13 @@ def open_storage(config: Config, db_key: Secret,
 
         return FileStorage(config.file_store_dir, pool_size=config.storage.pool_size,
                            on_commit=on_commit)
+    if backend == "postgres":
+        if not database_url:
+            raise ConfigError('[storage] backend = "postgres" needs QPQ_DATABASE_URL '
+                              '(environment or the .env beside the config)')
+        from qpq_server.storage.postgres import PostgresStorage
+
+        return PostgresStorage(database_url, pool_size=config.storage.pool_size,
+                               connect_timeout_s=config.storage.connect_timeout_s,
+                               on_commit=on_commit)
     raise ConfigError(f"[storage] backend {backend!r} is not available in this build")

@@ -331,10 +331,24 @@ def test_federation_enabled_is_refused_clearly_until_it_exists(tmp_path: Path) -
     assert "Traceback" not in result.stderr
 
 
-def test_postgres_backend_is_refused_clearly_until_it_exists(tmp_path: Path) -> None:
+def test_postgres_backend_needs_a_usable_database_url(tmp_path: Path) -> None:
     config = init_data_dir(tmp_path / "d", {"storage": {"backend": "postgres"}})
-    checked = run_cli("check-config", str(config))
-    assert checked.returncode == 1 and "postgres" in checked.stderr
+    checked = run_cli("check-config", str(config), env=clean_env())
+    assert checked.returncode == 1 and "needs QPQ_DATABASE_URL" in checked.stderr
     result = run_cli("run", "--config", str(config), env=clean_env())
-    assert result.returncode == 1 and "not available in this build" in result.stderr
+    assert result.returncode == 1 and "needs QPQ_DATABASE_URL" in result.stderr
     assert "Traceback" not in result.stderr
+    # A malformed DSN is named as such, never echoed (it may hold a password).
+    bad = clean_env(QPQ_DATABASE_URL="this is not a dsn s3cret")
+    checked = run_cli("check-config", str(config), env=bad)
+    assert checked.returncode == 1 and "not a valid PostgreSQL connection string" in (
+        checked.stderr)
+    assert "s3cret" not in checked.stderr
+    # A database nobody answers: one clear line, no password, no traceback.
+    away = clean_env(QPQ_DATABASE_URL=f"postgresql://qpq:s3cret@127.0.0.1:{free_port()}/qpq")
+    assert run_cli("check-config", str(config), env=away).returncode == 0
+    result = run_cli("run", "--config", str(config), env=away)
+    assert result.returncode == 1 and "PostgreSQL (QPQ_DATABASE_URL)" in result.stderr
+    assert "s3cret" not in result.stderr and "Traceback" not in result.stderr
+
+

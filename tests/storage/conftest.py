@@ -10,16 +10,22 @@ import pytest
 from qpq_server.secrets import Secret
 from qpq_server.storage.base import Storage
 from qpq_server.storage.filestore import FileStorage
+from qpq_server.storage.postgres import PostgresStorage
 from qpq_server.storage.sqlcipher import SqlCipherStorage
+from tests.helpers.postgres import PostgresCluster, pg_cluster
 
-BACKENDS = ("sqlcipher", "file")
+__all__ = ["pg_cluster"]  # the session's PostgreSQL, started only when a test asks
+
+BACKENDS = ("sqlcipher", "file", "postgres")
 StorageFactory = Callable[[], Storage]
 
 
-def make_factory(backend: str, directory: Path) -> StorageFactory:
+def make_factory(backend: str, directory: Path, dsn: str = "") -> StorageFactory:
     def make() -> Storage:
         if backend == "sqlcipher":
             return SqlCipherStorage(directory / "qpq.db", Secret("ab" * 32), pool_size=3)
+        if backend == "postgres":
+            return PostgresStorage(Secret(dsn), pool_size=3)
         return FileStorage(directory / "store", pool_size=3)
 
     return make
@@ -31,9 +37,14 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def storage_factory(backend: str, tmp_path: Path) -> StorageFactory:
-    """Makes unopened storages on one directory (to test reopening)."""
-    return make_factory(backend, tmp_path)
+def storage_factory(backend: str, tmp_path: Path,
+                    request: pytest.FixtureRequest) -> StorageFactory:
+    """Makes unopened storages on one directory or database (to test reopening)."""
+    dsn = ""
+    if backend == "postgres":
+        cluster: PostgresCluster = request.getfixturevalue("pg_cluster")
+        dsn = cluster.new_database()
+    return make_factory(backend, tmp_path, dsn)
 
 
 @pytest.fixture

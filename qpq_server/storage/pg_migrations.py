@@ -1,0 +1,47 @@
+"""Versioned schema migrations for the PostgreSQL backend (the `schema_version` table
+records each one applied; every migration commits in its own transaction).
+
+Never edit a migration that has shipped: append a new one. Text keys use the "C"
+collation so ordering and prefix scans do not depend on the database's locale.
+"""
+
+from __future__ import annotations
+
+__all__ = ["PG_MIGRATIONS", "PG_SCHEMA_VERSION"]
+
+PG_MIGRATIONS: tuple[str, ...] = (
+    # 1: accounts, one-time key packages, delivery queues, metadata, the KT log
+    """
+    CREATE TABLE accounts (
+        username TEXT COLLATE "C" PRIMARY KEY,
+        password_file BYTEA NOT NULL,
+        setup_version INTEGER NOT NULL,
+        identity_key BYTEA,
+        created_at DOUBLE PRECISION NOT NULL
+    );
+    CREATE TABLE key_packages (
+        id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        username TEXT COLLATE "C" NOT NULL REFERENCES accounts(username),
+        key_package BYTEA NOT NULL
+    );
+    CREATE INDEX key_packages_user ON key_packages(username, id);
+    CREATE TABLE messages (
+        id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        recipient TEXT COLLATE "C" NOT NULL,
+        sender TEXT COLLATE "C" NOT NULL,
+        payload BYTEA NOT NULL,
+        sent_at DOUBLE PRECISION NOT NULL
+    );
+    CREATE INDEX messages_recipient ON messages(recipient, id);
+    CREATE TABLE meta (key TEXT COLLATE "C" PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE kt_leaves (
+        idx BIGINT PRIMARY KEY CHECK (idx >= 0),
+        username TEXT COLLATE "C" NOT NULL,
+        leaf BYTEA NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL
+    );
+    CREATE INDEX kt_leaves_user ON kt_leaves(username, idx);
+    """,
+)
+
+PG_SCHEMA_VERSION = len(PG_MIGRATIONS)
