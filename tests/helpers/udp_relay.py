@@ -43,6 +43,8 @@ class UdpRelay(asyncio.DatagramProtocol):
     delay_s: float = 0.05
     seed: int = 17
     counters: RelayCounters = field(default_factory=RelayCounters)
+    captured: list[bytes] | None = None
+    """When a list, every client->server datagram is appended (fuzz seeds)."""
     _rng: random.Random = field(init=False)
     _down: asyncio.DatagramTransport | None = None
     _ups: dict[tuple[str, int], _Upstream] = field(default_factory=dict)
@@ -96,6 +98,8 @@ class UdpRelay(asyncio.DatagramProtocol):
             loop = asyncio.get_running_loop()
             self._tasks.add(loop.create_task(loop.create_datagram_endpoint(
                 lambda: up, remote_addr=self.server)))
+        if self.captured is not None:
+            self.captured.append(data)
         self.forward(data, lambda d: self._upstream_send(addr, d))
 
     def _upstream_send(self, addr: tuple[str, int], data: bytes) -> None:
