@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint typecheck pytest bench venv sysdeps render clean soak
+.PHONY: demo test test-fast lint typecheck pytest bench venv sysdeps render clean soak ceiling
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -51,6 +51,10 @@ soak: $(STAMP) sysdeps
 
 bench: $(STAMP)
 	$(BIN)/python bench/throughput.py
+
+# qpq against a bare aioquic echo server in one run (issue 17); needs qpq_server.devserver.
+ceiling: $(STAMP)
+	$(BIN)/python bench/ceiling.py
 
 render: $(STAMP)
 	$(BIN)/qpq-ops render all
