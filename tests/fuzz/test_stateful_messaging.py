@@ -62,6 +62,13 @@ class Messaging(RuleBasedStateMachine):
     @initialize()
     def start(self) -> None:
         self.conns = [self.sh.run(self.sh.h.connect()) for _ in range(2)]
+        for c in (0, 1):  # two users with a session each: sends can start at once
+            self.register(c)
+            user = list(self.users.values())[-1]
+            self.tick()
+            result = self.sh.run(self.sh.h.login(self.conns[c], user.name, user.password))
+            assert result["ok"], result
+            user.sessions[str(result["session"])] = True
 
     conns_ix = st.integers(min_value=0, max_value=1)
 
@@ -210,9 +217,12 @@ def test_messaging_model(machine_harness: SyncHarness) -> None:
             Messaging.baseline = self.sh.run(self.sh.h.core.service.storage.queue_depth())
 
     Run.TestCase.settings = settings(
-        max_examples=25 * SCALE, stateful_step_count=25, deadline=None,
+        max_examples=25 * SCALE, stateful_step_count=40, deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
     Run.TestCase().runTest()
+    # The model really exercised messaging (not only logins): many sends went through.
+    sent = machine_harness.h.metrics.registry.get_sample_value("qpq_enqueue_total")
+    assert sent is not None and sent >= 20, sent
 
 
 def test_ops_list_matches_the_dispatcher(machine_harness: SyncHarness) -> None:
