@@ -20,7 +20,13 @@ from hypothesis import strategies as st
 
 from qpq_server.errors import QpqError, RequestError
 from qpq_server.protocol import validate as v
-from qpq_server.protocol.codec import HEADER_BYTES, FrameDecoder, decode_body, encode_frame
+from qpq_server.protocol.codec import (
+    HEADER_BYTES,
+    MAX_CONTAINERS,
+    FrameDecoder,
+    decode_body,
+    encode_frame,
+)
 from tests.fuzz.strategies import FIELD_TYPES, msgpack_values, mutated, requests
 
 SOAK = os.environ.get("QPQ_SOAK") == "1"
@@ -126,14 +132,19 @@ BOMBS: dict[str, bytes] = {
     "one_byte_empty_maps": b"\x81\xa1x\xdd" + (REAL_CAP - 16).to_bytes(4, "big")
     + b"\x80" * (REAL_CAP - 16),
     "duplicate_keys": b"\xde\xff\xff" + b"\xa1k\xc0" * 0xFFFF,
+    # Scalars that each become a Python object (small ints <= -6, floats, uint16s).
+    "negative_int8s": b"\x81\xa1x\xdd" + (REAL_CAP // 2 - 8).to_bytes(4, "big")
+    + b"\xd0\x9c" * (REAL_CAP // 2 - 8),
+    "float32s": b"\x81\xa1x\xdd" + (REAL_CAP // 5 - 8).to_bytes(4, "big")
+    + b"\xca\x3f\x80\x00\x01" * (REAL_CAP // 5 - 8),
 }
 
 # What the decoder may allocate for one frame, as a multiple of the frame cap. Python
-# objects cost far more than their one msgpack byte (an empty list is 56 bytes); this
-# is the measured bound (one-byte empty lists: 67x, empty maps: 76x the cap), so a
-# regression that builds more per byte fails here. A 1 MiB frame can thus cost ~76 MiB
-# while it is decoded and handled; see the issue-17 report.
-PEAK_PER_CAP_BYTE = 80
+# objects cost more than their msgpack bytes: before codec.MAX_CONTAINERS a frame of
+# one-byte empty maps cost 76x the cap; now containers stop at 5x, and the worst left is
+# a frame of two-byte negative ints (~23x: a 32-byte int object and a pointer each),
+# which only a typed decoder (msgspec) would avoid. A regression fails here.
+PEAK_PER_CAP_BYTE = 25
 
 
 @pytest.mark.parametrize("name", sorted(BOMBS))
@@ -154,3 +165,12 @@ def test_a_header_over_the_cap_is_refused_before_any_body_arrives() -> None:
     with pytest.raises(RequestError, match="exceeds max_frame_bytes"):
         decoder.feed((REAL_CAP + 1).to_bytes(4, "big"))
     assert decoder.pending_bytes == 4
+
+
+def test_a_full_fetch_page_decodes_and_one_container_more_than_the_budget_does_not() -> None:
+    page = {"ok": True, "messages": [{"id": i, "from": "a", "payload": b"x", "sent_at": 1.0}
+                                     for i in range(500)], "more": True}
+    assert len(feed_all(encode_frame(page), [])[0]["messages"]) == 500
+    too_many = {"x": [[] for _ in range(MAX_CONTAINERS)]}  # + the list + the top map
+    with pytest.raises(RequestError, match="maps and arrays"):
+        feed_all(encode_frame(too_many), [], cap=REAL_CAP)
