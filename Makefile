@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint typecheck pytest bench venv sysdeps render clean
+.PHONY: demo test test-fast lint typecheck pytest bench venv sysdeps render clean soak ceiling
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -44,8 +44,17 @@ FAST_TESTS := tests/server/test_dispatch.py tests/server/test_codec.py \
 test-fast: $(STAMP)
 	$(BIN)/pytest -n 2 -q $(FAST_TESTS)
 
+# The fault / fuzz / load harness, longer (issue 17): 50 kill -9 rounds, 20x the
+# hypothesis examples, 10 minutes of atheris, 60 s of load from 200 clients.
+soak: $(STAMP) sysdeps
+	QPQ_SOAK=1 $(BIN)/pytest -n 2 --dist loadfile -q -s --timeout 3600 tests/fuzz tests/faults
+
 bench: $(STAMP)
 	$(BIN)/python bench/throughput.py
+
+# qpq against a bare aioquic echo server in one run (issue 17); needs qpq_server.devserver.
+ceiling: $(STAMP)
+	$(BIN)/python bench/ceiling.py
 
 render: $(STAMP)
 	$(BIN)/qpq-ops render all

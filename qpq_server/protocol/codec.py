@@ -16,6 +16,11 @@ __all__ = ["HEADER_BYTES", "FrameDecoder", "decode_body", "encode_frame"]
 
 HEADER_BYTES = 4
 _HEADER = struct.Struct(">I")
+MAX_CONTAINERS = 4096
+"""Maps and arrays one frame may hold. A one-byte msgpack container becomes a 56-64 byte
+Python object, so without this bound a frame of empty maps costs ~76x its size in
+memory (issue 17's fuzz harness measured it); no request or response needs more (a full
+fetch page is 500 message maps)."""
 
 
 def encode_frame(message: dict[str, Any]) -> bytes:
@@ -25,10 +30,23 @@ def encode_frame(message: dict[str, Any]) -> bytes:
 
 def decode_body(body: bytes) -> dict[str, Any]:
     """Decode one frame body; anything but a msgpack map with str keys is a BadFrame."""
+    budget = MAX_CONTAINERS
+
+    def count(container: Any) -> Any:
+        # Called as each map or array is completed: stops a container bomb early.
+        nonlocal budget
+        budget -= 1
+        if budget < 0:
+            raise BadFrame(f"frame holds more than {MAX_CONTAINERS} maps and arrays")
+        return container
+
     try:
         # The body is already bounded by max_frame_bytes; msgpack's own limits keep
         # declared container sizes within the body.
-        value = msgpack.unpackb(body, raw=False, strict_map_key=True)
+        value = msgpack.unpackb(body, raw=False, strict_map_key=True,
+                                list_hook=count, object_hook=count)
+    except BadFrame:
+        raise
     except Exception as exc:  # msgpack raises several unrelated types on garbage
         raise BadFrame("frame body is not valid msgpack") from exc
     if not isinstance(value, dict):

@@ -7,7 +7,6 @@ the same paths over QUIC.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,112 +14,16 @@ from typing import Any
 import opaque_ke_py as opaque
 import pytest
 
-from qpq_server.config import Config, load_config
-from qpq_server.core import ServerCore, build_core
-from qpq_server.datadir import init_data_dir
 from qpq_server.errors import QpqError, RequestError
-from qpq_server.metrics import ServerMetrics
-from qpq_server.protocol.dispatch import ConnectionState, Dispatcher, Request, Response
-from qpq_server.secrets import load_secrets
-from qpq_server.storage import open_storage
-
-PASSWORD = b"correct horse battery staple"
-
-
-class Clock:
-    """A clock the test moves (session expiry, rate-limit refill)."""
-
-    def __init__(self) -> None:
-        self.now = 1_900_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@dataclasses.dataclass
-class Harness:
-    core: ServerCore
-    metrics: ServerMetrics
-    clock: Clock
-    token: str
-
-    @property
-    def dispatcher(self) -> Dispatcher:
-        return self.core.dispatcher
-
-    async def call(self, conn: ConnectionState, op: Any, **fields: Any) -> Response:
-        request: Request = {"op": op, **fields}
-        return await self.dispatcher.handle(request, conn)
-
-    async def connect(self, peer: str = "127.0.0.1") -> ConnectionState:
-        conn = ConnectionState(peer=peer)
-        assert (await self.call(conn, "hello", token=self.token))["ok"]
-        return conn
-
-    async def register(self, conn: ConnectionState, user: str,
-                       password: bytes = PASSWORD) -> None:
-        start = opaque.client_registration_start(password)
-        r = await self.call(conn, "register_start", username=user, request=start.get_message())
-        finish = opaque.client_registration_finish(password, start.get_state(), r["response"])
-        assert (await self.call(conn, "register_finish", username=user,
-                                upload=finish.get_message()))["ok"]
-
-    async def login(self, conn: ConnectionState, user: str,
-                    password: bytes = PASSWORD) -> Response:
-        start = opaque.client_login_start(password)
-        r = await self.call(conn, "login_start", username=user, request=start.get_message())
-        try:
-            finish = opaque.client_login_finish(password, start.get_state(), r["response"])
-        except ValueError:
-            return await self.call(conn, "login_finish", login_id=r["login_id"],
-                                   finalization=b"")
-        return await self.call(conn, "login_finish", login_id=r["login_id"],
-                               finalization=finish.get_message())
-
-    async def session(self, conn: ConnectionState, user: str) -> str:
-        await self.register(conn, user)
-        result = await self.login(conn, user)
-        assert result["ok"], result
-        return str(result["session"])
-
-    def errors(self, op: str, code: str) -> float:
-        value = self.metrics.registry.get_sample_value(
-            "qpq_rpc_errors_total", {"op": op, "code": code})
-        return value or 0.0
-
-
-def _config(data_dir: Path, **sections: Any) -> Config:
-    config = load_config(data_dir / "qpq-server.toml")
-    changes = {name: dataclasses.replace(getattr(config, name), **values)
-               for name, values in sections.items()}
-    return dataclasses.replace(config, **changes)
-
-
-async def _harness(tmp_path: Path, **sections: Any) -> AsyncIterator[Harness]:
-    data_dir = tmp_path / "data"
-    init_data_dir(data_dir)
-    config = _config(data_dir, **sections)
-    secrets = load_secrets(data_dir / ".env")
-    metrics = ServerMetrics()
-    storage = open_storage(config, secrets.db_key)
-    await storage.open()
-    clock = Clock()
-    try:
-        core = await build_core(config, secrets, storage, metrics, clock=clock)
-        yield Harness(core, metrics, clock, secrets.auth_tokens[0].reveal())
-    finally:
-        await storage.close()
+from qpq_server.protocol.dispatch import ConnectionState, Request, Response
+from tests.helpers.dispatch import PASSWORD, Harness, code
+from tests.helpers.dispatch import harness as _harness
 
 
 @pytest.fixture
 async def h(tmp_path: Path) -> AsyncIterator[Harness]:
     async for harness in _harness(tmp_path, rate_limit={"enabled": False}):
         yield harness
-
-
-def code(response: Response) -> str:
-    assert response["ok"] is False, response
-    return str(response["error"]["code"])
 
 
 # -- the happy path ---------------------------------------------------------------------

@@ -1,0 +1,299 @@
+"""qpq against the ceiling: a bare aioquic echo server, same load generator, same run.
+
+    .venv/bin/python bench/ceiling.py [--quick] [--json] [--seconds S] [--idle N]
+
+The ceiling is the most a Python QUIC server can do here: an aioquic server that echoes
+one length-prefixed frame on each new bidirectional stream. Both servers run as their
+own process on loopback and are driven by qpq's own client (`_ClientProtocol.request`:
+one frame out on a new stream, one frame back), so the only difference is the server.
+
+* round trips per second and p50/p95/p99 at 1, 10 and 100 connections (qpq's round
+  trip: one enqueue + fetch + ack, durable; the echo's: one frame);
+* handshakes per second and handshake p95 with 16 concurrent connects;
+* server RSS per idle connection with `--idle` idle connections.
+
+`--json` prints one object; the ratios compare qpq with aioquic (round trips at 10
+connections). `--quick` (1 and 10 connections, 2 s each, 200 idle) finishes in under a
+minute. Client and servers share the machine's cores: compare figures within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aioquic.asyncio import QuicConnectionProtocol, serve
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.events import StreamDataReceived
+
+from qpq_server.client import QpqConnection, connect
+from qpq_server.protocol.codec import HEADER_BYTES
+
+if TYPE_CHECKING:
+    from qpq_server.devserver import RunningServer
+
+ALPN = "qpq/1"
+HANDSHAKE_CONCURRENCY = 16
+
+
+# -- the ceiling: a bare aioquic echo server (runs as `ceiling.py --echo-server`) ---------
+
+class EchoProtocol(QuicConnectionProtocol):
+    """Echo the first length-prefixed frame of each stream, then end the stream."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._buffers: dict[int, bytearray] = {}
+
+    def quic_event_received(self, event: object) -> None:
+        if not isinstance(event, StreamDataReceived):
+            return
+        buf = self._buffers.setdefault(event.stream_id, bytearray())
+        buf.extend(event.data)
+        if len(buf) >= HEADER_BYTES:
+            length = int.from_bytes(buf[:HEADER_BYTES], "big")
+            if len(buf) >= HEADER_BYTES + length:
+                self._quic.send_stream_data(event.stream_id, bytes(buf[:HEADER_BYTES + length]),
+                                            end_stream=True)
+                del self._buffers[event.stream_id]
+                self.transmit()
+
+
+async def echo_server(port: int, cert: str, key: str) -> None:
+    config = QuicConfiguration(is_client=False, alpn_protocols=[ALPN], idle_timeout=300)
+    config.load_cert_chain(cert, key)
+    await serve("127.0.0.1", port, configuration=config, create_protocol=EchoProtocol)
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+
+# -- one target under load -----------------------------------------------------------------
+
+@dataclass
+class Target:
+    name: str
+    address: str
+    token: str
+    ca: Path
+    pid: int
+    hello: bool
+    prepare: Callable[[QpqConnection, int], Awaitable[Callable[[], Awaitable[None]]]]
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+async def open_conns(t: Target, n: int, stack: AsyncExitStack,
+                     durations: list[float] | None = None,
+                     hello: bool | None = None) -> list[QpqConnection]:
+    sem = asyncio.Semaphore(HANDSHAKE_CONCURRENCY)
+
+    async def one() -> QpqConnection:
+        async with sem:
+            started = time.perf_counter()
+            conn = await stack.enter_async_context(connect(
+                t.address, t.token, ca=t.ca, server_name="localhost", timeout=60,
+                idle_timeout=300, hello=t.hello if hello is None else hello))
+            if durations is not None:
+                durations.append(time.perf_counter() - started)
+            return conn
+
+    return list(await asyncio.gather(*(one() for _ in range(n))))
+
+
+async def load(t: Target, n: int, seconds: float) -> dict[str, float]:
+    async with AsyncExitStack() as stack:
+        conns = await open_conns(t, n, stack)
+        loops = [await t.prepare(c, i) for i, c in enumerate(conns)]
+        latencies: list[float] = []
+        deadline = time.perf_counter() + seconds
+
+        async def worker(step: Callable[[], Awaitable[None]]) -> None:
+            while time.perf_counter() < deadline:
+                started = time.perf_counter()
+                await step()
+                latencies.append(time.perf_counter() - started)
+
+        began = time.perf_counter()
+        await asyncio.gather(*(worker(s) for s in loops))
+        elapsed = time.perf_counter() - began
+    return {"roundtrips_per_s": len(latencies) / elapsed, "p50_ms": pct(latencies, .5) * 1e3,
+            "p95_ms": pct(latencies, .95) * 1e3, "p99_ms": pct(latencies, .99) * 1e3}
+
+
+async def handshakes(t: Target, total: int) -> dict[str, float]:
+    durations: list[float] = []
+    async with AsyncExitStack() as stack:
+        began = time.perf_counter()
+        await open_conns(t, total, stack, durations, hello=False)  # the handshake alone
+        elapsed = time.perf_counter() - began
+    return {"handshakes_per_s": total / elapsed, "handshake_p95_ms": pct(durations, .95) * 1e3}
+
+
+async def idle_rss(t: Target, n: int) -> float:
+    from qpq_server.devserver import rss_kb
+
+    async with AsyncExitStack() as stack:
+        await asyncio.sleep(0.5)
+        before = rss_kb(t.pid)
+        await open_conns(t, n, stack)
+        await asyncio.sleep(1.0)
+        after = rss_kb(t.pid)
+    return (after - before) * 1024 / n
+
+
+def echo_prepare() -> Callable[[QpqConnection, int], Awaitable[Callable[[], Awaitable[None]]]]:
+    async def prepare(conn: QpqConnection, index: int) -> Callable[[], Awaitable[None]]:
+        message = {"op": "ping", "payload": b"x" * 200}
+
+        async def step() -> None:
+            await conn.call_raw(message)
+
+        return step
+
+    return prepare
+
+
+def qpq_prepare() -> Callable[[QpqConnection, int], Awaitable[Callable[[], Awaitable[None]]]]:
+    import opaque_ke_py as opaque
+
+    password = b"ceiling bench password"
+
+    async def prepare(conn: QpqConnection, index: int) -> Callable[[], Awaitable[None]]:
+        user = f"c{index}-{os.urandom(4).hex()}"
+        start = opaque.client_registration_start(password)
+        r = await conn.call("register_start", username=user, request=start.get_message())
+        fin = opaque.client_registration_finish(password, start.get_state(), r["response"])
+        await conn.call("register_finish", username=user, upload=fin.get_message())
+        start = opaque.client_login_start(password)
+        r = await conn.call("login_start", username=user, request=start.get_message())
+        fin = opaque.client_login_finish(password, start.get_state(), r["response"])
+        sess = (await conn.call("login_finish", login_id=r["login_id"],
+                                finalization=fin.get_message()))["session"]
+        payload = b"x" * 200
+
+        async def step() -> None:  # one E2E-sized enqueue, fetched and acked: durable
+            await conn.call("enqueue", session=sess, recipients=[user], payload=payload)
+            got = await conn.call("fetch", session=sess, limit=1)
+            await conn.call("ack", session=sess, ids=[m["id"] for m in got["messages"]])
+
+        return step
+
+    return prepare
+
+
+async def measure(args: argparse.Namespace) -> dict[str, Any]:
+    # Imported here: the echo server subprocess needs none of the launcher.
+    from qpq_server.devserver import running_server
+
+    conn_counts = [1, 10] if args.quick else [1, 10, 100]
+    seconds = args.seconds or (2.0 if args.quick else 5.0)
+    idle = args.idle or (200 if args.quick else 1000)
+    total_handshakes = 32 if args.quick else 64
+    results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+                               "seconds": seconds, "idle_connections": idle}
+    with tempfile.TemporaryDirectory() as tmp, running_server(
+            Path(tmp), overrides={"rate_limit": {"enabled": False},
+                                  "quic": {"max_unauthenticated_per_address": idle + 64}},
+    ) as srv:
+        echo = start_echo(srv)
+        try:
+            targets = {
+                "aioquic": Target("aioquic", f"127.0.0.1:{echo[1]}", "", srv.ca_cert,
+                                  echo[0].pid, False, echo_prepare()),
+                "qpq": Target("qpq", srv.address, srv.auth_token, srv.ca_cert,
+                              srv.process.pid, True, qpq_prepare()),
+            }
+            for name, target in targets.items():
+                per_n = {str(n): await load(target, n, seconds) for n in conn_counts}
+                results[name] = {"load": per_n, **await handshakes(target, total_handshakes),
+                                 "rss_per_conn_bytes": await idle_rss(target, idle)}
+        finally:
+            echo[0].kill()
+            echo[0].wait()
+    q, a = results["qpq"], results["aioquic"]
+    results.update({
+        "qpq_roundtrips_per_s": q["load"]["10"]["roundtrips_per_s"],
+        "aioquic_roundtrips_per_s": a["load"]["10"]["roundtrips_per_s"],
+        "qpq_rss_per_conn_bytes": q["rss_per_conn_bytes"],
+        "aioquic_rss_per_conn_bytes": a["rss_per_conn_bytes"],
+        "handshake_p95_ms": q["handshake_p95_ms"],
+        "aioquic_handshake_p95_ms": a["handshake_p95_ms"],
+    })
+    results["roundtrip_ratio"] = results["qpq_roundtrips_per_s"] / results[
+        "aioquic_roundtrips_per_s"]
+    results["rss_per_conn_ratio"] = (results["qpq_rss_per_conn_bytes"]
+                                     / max(results["aioquic_rss_per_conn_bytes"], 1.0))
+    results["handshake_p95_ratio"] = q["handshake_p95_ms"] / a["handshake_p95_ms"]
+    return results
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_echo(srv: RunningServer) -> tuple[subprocess.Popen[str], int]:
+    port = free_udp_port()
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--echo-server", str(port), str(srv.ca_cert),
+         str(srv.data_dir / "tls" / "key.pem")], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    if proc.stdout.readline().strip() != "ready":
+        proc.kill()
+        raise SystemExit("the aioquic echo server did not start")
+    return proc, port
+
+
+def print_table(r: dict[str, Any]) -> None:
+    print(f"{'':24}{'aioquic echo':>16}{'qpq':>16}{'qpq/aioquic':>14}")
+    for n in r["qpq"]["load"]:
+        a, q = r["aioquic"]["load"][n], r["qpq"]["load"][n]
+        print(f"round trips/s @ {n:>3} conns{a['roundtrips_per_s']:>14.0f}"
+              f"{q['roundtrips_per_s']:>16.0f}{q['roundtrips_per_s'] / a['roundtrips_per_s']:>14.2f}")
+        for p in ("p50_ms", "p95_ms", "p99_ms"):
+            print(f"  {p:<22}{a[p]:>14.2f}{q[p]:>16.2f}{q[p] / a[p]:>14.2f}")
+    for key, label in (("handshakes_per_s", "handshakes/s (16 conc.)"),
+                       ("handshake_p95_ms", "handshake p95 ms"),
+                       ("rss_per_conn_bytes", "RSS per idle conn (B)")):
+        a, q = r["aioquic"][key], r["qpq"][key]
+        print(f"{label:<24}{a:>16.1f}{q:>16.1f}{q / a if a else float('nan'):>14.2f}")
+    print(f"targets: roundtrip_ratio {r['roundtrip_ratio']:.2f} (>= 0.5), rss_per_conn_ratio "
+          f"{r['rss_per_conn_ratio']:.2f} (<= 1.0), handshake_p95_ratio "
+          f"{r['handshake_p95_ratio']:.2f} (<= 1.25)")
+
+
+def main() -> None:
+    if len(sys.argv) == 5 and sys.argv[1] == "--echo-server":
+        asyncio.run(echo_server(int(sys.argv[2]), sys.argv[3], sys.argv[4]))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="1 and 10 connections, 2 s each")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--seconds", type=float, default=0.0, help="seconds per load step")
+    parser.add_argument("--idle", type=int, default=0, help="idle connections for RSS")
+    args = parser.parse_args()
+    results = asyncio.run(measure(args))
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print_table(results)
+
+
+if __name__ == "__main__":
+    main()
