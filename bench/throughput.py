@@ -13,16 +13,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import sys
 import tempfile
 import time
 from contextlib import AsyncExitStack
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from qpq_server.client import QpqClient, QpqConnection, connect
-from tests.helpers.server import RunningServer, rss_kb, running_server
+from qpq_server.client import QpqClient, QpqConnection
+from qpq_server.devserver import RunningServer, rss_kb, running_server
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -37,9 +34,7 @@ async def open_connections(srv: RunningServer, n: int, stack: AsyncExitStack,
 
     async def one() -> QpqConnection:
         async with sem:
-            return await stack.enter_async_context(
-                connect(srv.address, srv.auth_token, ca=srv.ca_cert, server_name="localhost",
-                        timeout=30, idle_timeout=300))
+            return await stack.enter_async_context(srv.connect(timeout=30, idle_timeout=300))
 
     conns = await asyncio.gather(*(one() for _ in range(n)))
     return list(conns), time.perf_counter() - started
@@ -93,8 +88,10 @@ async def main() -> None:
     parser.add_argument("--idle", type=int, default=1000)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        overrides = {"rate_limit": {"enabled": False},
-                     "quic": {"max_handshakes_in_flight": 4096, "retry": "never"}}
+        overrides: dict[str, dict[str, object]] = {
+            "rate_limit": {"enabled": False},
+            "quic": {"max_handshakes_in_flight": 4096, "retry": "never"},
+        }
         with running_server(Path(tmp), overrides=overrides) as srv:
             print(f"qpq-server pid {srv.process.pid} on {srv.address}, "
                   f"start RSS {rss_kb(srv.process.pid) / 1024:.1f} MB")

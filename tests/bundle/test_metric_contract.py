@@ -25,7 +25,7 @@ from qpq_ops.metrics_catalog import (
     sample_names,
 )
 from qpq_ops.triggers import TRIGGERS
-from tests.bundle.conftest import NodeExporter
+from qpq_server.devserver import NodeExporter
 from tests.bundle.exposition import Exposition, parse_exposition
 from tests.bundle.promql_names import metric_names
 from tests.helpers.server import BIN, RunningServer, running_server

@@ -19,7 +19,7 @@ from qpq_ops.backup.textfile import TEXTFILE_NAME, write_backup_metrics
 from qpq_ops.render.recording_rules import trigger_record
 from qpq_ops.render.selectors import NODE_JOB, QPQ_JOB
 from qpq_ops.triggers import TRIGGERS
-from tests.bundle.conftest import NodeExporter
+from qpq_server.devserver import NodeExporter
 from tests.helpers.prometheus import ScrapeJob, running_prometheus
 from tests.helpers.server import running_server
 
@@ -49,7 +49,7 @@ def test_rules_and_dashboard_queries_run_on_real_exporters(
                   repo / "prometheus/alerts/qpq-alerts.yml"]
     with running_server(tmp_path / "server") as server:
         jobs = [ScrapeJob(QPQ_JOB, [server.metrics_url.removeprefix("http://")], instance=NODE),
-                ScrapeJob(NODE_JOB, [node_exporter.url.removeprefix("http://")], instance=NODE)]
+                ScrapeJob(NODE_JOB, [node_exporter.hostport], instance=NODE)]
         with running_prometheus(tmp_path, jobs, rule_files=rule_files) as prom:
             prom.wait_for_targets_up()
             start = time.time()
@@ -78,14 +78,16 @@ def test_rules_and_dashboard_queries_run_on_real_exporters(
 def test_backup_alert_is_pending_without_a_backup_and_clears_after_one(
         tmp_path: Path, repo: Path, node_exporter: NodeExporter) -> None:
     rule_files = [repo / "prometheus/alerts/qpq-alerts.yml"]
-    jobs = [ScrapeJob(NODE_JOB, [node_exporter.url.removeprefix("http://")], instance=NODE)]
-    (node_exporter.textfile_dir / TEXTFILE_NAME).unlink(missing_ok=True)
+    jobs = [ScrapeJob(NODE_JOB, [node_exporter.hostport], instance=NODE)]
+    textfiles = node_exporter.textfile_dir
+    assert textfiles is not None
+    (textfiles / TEXTFILE_NAME).unlink(missing_ok=True)
     with running_prometheus(tmp_path, jobs, rule_files=rule_files) as prom:
         prom.wait_for_targets_up()
         missing = ('ALERTS{alertname="qpq_backup_stale",reason="missing",'
                    f'alertstate="pending",instance="{NODE}"}}')
         prom.wait_for(missing, timeout=20)
         # The writer `qpq-ops backup create` uses, after a successful backup.
-        write_backup_metrics(node_exporter.textfile_dir, time.time(), 1000, 1.0)
+        write_backup_metrics(textfiles, time.time(), 1000, 1.0)
         prom.wait_for(missing, lambda result: not result, timeout=20)
         assert prom.query('ALERTS{alertname="qpq_backup_stale"}') == []

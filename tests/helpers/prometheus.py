@@ -49,7 +49,7 @@ from typing import Any
 import httpx
 import yaml
 
-from tests.helpers.ports import free_port
+from qpq_server.devserver import free_port
 
 __all__ = ["RunningPrometheus", "ScrapeJob", "running_prometheus"]
 

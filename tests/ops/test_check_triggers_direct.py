@@ -4,8 +4,6 @@ node_exporter, and the test exporter's per-instance pages)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -15,7 +13,7 @@ from typer.testing import CliRunner
 from qpq_ops.cli import app
 from qpq_ops.evaluate.exposition import histogram_quantile, parse
 from qpq_ops.triggers import TRIGGER_IDS
-from tests.helpers.ports import free_port
+from qpq_server.devserver import running_node_exporter
 from tests.helpers.server import RunningServer, running_server
 from tests.ops.fake_exporter import (
     CRIT,
@@ -47,23 +45,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
 
 @pytest.fixture(scope="module")
 def node_exporter() -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        ["prometheus-node-exporter", f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    with running_node_exporter() as exporter:
+        yield exporter.url
 
 
 @pytest.fixture(scope="module")

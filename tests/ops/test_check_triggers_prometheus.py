@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from typer.testing import CliRunner
 from qpq_ops.cli import app
 from qpq_ops.evaluate.prometheus import evaluate_prometheus
 from qpq_ops.triggers import TRIGGER_IDS, Scope, State, get_trigger
-from tests.helpers.ports import free_port
+from qpq_server.devserver import free_port, running_node_exporter
 from tests.helpers.prometheus import RunningPrometheus, ScrapeJob, running_prometheus
 from tests.helpers.server import RunningServer, running_server
 from tests.ops.fake_exporter import (
@@ -76,38 +75,29 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             (now - 80, Profile(cpu_busy=95, queue_depth=200_000)),
         ]),
     ])
-    node_port = free_port()
-    node = subprocess.Popen(
-        ["prometheus-node-exporter", f"--web.listen-address=127.0.0.1:{node_port}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        with serving(exporter), running_server(tmp) as server:
-            dead = f"127.0.0.1:{free_port()}"  # nothing listens there
-            jobs = [
-                ScrapeJob("fake", [exporter.hostport], honor_labels=True),
-                ScrapeJob("qpq", [server.metrics_url.removeprefix("http://")],
-                          instance="realhost"),
-                ScrapeJob("node", [f"127.0.0.1:{node_port}"], instance="realhost"),
-                ScrapeJob("other-team-node", [f"127.0.0.1:{node_port}"], instance="foreign"),
-            ]
-            dead_targets = [{"job_name": f"dead-{job}", "static_configs": [{"targets": [dead]}],
-                             "relabel_configs": [
-                                 {"target_label": "instance", "replacement": "deadhost"},
-                                 {"target_label": "job", "replacement": job}]}
-                            for job in ("qpq", "node")]
-            history = exporter.history(t0, now, 2.0)
-            with running_prometheus(tmp, jobs, scrape_configs=dead_targets,
-                                    history=history) as prom:
-                prom.wait_for('up{instance="deadhost"} == 0', lambda r: len(r) == 2)
-                prom.wait_for('up{instance=~"realhost|foreign"} == 1', lambda r: len(r) == 3)
-                # rate() needs two samples of the real targets
-                for metric in ("qpq_connections_max", "node_memory_MemTotal_bytes"):
-                    prom.wait_for(f'count_over_time({metric}{{instance="realhost"}}[1m]) >= 3')
-                yield Stack(prom, exporter, server, now)
-    finally:
-        node.terminate()
-        node.wait(timeout=10)
+    with serving(exporter), running_server(tmp) as server, running_node_exporter() as node:
+        dead = f"127.0.0.1:{free_port()}"  # nothing listens there
+        jobs = [
+            ScrapeJob("fake", [exporter.hostport], honor_labels=True),
+            ScrapeJob("qpq", [server.metrics_url.removeprefix("http://")],
+                      instance="realhost"),
+            ScrapeJob("node", [node.hostport], instance="realhost"),
+            ScrapeJob("other-team-node", [node.hostport], instance="foreign"),
+        ]
+        dead_targets = [{"job_name": f"dead-{job}", "static_configs": [{"targets": [dead]}],
+                         "relabel_configs": [
+                             {"target_label": "instance", "replacement": "deadhost"},
+                             {"target_label": "job", "replacement": job}]}
+                        for job in ("qpq", "node")]
+        history = exporter.history(t0, now, 2.0)
+        with running_prometheus(tmp, jobs, scrape_configs=dead_targets,
+                                history=history) as prom:
+            prom.wait_for('up{instance="deadhost"} == 0', lambda r: len(r) == 2)
+            prom.wait_for('up{instance=~"realhost|foreign"} == 1', lambda r: len(r) == 3)
+            # rate() needs two samples of the real targets
+            for metric in ("qpq_connections_max", "node_memory_MemTotal_bytes"):
+                prom.wait_for(f'count_over_time({metric}{{instance="realhost"}}[1m]) >= 3')
+            yield Stack(prom, exporter, server, now)
 
 
 def trig_sustained(trigger_id: str) -> bool:
