@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +61,10 @@ BIN = Path(sys.executable).parent
 NODE_EXPORTER = Path("/usr/bin/prometheus-node-exporter")
 
 T = TypeVar("T")
+
+# What qpq_server.app logs after a SIGHUP (tests wait for it instead of sleeping).
+_RELOADED = "reloaded access tokens and TLS certificate"
+_RELOAD_FAILED = "reload failed"
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
@@ -173,6 +177,7 @@ class RunningServer:
     process: subprocess.Popen[bytes]
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
+    server_name: str = "localhost"
 
     @property
     def address(self) -> str:
@@ -186,7 +191,7 @@ class RunningServer:
         from qpq_server.client import connect  # lazily: aioquic only when a test talks QUIC
 
         async with connect(self.address, self.auth_token if token is None else token,
-                           ca=ca or self.ca_cert, server_name="localhost", timeout=timeout,
+                           ca=ca or self.ca_cert, server_name=self.server_name, timeout=timeout,
                            idle_timeout=idle_timeout, hello=hello) as conn:
             yield conn
 
@@ -205,23 +210,53 @@ class RunningServer:
     def signal(self, sig: int) -> None:
         self.process.send_signal(sig)
 
+    def reloads(self) -> tuple[int, int]:
+        """(done, failed): the SIGHUP reloads the server has logged (see `App.reload`)."""
+        text = self.log()
+        return text.count(_RELOADED), text.count(_RELOAD_FAILED)
+
+    def wait_reloaded(self, after: tuple[int, int], timeout: float = 10.0) -> None:
+        """Until one more reload than `after` (a `reloads()` value) is logged as done;
+        one more logged as failed raises RuntimeError with the log's tail."""
+        def outcome() -> bool:
+            done, failed = self.reloads()
+            if failed > after[1]:
+                raise RuntimeError(f"qpq-server reload failed:\n{self.log()[-2000:]}")
+            return done > after[0]
+
+        wait_until(outcome, timeout, "qpq-server logging a reload")
+
+    def reload(self, timeout: float = 10.0) -> None:
+        """SIGHUP, then wait until the server has re-read its tokens and certificate."""
+        before = self.reloads()
+        self.signal(signal.SIGHUP)
+        self.wait_reloaded(before, timeout)
+
     def stop(self, timeout: float = 20.0) -> int:
         return stop_process(self.process, timeout)
 
 
-def start_server(config_path: Path, *, env: dict[str, str] | None = None,
-                 ready_timeout: float = 20.0) -> RunningServer:
-    """Start `qpq-server run` on an initialised data dir and wait for /readyz."""
+def start_server(config_path: Path, *, env: Mapping[str, str] | None = None,
+                 ready_timeout: float = 20.0, executable: Path | None = None,
+                 base_env: Mapping[str, str] | None = None, log_path: Path | None = None,
+                 server_name: str = "localhost") -> RunningServer:
+    """Start `qpq-server run` on an initialised data dir and wait for /readyz.
+
+    `executable` is another install's qpq-server (a deployed venv; default: this one's),
+    `base_env` replaces the inherited environment (`env` is added on top), `log_path`
+    defaults to server.log in the data dir, `server_name` is what clients check the
+    certificate against."""
     config = tomllib.loads(config_path.read_text())
     data_dir = (config_path.parent / config["server"].get("data_dir", ".")).resolve()
     secrets = read_env_file(config_path.parent / ".env")
-    log_path = data_dir / "server.log"
+    log_path = log_path or data_dir / "server.log"
     # the server reads secrets from .env; stray QPQ_* from the caller's shell must not win
-    proc_env = {k: v for k, v in os.environ.items() if not k.startswith("QPQ_")}
+    inherited = os.environ if base_env is None else base_env
+    proc_env = {k: v for k, v in inherited.items() if not k.startswith("QPQ_")}
     proc_env.update(env or {})
     with log_path.open("ab") as log_file:
         process = subprocess.Popen(
-            [str(BIN / "qpq-server"), "run", "--config", str(config_path)],
+            [str(executable or BIN / "qpq-server"), "run", "--config", str(config_path)],
             stdout=log_file,
             stderr=subprocess.STDOUT,
             env=proc_env,
@@ -238,6 +273,7 @@ def start_server(config_path: Path, *, env: dict[str, str] | None = None,
         process=process,
         log_path=log_path,
         env=proc_env,
+        server_name=server_name,
     )
     _wait_http_ready(metrics_url + "/readyz", process, ready_timeout, "qpq-server", server.log)
     return server

@@ -13,15 +13,15 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from qpq_server.client import ClientError
+from qpq_server.devserver import await_until, init_server_dir, start_server
 from tests.backup.support import add_blob, db_key_of, ops
-from tests.helpers.server import init_data_dir, start_server
 from tests.server.conftest import client_factory_for
 
 QPQ_OPS = str(Path(sys.executable).parent / "qpq-ops")
 
 
 async def test_backup_under_traffic_restores_every_acknowledged_message(tmp_path: Path) -> None:
-    config = init_data_dir(tmp_path / "live")
+    config = init_server_dir(tmp_path / "live")
     blob = add_blob(config.parent, b"ciphertext of an attachment")
     srv = start_server(config)
     acknowledged: list[tuple[float, str]] = []
@@ -41,15 +41,15 @@ async def test_backup_under_traffic_restores_every_acknowledged_message(tmp_path
                     i += 1
 
             sender = asyncio.create_task(keep_sending())
-            while len(acknowledged) < 20:
-                await asyncio.sleep(0.02)
+            await await_until(lambda: len(acknowledged) >= 20, 30, "20 acknowledged messages")
             proc = await asyncio.create_subprocess_exec(
                 QPQ_OPS, "backup", "create", "--config", str(config),
                 "--dest", str(tmp_path / "backups"), "--textfile-dir", str(tmp_path / "tf"),
                 "--json", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
                 env={k: v for k, v in os.environ.items() if not k.startswith("QPQ_")})
             out, errs = await asyncio.wait_for(proc.communicate(), 60)
-            await asyncio.sleep(0.2)  # keep sending a little after the snapshot too
+            sent = len(acknowledged)  # keep sending a little after the snapshot too
+            await await_until(lambda: len(acknowledged) >= sent + 5, 30, "5 more messages")
             stop.set()
             await sender
     finally:
@@ -70,7 +70,7 @@ async def test_backup_under_traffic_restores_every_acknowledged_message(tmp_path
     assert "-v0.1.0-schema" in archive.name and archive.stat().st_mode & 0o777 == 0o600
 
     # A new box: a fresh `qpq-server init` (its own new DB key), the old key provided.
-    fresh = init_data_dir(tmp_path / "fresh")
+    fresh = init_server_dir(tmp_path / "fresh")
     restored = ops("restore", archive, "--config", fresh, "--json",
                    env={"QPQ_DB_KEY": db_key_of(config)})
     assert restored.exit_code == 0, restored.stderr

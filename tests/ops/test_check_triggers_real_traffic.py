@@ -14,8 +14,8 @@ import pytest
 from typer.testing import CliRunner
 
 from qpq_ops.cli import app
-from qpq_server.client import ClientError, connect
-from tests.helpers.server import RunningServer, running_server
+from qpq_server.client import ClientError
+from qpq_server.devserver import RunningServer, running_server, wait_until
 
 runner = CliRunner()
 
@@ -35,31 +35,39 @@ def direct(server: RunningServer, trigger: str, sample: float) -> dict:  # type:
     return doc
 
 
-async def _bad_hellos(server: RunningServer, count: int) -> int:
-    failed = 0
-    for _ in range(count):
-        try:
-            async with connect(server.address, "wrong-token", ca=server.ca_cert, timeout=5):
-                pass
-        except ClientError:
-            failed += 1
-    return failed
+async def _bad_hellos(server: RunningServer, stop: threading.Event, failed: list[int]) -> None:
+    """Two paced attackers, each one bad hello per 0.3 s at most, until `stop`: the rate is
+    steady for as long as the sample runs, wherever its window falls (at most 400/min,
+    about 120/min even if each refused handshake takes a whole second)."""
+    async def attacker() -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                async with server.connect("wrong-token", timeout=5):
+                    pass
+            except ClientError:
+                failed.append(1)
+            await asyncio.sleep(max(0.0, 0.3 - (time.monotonic() - started)))
+
+    await asyncio.gather(attacker(), attacker())
 
 
 def test_rejected_hellos_raise_login_failures_per_minute(server: RunningServer) -> None:
-    results: dict[str, int] = {}
-
-    def attack() -> None:
-        time.sleep(0.5)  # inside the sample window
-        results["failed"] = asyncio.run(_bad_hellos(server, 12))
-
-    thread = threading.Thread(target=attack)
+    stop = threading.Event()
+    failed: list[int] = []
+    before = server.metric("qpq_auth_login_failure_total")
+    thread = threading.Thread(target=lambda: asyncio.run(_bad_hellos(server, stop, failed)))
     thread.start()
-    doc = direct(server, "login_failures", sample=4)
-    thread.join(timeout=30)
-    assert results["failed"] == 12
+    try:
+        wait_until(lambda: server.metric("qpq_auth_login_failure_total") > before, 30,
+                   "the first rejected hello being counted")
+        doc = direct(server, "login_failures", sample=3)
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert failed and server.metric("qpq_auth_login_failure_total") >= before + len(failed)
     row = doc["triggers"][0]
-    # 12 failures in ~4 s = ~180 per minute: past the 50/min warning, under 500/min
+    # ~2 x 200 per minute at most: past the 50/min warning, under the 500/min critical
     assert 50 < row["value"] < 500, row
     assert row["state"] == "warning" and doc["exit_code"] == 1
 
@@ -72,8 +80,7 @@ def test_held_connections_near_the_cap_are_reported(server: RunningServer) -> No
     async def hold(n: int) -> None:
         async with contextlib.AsyncExitStack() as stack:
             for _ in range(n):
-                await stack.enter_async_context(
-                    connect(server.address, server.auth_token, ca=server.ca_cert, timeout=5))
+                await stack.enter_async_context(server.connect(timeout=5))
             opened.set()
             while not release.is_set():
                 await asyncio.sleep(0.05)
@@ -99,10 +106,10 @@ def test_held_connections_near_the_cap_are_reported(server: RunningServer) -> No
 
 
 def test_idle_server_connections_are_ok(server: RunningServer) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+    def idle() -> dict | None:  # type: ignore[type-arg]
         doc = direct(server, "connections", sample=0.1)
-        if doc["triggers"][0]["value"] == 0:
-            break
-        time.sleep(0.3)  # closed connections linger 3 x PTO
+        return doc if doc["triggers"][0]["value"] == 0 else None
+
+    # closed connections linger 3 x PTO after the previous test
+    doc = wait_until(idle, 10, "no open connections")
     assert doc["triggers"][0]["state"] == "ok" and doc["exit_code"] == 0

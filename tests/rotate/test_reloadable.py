@@ -13,11 +13,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from qpq_server.client import ClientError, connect
+from qpq_server.client import ClientError
+from qpq_server.devserver import init_server_dir, start_server
 from qpq_server.secrets import read_env_file
 from qpq_server.tls import write_self_signed
 from tests.backup.support import ops, tree_digest
-from tests.helpers.server import init_data_dir, start_server
 
 
 def _write_expired(cert_path: Path, key_path: Path) -> None:
@@ -37,7 +37,7 @@ def _write_expired(cert_path: Path, key_path: Path) -> None:
 
 
 async def test_auth_token_rotation_keeps_clients_working(tmp_path: Path) -> None:
-    config = init_data_dir(tmp_path / "d")
+    config = init_server_dir(tmp_path / "d")
     srv = start_server(config)
     try:
         old = srv.auth_token
@@ -46,16 +46,17 @@ async def test_auth_token_rotation_keeps_clients_working(tmp_path: Path) -> None
         assert dry.exit_code == 0 and dry.json()["dry_run"]
         assert tree_digest(config.parent) == before
 
-        async with connect(srv.address, old, ca=srv.ca_cert, server_name="localhost") as live:
+        async with srv.connect(old) as live:
+            reloads = srv.reloads()
             rotated = ops("rotate", "auth-token", "--config", config, "--json")
             assert rotated.exit_code == 0, rotated.stderr
+            srv.wait_reloaded(reloads)
             assert rotated.json()["reload"].startswith("SIGHUP to pid")
             new = read_env_file(config.parent / ".env")["QPQ_AUTH_TOKEN"]
             assert new != old and new not in rotated.stdout + rotated.stderr
             assert (await live.call("ping"))["ok"]
             for token in (new, old):  # both accepted during the grace period
-                async with connect(srv.address, token, ca=srv.ca_cert, server_name="localhost"
-                                   ) as c:
+                async with srv.connect(token) as c:
                     assert (await c.call("ping"))["ok"]
 
             again = ops("rotate", "auth-token", "--config", config)
@@ -63,12 +64,14 @@ async def test_auth_token_rotation_keeps_clients_working(tmp_path: Path) -> None
             early = ops("rotate", "auth-token", "--config", config, "--finish")
             assert early.exit_code == 64 and "grace period runs until" in early.stderr
 
+            reloads = srv.reloads()
             finished = ops("rotate", "auth-token", "--config", config, "--finish", "--force")
             assert finished.exit_code == 0, finished.stderr
+            srv.wait_reloaded(reloads)
             with pytest.raises(ClientError):
-                async with connect(srv.address, old, ca=srv.ca_cert, server_name="localhost"):
+                async with srv.connect(old):
                     pass
-            async with connect(srv.address, new, ca=srv.ca_cert, server_name="localhost") as c:
+            async with srv.connect(new) as c:
                 assert (await c.call("ping"))["ok"]
             # Finishing revokes the old token, and with it the connection that used it.
             deadline = asyncio.get_running_loop().time() + 15
@@ -87,28 +90,26 @@ async def test_auth_token_rotation_keeps_clients_working(tmp_path: Path) -> None
 
 async def test_tls_rotation_keeps_connections_and_serves_the_new_certificate(
         tmp_path: Path) -> None:
-    config = init_data_dir(tmp_path / "d")
+    config = init_server_dir(tmp_path / "d")
     tls_dir = config.parent / "tls"
     old_cert = tmp_path / "old-cert.pem"
     old_cert.write_bytes((tls_dir / "cert.pem").read_bytes())
     srv = start_server(config)
     try:
-        async with connect(srv.address, srv.auth_token, ca=old_cert,
-                           server_name="localhost") as live:
+        async with srv.connect(ca=old_cert) as live:
+            reloads = srv.reloads()
             rotated = ops("rotate", "tls", "--config", config, "--json")
             assert rotated.exit_code == 0, rotated.stderr
+            srv.wait_reloaded(reloads)
             result = rotated.json()
             assert result["fingerprint"] != result["previous_fingerprint"]
             assert (await live.call("ping"))["ok"]  # established connection survives
-            async with connect(srv.address, srv.auth_token, ca=tls_dir / "cert.pem",
-                               server_name="localhost") as c:
+            async with srv.connect(ca=tls_dir / "cert.pem") as c:
                 assert (await c.call("ping"))["ok"]
-            async with connect(srv.address, srv.auth_token, ca=tls_dir / "trust-bundle.pem",
-                               server_name="localhost") as c:
+            async with srv.connect(ca=tls_dir / "trust-bundle.pem") as c:
                 assert (await c.call("ping"))["ok"]
             with pytest.raises(ClientError):  # the old pin no longer matches new handshakes
-                async with connect(srv.address, srv.auth_token, ca=old_cert,
-                                   server_name="localhost", timeout=3):
+                async with srv.connect(ca=old_cert, timeout=3):
                     pass
             assert (tls_dir / "cert.pem.previous").read_bytes() == old_cert.read_bytes()
             assert (await live.call("ping"))["ok"]
@@ -118,7 +119,7 @@ async def test_tls_rotation_keeps_connections_and_serves_the_new_certificate(
 
 def test_tls_rotation_installs_a_provided_pair_only_if_it_matches_and_is_valid(
         tmp_path: Path) -> None:
-    config = init_data_dir(tmp_path / "d")
+    config = init_server_dir(tmp_path / "d")
     a, b = tmp_path / "a", tmp_path / "b"
     write_self_signed(a / "cert.pem", a / "key.pem", "localhost")
     write_self_signed(b / "cert.pem", b / "key.pem", "localhost")
@@ -153,7 +154,7 @@ def test_tls_rotation_installs_a_provided_pair_only_if_it_matches_and_is_valid(
 
 async def test_staged_tls_rotation_never_fails_a_client_holding_the_bundle(
         tmp_path: Path) -> None:
-    config = init_data_dir(tmp_path / "d")
+    config = init_server_dir(tmp_path / "d")
     tls_dir = config.parent / "tls"
     srv = start_server(config)
     try:
@@ -162,15 +163,15 @@ async def test_staged_tls_rotation_never_fails_a_client_holding_the_bundle(
         bundle = tmp_path / "client-bundle.pem"  # what the operator hands out
         bundle.write_bytes((tls_dir / "trust-bundle.pem").read_bytes())
         assert len(x509.load_pem_x509_certificates(bundle.read_bytes())) == 2
-        async with connect(srv.address, srv.auth_token, ca=bundle,
-                           server_name="localhost") as c:  # still the current pair
+        async with srv.connect(ca=bundle) as c:  # still the current pair
             assert (await c.call("ping"))["ok"]
+        reloads = srv.reloads()
         rotated = ops("rotate", "tls", "--config", config, "--json")
         assert rotated.exit_code == 0, rotated.stderr
+        srv.wait_reloaded(reloads)
         assert rotated.json()["fingerprint"] == staged.json()["fingerprint"]
         assert not (tls_dir / "next-cert.pem").exists()
-        async with connect(srv.address, srv.auth_token, ca=bundle,
-                           server_name="localhost") as c:  # now the staged pair
+        async with srv.connect(ca=bundle) as c:  # now the staged pair
             assert (await c.call("ping"))["ok"]
     finally:
         srv.stop()
@@ -180,7 +181,7 @@ async def test_staged_tls_rotation_never_fails_a_client_holding_the_bundle(
 
 def test_auth_token_rotation_warns_when_the_environment_would_override_the_env_file(
         tmp_path: Path) -> None:
-    config = init_data_dir(tmp_path / "d")
+    config = init_server_dir(tmp_path / "d")
     token = read_env_file(config.parent / ".env")["QPQ_AUTH_TOKEN"]
     srv = start_server(config, env={"QPQ_AUTH_TOKEN": token})
     try:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from qpq_server.client import QpqClient, QpqConnection, connect
-from tests.helpers.server import RunningServer, running_server
+from qpq_server.client import QpqClient, QpqConnection
+from qpq_server.devserver import RunningServer, running_server
 
 ClientFactory = Callable[..., AbstractAsyncContextManager[QpqClient]]
 
@@ -24,8 +24,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
 def client_factory_for(srv: RunningServer, profile_dir: Path) -> ClientFactory:
     @asynccontextmanager
     async def make(token: str | None = None) -> AsyncIterator[QpqClient]:
-        async with connect(srv.address, token or srv.auth_token, ca=srv.ca_cert,
-                           server_name="localhost", timeout=10) as conn:
+        async with srv.connect(token or None) as conn:
             yield QpqClient(conn, profile_dir)
 
     return make
@@ -39,6 +38,5 @@ def client(server: RunningServer, tmp_path: Path) -> ClientFactory:
 @asynccontextmanager
 async def raw_connection(srv: RunningServer, token: str | None = None,
                          hello: bool = True) -> AsyncIterator[QpqConnection]:
-    async with connect(srv.address, token or srv.auth_token, ca=srv.ca_cert,
-                       server_name="localhost", timeout=10, hello=hello) as conn:
+    async with srv.connect(token or None, hello=hello) as conn:
         yield conn

@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from qpq_server.client import ClientError, QpqClient, connect
+from qpq_server.client import ClientError, QpqClient
+from qpq_server.devserver import BIN, RunningServer, await_until, rss_kb, running_server
 from qpq_server.protocol.codec import encode_frame
-from tests.helpers.server import BIN, RunningServer, rss_kb, running_server
 
 MAX_BLOB = 55_000_000
 QUOTA = 56_000_000
@@ -38,8 +38,7 @@ def blob_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSer
 
 @asynccontextmanager
 async def client_for(srv: RunningServer, profiles: Path) -> AsyncIterator[QpqClient]:
-    async with connect(srv.address, srv.auth_token, ca=srv.ca_cert, server_name="localhost",
-                       timeout=30) as conn:
+    async with srv.connect(timeout=30) as conn:
         yield QpqClient(conn, profiles)
 
 
@@ -91,10 +90,14 @@ def code_of(response: dict[str, Any]) -> str:
 
 
 async def wait_until_files(srv: RunningServer, expected: set[str]) -> None:
-    deadline = time.monotonic() + 10
-    while blob_files(srv) != expected and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    assert blob_files(srv) == expected
+    await await_until(lambda: blob_files(srv) == expected, 10, f"blob files == {expected}")
+
+
+async def wait_until_uploading(srv: RunningServer, count: int) -> None:
+    """Until `count` uploads have their temp file under blobs/tmp/."""
+    tmp = srv.data_dir / "blobs" / "tmp"
+    await await_until(lambda: len(list(tmp.glob("*.part"))) == count, 10,
+                      f"{count} upload temp file(s)")
 
 
 async def test_50mb_file_round_trip_keeps_server_memory_bounded(
@@ -141,14 +144,14 @@ async def test_interrupted_uploads_leave_nothing_behind(
         assert session
         before = blob_files(blob_server)
         sid, _ = await raw_put(c, session, [chunk] * 4, 5_000_000, b"\x01" * 32, end=False)
-        await asyncio.sleep(0.3)
-        assert len(blob_files(blob_server)) == len(before) + 1  # the temp file exists
+        await wait_until_uploading(blob_server, 1)
+        assert len(blob_files(blob_server)) == len(before) + 1  # only the temp file
         c.conn.protocol._quic.reset_stream(sid, 0)  # cut off midway
         c.conn.protocol.transmit()
         await wait_until_files(blob_server, before)
     async with client_for(blob_server, tmp_path / "p") as c:  # connection dropped midway
         await raw_put(c, session, [chunk] * 4, 5_000_000, b"\x02" * 32, end=False)
-        await asyncio.sleep(0.3)
+        await wait_until_uploading(blob_server, 1)
     await wait_until_files(blob_server, before)
     async with client_for(blob_server, tmp_path / "p") as c:
         # the aborted uploads no longer count against the quota
@@ -298,16 +301,22 @@ async def test_unreferenced_blobs_expire_and_referenced_ones_wait_for_download(
             doc = tmp_path / "kept.txt"
             doc.write_bytes(b"kept until fetched")
             await c.send_file("exp_a", ["exp_b"], doc)
-            await asyncio.sleep(3)
-            names = {Path(n).name for n in blob_files(srv)}
-            assert hashlib.sha256(loose).hexdigest() not in names  # expired
-            assert len([n for n in names if not n.endswith(".meta")]) == 1  # referenced one
+
+            def names() -> set[str]:
+                return {Path(n).name for n in blob_files(srv)}
+
+            loose_id = hashlib.sha256(loose).hexdigest()
+            await await_until(lambda: loose_id not in names(), 15, "the loose blob expiring")
+            # A negative check needs time to pass, not a poll: past its own retention and
+            # several sweeps later, the referenced blob is still kept.
+            await asyncio.sleep(2)
+            assert len([n for n in names() if not n.endswith(".meta")]) == 1  # referenced one
             got = await c.receive("exp_b", before_ack=lambda m: c.save_file(
                 "exp_b", m, tmp_path / "in"))
             assert (tmp_path / "in" / "kept.txt").read_bytes() == b"kept until fetched"
             assert got
             await wait_until_files(srv, set())
-            assert srv.metric("qpq_blob_bytes") == 0
+            await await_until(lambda: srv.metric("qpq_blob_bytes") == 0, 10, "qpq_blob_bytes 0")
 
 
 async def test_store_start_drops_what_was_never_acknowledged(tmp_path: Path) -> None:

@@ -9,8 +9,7 @@ from pathlib import Path
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 
-from qpq_server.client import connect
-from tests.helpers.server import RunningServer, running_server
+from qpq_server.devserver import RunningServer, running_server, wait_until
 
 
 def send_half_open_handshakes(srv: RunningServer, count: int) -> socket.socket:
@@ -33,19 +32,13 @@ async def test_half_open_handshakes_are_capped_then_timed_out(tmp_path: Path) ->
     with running_server(tmp_path, overrides=overrides) as srv:
         sock = send_half_open_handshakes(srv, 10)
         try:
-            deadline = time.monotonic() + 5
             refused = "qpq_connections_refused_total"
-            while srv.metric(refused, reason="handshakes") < 6 and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert srv.metric(refused, reason="handshakes") >= 6  # 4 admitted, the rest refused
-            deadline = time.monotonic() + 10
-            while (srv.metric(refused, reason="handshake_timeout") < 4
-                   and time.monotonic() < deadline):
-                time.sleep(0.1)
-            assert srv.metric(refused, reason="handshake_timeout") >= 4
+            wait_until(lambda: srv.metric(refused, reason="handshakes") >= 6, 5,
+                       "6 handshakes refused (4 admitted, the rest refused)")
+            wait_until(lambda: srv.metric(refused, reason="handshake_timeout") >= 4, 10,
+                       "the 4 admitted half-open handshakes timing out")
             # once the half-open ones are gone, a real client gets in
-            async with connect(srv.address, srv.auth_token, ca=srv.ca_cert,
-                               server_name="localhost") as conn:
+            async with srv.connect() as conn:
                 assert (await conn.call("ping"))["ok"]
         finally:
             sock.close()
@@ -53,6 +46,5 @@ async def test_half_open_handshakes_are_capped_then_timed_out(tmp_path: Path) ->
 
 async def test_retry_always_still_serves_real_clients(tmp_path: Path) -> None:
     with running_server(tmp_path, overrides={"quic": {"retry": "always"}}) as srv:
-        async with connect(srv.address, srv.auth_token, ca=srv.ca_cert,
-                           server_name="localhost") as conn:
+        async with srv.connect() as conn:
             assert (await conn.call("ping"))["ok"]

@@ -16,9 +16,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from qpq_server.client import QpqClient, connect
+from qpq_server.client import QpqClient
 from qpq_server.client.errors import ClientError
 from qpq_server.client.kt import KtVerifier, KtViolation
+from qpq_server.devserver import BIN, RunningServer, running_server, start_server
 from qpq_server.kt.keymap import KeyMap, verify_map_inclusion
 from qpq_server.kt.merkle import (
     MerkleTree,
@@ -28,7 +29,6 @@ from qpq_server.kt.merkle import (
     verify_inclusion,
 )
 from qpq_server.kt.sth import SignedTreeHead, TreeHeadSigner, kt_leaf, verify_tree_head
-from tests.helpers.server import BIN, RunningServer, running_server, start_server
 from tests.server.conftest import ClientFactory
 
 # -- an independent, literal reading of RFC 9162 section 2.1 (hashlib, recursion) -------
@@ -306,8 +306,7 @@ async def test_client_detects_truncated_and_forked_logs_across_restarts(
         tmp_path: Path) -> None:
     with running_server(tmp_path, overrides={"storage": {"backend": "file"},
                                              "rate_limit": {"enabled": False}}) as srv:
-        async with connect(srv.address, srv.auth_token, ca=srv.ca_cert,
-                           server_name="localhost") as conn:
+        async with srv.connect() as conn:
             c = QpqClient(conn, tmp_path / "profiles")
             for name in ("f_a", "f_b", "f_c"):
                 await c.register(name, "pw")

@@ -7,19 +7,26 @@ import signal
 import socket
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from qpq_server.client import ClientError, connect
+from qpq_server.client import ClientError
+from qpq_server.devserver import (
+    BIN,
+    await_until,
+    free_port,
+    init_server_dir,
+    running_server,
+    start_server,
+)
 from qpq_server.secrets import read_env_file, write_env_file
-from tests.helpers.ports import free_port
-from tests.helpers.server import BIN, init_data_dir, running_server, start_server
 from tests.server.conftest import client_factory_for
 
 
 async def test_messages_survive_a_restart(tmp_path: Path) -> None:
-    config = init_data_dir(tmp_path / "d")
+    config = init_server_dir(tmp_path / "d")
     srv = start_server(config)
     try:
         make = client_factory_for(srv, tmp_path / "p")
@@ -39,7 +46,7 @@ async def test_messages_survive_a_restart(tmp_path: Path) -> None:
 
 
 async def test_sigterm_under_traffic_loses_no_acknowledged_message(tmp_path: Path) -> None:
-    config = init_data_dir(tmp_path / "d", {"rate_limit": {"enabled": False}})
+    config = init_server_dir(tmp_path / "d", {"rate_limit": {"enabled": False}})
     srv = start_server(config)
     acked: list[int] = []
     make = client_factory_for(srv, tmp_path / "p")
@@ -49,8 +56,7 @@ async def test_sigterm_under_traffic_loses_no_acknowledged_message(tmp_path: Pat
         session = c.profile("st_a").session
 
     async def sender() -> None:
-        async with connect(srv.address, srv.auth_token, ca=srv.ca_cert,
-                           server_name="localhost", timeout=5) as conn:
+        async with srv.connect(timeout=5) as conn:
             for i in range(2000):
                 try:
                     response = await conn.call("enqueue", session=session,
@@ -60,8 +66,7 @@ async def test_sigterm_under_traffic_loses_no_acknowledged_message(tmp_path: Pat
                 acked.extend(response["ids"])
 
     tasks = [asyncio.create_task(sender()) for _ in range(4)]
-    while len(acked) < 100:
-        await asyncio.sleep(0.02)
+    await await_until(lambda: len(acked) >= 100, 30, "100 acknowledged enqueues")
     srv.signal(signal.SIGTERM)
     await asyncio.wait_for(asyncio.gather(*tasks), 30)
     assert srv.process.wait(timeout=20) == 0
@@ -101,7 +106,7 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def test_wrong_db_key_at_startup_fails_with_one_clear_line(tmp_path: Path) -> None:
-    config = init_data_dir(tmp_path / "d")
+    config = init_server_dir(tmp_path / "d")
     srv = start_server(config)  # create the database with the right key
     srv.stop()
     result = run_cli("run", "--config", str(config), env=clean_env(QPQ_DB_KEY="ab" * 32))
@@ -112,7 +117,7 @@ def test_wrong_db_key_at_startup_fails_with_one_clear_line(tmp_path: Path) -> No
 
 
 def test_missing_db_key_fails_cleanly(tmp_path: Path) -> None:
-    config = init_data_dir(tmp_path / "d")
+    config = init_server_dir(tmp_path / "d")
     env_file = config.parent / ".env"
     values = read_env_file(env_file)
     del values["QPQ_DB_KEY"]
@@ -127,7 +132,7 @@ def test_port_in_use_fails_cleanly(tmp_path: Path) -> None:
     blocker.bind(("127.0.0.1", 0))
     port = blocker.getsockname()[1]
     try:
-        config = init_data_dir(tmp_path / "d", {"server": {"listen": f"127.0.0.1:{port}"}})
+        config = init_server_dir(tmp_path / "d", {"server": {"listen": f"127.0.0.1:{port}"}})
         result = run_cli("run", "--config", str(config), env=clean_env())
     finally:
         blocker.close()
@@ -136,7 +141,7 @@ def test_port_in_use_fails_cleanly(tmp_path: Path) -> None:
 
 
 def test_unreadable_certificate_fails_cleanly(tmp_path: Path) -> None:
-    config = init_data_dir(tmp_path / "d")
+    config = init_server_dir(tmp_path / "d")
     (config.parent / "tls" / "cert.pem").write_text("not a certificate")
     result = run_cli("run", "--config", str(config), env=clean_env())
     assert result.returncode != 0 and "certificate" in result.stderr.lower()
@@ -174,27 +179,25 @@ def test_check_config_reports_every_problem(tmp_path: Path) -> None:
 
 
 async def test_sighup_rotates_tokens_without_dropping_connections(tmp_path: Path) -> None:
-    config = init_data_dir(tmp_path / "d")
+    config = init_server_dir(tmp_path / "d")
     srv = start_server(config)
     try:
         old = srv.auth_token
-        async with connect(srv.address, old, ca=srv.ca_cert, server_name="localhost") as live:
+        async with srv.connect(old) as live:
             env_file = config.parent / ".env"
             values = read_env_file(env_file)
             values.update(QPQ_AUTH_TOKEN="brand-new-token", QPQ_AUTH_TOKEN_PREVIOUS=old)
             write_env_file(env_file, values)
-            srv.signal(signal.SIGHUP)
-            await asyncio.sleep(0.5)
+            srv.reload()
             assert (await live.call("ping"))["ok"]  # established connection survives
             for token in ("brand-new-token", old):  # both accepted during the grace window
-                async with connect(srv.address, token, ca=srv.ca_cert, server_name="localhost"):
+                async with srv.connect(token):
                     pass
             del values["QPQ_AUTH_TOKEN_PREVIOUS"]
             write_env_file(env_file, values)
-            srv.signal(signal.SIGHUP)
-            await asyncio.sleep(0.5)
+            srv.reload()
             with pytest.raises(ClientError):
-                async with connect(srv.address, old, ca=srv.ca_cert, server_name="localhost"):
+                async with srv.connect(old):
                     pass
             # The old token is revoked now: the connection that used it is closed too.
             deadline = asyncio.get_running_loop().time() + 15
@@ -209,12 +212,9 @@ async def test_sighup_rotates_tokens_without_dropping_connections(tmp_path: Path
 
 async def test_connection_cap_refuses_with_a_clear_reason(tmp_path: Path) -> None:
     with running_server(tmp_path, overrides={"quic": {"max_connections": 2}}) as srv:
-        async with connect(srv.address, srv.auth_token, ca=srv.ca_cert,
-                           server_name="localhost"), \
-                connect(srv.address, srv.auth_token, ca=srv.ca_cert, server_name="localhost"):
+        async with srv.connect(), srv.connect():
             with pytest.raises(ClientError) as err:
-                async with connect(srv.address, srv.auth_token, ca=srv.ca_cert,
-                                   server_name="localhost", timeout=5):
+                async with srv.connect(timeout=5):
                     pass
             assert "connection cap" in err.value.message
         text = httpx.get(srv.metrics_url + "/metrics").text
@@ -224,8 +224,7 @@ async def test_connection_cap_refuses_with_a_clear_reason(tmp_path: Path) -> Non
 async def test_rate_limit_trips_and_is_counted(tmp_path: Path) -> None:
     overrides = {"rate_limit": {"address_rate_per_s": 5.0, "address_burst": 10}}
     with running_server(tmp_path, overrides=overrides) as srv:
-        async with connect(srv.address, srv.auth_token, ca=srv.ca_cert,
-                           server_name="localhost") as conn:
+        async with srv.connect() as conn:
             codes = []
             for _ in range(30):
                 response = await conn.call_raw({"op": "ping"})
@@ -239,8 +238,12 @@ async def test_expired_session_is_refused(tmp_path: Path) -> None:
         async with client_factory_for(srv, tmp_path / "p")() as c:
             await c.register("exp_u", "pw")
             session = c.profile("exp_u").session
-            await asyncio.sleep(1.2)
-            response = await c.conn.call_raw({"op": "fetch", "session": session})
+
+            async def refused() -> dict[str, Any] | None:
+                response = await c.conn.call_raw({"op": "fetch", "session": session})
+                return None if response["ok"] else response
+
+            response = await await_until(refused, 10, "the 1 s session expiring")
             assert response["error"]["code"] == "invalid_session"
             assert "expired" in response["error"]["message"]
 
@@ -288,7 +291,7 @@ def test_client_cli_round_trip(tmp_path: Path) -> None:
 async def test_accounts_survive_an_opaque_setup_rotation(tmp_path: Path) -> None:
     from qpq_server.auth.opaque import create_setup
 
-    config = init_data_dir(tmp_path / "d")
+    config = init_server_dir(tmp_path / "d")
     srv = start_server(config)
     try:
         async with client_factory_for(srv, tmp_path / "p")() as c:
@@ -316,7 +319,7 @@ async def test_accounts_survive_an_opaque_setup_rotation(tmp_path: Path) -> None
 
 
 def test_federation_enabled_is_refused_clearly_until_it_exists(tmp_path: Path) -> None:
-    config = init_data_dir(tmp_path / "d")
+    config = init_server_dir(tmp_path / "d")
     ca = config.parent / "tls" / "cert.pem"
     key = config.parent / "tls" / "key.pem"
     text = config.read_text().replace(
@@ -332,7 +335,7 @@ def test_federation_enabled_is_refused_clearly_until_it_exists(tmp_path: Path) -
 
 
 def test_postgres_backend_needs_a_usable_database_url(tmp_path: Path) -> None:
-    config = init_data_dir(tmp_path / "d", {"storage": {"backend": "postgres"}})
+    config = init_server_dir(tmp_path / "d", {"storage": {"backend": "postgres"}})
     checked = run_cli("check-config", str(config), env=clean_env())
     assert checked.returncode == 1 and "needs QPQ_DATABASE_URL" in checked.stderr
     result = run_cli("run", "--config", str(config), env=clean_env())

@@ -9,9 +9,9 @@ import httpx
 import pytest
 import sqlcipher3
 
+from qpq_server.devserver import RunningServer, await_until
 from qpq_server.secrets import Secret
 from qpq_server.storage.sqlcipher import key_pragma
-from tests.helpers.server import RunningServer
 from tests.server.conftest import ClientFactory
 
 
@@ -78,8 +78,8 @@ async def test_long_poll_fetch_wakes_on_enqueue(server: RunningServer,
         await receiver_c.register("lp_b", "pw")
         started = time.monotonic()
         waiter = asyncio.create_task(receiver_c.receive("lp_b", wait_s=15))
-        await asyncio.sleep(0.5)
-        assert server.metric("qpq_delivery_waiters") >= 1
+        await await_until(lambda: server.metric("qpq_delivery_waiters") >= 1, 10,
+                          "the fetch parking as a long-poll waiter")
         await sender_c.send_text("lp_a", ["lp_b"], "wake up")
         got = await asyncio.wait_for(waiter, 10)
         elapsed = time.monotonic() - started

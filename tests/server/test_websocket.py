@@ -17,9 +17,8 @@ from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
-from qpq_server.client import ClientError, QpqClient, connect
-from tests.helpers.ports import free_port
-from tests.helpers.server import RunningServer, running_server
+from qpq_server.client import ClientError, QpqClient
+from qpq_server.devserver import RunningServer, await_until, free_port, running_server
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +80,7 @@ async def ws_client(srv: RunningServer, profiles: Path, token: str | None = None
 
 @asynccontextmanager
 async def quic_client(srv: RunningServer, profiles: Path) -> AsyncIterator[QpqClient]:
-    async with connect(srv.address, srv.auth_token, ca=srv.ca_cert,
-                       server_name="localhost") as conn:
+    async with srv.connect() as conn:
         yield QpqClient(conn, profiles)
 
 
@@ -101,7 +99,8 @@ async def test_quic_and_websocket_clients_exchange_messages_both_ways(
         # long-poll over WebSocket wakes on a QUIC enqueue; other calls on the same
         # socket are answered meanwhile (responses matched by id)
         waiter = asyncio.create_task(w.receive("ws_bob", wait_s=10))
-        await asyncio.sleep(0.3)
+        await await_until(lambda: ws_server.metric("qpq_delivery_waiters") >= 1, 10,
+                          "the WebSocket fetch parking as a long-poll waiter")
         assert (await w.conn.call("ping"))["ok"] is True
         assert not waiter.done()
         await q.send_text("quic_alice", ["ws_bob"], "wake up")

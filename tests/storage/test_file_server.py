@@ -11,17 +11,15 @@ from pathlib import Path
 
 import tomli_w
 
-from qpq_server.client import QpqClient, connect
-from tests.helpers.ports import free_port
-from tests.helpers.server import BIN, running_server, start_server
+from qpq_server.client import QpqClient
+from qpq_server.devserver import BIN, free_port, running_server, start_server
 
 
 async def test_file_backend_server_delivers_across_restart_and_refuses_a_second_server(
         tmp_path: Path) -> None:
     with running_server(tmp_path, overrides={"storage": {"backend": "file"},
                                              "rate_limit": {"enabled": False}}) as srv:
-        async with connect(srv.address, srv.auth_token, ca=srv.ca_cert,
-                           server_name="localhost") as conn:
+        async with srv.connect() as conn:
             c = QpqClient(conn, tmp_path / "profiles")
             await c.register("fa", "pw")
             await c.register("fb", "pw")
@@ -51,8 +49,7 @@ async def test_file_backend_server_delivers_across_restart_and_refuses_a_second_
         srv.stop()
         srv = start_server(srv.config_path)
         try:
-            async with connect(srv.address, srv.auth_token, ca=srv.ca_cert,
-                               server_name="localhost") as conn:
+            async with srv.connect() as conn:
                 c = QpqClient(conn, tmp_path / "profiles")
                 assert [m.text for m in await c.receive("fb")] == ["kept over a restart"]
                 await c.kt.lookup("fa")  # the KT log came back too
