@@ -1,4 +1,4 @@
-"""The storage interface every backend implements (sqlcipher today; file, postgres next).
+"""The storage interface every backend implements (`sqlcipher`, `file`, `postgres`).
 
 All methods are coroutines: backends do blocking work on worker threads (or a native
 async driver) so the event loop never blocks.
