@@ -19,7 +19,7 @@ from qpq_ops.backup.textfile import TEXTFILE_NAME, write_backup_metrics
 from qpq_ops.render.recording_rules import trigger_record
 from qpq_ops.render.selectors import NODE_JOB, QPQ_JOB
 from qpq_ops.triggers import TRIGGERS
-from qpq_server.devserver import NodeExporter
+from qpq_server.devserver import NodeExporter, wait_until
 from tests.helpers.prometheus import ScrapeJob, running_prometheus
 from tests.helpers.server import running_server
 
@@ -32,15 +32,12 @@ def _rules(url: str) -> list[dict[str, Any]]:
 
 
 def _wait_all_rules_evaluated(url: str, since: float, timeout: float = 20.0) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + timeout
-    while True:
+    def evaluated() -> list[dict[str, Any]]:
         rules = _rules(url)
         stamps = [r.get("lastEvaluation", "") for r in rules]
-        if rules and all(s and not s.startswith("0001") for s in stamps):
-            return rules
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"rules not evaluated: {stamps}")
-        time.sleep(0.2)
+        return rules if rules and all(s and not s.startswith("0001") for s in stamps) else []
+
+    return wait_until(evaluated, timeout, "every rule evaluated once")
 
 
 def test_rules_and_dashboard_queries_run_on_real_exporters(
