@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
+from qpq_server.config import Config
 from tests.ansible.runner import (
     BIN,
     PLAYBOOK_NAMES,
@@ -160,3 +161,49 @@ def test_readme_shows_the_command_of_every_playbook() -> None:
     readme = (PLAYBOOKS / "README.md").read_text()
     for playbook in PLAYBOOK_NAMES:
         assert re.search(rf"ansible-playbook -i \S+ {re.escape(playbook)}", readme), playbook
+
+
+_TOML_LINE = re.compile(r"^(?P<key>[a-z_]+) = \{\{ (?P<expr>[^}]*) \}\}$")
+_ROLE_VAR = re.compile(r"\bqpq_server_[a-z0-9_]+\b")
+
+
+def _rendered_default(expr: str, value: Any) -> Any:
+    """What the template's filter makes of a role default (int, float, bool, string)."""
+    if "| int" in expr:
+        return int(value)
+    if "| float" in expr:
+        return float(value)
+    if "| bool" in expr:
+        return bool(value)
+    return value
+
+
+def test_qpq_server_role_defaults_are_the_servers_own_config_defaults() -> None:
+    """Each [section] key the role renders from one of its defaults carries the value the
+    server would use without it (qpq_server/config.py dataclasses): a changed default in
+    either place fails here instead of silently diverging on deployed hosts."""
+    server = Config(base_dir=Path("."))
+    defaults = role_defaults("qpq_server")
+    template = (ROLES / "qpq_server" / "templates" / "qpq-server.toml.j2").read_text()
+    section, compared, mismatches = "", [], []
+    for line in template.splitlines():
+        if header := re.fullmatch(r"\[(\w+)\]", line):
+            section = header.group(1)
+            continue
+        match = _TOML_LINE.match(line)
+        if not match:
+            continue
+        names = set(_ROLE_VAR.findall(match["expr"]))
+        if len(names) != 1:  # derived from several variables (federation domain): a choice
+            continue
+        name = names.pop()
+        if name not in defaults or "{{" in str(defaults[name]):
+            continue  # required (domain) or itself derived
+        server_default = getattr(getattr(server, section), match["key"])
+        role_default = _rendered_default(match["expr"], defaults[name])
+        compared.append(f"[{section}] {match['key']}")
+        if role_default != server_default:
+            mismatches.append(f"[{section}] {match['key']}: role {name}={defaults[name]!r}, "
+                              f"server default {server_default!r}")
+    assert not mismatches, "\n".join(mismatches)
+    assert len(compared) >= 20, compared
