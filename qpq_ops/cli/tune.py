@@ -39,6 +39,9 @@ app = typer.Typer(
 )
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON alone on stdout.")]
+DryRunOpt = Annotated[bool, typer.Option(
+    "--dry-run", help="With --write: only report whether the file would change "
+    "(\"changed\" in --json); write nothing.")]
 
 
 _EXIT = {CheckState.OK: ExitCode.OK, CheckState.BELOW: ExitCode.WARNING,
@@ -117,12 +120,33 @@ def _server_pid(pid: int | None, pid_file: Path | None, config: Path | None,
     return int(text), f"server pid {text}"
 
 
-def _write(path: Path, text: str) -> None:
+_FILE_MODE = 0o644
+
+
+def _up_to_date(path: Path, text: str) -> bool:
     try:
-        write_atomic(path, text)
+        return (path.read_text() == text
+                and path.stat().st_mode & 0o777 == _FILE_MODE)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _write(path: Path, text: str, dry_run: bool) -> bool:
+    """Write `text` to `path` unless it already holds it (mode 0644); True when it changed
+    or, with dry_run, would change. An up-to-date file is left alone, so configuration
+    managers calling --write see "changed" only when something did."""
+    if _up_to_date(path, text):
+        err().print(f"{path} is up to date", highlight=False)
+        return False
+    if dry_run:
+        err().print(f"would write {path}", highlight=False)
+        return True
+    try:
+        write_atomic(path, text, mode=_FILE_MODE)
     except OSError as exc:
         fail(f"cannot write {path}: {exc.strerror or exc}", ExitCode.CANNOT_EVALUATE)
     err().print(f"wrote {path}", highlight=False)
+    return True
 
 
 @app.command("sysctl")
@@ -135,25 +159,29 @@ def sysctl(
         "--check", help="Compare with the live values; exit 1 when any is below.")] = False,
     proc_sys: Annotated[Path, typer.Option(
         "--proc-sys", metavar="DIR", help="Where live values are read from.")] = Path("/proc/sys"),
+    dry_run: DryRunOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """UDP socket buffers for QUIC (net.core.rmem/wmem max and default).
 
-    Without options, prints the recommended /etc/sysctl.d/99-qpq.conf.
+    Without options, prints the recommended /etc/sysctl.d/99-qpq.conf. --write leaves
+    an up-to-date file alone; --json then says which files "changed".
     """
+    if dry_run and write is None:
+        fail("--dry-run needs --write PATH (it reports whether that file would change)")
     text = render_sysctl_conf()
-    if write is not None:
-        _write(write, text)
+    changed = [str(write)] if write is not None and _write(write, text, dry_run) else []
     if check:
         checks = check_sysctl(proc_sys)
         if json_out:
-            print_json({"file": str(SYSCTL_PATH), "settings": SYSCTL,
+            print_json({"file": str(SYSCTL_PATH), "settings": SYSCTL, "changed": changed,
                         "checks": checks_json(checks)})
         else:
             _print_checks(checks, f"sysctl (live from {proc_sys})")
         raise typer.Exit(int(checks_exit_code(checks)))
     if json_out:
-        print_json({"file": str(SYSCTL_PATH), "settings": SYSCTL, "content": text})
+        print_json({"file": str(SYSCTL_PATH), "settings": SYSCTL, "content": text,
+                    "changed": changed})
     elif write is None:
         sys.stdout.write(text)
 
@@ -188,6 +216,7 @@ def ulimits(
     proc_sys: Annotated[Path, typer.Option(
         "--proc-sys", metavar="DIR", help="Where fs.nr_open is read from.")] = Path("/proc/sys"),
     user: Annotated[str, typer.Option(help="Service user named in the limits.d file.")] = "qpq",
+    dry_run: DryRunOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Open-files limit (LimitNOFILE=65536): systemd drop-in and limits.d file.
@@ -196,22 +225,26 @@ def ulimits(
     running server (--pid, --pid-file or --config; $QPQ_CONFIG by default), not of
     this shell, and the kernel's fs.nr_open; the fix it prints works for the user
     running it (a non-root user can raise the soft limit up to the hard one only).
+    --write/--write-limits-d leave an up-to-date file alone; --json then says which
+    files "changed".
     """
+    if dry_run and write is None and write_limits_d is None:
+        fail("--dry-run needs --write or --write-limits-d (it reports whether those files "
+             "would change)")
     dropin, limits_d = render_systemd_dropin(), render_limits_d(user)
-    if write is not None:
-        _write(write, dropin)
-    if write_limits_d is not None:
-        _write(write_limits_d, limits_d)
+    changed = [str(path) for path, text in ((write, dropin), (write_limits_d, limits_d))
+               if path is not None and _write(path, text, dry_run)]
     if check:
         target, who = _server_pid(pid, pid_file, config, itself)
         checks = check_nofile(target, proc, who=who, proc_sys=proc_sys)
         if json_out:
-            print_json({"nofile": NOFILE, "pid": target, "checks": checks_json(checks)})
+            print_json({"nofile": NOFILE, "pid": target, "changed": changed,
+                        "checks": checks_json(checks)})
         else:
             _print_checks(checks, "open-files limit")
         raise typer.Exit(int(checks_exit_code(checks)))
     if json_out:
-        print_json({"nofile": NOFILE,
+        print_json({"nofile": NOFILE, "changed": changed,
                     "files": {str(SYSTEMD_DROPIN_PATH): dropin, str(LIMITS_D_PATH): limits_d}})
     elif write is None and write_limits_d is None:
         sys.stdout.write(

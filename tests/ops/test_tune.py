@@ -216,3 +216,39 @@ def test_nofile_advice_fits_a_non_root_operator_with_a_low_hard_limit() -> None:
     assert "ulimit -n 65536" not in advice  # would fail: above the hard limit
     assert "ulimit -n 65536" in nofile_fix(65536, (1024, 1048576), is_root=False)
     assert "systemctl" in nofile_fix(65536, (1024, 4096), is_root=True)
+
+
+def test_sysctl_write_leaves_an_up_to_date_file_alone_and_says_what_changed(
+        tmp_path: Path) -> None:
+    target = tmp_path / "99-qpq.conf"
+    first = runner.invoke(app, ["tune", "sysctl", "--write", str(target), "--json"])
+    assert first.exit_code == 0, first.output
+    assert json.loads(first.stdout)["changed"] == [str(target)]
+    before = target.stat().st_mtime_ns, target.stat().st_ino
+    second = runner.invoke(app, ["tune", "sysctl", "--write", str(target), "--json"])
+    assert json.loads(second.stdout)["changed"] == []
+    assert "up to date" in second.stderr
+    assert (target.stat().st_mtime_ns, target.stat().st_ino) == before  # not rewritten
+    target.chmod(0o600)  # a wrong mode is a change too
+    third = runner.invoke(app, ["tune", "sysctl", "--write", str(target), "--json"])
+    assert json.loads(third.stdout)["changed"] == [str(target)]
+    assert oct(target.stat().st_mode & 0o777) == "0o644"
+
+
+def test_dry_run_reports_the_change_and_writes_nothing(tmp_path: Path) -> None:
+    dropin, limits = tmp_path / "d" / "limits.conf", tmp_path / "l" / "99-qpq.conf"
+    args = ["tune", "ulimits", "--write", str(dropin), "--write-limits-d", str(limits),
+            "--json"]
+    dry = runner.invoke(app, [*args, "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert json.loads(dry.stdout)["changed"] == [str(dropin), str(limits)]
+    assert not dropin.exists() and not limits.exists() and not dropin.parent.exists()
+    assert json.loads(runner.invoke(app, args).stdout)["changed"] == [str(dropin), str(limits)]
+    assert json.loads(runner.invoke(app, [*args, "--dry-run"]).stdout)["changed"] == []
+
+
+@pytest.mark.parametrize("command", ["sysctl", "ulimits"])
+def test_dry_run_without_a_file_to_write_is_a_usage_error(command: str) -> None:
+    result = runner.invoke(app, ["tune", command, "--dry-run"])
+    assert result.exit_code == 64
+    assert result.stderr.count("\n") == 1 and "--dry-run needs --write" in result.stderr
