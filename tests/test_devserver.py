@@ -70,3 +70,15 @@ async def test_connect_fills_in_token_and_ca(tmp_path: Path) -> None:
             assert (await conn.call("ping"))["ok"]
         assert srv.metric("qpq_connections_active") >= 0
     assert srv.process.returncode == 0
+
+
+def test_reload_returns_once_the_server_logged_it_and_a_failed_one_raises(
+        tmp_path: Path) -> None:
+    with running_server(tmp_path) as srv:
+        done, failed = srv.reloads()
+        srv.reload()
+        assert srv.reloads() == (done + 1, failed)
+        (srv.data_dir / ".env").write_text("QPQ_DB_KEY=only-this\n")  # no access token
+        with pytest.raises(RuntimeError, match="reload failed"):
+            srv.reload()
+        assert srv.process.poll() is None  # the server kept its previous tokens
