@@ -13,8 +13,8 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,8 @@ from typing import Any
 import httpx
 import yaml
 
-from tests.helpers.ports import free_port
+from qpq_server.client import QpqConnection
+from qpq_server.devserver import RunningServer, free_port, start_server
 
 REPO = Path(__file__).resolve().parents[2]
 PLAYBOOKS = REPO / "playbooks"
@@ -167,31 +168,29 @@ def deploy_vars(root: Path, proc: Path, wheel: Path) -> dict[str, Any]:
 class DeployedServer:
     """The DEPLOYED install (its venv, config and .env) run as a process, like systemd would."""
 
-    def __init__(self, root: Path, metrics_listen: str, log_path: Path) -> None:
+    def __init__(self, root: Path, metrics_listen: str, log_path: Path,
+                 server_name: str = "chat.example.org") -> None:
         self.root = root
         self.metrics_url = "http://" + metrics_listen
         self.log_path = log_path
-        self.process: subprocess.Popen[bytes] | None = None
+        self.server_name = server_name
+        self.running: RunningServer | None = None
 
     @property
     def config(self) -> Path:
         return self.root / "var/lib/qpq/qpq-server.toml"
 
     def start(self, timeout: float = 30.0) -> None:
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [str(self.root / "opt/qpq/venv/bin/qpq-server"), "run", "--config",
-                 str(self.config)],
-                stdout=log, stderr=subprocess.STDOUT, env={"PATH": "/usr/bin:/bin"})
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"qpq-server exited {self.process.returncode}:\n{self.log()}")
-            if self.ready():
-                return
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"qpq-server not ready in {timeout}s:\n{self.log()}")
+        self.running = start_server(
+            self.config, executable=self.root / "opt/qpq/venv/bin/qpq-server",
+            base_env={"PATH": "/usr/bin:/bin"}, log_path=self.log_path,
+            server_name=self.server_name, ready_timeout=timeout)
+
+    def connect(self, token: str, ca: Path | None = None,
+                ) -> AbstractAsyncContextManager[QpqConnection]:
+        """A client of the running deployed server (its own CA unless `ca` is given)."""
+        assert self.running is not None, "DeployedServer.connect() before start()"
+        return self.running.connect(token, ca=ca)
 
     def ready(self) -> bool:
         try:
@@ -200,14 +199,9 @@ class DeployedServer:
             return False
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
-        self.process = None
+        if self.running is not None:
+            self.running.stop()
+        self.running = None
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""

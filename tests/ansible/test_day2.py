@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from qpq_server.client import ClientError, QpqClient, connect
+from qpq_server.client import ClientError, QpqClient
 from tests.ansible.runner import (
     PLAYBOOKS,
     DeployedServer,
@@ -51,16 +51,12 @@ class Host:
 
 
 async def register(host: Host, user: str) -> None:
-    async with connect(host.vars["qpq_server_listen"], host.token(),
-                       ca=host.data_dir / "tls" / "cert.pem", server_name="chat.example.org",
-                       timeout=10) as conn:
+    async with host.server.connect(host.token()) as conn:
         await QpqClient(conn, host.work / "profiles").register(user, f"pw-{user}")
 
 
 async def login_works(host: Host, user: str) -> bool:
-    async with connect(host.vars["qpq_server_listen"], host.token(),
-                       ca=host.data_dir / "tls" / "cert.pem", server_name="chat.example.org",
-                       timeout=10) as conn:
+    async with host.server.connect(host.token()) as conn:
         try:
             await QpqClient(conn, host.work / "profiles").login(user, f"pw-{user}")
         except ClientError as exc:
@@ -71,9 +67,7 @@ async def login_works(host: Host, user: str) -> bool:
 
 async def token_accepted(host: Host, token: str, ca: Path | None = None) -> bool:
     try:
-        async with connect(host.vars["qpq_server_listen"], token,
-                           ca=ca or host.data_dir / "tls" / "cert.pem",
-                           server_name="chat.example.org", timeout=10):
+        async with host.server.connect(token, ca=ca):
             return True
     except ClientError as exc:
         assert exc.code == "unauthenticated"
