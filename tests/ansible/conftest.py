@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.ansible.runner import build_wheelhouse, role_defaults
+from qpq_ops.capacity import SYSCTL
+from tests.ansible.runner import build_wheelhouse
 
 
 @pytest.fixture(scope="session")
@@ -28,4 +29,5 @@ def qpq_wheel(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
 
 @pytest.fixture(scope="session")
 def sysctl_settings() -> dict[str, int]:
-    return dict(role_defaults("qpq_sysctl")["qpq_sysctl_settings"])
+    """The kernel values `qpq-ops tune sysctl` wants (the roles hold none of their own)."""
+    return dict(SYSCTL)

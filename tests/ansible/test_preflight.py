@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.ansible.runner import deploy_vars, fake_proc, run_playbook
+from tests.ansible.runner import BIN, deploy_vars, fake_proc, run_playbook
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -31,8 +31,10 @@ BAD_INPUTS = {
                             '(got "0.0.0.0")'),
     "systemd_in_a_temp_root": ({"qpq_service_manager": "systemd"},
                                "systemd cannot manage a temporary root"),
-    "sysctl_value_not_a_number": ({"qpq_sysctl_settings": {"net.core.rmem_max": "big"}},
-                                  "qpq_sysctl_settings[net.core.rmem_max] = big: expected"),
+    "qpq_ops_path_not_absolute": ({"qpq_sysctl_qpq_ops": "venv/bin/qpq-ops"},
+                                  "must be absolute paths"),
+    "ulimits_qpq_ops_path_not_absolute": ({"qpq_ulimits_qpq_ops": "qpq-ops"},
+                                          "qpq_ulimits_qpq_ops must be an absolute path"),
     "wheel_not_on_the_controller": ({"qpq_server_wheel": "/nonexistent/qpq-0.1.0-py3-none-any.whl"},
                                     "qpq_server_wheel must name an existing *.whl"),
     "prometheus_target_without_addresses": ({"qpq_prometheus_targets": [{"instance": "a"}]},
@@ -56,9 +58,17 @@ def test_bad_input_stops_in_preflight_with_a_clear_message_and_no_change(
     assert not Path(good_vars["qpq_root"]).exists()
 
 
-def test_kernel_values_that_differ_fail_the_sysctl_verification(
+def with_qpq_ops(root: Path) -> None:
+    """This checkout's qpq-ops where the qpq_server role would install it (no pip run)."""
+    venv_bin = root / "opt" / "qpq" / "venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    (venv_bin / "qpq-ops").symlink_to(BIN / "qpq-ops")
+
+
+def test_kernel_values_below_qpq_ops_fail_the_sysctl_verification(
         good_vars: dict[str, Any], tmp_path: Path) -> None:
     fake_proc(Path(good_vars["qpq_sysctl_proc_root"]), {"net.core.rmem_max": 212992})
+    with_qpq_ops(Path(good_vars["qpq_root"]))
     run = run_playbook("deploy.yml", tmp_path / "work", good_vars, tags="qpq_sysctl")
     assert run.rc != 0
     assert ("net.core.rmem_max is 212992 in" in run.output
@@ -66,6 +76,14 @@ def test_kernel_values_that_differ_fail_the_sysctl_verification(
     # The persistent file is still written: the next boot gets the right values.
     conf = Path(good_vars["qpq_root"]) / "etc" / "sysctl.d" / "99-qpq.conf"
     assert "net.core.rmem_max = 26214400" in conf.read_text().splitlines()
+
+
+def test_tuning_roles_without_qpq_ops_say_what_installs_it(
+        good_vars: dict[str, Any], tmp_path: Path) -> None:
+    run = run_playbook("deploy.yml", tmp_path / "work", good_vars, tags="qpq_sysctl")
+    assert run.rc != 0
+    assert ("qpq_sysctl runs `qpq-ops tune sysctl`, which the qpq_server role installs"
+            in " ".join(run.output.split())), run.output[-3000:]
 
 
 def test_check_mode_on_a_fresh_host_reports_changes_and_writes_nothing(

@@ -130,17 +130,22 @@ def test_secret_tasks_never_log() -> None:
     assert all(t.get("no_log") is True for t in secret)
 
 
-def test_role_tuning_defaults_are_qpq_ops_tune_defaults(tmp_path: Path) -> None:
+def test_tuning_roles_call_qpq_ops_and_restate_none_of_its_values(tmp_path: Path) -> None:
     sysctl = json.loads(subprocess.run([str(BIN / "qpq-ops"), "tune", "sysctl", "--json"],
                                        capture_output=True, text=True, check=True,
                                        timeout=60).stdout)
-    assert role_defaults("qpq_sysctl")["qpq_sysctl_settings"] == sysctl["settings"]
-    assert role_defaults("qpq_sysctl")["qpq_sysctl_conf_path"] == sysctl["file"]
     ulimits = json.loads(subprocess.run([str(BIN / "qpq-ops"), "tune", "ulimits", "--json"],
                                         capture_output=True, text=True, check=True,
                                         timeout=60).stdout)
-    assert role_defaults("qpq_ulimits")["qpq_ulimits_nofile"] == ulimits["nofile"]
+    assert role_defaults("qpq_sysctl")["qpq_sysctl_conf_path"] == sysctl["file"]
     assert role_defaults("qpq_ulimits")["qpq_ulimits_limits_path"] in ulimits["files"]
+    for role, command in (("qpq_sysctl", "sysctl"), ("qpq_ulimits", "ulimits")):
+        text = "\n".join(p.read_text() for p in sorted((ROLES / role).rglob("*.yml")))
+        assert f"'tune', '{command}'" in text  # the role runs the tool ...
+        assert not (ROLES / role / "templates").exists()  # ... and renders nothing itself
+        values = [str(v) for v in sysctl["settings"].values()] + [str(ulimits["nofile"])]
+        restated = [v for v in values if re.search(rf"\b{v}\b", text)]
+        assert not restated, f"{role} restates qpq-ops values {restated}"
 
 
 def test_example_inventory_has_a_single_node_and_a_multi_node_group(tmp_path: Path) -> None:
