@@ -62,10 +62,6 @@ NODE_EXPORTER = Path("/usr/bin/prometheus-node-exporter")
 
 T = TypeVar("T")
 
-# What qpq_server.app logs after a SIGHUP (tests wait for it instead of sleeping).
-_RELOADED = "reloaded access tokens and TLS certificate"
-_RELOAD_FAILED = "reload failed"
-
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
     """A port that is free on 127.0.0.1 for `kind` (TCP by default, SOCK_DGRAM for UDP)."""
@@ -186,13 +182,16 @@ class RunningServer:
     @asynccontextmanager
     async def connect(self, token: str | None = None, *, ca: Path | None = None,
                       timeout: float = 10.0, idle_timeout: float = 60.0,
-                      hello: bool = True) -> AsyncIterator[QpqConnection]:
-        """A connected QUIC client; the server's own token and CA unless given."""
+                      hello: bool = True, local_host: str | None = None,
+                      ) -> AsyncIterator[QpqConnection]:
+        """A connected QUIC client; the server's own token and CA unless given
+        (`local_host`: the client's source address, e.g. 127.0.0.2)."""
         from qpq_server.client import connect  # lazily: aioquic only when a test talks QUIC
 
         async with connect(self.address, self.auth_token if token is None else token,
                            ca=ca or self.ca_cert, server_name=self.server_name, timeout=timeout,
-                           idle_timeout=idle_timeout, hello=hello) as conn:
+                           idle_timeout=idle_timeout, hello=hello,
+                           local_host=local_host) as conn:
             yield conn
 
     def metric(self, name: str, **labels: str) -> float:
@@ -211,20 +210,20 @@ class RunningServer:
         self.process.send_signal(sig)
 
     def reloads(self) -> tuple[int, int]:
-        """(done, failed): the SIGHUP reloads the server has logged (see `App.reload`)."""
-        text = self.log()
-        return text.count(_RELOADED), text.count(_RELOAD_FAILED)
+        """(done, failed): the SIGHUP reloads the server counted in qpq_reload_total."""
+        return (int(self.metric("qpq_reload_total", result="ok")),
+                int(self.metric("qpq_reload_total", result="failed")))
 
     def wait_reloaded(self, after: tuple[int, int], timeout: float = 10.0) -> None:
-        """Until one more reload than `after` (a `reloads()` value) is logged as done;
-        one more logged as failed raises RuntimeError with the log's tail."""
+        """Until one more reload than `after` (a `reloads()` value) is counted as done;
+        one more counted as failed raises RuntimeError with the log's tail."""
         def outcome() -> bool:
             done, failed = self.reloads()
             if failed > after[1]:
                 raise RuntimeError(f"qpq-server reload failed:\n{self.log()[-2000:]}")
             return done > after[0]
 
-        wait_until(outcome, timeout, "qpq-server logging a reload")
+        wait_until(outcome, timeout, "qpq-server counting a reload")
 
     def reload(self, timeout: float = 10.0) -> None:
         """SIGHUP, then wait until the server has re-read its tokens and certificate."""

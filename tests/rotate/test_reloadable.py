@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import json
 from pathlib import Path
@@ -14,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from qpq_server.client import ClientError
-from qpq_server.devserver import init_server_dir, start_server
+from qpq_server.devserver import await_until, init_server_dir, start_server
 from qpq_server.secrets import read_env_file
 from qpq_server.tls import write_self_signed
 from tests.backup.support import ops, tree_digest
@@ -74,10 +73,8 @@ async def test_auth_token_rotation_keeps_clients_working(tmp_path: Path) -> None
             async with srv.connect(new) as c:
                 assert (await c.call("ping"))["ok"]
             # Finishing revokes the old token, and with it the connection that used it.
-            deadline = asyncio.get_running_loop().time() + 15
-            while live.protocol.terminated is None:
-                assert asyncio.get_running_loop().time() < deadline, "live conn not closed"
-                await asyncio.sleep(0.05)
+            await await_until(lambda: live.protocol.terminated is not None, 15,
+                              "the connection on the revoked token being closed")
     finally:
         srv.stop()
     audit = ops("rotate", "audit", "--config", config, "--json").json()["records"]

@@ -18,10 +18,9 @@ import msgpack
 import pytest
 from websockets.asyncio.client import connect as ws_connect
 
-from qpq_server.client import ClientError, QpqClient, connect
+from qpq_server.client import ClientError, QpqClient
+from qpq_server.devserver import RunningServer, await_until, free_port, running_server
 from qpq_server.protocol.codec import encode_frame
-from tests.helpers.ports import free_port
-from tests.helpers.server import RunningServer, running_server
 
 FRAME = 65536
 RESPONSE = FRAME + 65536
@@ -48,8 +47,7 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
 
 @asynccontextmanager
 async def client(srv: RunningServer, tmp_path: Path) -> AsyncIterator[QpqClient]:
-    async with connect(srv.address, srv.auth_token, ca=srv.ca_cert, server_name="localhost",
-                       timeout=20) as conn:
+    async with srv.connect(timeout=20) as conn:
         yield QpqClient(conn, tmp_path)
 
 
@@ -212,10 +210,8 @@ async def test_a_websocket_flood_is_held_back_not_buffered(srv: RunningServer,
                 await asyncio.wait_for(ws.send(parked), 0.2)
             except TimeoutError:
                 break
-        deadline = time.monotonic() + 10
-        while srv.metric("qpq_delivery_waiters") < 2:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.05)
-        for _ in range(10):  # it stays at the cap
+        await await_until(lambda: srv.metric("qpq_delivery_waiters") >= 2, 10,
+                          "two parked WebSocket fetches")
+        for _ in range(10):  # it stays at the cap (a negative check: time has to pass)
             assert srv.metric("qpq_delivery_waiters") == 2
             await asyncio.sleep(0.05)

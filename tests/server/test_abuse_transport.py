@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import struct
-import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -19,17 +18,9 @@ from typing import Any
 import pytest
 
 from qpq_server.client import ClientError
-from qpq_server.client.connection import QpqConnection, connect
+from qpq_server.client.connection import QpqConnection
+from qpq_server.devserver import RunningServer, await_until, running_server
 from qpq_server.secrets import write_env_file
-from tests.helpers.server import RunningServer, running_server
-
-
-async def _until(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -43,16 +34,14 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
 
 @asynccontextmanager
 async def tokenless(server: RunningServer) -> AsyncIterator[QpqConnection]:
-    async with connect(server.address, "", ca=server.ca_cert, server_name="localhost",
-                       timeout=10, hello=False) as conn:
+    async with server.connect("", hello=False) as conn:
         yield conn
 
 
 @pytest.mark.parametrize("op", [[], {}, [1, 2], {"a": 1}])
 async def test_op_of_an_unhashable_type_gets_bad_request_and_no_traceback(
         srv: RunningServer, op: Any) -> None:
-    async with connect(srv.address, srv.auth_token, ca=srv.ca_cert,
-                       server_name="localhost") as conn:
+    async with srv.connect() as conn:
         response = await conn.call_raw({"op": op})
         assert response["ok"] is False and response["error"]["code"] == "bad_request"
         assert (await conn.call("ping"))["ok"]
@@ -61,8 +50,7 @@ async def test_op_of_an_unhashable_type_gets_bad_request_and_no_traceback(
 
 
 async def test_an_empty_stream_gets_bad_frame(srv: RunningServer) -> None:
-    async with connect(srv.address, srv.auth_token, ca=srv.ca_cert,
-                       server_name="localhost") as conn:
+    async with srv.connect() as conn:
         response = await asyncio.wait_for(conn.protocol.send_raw(b"", end_stream=True), 10)
         assert response["error"]["code"] == "bad_frame"
         assert (await conn.call("ping"))["ok"]
@@ -72,7 +60,7 @@ async def test_a_tokenless_connection_is_closed_after_hello_timeout(
         srv: RunningServer) -> None:
     before = srv.metric("qpq_connections_refused_total", reason="hello_timeout")
     async with tokenless(srv) as conn:
-        await _until(lambda: conn.protocol.terminated is not None, 15,
+        await await_until(lambda: conn.protocol.terminated is not None, 15,
                      "the server to close the tokenless connection")
         assert "access token" in (conn.protocol.terminated or "")
     assert srv.metric("qpq_connections_refused_total", reason="hello_timeout") == before + 1
@@ -87,7 +75,7 @@ async def test_tokenless_bytes_are_capped_and_the_connection_closed(
         for _ in range(8):
             conn.protocol.send_raw(struct.pack(">I", 1_000_000) + b"x" * 4000,
                                    end_stream=False)
-        await _until(lambda: conn.protocol.terminated is not None, 10,
+        await await_until(lambda: conn.protocol.terminated is not None, 10,
                      "the server to close the connection over its pre-auth budget")
     assert srv.metric("qpq_connections_refused_total", reason="preauth_bytes") == before + 1
 
@@ -104,36 +92,30 @@ async def test_tokenless_connections_cannot_fill_the_server(srv: RunningServer) 
             except (ClientError, TimeoutError):
                 refused += 1
         assert refused == 2
-        async with connect(srv.address, srv.auth_token, ca=srv.ca_cert,
-                           server_name="localhost", local_host="127.0.0.2") as good:
+        async with srv.connect(local_host="127.0.0.2") as good:
             assert (await good.call("ping"))["ok"]
     # Once authenticated, a connection leaves the pre-auth budget: five of them at once.
     async with AsyncExitStack() as stack:
         for _ in range(5):
-            conn = await stack.enter_async_context(connect(
-                srv.address, srv.auth_token, ca=srv.ca_cert, server_name="localhost",
-                local_host="127.0.0.3"))
+            conn = await stack.enter_async_context(srv.connect(local_host="127.0.0.3"))
             assert (await conn.call("ping"))["ok"]
     assert srv.metric("qpq_connections_refused_total", reason="unauthenticated_address") >= 2
 
 
 def test_revoking_the_access_token_closes_its_connections(tmp_path: Path) -> None:
     async def scenario(server: RunningServer) -> None:
-        async with connect(server.address, server.auth_token, ca=server.ca_cert,
-                           server_name="localhost") as old:
+        async with server.connect() as old:
             assert (await old.call("ping"))["ok"]
             write_env_file(server.data_dir / ".env",
                            {"QPQ_AUTH_TOKEN": "a-brand-new-token-0123456789abcdef",
                             "QPQ_DB_KEY": server.db_key})
             server.signal(signal.SIGHUP)
-            await _until(lambda: old.protocol.terminated is not None, 15,
+            await await_until(lambda: old.protocol.terminated is not None, 15,
                          "the connection on the revoked token to be closed")
-        async with connect(server.address, "a-brand-new-token-0123456789abcdef",
-                           ca=server.ca_cert, server_name="localhost") as new:
+        async with server.connect("a-brand-new-token-0123456789abcdef") as new:
             assert (await new.call("ping"))["ok"]
         with pytest.raises(ClientError):
-            async with connect(server.address, server.auth_token, ca=server.ca_cert,
-                               server_name="localhost"):
+            async with server.connect():
                 pass
 
     with running_server(tmp_path) as server:

@@ -5,25 +5,14 @@ from __future__ import annotations
 import asyncio
 import signal
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 from prometheus_client import CollectorRegistry
 
+from qpq_server.devserver import free_port, running_server, wait_until
 from qpq_server.http import HealthServer
 from qpq_server.liveness import LoopHeartbeat
-from tests.helpers.ports import free_port
-from tests.helpers.server import running_server
-
-
-def _poll(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def _status(url: str) -> int:
@@ -42,12 +31,12 @@ def test_readyz_fails_while_the_event_loop_is_wedged_and_healthz_stays_up() -> N
     base = f"http://127.0.0.1:{port}"
     release = threading.Event()
     try:
-        _poll(lambda: _status(base + "/readyz") == 200, 10, "a beating loop to be ready")
+        wait_until(lambda: _status(base + "/readyz") == 200, 10, "a beating loop to be ready")
         loop.call_soon_threadsafe(release.wait, 30)  # a handler that blocks the loop
-        _poll(lambda: _status(base + "/readyz") == 503, 10, "/readyz to see the wedge")
+        wait_until(lambda: _status(base + "/readyz") == 503, 10, "/readyz to see the wedge")
         assert _status(base + "/healthz") == 200
         release.set()
-        _poll(lambda: _status(base + "/readyz") == 200, 10, "/readyz to recover")
+        wait_until(lambda: _status(base + "/readyz") == 200, 10, "/readyz to recover")
     finally:
         release.set()
         beat.cancel()
@@ -64,10 +53,10 @@ def test_a_failed_sighup_reload_is_counted_and_the_server_keeps_serving(
         good = cert.read_bytes()
         cert.write_bytes(b"not a certificate")
         srv.signal(signal.SIGHUP)
-        _poll(lambda: srv.metric("qpq_reload_total", result="failed") == 1, 20,
+        wait_until(lambda: srv.metric("qpq_reload_total", result="failed") == 1, 20,
               "the failed reload to be counted")
         assert _status(srv.metrics_url + "/readyz") == 200
         cert.write_bytes(good)
         srv.signal(signal.SIGHUP)
-        _poll(lambda: srv.metric("qpq_reload_total", result="ok") == 1, 20,
+        wait_until(lambda: srv.metric("qpq_reload_total", result="ok") == 1, 20,
               "the good reload to be counted")
