@@ -14,9 +14,9 @@ from pathlib import Path
 import opaque_ke_py as opaque
 import pytest
 
-from qpq_server.client import ClientError, QpqClient, connect
+from qpq_server.client import ClientError, QpqClient
 from qpq_server.datadir import session_key_path
-from tests.helpers.server import BIN, RunningServer, running_server
+from qpq_server.devserver import BIN, RunningServer, await_until, running_server
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +29,7 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
 @asynccontextmanager
 async def client(srv: RunningServer, profiles: Path,
                  local_host: str | None = None) -> AsyncIterator[QpqClient]:
-    async with connect(srv.address, srv.auth_token, ca=srv.ca_cert, server_name="localhost",
-                       timeout=20, local_host=local_host) as conn:
+    async with srv.connect(timeout=20, local_host=local_host) as conn:
         yield QpqClient(conn, profiles)
 
 
@@ -134,15 +133,15 @@ def test_rotating_the_session_key_ends_every_session(tmp_path: Path) -> None:
 
         async def old_session_refused() -> None:
             async with client(server, tmp_path / "q") as c:
-                deadline = time.monotonic() + 15
-                while True:
+                async def refused() -> bool:
                     try:
                         await c.conn.call("fetch", session=session)
                     except ClientError as exc:
                         assert exc.code == "invalid_session"
-                        break
-                    assert time.monotonic() < deadline, "old session still accepted"
-                    await asyncio.sleep(0.1)
+                        return True
+                    return False
+
+                await await_until(refused, 15, "the old session being refused")
                 await c.login("sk_frank", "pw")
 
         asyncio.run(old_session_refused())
