@@ -14,7 +14,7 @@ import pytest
 import sqlcipher3
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from qpq_server.client import QpqClient, connect
+from qpq_server.client import QpqClient
 from qpq_server.client.e2e import RecipientKey, public_bytes, seal
 from qpq_server.client.errors import ClientError, IdentityChanged, KtViolation
 from qpq_server.client.profile import Profile
@@ -220,8 +220,7 @@ async def test_key_packages_cannot_be_drained_and_running_low_is_counted(
                                 "one_time_key_burst": 3, "account_burst": 1000,
                                 "address_burst": 1000}}
     with running_server(tmp_path, overrides=overrides) as srv:
-        async with connect(srv.address, srv.auth_token, ca=srv.ca_cert,
-                           server_name="localhost") as conn:
+        async with srv.connect() as conn:
             c = QpqClient(conn, tmp_path / "profiles")
             for name in ("dr_owner", "dr_thief", "dr_friend"):
                 await c.register(name, "pw")

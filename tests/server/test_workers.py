@@ -16,8 +16,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from qpq_server.client import QpqClient, QpqConnection, connect
-from tests.helpers.server import BIN, RunningServer, init_data_dir, running_server
+from qpq_server.client import QpqClient, QpqConnection
+from qpq_server.devserver import (
+    BIN,
+    RunningServer,
+    await_until,
+    init_server_dir,
+    running_server,
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +35,6 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
         yield server
 
 
-async def _until(predicate: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
-
 
 @asynccontextmanager
 async def one_per_worker(srv: RunningServer) -> AsyncIterator[dict[int, QpqConnection]]:
@@ -43,9 +42,7 @@ async def one_per_worker(srv: RunningServer) -> AsyncIterator[dict[int, QpqConne
     found: dict[int, QpqConnection] = {}
     async with AsyncExitStack() as stack:
         for _ in range(40):
-            conn = await stack.enter_async_context(connect(
-                srv.address, srv.auth_token, ca=srv.ca_cert, server_name="localhost",
-                hello=False))
+            conn = await stack.enter_async_context(srv.connect(hello=False))
             worker = (await conn.call("hello", token=srv.auth_token))["worker"]
             found.setdefault(worker, conn)
             if len(found) == 2:
@@ -73,7 +70,7 @@ async def test_both_workers_serve_and_a_long_poll_on_one_wakes_for_the_other(
         bob = b.profile("wk_bob").session
         parked = asyncio.ensure_future(conns[1].call("fetch", timeout=30, session=bob,
                                                      wait_s=20.0))
-        await _until(lambda: srv.metric("qpq_delivery_waiters") == 1, 10, "bob to park")
+        await await_until(lambda: srv.metric("qpq_delivery_waiters") == 1, 10, "bob to park")
         started = time.monotonic()
         await a.conn.call("enqueue", session=a.profile("wk_alice").session,
                           recipients=["wk_bob"], payload=b"across workers")
@@ -83,15 +80,14 @@ async def test_both_workers_serve_and_a_long_poll_on_one_wakes_for_the_other(
         # One /metrics for the host: enqueues through both workers are summed.
         before = srv.metric("qpq_enqueue_total")
         await b.conn.call("enqueue", session=bob, recipients=["wk_alice"], payload=b"back")
-        await _until(lambda: srv.metric("qpq_enqueue_total") == before + 1, 10,
+        await await_until(lambda: srv.metric("qpq_enqueue_total") == before + 1, 10,
                      "the second worker's enqueue in /metrics")
     assert set(worker_pids(srv)) >= {"0", "1", "supervisor"}
 
 
 async def test_a_killed_worker_is_restarted_and_nothing_acknowledged_is_lost(
         srv: RunningServer, tmp_path: Path) -> None:
-    async with connect(srv.address, srv.auth_token, ca=srv.ca_cert,
-                       server_name="localhost") as conn:
+    async with srv.connect() as conn:
         c = QpqClient(conn, tmp_path)
         await c.register("kw_alice", "pw")
         await c.register("kw_bob", "pw")
@@ -103,17 +99,14 @@ async def test_a_killed_worker_is_restarted_and_nothing_acknowledged_is_lost(
     victim = int(children[0])
     before = worker_pids(srv)
     os.kill(victim, signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while True:  # a new worker with a new start time, and the host ready again
+    def restarted() -> bool:  # a new worker with a new start time, and the host ready again
         now_pids = worker_pids(srv)
         ready = httpx.get(srv.metrics_url + "/readyz", timeout=5).status_code == 200
-        if ready and len(now_pids) == 3 and now_pids != before:
-            break
-        assert time.monotonic() < deadline, "worker not restarted"
-        await asyncio.sleep(0.2)
+        return ready and len(now_pids) == 3 and now_pids != before
+
+    await await_until(restarted, 30, "the killed worker being restarted")
     assert srv.process.poll() is None
-    async with connect(srv.address, srv.auth_token, ca=srv.ca_cert,
-                       server_name="localhost") as conn:
+    async with srv.connect() as conn:
         c = QpqClient(conn, tmp_path / "again")
         await c.login("kw_bob", "pw")
         got = await conn.call("fetch", session=c.profile("kw_bob").session)
@@ -139,7 +132,7 @@ async def test_address_rate_limit_holds_host_wide(tmp_path: Path) -> None:
 
 
 def test_a_worker_that_cannot_start_stops_the_supervisor_with_exit_1(tmp_path: Path) -> None:
-    config = init_data_dir(tmp_path / "d", overrides={"server": {"workers": 2}})
+    config = init_server_dir(tmp_path / "d", overrides={"server": {"workers": 2}})
     import tomllib
 
     listen = tomllib.loads(config.read_text())["server"]["listen"]
@@ -167,7 +160,7 @@ async def test_sigterm_drains_every_worker_and_exits_0(tmp_path: Path) -> None:
                 parked.append(asyncio.ensure_future(c.conn.call(
                     "fetch", timeout=30, session=c.profile(f"dr_{worker}").session,
                     wait_s=25.0)))
-            await _until(lambda: server.metric("qpq_delivery_waiters") == 2, 10,
+            await await_until(lambda: server.metric("qpq_delivery_waiters") == 2, 10,
                          "a fetch parked on each worker")
             server.signal(signal.SIGTERM)
             answers = await asyncio.wait_for(asyncio.gather(*parked), 20)
