@@ -19,7 +19,7 @@ import httpx
 import msgpack
 import sqlcipher3
 
-from qpq_server.client import QpqConnection, connect
+from qpq_server.client import QpqConnection
 from qpq_server.client.errors import ClientError
 from qpq_server.secrets import Secret
 from qpq_server.storage.sqlcipher import key_pragma
@@ -33,8 +33,7 @@ SENDERS = 4
 
 
 async def _open(srv: RunningServer) -> QpqConnection:
-    cm = connect(srv.address, srv.auth_token, ca=srv.ca_cert, server_name="localhost",
-                 timeout=5)
+    cm = srv.connect(timeout=5)
     conn = await cm.__aenter__()
     conn._cm = cm  # type: ignore[attr-defined]  # closed by _close
     return conn

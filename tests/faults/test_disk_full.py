@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from qpq_server.client import connect
 from qpq_server.client.errors import ClientError
 from tests.faults.test_crash import integrity
 from tests.helpers.rawclient import session
@@ -59,8 +58,7 @@ async def test_enospc_is_answered_cleanly_and_service_resumes(tmp_path: Path) ->
         (data_dir / "server.log").symlink_to(outside_log)
         srv = start_server(config)
         try:
-            async with connect(srv.address, srv.auth_token, ca=srv.ca_cert,
-                               server_name="localhost", timeout=10) as conn:
+            async with srv.connect() as conn:
                 alice = await session(conn, "alice")
                 bob = await session(conn, "bob")
                 ballast = small / "ballast"
