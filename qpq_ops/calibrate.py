@@ -19,102 +19,54 @@ from __future__ import annotations
 import asyncio
 import os
 import platform
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack, contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from qpq_ops.calibration import Calibration
 from qpq_ops.errors import CalibrationRunError
 
-__all__ = ["ThrowawayServer", "calibrate", "machine_description", "throwaway_server"]
+if TYPE_CHECKING:
+    from qpq_server.devserver import RunningServer
+
+__all__ = ["calibrate", "machine_description", "throwaway_server"]
 
 _PHASES = 6
 """handshakes, logins, enqueue, fetch, ack, commits share the time budget equally"""
 
 
-@dataclass(frozen=True)
-class ThrowawayServer:
-    pid: int
-    address: str
-    auth_token: str
-    ca_cert: Path
-    metrics_url: str
-
-
-def _free_port(kind: socket.SocketKind) -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _bin(name: str) -> str:
-    beside = Path(sys.executable).parent / name
-    return str(beside) if beside.exists() else name
+# What calibration changes on the throwaway server: measure costs, not the limits that
+# protect a production server from floods.
+_CALIBRATION_OVERRIDES: dict[str, dict[str, Any]] = {
+    "rate_limit": {"enabled": False},
+    "quic": {"max_handshakes_in_flight": 4096, "retry": "never",
+             "max_unauthenticated_per_address": 4096},
+}
 
 
 @contextmanager
-def throwaway_server(workdir: Path, timeout: float = 60.0) -> Iterator[ThrowawayServer]:
-    """`qpq-server init` + `run` on free loopback ports; stopped (TERM, then KILL) after."""
-    import tomli_w
+def throwaway_server(workdir: Path, timeout: float = 60.0) -> Iterator[RunningServer]:
+    """The project's one throwaway-server launcher (`qpq_server.devserver`), with its
+    start-up failures turned into one-line calibration errors."""
+    from qpq_server.devserver import init_server_dir, start_server
 
-    from qpq_server.secrets import read_env_file
-
-    data_dir = workdir / "data"
-    init = subprocess.run([_bin("qpq-server"), "init", "--data-dir", str(data_dir)],
-                          capture_output=True, text=True, timeout=timeout, check=False)
-    if init.returncode != 0:
-        raise CalibrationRunError(f"qpq-server init failed: {init.stderr.strip()[:200]}")
-    config_path = data_dir / "qpq-server.toml"
-    config: dict[str, Any] = tomllib.loads(config_path.read_text())
-    quic, metrics = _free_port(socket.SOCK_DGRAM), _free_port(socket.SOCK_STREAM)
-    config["server"]["listen"] = f"127.0.0.1:{quic}"
-    config.setdefault("metrics", {})["listen"] = f"127.0.0.1:{metrics}"
-    # measure costs, not the limits that protect a production server from floods
-    config.setdefault("rate_limit", {})["enabled"] = False
-    config.setdefault("quic", {}).update({"max_handshakes_in_flight": 4096, "retry": "never"})
-    config_path.write_text(tomli_w.dumps(config))
-    env = {**os.environ, **read_env_file(data_dir / ".env")}
-    log = (workdir / "server.log").open("wb")
-    process = subprocess.Popen([_bin("qpq-server"), "run", "--config", str(config_path)],
-                               stdout=log, stderr=subprocess.STDOUT, env=env)
-    metrics_url = f"http://127.0.0.1:{metrics}"
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if process.poll() is not None:
-                raise CalibrationRunError(f"qpq-server exited with {process.returncode} "
-                                          f"(log: {workdir / 'server.log'})")
-            try:
-                if httpx.get(f"{metrics_url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise CalibrationRunError(f"qpq-server not ready within {timeout:g} s")
-            time.sleep(0.1)
-        yield ThrowawayServer(process.pid, f"127.0.0.1:{quic}", env["QPQ_AUTH_TOKEN"],
-                              data_dir / "tls" / "cert.pem", metrics_url)
+        config_path = init_server_dir(workdir / "data", _CALIBRATION_OVERRIDES)
+        server = start_server(config_path, ready_timeout=timeout)
+    except (RuntimeError, subprocess.SubprocessError, OSError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+        raise CalibrationRunError(f"cannot start the throwaway qpq-server: {first_line}"
+                                  f" (log: {workdir / 'data' / 'server.log'})") from None
+    try:
+        yield server
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
-        log.close()
+        server.stop()
 
 
 def _cpu_s(pid: int) -> float:
@@ -124,18 +76,9 @@ def _cpu_s(pid: int) -> float:
 
 
 def _rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise CalibrationRunError(f"no VmRSS for pid {pid}")
+    from qpq_server.devserver import rss_kb
 
-
-def _metric(url: str, name: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(f"{url}/metrics", timeout=5).text
-    return sum(s.value for f in text_string_to_metric_families(text)
-               for s in f.samples if s.name == name)
+    return rss_kb(pid) * 1024
 
 
 def machine_description() -> dict[str, str]:
@@ -156,34 +99,33 @@ def machine_description() -> dict[str, str]:
     }
 
 
-async def _timed(server: ThrowawayServer, seconds: float,
+async def _timed(server: RunningServer, seconds: float,
                  step: Callable[[], Any]) -> float:
     """Server CPU seconds per call of `step`, looping it for `seconds` (at least 5)."""
     calls = 0
-    started_cpu, deadline = _cpu_s(server.pid), time.monotonic() + seconds
+    started_cpu, deadline = _cpu_s(server.process.pid), time.monotonic() + seconds
     while calls < 5 or time.monotonic() < deadline:
         await step()
         calls += 1
-    return (_cpu_s(server.pid) - started_cpu) / calls
+    return (_cpu_s(server.process.pid) - started_cpu) / calls
 
 
-async def _measure(server: ThrowawayServer, seconds: float, idle_connections: int,
+async def _measure(server: RunningServer, seconds: float, idle_connections: int,
                    workdir: Path, progress: Callable[[str], None]) -> Calibration:
-    from qpq_server.client import QpqClient, connect
+    from qpq_server.client import QpqClient
 
     def open_one() -> Any:
-        return connect(server.address, server.auth_token, ca=server.ca_cert,
-                       server_name="localhost", timeout=30, idle_timeout=300)
+        return server.connect(timeout=30, idle_timeout=300)
 
     share = seconds / _PHASES
     async with AsyncExitStack() as stack:
         progress("idle connections")
         await asyncio.sleep(0.5)
-        base = _rss_bytes(server.pid)
+        base = _rss_bytes(server.process.pid)
         conns = [await stack.enter_async_context(open_one())
                  for _ in range(idle_connections)]
         await asyncio.sleep(1.0)
-        per_conn = max(1, (_rss_bytes(server.pid) - base) // max(1, len(conns)))
+        per_conn = max(1, (_rss_bytes(server.process.pid) - base) // max(1, len(conns)))
 
         progress("handshakes")
 
@@ -231,7 +173,7 @@ async def _measure(server: ThrowawayServer, seconds: float, idle_connections: in
         cpu_ack = max(cpu_fetch_ack - cpu_fetch, cpu_fetch_ack / 10)
 
         progress("durable commits")
-        commits_before = _metric(server.metrics_url, "qpq_db_write_duration_seconds_count")
+        commits_before = server.metric("qpq_db_write_duration_seconds_count")
         started, deadline = time.monotonic(), time.monotonic() + share
 
         async def writer(index: int) -> None:
@@ -241,7 +183,7 @@ async def _measure(server: ThrowawayServer, seconds: float, idle_connections: in
                                 payload=payload)
 
         await asyncio.gather(*(writer(i) for i in range(min(16, len(conns)))))
-        commits = _metric(server.metrics_url, "qpq_db_write_duration_seconds_count")
+        commits = server.metric("qpq_db_write_duration_seconds_count")
         commits_per_s = max(1.0, (commits - commits_before) / (time.monotonic() - started))
 
     return Calibration(

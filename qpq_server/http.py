@@ -6,6 +6,8 @@ still answers `/healthz` (while `/readyz` reflects whether we are serving).
 
 from __future__ import annotations
 
+import errno
+import os
 import threading
 from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
@@ -18,7 +20,47 @@ __all__ = ["HealthServer"]
 
 
 class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    """Keeps one spare file descriptor: when the process has run out (EMFILE), the
+    spare is given up to accept the health check, and taken back once it is answered,
+    so `/healthz` keeps answering while descriptors are exhausted."""
+
     daemon_threads = True
+    _spare: int | None = None
+
+    def server_activate(self) -> None:
+        super().server_activate()
+        self._take_spare()
+
+    _spare_lock = threading.Lock()
+
+    def _take_spare(self) -> None:
+        with self._spare_lock:  # requests finish on their own threads
+            if self._spare is None:
+                try:
+                    self._spare = os.open(os.devnull, os.O_RDONLY)
+                except OSError:
+                    self._spare = None  # still exhausted: again after the next request
+
+    def get_request(self) -> tuple[Any, Any]:
+        try:
+            return super().get_request()
+        except OSError as exc:
+            with self._spare_lock:
+                if exc.errno not in (errno.EMFILE, errno.ENFILE) or self._spare is None:
+                    raise
+                os.close(self._spare)
+                self._spare = None
+            return super().get_request()
+
+    def close_request(self, request: Any) -> None:
+        super().close_request(request)
+        self._take_spare()
+
+    def server_close(self) -> None:
+        super().server_close()
+        if self._spare is not None:
+            os.close(self._spare)
+            self._spare = None
 
 
 class _QuietHandler(WSGIRequestHandler):

@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from qpq_ops.calibration import REFERENCE, Calibration
 from qpq_ops.capacity import CapacityInputs
 from qpq_ops.exit_codes import ExitCode
 from qpq_ops.forecast.duration import DurationError, format_duration, parse_duration
@@ -119,7 +120,8 @@ class ForecastResult:
 def run_forecast(url: str, *, lookback_s: int, horizon_s: int,
                  instances: Sequence[str] = (), trigger_ids: Sequence[str] = (),
                  timeout: float = 30.0, now: float | None = None,
-                 base_inputs: CapacityInputs = DEFAULT_INPUTS) -> ForecastResult:
+                 base_inputs: CapacityInputs = DEFAULT_INPUTS,
+                 calibration: Calibration | None = REFERENCE) -> ForecastResult:
     """Raises `SourceError` (one line) when Prometheus cannot answer in `timeout` s."""
     end = time.time() if now is None else now
     step = step_for(lookback_s)
@@ -146,7 +148,8 @@ def run_forecast(url: str, *, lookback_s: int, horizon_s: int,
                 horizon_s=horizon_s, lookback_s=lookback_s))
     users = next(iter(ranges["_users"].series.values()), Series((), ()))
     msgs = next(iter(ranges["_msgs_per_hour"].series.values()), Series((), ()))
-    outlook = capacity_outlook(users, msgs, now=end, horizon_s=horizon_s, base=base_inputs)
+    outlook = capacity_outlook(users, msgs, now=end, horizon_s=horizon_s, base=base_inputs,
+                               calibration=calibration)
     storage = _storage_growth(ranges["_blob_bytes"].by("instance"), end)
     return ForecastResult(url.rstrip("/"), end, lookback_s, horizon_s, step,
                           tuple(forecasts), ranges["_rate"].by("instance"), outlook,

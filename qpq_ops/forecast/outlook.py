@@ -16,6 +16,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from qpq_ops.calibration import REFERENCE, Calibration
 from qpq_ops.capacity import (
     BEYOND_ONE_NODE,
     SINGLE_NODE_MAX_VCPUS,
@@ -84,17 +85,21 @@ class CapacityOutlook:
                 "summary": self.summary(), "notes": list(self.notes)}
 
 
-def _point(base: CapacityInputs, at: float, users: float, msgs_per_hour: float) -> CapacityPoint:
+def _point(base: CapacityInputs, at: float, users: float, msgs_per_hour: float,
+           calibration: Calibration | None) -> CapacityPoint:
     peak_users = max(1, math.ceil(users))
     rate = max(0.0, msgs_per_hour)
     inputs = dataclasses.replace(base, users=peak_users,
                                  msgs_per_user_hour=rate / peak_users)
-    return CapacityPoint(at, peak_users, rate, plan(inputs))
+    return CapacityPoint(at, peak_users, rate, plan(inputs, calibration))
 
 
 def capacity_outlook(users: Series, msgs_per_hour: Series, *, now: float, horizon_s: float,
-                     base: CapacityInputs = DEFAULT_INPUTS) -> CapacityOutlook | None:
-    """None when no connection count was observed (nothing to plan from)."""
+                     base: CapacityInputs = DEFAULT_INPUTS,
+                     calibration: Calibration | None = REFERENCE) -> CapacityOutlook | None:
+    """None when no connection count was observed (nothing to plan from). Plans use
+    qpq's measured model (`calibration`; the shipped reference by default), or the
+    guide's worksheet with `calibration=None`."""
     if not users or users.peak is None or users.peak <= 0:
         return None
     notes: list[str] = []
@@ -113,7 +118,7 @@ def capacity_outlook(users: Series, msgs_per_hour: Series, *, now: float, horizo
 
     def at(day: int) -> CapacityPoint:
         return _point(base, now + day * DAY, peak_users + user_slope * day,
-                      peak_rate + rate_slope * day)
+                      peak_rate + rate_slope * day, calibration)
 
     current = at(0)
     days = max(0, int(horizon_s // DAY))
@@ -125,6 +130,6 @@ def capacity_outlook(users: Series, msgs_per_hour: Series, *, now: float, horizo
             changes.append(point)
         last = point
     horizon = _point(base, now + horizon_s, peak_users + user_slope * horizon_s / DAY,
-                     peak_rate + rate_slope * horizon_s / DAY)
+                     peak_rate + rate_slope * horizon_s / DAY, calibration)
     return CapacityOutlook(current, horizon, tuple(changes), user_slope, rate_slope,
                            tuple(notes))

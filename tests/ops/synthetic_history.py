@@ -100,6 +100,6 @@ EXPECTED_DISK_WARNING_DAYS = 70 - 64   # 64 % now, +1 %/day, warning above 70 %
 EXPECTED_DISK_CRITICAL_DAYS = 90 - 64  # critical above 90 %
 EXPECTED_CONN_WARNING_DAYS = (800 - 380) / 20   # 80 % of 1,000
 EXPECTED_CONN_CRITICAL_DAYS = (950 - 380) / 20  # 95 % of 1,000
-# 390 messages/s now (growing 380 + flat 10), +20/s per day; the plan's second vCPU is
-# needed above 500 messages/s (2 requests per message, 1,000 requests/s per vCPU).
+# 390 messages/s now (growing 380 + flat 10), +20/s per day; the test's calibration puts
+# one worker at its process_cpu warning line at 500 messages/s.
 EXPECTED_SECOND_WORKER_DAYS = (500 - 390) / 20

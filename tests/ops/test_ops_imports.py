@@ -36,6 +36,7 @@ SERVER_PIECES = (
     "qpq_server.auth.opaque",  # create_setup for `rotate opaque`
     "qpq_server.metrics",  # the metric registry the catalogue is read from (issue 10)
     "qpq_server.client",  # `capacity calibrate` drives a throwaway server (lazy import)
+    "qpq_server.devserver",  # ...started by the project's one launcher (lazy import)
 )
 
 

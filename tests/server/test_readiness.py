@@ -60,3 +60,40 @@ def test_a_failed_sighup_reload_is_counted_and_the_server_keeps_serving(
         srv.signal(signal.SIGHUP)
         wait_until(lambda: srv.metric("qpq_reload_total", result="ok") == 1, 20,
               "the good reload to be counted")
+
+
+_EXHAUSTED_SERVER = r"""
+import os, resource, sys, time
+from prometheus_client import CollectorRegistry
+from qpq_server.http import HealthServer
+
+health = HealthServer("127.0.0.1", int(sys.argv[1]), CollectorRegistry(), lambda: True)
+health.start()
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+held = []
+try:
+    while True:
+        held.append(os.open(os.devnull, os.O_RDONLY))
+except OSError:
+    pass
+print(f"exhausted {len(held)}", flush=True)
+time.sleep(60)
+"""
+
+
+def test_healthz_answers_while_the_process_is_out_of_descriptors(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", _EXHAUSTED_SERVER, str(port)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("exhausted")
+        for _ in range(3):  # the spare descriptor comes back after each answer
+            assert _status(f"http://127.0.0.1:{port}/healthz") == 200
+    finally:
+        proc.kill()
+        proc.wait(10)
