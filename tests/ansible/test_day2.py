@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import stat
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,9 +57,12 @@ async def register(host: Host, user: str) -> None:
 
 
 async def login_works(host: Host, user: str) -> bool:
+    # A fresh device each time: a device that pinned a key-transparency head from after
+    # the backup rightly reports the restored (shorter) log as `kt_rollback`.
     async with host.server.connect(host.token()) as conn:
+        profiles = Path(tempfile.mkdtemp(dir=host.work, prefix="device-"))
         try:
-            await QpqClient(conn, host.work / "profiles").login(user, f"pw-{user}")
+            await QpqClient(conn, profiles).login(user, f"pw-{user}")
         except ClientError as exc:
             assert exc.code == "login_failed"
             return False
