@@ -103,12 +103,16 @@ def run_playbook(playbook: str, work: Path, extra_vars: Mapping[str, Any], *,
         cmd += ["--tags", tags]
     proc = subprocess.run(cmd, cwd=REPO, env=ansible_env(work), capture_output=True,
                           text=True, timeout=timeout, check=False)
-    output = proc.stdout + proc.stderr
+    return parse_run(proc.returncode, proc.stdout + proc.stderr)
+
+
+def parse_run(rc: int, output: str) -> PlaybookRun:
+    """An ansible-playbook run from its exit code and output (the recap summed over hosts)."""
     recap: dict[str, int] = {}
     for match in _RECAP.finditer(output):
         for key in ("ok", "changed", "unreachable", "failed", "skipped"):
             recap[key] = recap.get(key, 0) + int(match.group(key))
-    return PlaybookRun(rc=proc.returncode, output=output, recap=recap)
+    return PlaybookRun(rc=rc, output=output, recap=recap)
 
 
 def build_wheelhouse(dest: Path) -> Path:
