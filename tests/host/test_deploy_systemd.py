@@ -100,6 +100,10 @@ def deploy_fresh_host(host: SystemdHost, wheel: Path) -> Deployed:
         # /proc/sys is read-only in the host (it is this machine's kernel).
         "qpq_sysctl_apply": False,
         "qpq_sysctl_verify": False,
+        # Its nftables table is checked (nft -c) but NOT loaded here: the host shares this
+        # machine's network namespace. The test loads it into a namespace of its own.
+        "qpq_firewall_apply": False,
+        "qpq_firewall_monitoring_sources": ["10.9.8.7", "2001:db8::/64"],
     }
     check_fresh = run_playbook(host, "deploy.yml", extra, check=True)
     first = run_playbook(host, "deploy.yml", extra)
@@ -204,3 +208,24 @@ def test_the_backup_service_runs_once_and_writes_an_archive(deployed: Deployed) 
     listing = host.run(["ls", "-ln", "/var/backups/qpq"]).stdout
     metric = host.path("/var/lib/prometheus/node-exporter/qpq_backup.prom")
     assert "qpq_backup_last_success_timestamp_seconds" in metric.read_text(), shlex.quote(listing)
+
+
+def test_the_firewall_table_loads_and_lets_in_only_quic_ssh_and_monitoring(
+        deployed: Deployed) -> None:
+    host = deployed.host
+    assert host.systemctl("is-enabled", "nftables.service").stdout.strip() == "enabled"
+    assert 'include "/etc/nftables.d/qpq.nft"' in host.path("/etc/nftables.conf").read_text()
+    # Loaded for real, into a fresh network namespace (not this machine's).
+    listed = host.run(["unshare", "--net", "sh", "-c",
+                       "nft -f /etc/nftables.d/qpq.nft && nft list table inet qpq"]).stdout
+    print(listed)
+    quic = deployed.address.rsplit(":", 1)[1]
+    metrics = str(deployed.vars["qpq_server_metrics_listen"]).rsplit(":", 1)[1]
+    lines = [" ".join(line.split()) for line in listed.splitlines()]
+    assert "type filter hook input priority filter; policy drop;" in lines
+    assert "tcp dport 22 accept" in lines
+    assert f"udp dport {quic} accept" in lines
+    v4 = next(line for line in lines if line.startswith("ip saddr 10.9.8.7"))
+    v6 = next(line for line in lines if line.startswith("ip6 saddr 2001:db8::/64"))
+    for line in (v4, v6):
+        assert metrics in line and "9100" in line and line.endswith("accept")
