@@ -104,6 +104,7 @@ def deploy_fresh_host(host: SystemdHost, wheel: Path) -> Deployed:
         # machine's network namespace. The test loads it into a namespace of its own.
         "qpq_firewall_apply": False,
         "qpq_firewall_monitoring_sources": ["10.9.8.7", "2001:db8::/64"],
+        "qpq_prometheus_node_exporter_listen_address": f"127.0.0.1:{free_port()}",
     }
     check_fresh = run_playbook(host, "deploy.yml", extra, check=True)
     first = run_playbook(host, "deploy.yml", extra)
@@ -208,6 +209,11 @@ def test_the_backup_service_runs_once_and_writes_an_archive(deployed: Deployed) 
     listing = host.run(["ls", "-ln", "/var/backups/qpq"]).stdout
     metric = host.path("/var/lib/prometheus/node-exporter/qpq_backup.prom")
     assert "qpq_backup_last_success_timestamp_seconds" in metric.read_text(), shlex.quote(listing)
+    # node_exporter, on the address the role set, serves it to the monitoring host.
+    url = f"http://{deployed.vars['qpq_prometheus_node_exporter_listen_address']}/metrics"
+    scraped = httpx.get(url, timeout=10).text
+    assert "qpq_backup_last_success_timestamp_seconds" in scraped
+    assert "node_cpu_seconds_total" in scraped
 
 
 def test_the_firewall_table_loads_and_lets_in_only_quic_ssh_and_monitoring(
