@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint typecheck pytest bench venv sysdeps render clean soak ceiling
+.PHONY: demo test test-fast test-host lint typecheck pytest bench venv sysdeps render clean soak ceiling
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,9 +29,14 @@ lint: $(STAMP)
 typecheck: lint
 
 pytest: $(STAMP) sysdeps
-	$(BIN)/pytest -n 2 --dist loadfile
+	$(BIN)/pytest -n 2 --dist loadfile --ignore=tests/host
 
-test: $(STAMP) sysdeps lint pytest
+# deploy.yml on a Debian 12 root booted with systemd as PID 1 (needs root; the root file
+# system is built once by debootstrap and cached in /var/cache/qpq-test-host).
+test-host: $(STAMP) sysdeps
+	$(BIN)/pytest tests/host -q -s
+
+test: $(STAMP) sysdeps lint pytest test-host
 
 # In-process and unit tests only (no Prometheus, no Ansible): under a minute on 2 cores.
 FAST_TESTS := tests/server/test_dispatch.py tests/server/test_codec.py \

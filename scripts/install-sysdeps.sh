@@ -11,6 +11,8 @@ command -v age >/dev/null 2>&1 || need+=(age)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 # initdb/pg_ctl/postgres for the PostgreSQL backend's tests (tests/helpers/postgres.py)
 compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || need+=(postgresql)
+# tests/host: a Debian 12 root with systemd as PID 1 (make test-host).
+[ -x /usr/sbin/debootstrap ] || need+=(debootstrap)
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi
 if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
 echo "installing Debian packages: ${need[*]}" >&2

@@ -238,6 +238,7 @@ def verify(
                     "members_checked": report.members_checked,
                     "problems": list(report.problems),
                     "schema_version": report.manifest.schema_version,
+                    "domain": report.manifest.domain,
                     "row_counts": report.manifest.row_counts})
     else:
         for problem in report.problems:

@@ -13,7 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,11 +75,15 @@ def ansible_env(work: Path) -> dict[str, str]:
     return env
 
 
-def write_inventory(path: Path) -> Path:
-    """localhost in both groups the playbooks act on, run with this interpreter."""
+def write_inventory(path: Path, servers: Sequence[str] = ("localhost",)) -> Path:
+    """localhost in both groups the playbooks act on, run with this interpreter.
+
+    More `servers` are more names for this same machine (connection local), for the
+    playbooks' multi-host guards.
+    """
     host = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
     inventory = {"all": {"children": {
-        "qpq_servers": {"hosts": {"localhost": host}},
+        "qpq_servers": {"hosts": {name: host for name in servers}},
         "qpq_monitoring": {"hosts": {"localhost": host}},
     }}}
     path.write_text(yaml.safe_dump(inventory))
@@ -88,10 +92,11 @@ def write_inventory(path: Path) -> Path:
 
 def run_playbook(playbook: str, work: Path, extra_vars: Mapping[str, Any], *,
                  check: bool = False, tags: str | None = None,
+                 servers: Sequence[str] = ("localhost",),
                  timeout: float = 240.0) -> PlaybookRun:
     """One `ansible-playbook` run; extra vars go in as JSON so types survive."""
     work.mkdir(parents=True, exist_ok=True)
-    inventory = write_inventory(work / "inventory.yml")
+    inventory = write_inventory(work / "inventory.yml", servers)
     vars_file = work / "extra-vars.json"
     vars_file.write_text(json.dumps(dict(extra_vars)))
     # From the repository root, as the issue spells it: `ansible-playbook -i INV playbooks/X.yml`.
@@ -103,12 +108,16 @@ def run_playbook(playbook: str, work: Path, extra_vars: Mapping[str, Any], *,
         cmd += ["--tags", tags]
     proc = subprocess.run(cmd, cwd=REPO, env=ansible_env(work), capture_output=True,
                           text=True, timeout=timeout, check=False)
-    output = proc.stdout + proc.stderr
+    return parse_run(proc.returncode, proc.stdout + proc.stderr)
+
+
+def parse_run(rc: int, output: str) -> PlaybookRun:
+    """An ansible-playbook run from its exit code and output (the recap summed over hosts)."""
     recap: dict[str, int] = {}
     for match in _RECAP.finditer(output):
         for key in ("ok", "changed", "unreachable", "failed", "skipped"):
             recap[key] = recap.get(key, 0) + int(match.group(key))
-    return PlaybookRun(rc=proc.returncode, output=output, recap=recap)
+    return PlaybookRun(rc=rc, output=output, recap=recap)
 
 
 def build_wheelhouse(dest: Path) -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import stat
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from tests.ansible.runner import (
     read_env,
     run_playbook,
 )
+from tests.helpers.server import running_server
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -247,3 +249,61 @@ def test_redeploy_with_another_db_key_is_refused_before_any_change(host: Host) -
     assert run.changed == 0
     assert (host.data_dir / ".env").read_bytes() == env_before
     assert "f" * 64 not in run.output
+
+
+def test_restore_without_a_limit_to_one_host_is_refused(host: Host) -> None:
+    (archive,) = host.archives()
+    run = run_playbook("restore.yml", host.work, day2_vars(
+        host, qpq_backup_restore_archive="/" + str(archive.relative_to(host.root))),
+        servers=("localhost", "qpq-2.example.org"))
+    assert run.rc != 0
+    assert "add --limit HOST" in " ".join(run.output.split()), run.output[-3000:]
+    assert run.changed == 0
+    assert host.server.ready()
+
+
+def test_restore_refuses_an_archive_of_another_domain(host: Host, tmp_path: Path) -> None:
+    # Another deployment's server, run once so it has a database to back up.
+    with running_server(tmp_path, overrides={"server": {"domain": "other.example.net"}}) as other:
+        config = other.data_dir / "qpq-server.toml"
+    dest = host.root / "var/backups/other"
+    made = subprocess.run([str(host.root / "opt/qpq/venv/bin/qpq-ops"), "backup", "create",
+                           "--config", str(config), "--dest", str(dest), "--json"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert made.returncode == 0, made.stdout + made.stderr
+    archive = Path(json.loads(made.stdout)["archive"])
+    run = run_playbook("restore.yml", host.work, day2_vars(
+        host, qpq_backup_restore_archive="/" + str(archive.relative_to(host.root)),
+        qpq_backup_restore_force=True))
+    assert run.rc != 0
+    text = " ".join(run.output.split())
+    assert ("it was made on domain other.example.net but this server's config says "
+            "chat.example.org") in text, run.output[-3000:]
+    assert run.changed == 0
+    assert host.server.ready()
+
+
+def test_rotate_fails_when_qpq_ops_crashes_even_with_exit_1(host: Host) -> None:
+    # A stand-in for a qpq-ops that died after changing things: a traceback, exit 1, no JSON.
+    crashing = host.root / "opt/crashing/qpq-ops"
+    crashing.parent.mkdir(parents=True, exist_ok=True)
+    crashing.write_text("#!/bin/sh\necho 'Traceback (most recent call last):' >&2\nexit 1\n")
+    crashing.chmod(0o755)
+    run = run_playbook("rotate-keys.yml", host.work, day2_vars(
+        host, qpq_rotate_kind="auth-token", qpq_rotate_qpq_ops="/opt/crashing/qpq-ops"))
+    assert run.rc != 0
+    assert "fatal: [localhost]" in run.output and "Run qpq-ops rotate" in run.output, \
+        run.output[-3000:]
+
+
+def test_redeploy_with_a_pinned_token_is_refused_after_a_rotation(host: Host) -> None:
+    # The auth-token rotation above is in the audit log: the pinned token is the old one.
+    assert host.token() != host.vars["qpq_server_auth_token"]
+    env_before = (host.data_dir / ".env").read_bytes()
+    run = run_playbook("deploy.yml", host.work, host.vars, tags="qpq_server")
+    assert run.rc != 0
+    assert "qpq_server_auth_token differs from the token `qpq-ops rotate auth-token` wrote" \
+        in " ".join(run.output.split()), run.output[-3000:]
+    assert run.changed == 0
+    assert (host.data_dir / ".env").read_bytes() == env_before
+    assert host.token() not in run.output

@@ -1,0 +1,237 @@
+"""deploy.yml on a real Debian 12 host under systemd: what an operator's first day looks like.
+
+One host is booted for the module and deployed in order: `--check --diff` while it is
+fresh, the deploy, a second deploy (changed=0); then each test drives the running host.
+The tests run in file order and share that host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shlex
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from qpq_server.client import QpqClient, connect
+from tests.ansible.runner import AUTH_TOKEN, BIN, PLAYBOOKS, REPO, PlaybookRun, parse_run
+from tests.helpers.ports import free_port
+from tests.host.systemd_host import SystemdHost
+
+pytestmark = pytest.mark.timeout(900)
+
+WORK = "/srv/qpq-test"  # inventory and extra vars, inside the host
+UNIT = "qpq-server.service"
+DATA = "/var/lib/qpq"
+# The issue's target for `systemd-analyze security` (lower is more locked down).
+MAX_EXPOSURE = 2.0
+
+
+def run_playbook(host: SystemdHost, playbook: str, extra_vars: Mapping[str, Any], *,
+                 check: bool = False, timeout: float = 600.0) -> PlaybookRun:
+    """`ansible-playbook` inside the host, connection local, from this checkout's venv."""
+    work = host.path(WORK)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "extra-vars.json").write_text(json.dumps(dict(extra_vars)))
+    cmd = [str(BIN / "ansible-playbook"), "-i", f"{WORK}/inventory.yml",
+           f"playbooks/{playbook}", "-e", f"@{WORK}/extra-vars.json"]
+    if check:
+        cmd += ["--check", "--diff"]
+    # The host's own PATH: this venv's bin/ on it would make the role's `python3` this
+    # venv's interpreter, which the service account cannot reach.
+    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+           "ANSIBLE_CONFIG": str(PLAYBOOKS / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1",
+           "ANSIBLE_LOCAL_TEMP": "/tmp/ansible-local",
+           "ANSIBLE_REMOTE_TEMP": "/tmp/ansible-remote",
+           "ANSIBLE_RETRY_FILES_ENABLED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
+    proc = host.run(cmd, check=False, timeout=timeout, env=env, cwd=str(REPO))
+    return parse_run(proc.returncode, proc.stdout + proc.stderr)
+
+
+@dataclass
+class Deployed:
+    host: SystemdHost
+    vars: dict[str, Any]
+    check_fresh: PlaybookRun
+    first: PlaybookRun
+    second: PlaybookRun
+
+    @property
+    def address(self) -> str:
+        return str(self.vars["qpq_server_listen"])
+
+    @property
+    def metrics_url(self) -> str:
+        return "http://" + str(self.vars["qpq_server_metrics_listen"])
+
+    def main_pid(self) -> int:
+        return int(self.host.systemctl("show", "-p", "MainPID", "--value", UNIT).stdout)
+
+    def fail_context(self) -> str:
+        return self.host.journal(UNIT)
+
+
+@pytest.fixture(scope="module")
+def deployed(host: SystemdHost, wheel: Path) -> Deployed:
+    return deploy_fresh_host(host, wheel)
+
+
+def deploy_fresh_host(host: SystemdHost, wheel: Path) -> Deployed:
+    """`--check --diff` on the fresh host, then deploy.yml twice."""
+    inventory = {"all": {"children": {"qpq_servers": {"hosts": {"qpq-test-host": {
+        "ansible_connection": "local", "ansible_python_interpreter": "/usr/bin/python3"}}}}}}
+    host.path(WORK).mkdir(parents=True, exist_ok=True)
+    host.path(f"{WORK}/inventory.yml").write_text(json.dumps(inventory))
+    extra = {
+        "qpq_server_domain": "chat.example.org",
+        "qpq_server_wheel": str(wheel),
+        "qpq_server_pip_extra_args": f"--no-index --find-links {wheel.parent}",
+        # Loopback ports free on this machine: the host shares its network namespace.
+        "qpq_server_listen": f"127.0.0.1:{free_port(socket.SOCK_DGRAM)}",
+        "qpq_server_metrics_listen": f"127.0.0.1:{free_port()}",
+        "qpq_server_auth_token": AUTH_TOKEN,
+        # /proc/sys is read-only in the host (it is this machine's kernel).
+        "qpq_sysctl_apply": False,
+        "qpq_sysctl_verify": False,
+        # Its nftables table is checked (nft -c) but NOT loaded here: the host shares this
+        # machine's network namespace. The test loads it into a namespace of its own.
+        "qpq_firewall_apply": False,
+        "qpq_firewall_monitoring_sources": ["10.9.8.7", "2001:db8::/64"],
+        "qpq_prometheus_node_exporter_listen_address": f"127.0.0.1:{free_port()}",
+    }
+    check_fresh = run_playbook(host, "deploy.yml", extra, check=True)
+    first = run_playbook(host, "deploy.yml", extra)
+    assert first.rc == 0, first.output[-6000:] + host.journal(UNIT)
+    second = run_playbook(host, "deploy.yml", extra)
+    return Deployed(host, extra, check_fresh, first, second)
+
+
+def test_check_diff_on_a_fresh_host_succeeds(deployed: Deployed) -> None:
+    run = deployed.check_fresh
+    assert run.rc == 0, run.output[-6000:]
+    assert run.changed > 0  # it says what the deploy would do
+
+
+def test_deploy_then_a_second_run_changes_nothing(deployed: Deployed) -> None:
+    assert deployed.first.changed > 0
+    assert deployed.second.rc == 0, deployed.second.output[-6000:]
+    assert deployed.second.changed == 0, deployed.second.changed_tasks()
+
+
+def test_the_hardened_unit_runs_as_the_service_account(deployed: Deployed) -> None:
+    host = deployed.host
+    assert host.systemctl("is-active", UNIT, check=False).stdout.strip() == "active", \
+        deployed.fail_context()
+    assert host.systemctl("is-enabled", UNIT).stdout.strip() == "enabled"
+    user = host.run(["ps", "-o", "user=", "-p", str(deployed.main_pid())]).stdout.strip()
+    assert user == "qpq"
+    props = dict(line.split("=", 1) for line in host.systemctl(
+        "show", UNIT, "-p", "NoNewPrivileges,ProtectSystem,PrivateDevices,"
+        "MemoryDenyWriteExecute,ProtectProc,PrivateMounts,RemoveIPC,DevicePolicy").stdout.split())
+    assert props == {"NoNewPrivileges": "yes", "ProtectSystem": "strict",
+                     "PrivateDevices": "yes", "MemoryDenyWriteExecute": "yes",
+                     "ProtectProc": "invisible", "PrivateMounts": "yes", "RemoveIPC": "yes",
+                     "DevicePolicy": "closed"}
+    ready = httpx.get(deployed.metrics_url + "/readyz", timeout=5)
+    assert ready.status_code == 200
+
+
+def test_systemd_analyze_security_of_the_unit(deployed: Deployed) -> None:
+    out = deployed.host.run(["systemd-analyze", "security", "--no-pager", UNIT],
+                            check=False).stdout
+    print(out)  # the full table, for the operator reading the test log
+    match = re.search(r"Overall exposure level for \S+: ([0-9.]+)", out)
+    assert match, out
+    assert float(match.group(1)) <= MAX_EXPOSURE, out
+
+
+async def _exchange(deployed: Deployed, token: str, profiles: Path, tag: str) -> None:
+    ca = deployed.host.path(f"{DATA}/tls/cert.pem")
+    async with connect(deployed.address, token, ca=ca, server_name="chat.example.org",
+                       timeout=10) as conn:
+        client = QpqClient(conn, profiles)
+        await client.register(f"alice_{tag}", "correct horse")
+        await client.register(f"bob_{tag}", "battery staple")
+        await client.send_text(f"alice_{tag}", [f"bob_{tag}"], f"hello over systemd {tag}")
+        got = await client.receive(f"bob_{tag}")
+        assert [(m.sender, m.text) for m in got] == [(f"alice_{tag}",
+                                                      f"hello over systemd {tag}")]
+
+
+def test_a_client_on_this_machine_exchanges_messages_through_it(deployed: Deployed,
+                                                                tmp_path: Path) -> None:
+    asyncio.run(_exchange(deployed, AUTH_TOKEN, tmp_path, "first"))
+
+
+def test_systemctl_reload_rereads_the_token_without_a_restart(deployed: Deployed,
+                                                              tmp_path: Path) -> None:
+    host = deployed.host
+    env = host.path(f"{DATA}/.env")
+    before = env.read_text()
+    new_token = "reloaded-token-" + "x" * 32
+    pid = deployed.main_pid()
+    try:
+        env.write_text(re.sub(r"(?m)^QPQ_AUTH_TOKEN=.*$", f"QPQ_AUTH_TOKEN={new_token}", before))
+        host.systemctl("reload", UNIT)
+        asyncio.run(_exchange(deployed, new_token, tmp_path, "reload"))
+        assert deployed.main_pid() == pid  # SIGHUP, not a restart
+    finally:
+        env.write_text(before)
+        host.systemctl("reload", UNIT)
+
+
+def test_a_config_change_restarts_the_server_through_the_handler(deployed: Deployed,
+                                                                 tmp_path: Path) -> None:
+    pid = deployed.main_pid()
+    changed = {**deployed.vars, "qpq_server_log_level": "debug"}
+    run = run_playbook(deployed.host, "deploy.yml", changed)
+    assert run.rc == 0, run.output[-6000:]
+    assert "RUNNING HANDLER [qpq_server : Restart qpq-server]" in run.output
+    assert deployed.main_pid() not in (0, pid)
+    assert 'log_level = "debug"' in deployed.host.path(f"{DATA}/qpq-server.toml").read_text()
+    asyncio.run(_exchange(deployed, AUTH_TOKEN, tmp_path, "restarted"))
+
+
+def test_the_backup_service_runs_once_and_writes_an_archive(deployed: Deployed) -> None:
+    host = deployed.host
+    assert host.systemctl("is-enabled", "qpq-backup.timer").stdout.strip() == "enabled"
+    started = host.systemctl("start", "qpq-backup.service", check=False, timeout=120)
+    assert started.returncode == 0, started.stderr + host.journal("qpq-backup.service")
+    archives = sorted(host.path("/var/backups/qpq").iterdir())
+    assert archives, host.journal("qpq-backup.service")
+    listing = host.run(["ls", "-ln", "/var/backups/qpq"]).stdout
+    metric = host.path("/var/lib/prometheus/node-exporter/qpq_backup.prom")
+    assert "qpq_backup_last_success_timestamp_seconds" in metric.read_text(), shlex.quote(listing)
+    # node_exporter, on the address the role set, serves it to the monitoring host.
+    url = f"http://{deployed.vars['qpq_prometheus_node_exporter_listen_address']}/metrics"
+    scraped = httpx.get(url, timeout=10).text
+    assert "qpq_backup_last_success_timestamp_seconds" in scraped
+    assert "node_cpu_seconds_total" in scraped
+
+
+def test_the_firewall_table_loads_and_lets_in_only_quic_ssh_and_monitoring(
+        deployed: Deployed) -> None:
+    host = deployed.host
+    assert host.systemctl("is-enabled", "nftables.service").stdout.strip() == "enabled"
+    assert 'include "/etc/nftables.d/qpq.nft"' in host.path("/etc/nftables.conf").read_text()
+    # Loaded for real, into a fresh network namespace (not this machine's).
+    listed = host.run(["unshare", "--net", "sh", "-c",
+                       "nft -f /etc/nftables.d/qpq.nft && nft list table inet qpq"]).stdout
+    print(listed)
+    quic = deployed.address.rsplit(":", 1)[1]
+    metrics = str(deployed.vars["qpq_server_metrics_listen"]).rsplit(":", 1)[1]
+    lines = [" ".join(line.split()) for line in listed.splitlines()]
+    assert "type filter hook input priority filter; policy drop;" in lines
+    assert "tcp dport 22 accept" in lines
+    assert f"udp dport {quic} accept" in lines
+    v4 = next(line for line in lines if line.startswith("ip saddr 10.9.8.7"))
+    v6 = next(line for line in lines if line.startswith("ip6 saddr 2001:db8::/64"))
+    for line in (v4, v6):
+        assert metrics in line and "9100" in line and line.endswith("accept")
