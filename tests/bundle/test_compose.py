@@ -15,6 +15,7 @@ import yaml
 
 from qpq_ops.render.settings import DEFAULT_RUNBOOK_BASE_URL
 from tests.bundle.conftest import tool
+from tests.helpers.canary import declared_secret_output
 
 SECRETS = ("QPQ_AUTH_TOKEN", "QPQ_DB_KEY", "GRAFANA_ADMIN_PASSWORD")
 
@@ -47,10 +48,12 @@ def _project(repo: Path, tmp_path: Path, env: dict[str, str]) -> Path:
 
 
 def _config(project: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [tool("docker-compose"), "-f", "docker-compose.prod.yml", "config"],
-        cwd=project, capture_output=True, text=True, timeout=60,
-    )
+    # `config` prints the file with the test's fake secrets filled in: that is its job.
+    with declared_secret_output():
+        return subprocess.run(
+            [tool("docker-compose"), "-f", "docker-compose.prod.yml", "config"],
+            cwd=project, capture_output=True, text=True, timeout=60,
+        )
 
 
 def test_docker_compose_config_validates_with_secrets_filled_in(
