@@ -496,14 +496,18 @@ class Service:
         wait_s = v.get_float(request, "wait_s", lo=0.0, hi=limits.max_wait_s, default=0.0)
         self.metrics.fetch_total.inc()
         messages = await self._fetch_page(user, limit)
-        if not messages and wait_s > 0 and not self.draining:
+        deadline = time.monotonic() + wait_s
+        # A wake-up is a hint, not a promise (a late or lost notification, a reconnecting
+        # notifier waking everyone): park again until the wait is really over.
+        while not messages and not self.draining and (left := deadline - time.monotonic()) > 0:
             self.metrics.delivery_waiters.inc()
             try:
-                woken = await self.notifier.wait(user, wait_s)
+                woken = await self.notifier.wait(user, left)
             finally:
                 self.metrics.delivery_waiters.dec()
-            if woken:
-                messages = await self._fetch_page(user, limit)
+            if not woken:
+                break
+            messages = await self._fetch_page(user, limit)
         payload_bytes = sum(len(m.payload) for m in messages)
         # More may wait when the page is full by count, or so full by bytes that the next
         # (largest possible) message could not have fitted; a wrong guess costs one fetch.

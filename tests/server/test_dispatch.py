@@ -225,3 +225,24 @@ async def test_error_response_is_the_one_shape_transports_send(h: Harness) -> No
     body = h.dispatcher.error_response("frame", RequestError("nope"))
     assert body == {"ok": False, "error": {"code": "bad_request", "message": "nope"}}
     assert h.errors("frame", "bad_request") == 1
+
+
+async def test_a_spurious_wake_up_does_not_end_a_long_poll(h: Harness) -> None:
+    """A reconnecting notifier may wake every waiter with nothing to deliver: the fetch
+    parks again until its wait is over, and still gets what arrives later."""
+    import asyncio
+
+    conn = await h.connect()
+    alice = await h.session(conn, "alice")
+    bob = await h.session(conn, "bob")
+    parked = asyncio.ensure_future(h.call(conn, "fetch", session=bob, wait_s=10.0))
+    for _ in range(100):  # until it is parked
+        if h.core.service.notifier.waiting:  # type: ignore[attr-defined]
+            break
+        await asyncio.sleep(0.01)
+    h.core.service.notifier.notify(["bob"])  # nothing was enqueued
+    await asyncio.sleep(0.1)
+    assert not parked.done()
+    await h.call(conn, "enqueue", session=alice, recipients=["bob"], payload=b"later")
+    answer = await asyncio.wait_for(parked, 5)
+    assert [m["payload"] for m in answer["messages"]] == [b"later"]
