@@ -337,6 +337,10 @@ def _test_file(path: PurePosixPath, groups: tuple[TestGroup, ...],
     doc = {
         "rule_files": _rule_files(),
         "evaluation_interval": duration_text(evaluation_s),
+        # Alerts read recording rules of another group: without a fixed order promtool
+        # may evaluate an alert before the rule it reads at the same instant, and a
+        # boundary case (a value exactly at its line) then passes or fails by chance.
+        "group_eval_order": ["qpq-recording", "qpq-triggers", "qpq-health"],
         "tests": [_group_doc(g) for g in groups],
     }
     return RenderedFile(path, yaml_document(doc, "qpq_ops/render/rules_tests.py"))

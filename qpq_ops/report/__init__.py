@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 
 import jinja2
 
+from qpq_ops.calibration import REFERENCE, Calibration
 from qpq_ops.doctor import CheckResult, DoctorInputs, run_doctor
 from qpq_ops.forecast import ForecastResult, format_duration, run_forecast
 from qpq_ops.forecast.history import fetch_ranges, instance_matcher
@@ -36,6 +37,8 @@ class ReportInputs:
     timeout: float = 30.0
     now: float | None = None
     progress: Callable[[str], None] = field(default=lambda _step: None)
+    calibration: Calibration | None = REFERENCE
+    """qpq's measured costs for the capacity plan (None: the guide's worksheet)."""
 
 
 @dataclass(frozen=True)
@@ -144,7 +147,7 @@ def build_report(inputs: ReportInputs) -> Report:
     inputs.progress("reading history from Prometheus")
     result = run_forecast(inputs.prometheus_url, lookback_s=inputs.lookback_s,
                           horizon_s=inputs.horizon_s, instances=inputs.instances,
-                          timeout=inputs.timeout, now=now)
+                          timeout=inputs.timeout, now=now, calibration=inputs.calibration)
     expr = alerts_expr(instance_matcher(inputs.instances), result.step_s)
     ranges = fetch_ranges(inputs.prometheus_url, {"alerts": expr}, start=now - inputs.lookback_s,
                           end=now, step_s=result.step_s, timeout=inputs.timeout)

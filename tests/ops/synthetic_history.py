@@ -17,6 +17,7 @@ import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 DAY = 86_400.0
 DAYS = 14
@@ -103,3 +104,21 @@ EXPECTED_CONN_CRITICAL_DAYS = (950 - 380) / 20  # 95 % of 1,000
 # 390 messages/s now (growing 380 + flat 10), +20/s per day; the test's calibration puts
 # one worker at its process_cpu warning line at 500 messages/s.
 EXPECTED_SECOND_WORKER_DAYS = (500 - 390) / 20
+
+
+def calibration_needing_a_second_worker_above(tmp_path: Path, messages_per_s: float) -> Path:
+    """A calibration whose CPU per message makes one worker reach the process_cpu
+    warning line at exactly `messages_per_s` (at the forecast's peak factor)."""
+    import dataclasses
+
+    from qpq_ops.calibration import REFERENCE, dump
+    from qpq_ops.forecast.outlook import DEFAULT_INPUTS
+    from qpq_ops.triggers import get_trigger
+
+    per_message = (get_trigger("process_cpu").warning / 100
+                   / (messages_per_s * DEFAULT_INPUTS.peak_factor))
+    third = per_message / 3
+    path = tmp_path / "calibration.json"
+    path.write_text(dump(dataclasses.replace(REFERENCE, cpu_s_per_enqueue=third,
+                                             cpu_s_per_fetch=third, cpu_s_per_ack=third)))
+    return path

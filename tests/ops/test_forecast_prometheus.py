@@ -137,28 +137,10 @@ def test_every_instance_without_selector(stack: Stack) -> None:
     assert code == 2
 
 
-def _calibration_needing_a_second_worker_above(tmp_path: Path, messages_per_s: float) -> Path:
-    """A calibration whose CPU per message makes one worker reach the process_cpu
-    warning line at exactly `messages_per_s` (at the forecast's peak factor)."""
-    import dataclasses
-
-    from qpq_ops.calibration import REFERENCE, dump
-    from qpq_ops.forecast.outlook import DEFAULT_INPUTS
-    from qpq_ops.triggers import get_trigger
-
-    per_message = (get_trigger("process_cpu").warning / 100
-                   / (messages_per_s * DEFAULT_INPUTS.peak_factor))
-    third = per_message / 3
-    path = tmp_path / "calibration.json"
-    path.write_text(dump(dataclasses.replace(REFERENCE, cpu_s_per_enqueue=third,
-                                             cpu_s_per_fetch=third, cpu_s_per_ack=third)))
-    return path
-
-
 def test_capacity_plan_on_observed_peaks_says_when_a_second_worker_is_needed(
     stack: Stack, tmp_path: Path,
 ) -> None:
-    calibration = _calibration_needing_a_second_worker_above(tmp_path, 500)
+    calibration = synth.calibration_needing_a_second_worker_above(tmp_path, 500)
     _, doc = forecast(stack, "--trigger", "connections", "--calibration", str(calibration))
     capacity = doc["capacity"]
     now = capacity["now"]

@@ -43,8 +43,9 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Written]:
         prom.wait_for("count(qpq_connections_active)",
                       lambda r: bool(r) and r[0]["value"][1] == "3")
         path = tmp / "report.html"
+        calibration = synth.calibration_needing_a_second_worker_above(tmp, 500)
         result = runner.invoke(app, ["report", "--prometheus-url", prom.url, "--out",
-                                     str(path), "--json"])
+                                     str(path), "--json", "--calibration", str(calibration)])
         assert result.exit_code == 0, result.output
         yield Written(prom, path, json.loads(result.stdout), path.read_text())
 
