@@ -13,7 +13,7 @@ from qpq_ops._console import err, fail, out, print_json, styled_state
 from qpq_ops.calibration import REFERENCE
 from qpq_ops.calibration import load as load_calibration
 from qpq_ops.cli.capacity import inputs_from_file
-from qpq_ops.cli.triggers import format_value
+from qpq_ops.display import format_value, signed_value
 from qpq_ops.errors import OpsError, SourceError
 from qpq_ops.evaluate.direct import http_url
 from qpq_ops.exit_codes import ExitCode
@@ -50,10 +50,6 @@ def prometheus_url_or_fail(url: str | None) -> str:
         fail(f"--prometheus-url: {exc}")
 
 
-def signed_value(value: float, unit: str) -> str:
-    """'+1.0 %', '-3/min'; a change that rounds to zero is '+0' (never '-0.0')."""
-    text = format_value(abs(value), unit)
-    return ("-" if value < 0 and text != format_value(0.0, unit) else "+") + text
 
 
 def forecast_table(result: ForecastResult) -> Table:

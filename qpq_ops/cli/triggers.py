@@ -17,6 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from qpq_ops._console import STATE_STYLE, err, fail, out, print_json
+from qpq_ops.display import format_value
 from qpq_ops.errors import SourceError
 from qpq_ops.evaluate.direct import evaluate_direct, http_url
 from qpq_ops.evaluate.model import Evaluation, TriggerResult
@@ -27,17 +28,6 @@ from qpq_ops.triggers import DEFAULT_SCOPE, TRIGGER_IDS, TRIGGERS, Scope, Trigge
 __all__ = ["check_triggers", "evaluation_table", "format_value"]
 
 
-def format_value(value: float | None, unit: str) -> str:
-    """A value in the trigger's unit, for people (JSON keeps the raw number)."""
-    if value is None:
-        return "-"
-    if unit == "percent":
-        return f"{value:.1f} %"
-    if unit == "seconds":
-        return f"{value * 1000:,.1f} ms"
-    if unit == "per_minute":
-        return f"{value:,.1f}/min"
-    return f"{value:,.0f}"
 
 
 COMPACT_BELOW = 110

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 import jinja2
 
 from qpq_ops.calibration import REFERENCE, Calibration
+from qpq_ops.display import format_value, signed_value
 from qpq_ops.doctor import CheckResult, DoctorInputs, run_doctor
 from qpq_ops.forecast import ForecastResult, format_duration, run_forecast
 from qpq_ops.forecast.history import fetch_ranges, instance_matcher
@@ -68,23 +69,8 @@ class _Section:
     missing: list[str]
 
 
-def _value(value: float | None, unit: str) -> str:
-    """A measure in its trigger's unit, as the tables show it."""
-    if value is None:
-        return "-"
-    if unit == "percent":
-        return f"{value:.1f} %"
-    if unit == "seconds":
-        return f"{value * 1000:,.1f} ms"
-    if unit == "per_minute":
-        return f"{value:,.1f}/min"
-    return f"{value:,.0f}"
 
 
-def _signed(value: float, unit: str) -> str:
-    """A trend: '+1.0 %'; one that rounds to zero is '+0' (never '-0.0')."""
-    text = _value(abs(value), unit)
-    return ("-" if value < 0 and text != _value(0.0, unit) else "+") + text
 
 
 def _when(t: float) -> str:
@@ -97,8 +83,8 @@ def _environment() -> jinja2.Environment:
         autoescape=True, undefined=jinja2.StrictUndefined,
         trim_blocks=True, lstrip_blocks=True,
     )
-    env.filters["value"] = _value
-    env.filters["signed"] = _signed
+    env.filters["value"] = format_value
+    env.filters["signed"] = signed_value
     env.filters["when"] = _when
     env.filters["date"] = iso_date
     env.filters["duration"] = format_duration
