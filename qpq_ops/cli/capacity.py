@@ -17,8 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from qpq_ops._console import err, fail, out, print_json, styled
-from qpq_ops.calibration import REFERENCE, dump
-from qpq_ops.calibration import load as load_calibration
+from qpq_ops.calibration import dump
 from qpq_ops.capacity import (
     BEYOND_ONE_NODE,
     NR_OPEN_DEFAULT,
@@ -27,8 +26,8 @@ from qpq_ops.capacity import (
     CapacityPlan,
     plan,
 )
+from qpq_ops.cli._calibration import CalibrationOpt, calibration_or_fail
 from qpq_ops.errors import (
-    CalibrationError,
     CalibrationRunError,
     CapacityInputError,
     SourceError,
@@ -287,10 +286,7 @@ def plan_command(
     lookback: Annotated[str, typer.Option(
         help="Window for --from-prometheus, a PromQL duration.")] = "7d",
     timeout: Annotated[float, typer.Option(help="Seconds allowed for Prometheus.")] = 10.0,
-    calibration: Annotated[Path | None, typer.Option(
-        "--calibration", metavar="FILE",
-        help="qpq's measured costs from `qpq-ops capacity calibrate --out FILE`. Default: "
-        "the shipped reference calibration (docs/operations/scaling-guide.md).")] = None,
+    calibration: CalibrationOpt = None,
     model: Annotated[Model, typer.Option(
         "--model", help="measured: size from qpq's own costs; guide: the scaling guide's "
         "worksheet as written (same JSON keys as before, for comparison).",
@@ -343,12 +339,7 @@ def plan_command(
         fail(f"--cores-per-host: must be 1 to 1024, got {cores_per_host}")
     if model is Model.GUIDE and calibration is not None:
         fail("--calibration is for --model measured; the guide model has no calibration")
-    costs = None
-    if model is Model.MEASURED:
-        try:
-            costs = REFERENCE if calibration is None else load_calibration(calibration)
-        except CalibrationError as exc:
-            fail(f"--calibration: {exc}")
+    costs = calibration_or_fail(calibration) if model is Model.MEASURED else None
     result = plan(inputs, costs, cores_per_host)
     if json_out:
         print_json(plan_json(result, sources))

@@ -10,11 +10,10 @@ import typer
 from rich.table import Table
 
 from qpq_ops._console import err, fail, out, print_json, styled_state
-from qpq_ops.calibration import REFERENCE
-from qpq_ops.calibration import load as load_calibration
+from qpq_ops.cli._calibration import CalibrationOpt, calibration_or_fail
 from qpq_ops.cli.capacity import inputs_from_file
 from qpq_ops.display import format_value, signed_value
-from qpq_ops.errors import OpsError, SourceError
+from qpq_ops.errors import SourceError
 from qpq_ops.evaluate.direct import http_url
 from qpq_ops.exit_codes import ExitCode
 from qpq_ops.forecast import (
@@ -134,10 +133,7 @@ def forecast(
         help="Capacity inputs (YAML/TOML as `capacity plan --from-file`) for what Prometheus "
         "cannot observe (message and file sizes, retention); users and message rate are "
         "replaced by the observed peaks.")] = None,
-    calibration: Annotated[Path | None, typer.Option(
-        "--calibration", metavar="FILE",
-        help="qpq's measured costs from `capacity calibrate --out FILE` for the plan; "
-        "default: the shipped reference calibration.")] = None,
+    calibration: CalibrationOpt = None,
     timeout: Annotated[float, typer.Option(
         "--timeout", metavar="SECONDS", help="One deadline for all Prometheus queries.")] = 30.0,
     json_out: Annotated[bool, typer.Option(
@@ -168,10 +164,7 @@ def forecast(
         fail(f"--timeout: must be greater than 0, got {timeout:g}")
     url = prometheus_url_or_fail(prometheus_url)
     base = DEFAULT_INPUTS if plan_file is None else inputs_from_file(plan_file)
-    try:
-        costs = REFERENCE if calibration is None else load_calibration(calibration)
-    except OpsError as exc:
-        fail(f"--calibration: {exc}")
+    costs = calibration_or_fail(calibration)
     try:
         with err().status("reading history from Prometheus", spinner="dots"):
             result = run_forecast(url, lookback_s=lookback_s, horizon_s=horizon_s,

@@ -11,13 +11,12 @@ from typing import Annotated
 import typer
 
 from qpq_ops._console import err, fail, print_json
-from qpq_ops.calibration import REFERENCE
-from qpq_ops.calibration import load as load_calibration
+from qpq_ops.cli._calibration import CalibrationOpt, calibration_or_fail
 from qpq_ops.cli.doctor import DEFAULT_TEXTFILE_DIR
 from qpq_ops.cli.forecast import parse_window, prometheus_url_or_fail
 from qpq_ops.deployment import Deployment, load_deployment
 from qpq_ops.doctor import DoctorInputs
-from qpq_ops.errors import ConfigInvalid, ConfigUnreadable, OpsError, SourceError
+from qpq_ops.errors import ConfigInvalid, ConfigUnreadable, SourceError
 from qpq_ops.exit_codes import ExitCode
 from qpq_ops.report import ReportInputs, build_report
 
@@ -55,10 +54,7 @@ def report(
     config: Annotated[Path | None, typer.Option(
         "--config", metavar="PATH",
         help="On the server's host: include `qpq-ops doctor --config PATH`'s findings.")] = None,
-    calibration: Annotated[Path | None, typer.Option(
-        "--calibration", metavar="FILE",
-        help="qpq's measured costs from `capacity calibrate --out FILE` for the plan; "
-        "default: the shipped reference calibration.")] = None,
+    calibration: CalibrationOpt = None,
     timeout: Annotated[float, typer.Option(
         "--timeout", metavar="SECONDS", help="Deadline for each round of queries.")] = 30.0,
     json_out: Annotated[bool, typer.Option(
@@ -100,10 +96,7 @@ def report(
         doctor_inputs = DoctorInputs(config_path=config, deployment=deployment,
                                      prometheus_url=url, plan=None,
                                      textfile_dir=DEFAULT_TEXTFILE_DIR, now=time.time())
-    try:
-        costs = REFERENCE if calibration is None else load_calibration(calibration)
-    except OpsError as exc:
-        fail(f"--calibration: {exc}")
+    costs = calibration_or_fail(calibration)
     with err().status("starting", spinner="dots") as status:
         inputs = ReportInputs(url, lookback_s, horizon_s, instance or (), doctor_inputs,
                               timeout, progress=status.update, calibration=costs)
