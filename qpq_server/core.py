@@ -64,7 +64,8 @@ async def build_core(config: Config, secrets: ServerSecrets, storage: Storage,
     this process's index when several workers share the data dir."""
     await _refuse_unfinished_restore(storage)
     kt = KtLog(storage, load_signer(config.kt_signing_key_path), on_size=metrics.kt_log_size.set,
-               clock=clock)
+               clock=clock,
+               shared=worker is not None or config.storage.backend == "postgres")
     await kt.load()
     blobs = BlobStore(config.blobs_dir, max_blob_bytes=config.blobs.max_blob_bytes,
                       quota_bytes_per_account=config.blobs.quota_bytes_per_account,

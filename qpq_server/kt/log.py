@@ -41,8 +41,9 @@ def load_signer(path: Path) -> TreeHeadSigner:
 class KtLog:
     def __init__(self, storage: Storage, signer: TreeHeadSigner,
                  on_size: Callable[[int], None] | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, shared: bool = False) -> None:
         self._storage = storage
+        self._shared = shared  # other processes append to the same stored log
         self._signer = signer
         self._on_size = on_size
         self._clock = clock
@@ -67,7 +68,10 @@ class KtLog:
 
     async def refresh(self) -> None:
         """Take in leaves other processes appended (worker processes, other nodes on one
-        database) before answering from the in-memory tree."""
+        database) before answering from the in-memory tree. A log only this process
+        writes is complete already: no storage read on the lookup path then."""
+        if not self._shared:
+            return
         async with self._lock:
             await self._catch_up()
 
