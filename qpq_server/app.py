@@ -85,7 +85,8 @@ class ServerApp:
             notifier = await self._start_notifier(stack)
             self.core: ServerCore = await build_core(
                 self.config, self.secrets, self.storage, self.metrics, notifier=notifier,
-                worker=self.worker.index if self.worker and self.worker.count > 1 else None)
+                worker=self.worker.index if self.worker and self.worker.count > 1 else None,
+                shared_storage=self._storage_shared)
             if isinstance(notifier, WorkerNotifier):
                 notifier.start()
                 stack.callback(notifier.close)
@@ -172,12 +173,18 @@ class ServerApp:
 
     def _start_background(self, stack: contextlib.AsyncExitStack, blobs: BlobStore) -> None:
         loop = asyncio.get_running_loop()
-        for task in (loop.create_task(self.heartbeat.run()),
-                     loop.create_task(self._sweep_blobs(blobs)),
-                     loop.create_task(self.core.service.revocations.run()),
-                     loop.create_task(self._refresh_queue_depth()),
-                     loop.create_task(self._probe_storage())):
-            stack.callback(task.cancel)
+        jobs = [self.heartbeat.run(), self._sweep_blobs(blobs), self._probe_storage()]
+        if self._storage_shared:  # others change it: re-read what this process mirrors
+            jobs += [self.core.service.revocations.run(), self._refresh_queue_depth()]
+        for job in jobs:
+            stack.callback(loop.create_task(job).cancel)
+
+    @property
+    def _storage_shared(self) -> bool:
+        """Other processes write the same storage: sibling workers, or other nodes on
+        one PostgreSQL database."""
+        return (self.worker is not None and self.worker.count > 1) \
+            or self.config.storage.backend == "postgres"
 
     def _report_to_supervisor(self, stack: contextlib.AsyncExitStack,
                               worker: WorkerContext) -> None:

@@ -59,13 +59,13 @@ async def _refuse_unfinished_restore(storage: Storage) -> None:
 async def build_core(config: Config, secrets: ServerSecrets, storage: Storage,
                      metrics: ServerMetrics, notifier: DeliveryNotifier | None = None,
                      clock: Callable[[], float] = time.time,
-                     worker: int | None = None) -> ServerCore:
+                     worker: int | None = None, shared_storage: bool = False) -> ServerCore:
     """Everything behind the transports, on storage that is already open. `worker` is
-    this process's index when several workers share the data dir."""
+    this process's index when several workers share the data dir; `shared_storage` says
+    other processes write the same storage (workers, or nodes on one PostgreSQL)."""
     await _refuse_unfinished_restore(storage)
     kt = KtLog(storage, load_signer(config.kt_signing_key_path), on_size=metrics.kt_log_size.set,
-               clock=clock,
-               shared=worker is not None or config.storage.backend == "postgres")
+               clock=clock, shared=shared_storage)
     await kt.load()
     blobs = BlobStore(config.blobs_dir, max_blob_bytes=config.blobs.max_blob_bytes,
                       quota_bytes_per_account=config.blobs.quota_bytes_per_account,
