@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import re
 import secrets
 import shutil
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -91,13 +93,8 @@ class Upload:
             fd = self._fd
             await asyncio.to_thread(os.fsync, fd)
             self._close_fd()
-            held = self.store.get(self.blob_id)
-            if held is not None:  # the same bytes are stored already: now also this user's
-                info = replace(held, pending=held.pending | {self.owner})
-                await asyncio.to_thread(self.store._adopt, self.path, info)
-            else:
-                info = BlobInfo(self.blob_id, self.owner, self.size, now)
-                await asyncio.to_thread(self.store._install, self.path, info)
+            info = await asyncio.to_thread(self.store._store, self.path,
+                                           BlobInfo(self.blob_id, self.owner, self.size, now))
         except BaseException:
             self.abort()
             raise
@@ -136,6 +133,9 @@ class BlobStore:
         self._blobs: dict[str, BlobInfo] = {}
         self._reserved: dict[str, int] = {}  # owner -> bytes of uploads in progress
         self._uploading: set[str] = set()
+        # Every .meta change is a read-modify-write: one writer at a time, in this
+        # process (threads) and, in shared mode, across workers (a lock file).
+        self._meta_mutex = threading.Lock()
 
     @property
     def _shared(self) -> bool:
@@ -260,21 +260,67 @@ class BlobStore:
             self._blobs[info.blob_id] = info
             self._report()
 
-    def _install(self, tmp: Path, info: BlobInfo) -> None:
-        """Thread: meta first, then the blob itself, each made durable."""
-        final = self.path_for(info.blob_id)
-        final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fsync_dir(final.parent.parent)
-        fsync_dir(final.parent.parent.parent)
-        self._write_meta(info)
-        os.replace(tmp, final)
-        fsync_dir(final.parent)
-        fsync_dir(self.tmp_dir)
+    @contextlib.contextmanager
+    def _meta_lock(self) -> Iterator[None]:
+        with self._meta_mutex:
+            if not self._shared:
+                yield
+                return
+            fd = os.open(self.root / ".meta.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)  # closing releases the lock
 
-    def _adopt(self, tmp: Path, info: BlobInfo) -> None:
-        """Thread: a proven duplicate; record the new holder, drop the copy."""
-        self._write_meta(info)
-        tmp.unlink()
+    def _current(self, blob_id: str) -> BlobInfo | None:
+        """Under the lock: the blob as stored now (another worker may have changed it)."""
+        if self._shared:
+            self._reload(blob_id)
+        return self._blobs.get(blob_id)
+
+    def _store(self, tmp: Path, new: BlobInfo) -> BlobInfo:
+        """Thread: install a verified upload, or, when the same bytes are stored already,
+        record its uploader as a holder and drop the copy."""
+        with self._meta_lock():
+            held = self._current(new.blob_id)
+            if held is not None:
+                info = replace(held, pending=held.pending | {new.owner})
+                self._write_meta(info)
+                tmp.unlink()
+                return info
+            final = self.path_for(new.blob_id)
+            final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fsync_dir(final.parent.parent)
+            fsync_dir(final.parent.parent.parent)
+            self._write_meta(new)  # meta first, then the blob itself, each made durable
+            os.replace(tmp, final)
+            fsync_dir(final.parent)
+            fsync_dir(self.tmp_dir)
+            return new
+
+    def _change_meta(self, blob_id: str,
+                     change: Callable[[BlobInfo], BlobInfo]) -> BlobInfo | None:
+        """Thread: apply `change` to the stored .meta; None when the blob is gone."""
+        with self._meta_lock():
+            info = self._current(blob_id)
+            if info is None:
+                return None
+            updated = change(info)
+            if updated != info:
+                self._write_meta(updated)
+                self._blobs[blob_id] = updated
+            return updated
+
+    def _delete_if_unreferenced(self, blob_id: str) -> bool:
+        """Thread: delete an expired blob unless a recipient was added meanwhile."""
+        with self._meta_lock():
+            info = self._current(blob_id)
+            if info is not None and info.pending:
+                return False
+            self._blobs.pop(blob_id, None)
+            self._delete(blob_id)
+            return True
 
     def _write_meta(self, info: BlobInfo) -> None:
         write_atomic(self._meta_path(info.blob_id), json.dumps({
@@ -286,32 +332,24 @@ class BlobStore:
         """A queued message names these blobs: keep them until each recipient fetched."""
         names = frozenset(recipients)
         for blob_id in blob_ids:
-            info = self.get(blob_id)
-            if info is None:
+            updated = await asyncio.to_thread(
+                self._change_meta, blob_id, lambda i: replace(i, pending=i.pending | names))
+            if updated is None:
                 raise NotFound(f"no blob {blob_id}")
-            updated = replace(info, pending=info.pending | names)
-            self._blobs[blob_id] = updated
-            await asyncio.to_thread(self._write_meta, updated)
 
     async def downloaded(self, blob_id: str, user: str) -> None:
-        info = self.get(blob_id)
-        if info is not None and user in info.pending:
-            updated = replace(info, pending=info.pending - {user})
-            self._blobs[blob_id] = updated
-            await asyncio.to_thread(self._write_meta, updated)
+        if not _HEX64.match(blob_id):
+            return
+        await asyncio.to_thread(self._change_meta, blob_id,
+                                lambda i: replace(i, pending=i.pending - {user}))
 
     async def sweep(self, now: float | None = None) -> list[str]:
         """Delete blobs older than the retention that no pending recipient still needs."""
         now = time.time() if now is None else now
         candidates = [b.blob_id for b in self._blobs.values()
                       if not b.pending and b.created_at < now - self.retention_s]
-        if self._shared:  # another worker may have referenced one meanwhile
-            candidates = [b for b in candidates if (info := self.get(b)) is not None
-                          and not info.pending]
-        expired = candidates
-        for blob_id in expired:
-            self._blobs.pop(blob_id, None)
-            await asyncio.to_thread(self._delete, blob_id)
+        expired = [blob_id for blob_id in candidates
+                   if await asyncio.to_thread(self._delete_if_unreferenced, blob_id)]
         if expired:
             self._report()
         return expired

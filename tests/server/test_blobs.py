@@ -393,3 +393,38 @@ async def test_a_file_that_cannot_be_fetched_leaves_its_message_queued(
         again = await c.receive("lost_b")  # not acknowledged: still there
         assert [m.content["blob"].hex() for m in again] == [blob_id]
         assert not (tmp_path / "in" / "lost.txt").exists()
+
+
+async def test_two_workers_referencing_one_blob_at_once_keep_both_references(
+        tmp_path: Path) -> None:
+    """Workers share blobs/: each .meta update is a read-modify-write of one file, so two
+    workers adding recipients at once must not lose one (the blob would expire early)."""
+    from qpq_server.blobs.store import BlobStore
+    from qpq_server.errors import NotFound
+
+    def worker(n: int) -> BlobStore:
+        return BlobStore(tmp_path / "blobs", max_blob_bytes=10_000,
+                         quota_bytes_per_account=12_000, retention_s=0, worker=n)
+
+    first, second = worker(0), worker(1)
+    await first.open()
+    await second.open()
+    data = os.urandom(100)
+    blob_id = hashlib.sha256(data).hexdigest()
+    upload = first.begin_upload("owner", blob_id, len(data))
+    upload.write(data)
+    await upload.commit(time.time())
+    await asyncio.gather(*(store.add_refs([blob_id], [f"r{i}"])
+                           for i in range(20) for store in (first, second)))
+    pending = first.get(blob_id)
+    assert pending is not None and pending.pending == {f"r{i}" for i in range(20)}
+    # Expiry on one worker while the other references the blob keeps it.
+    for i in range(20):
+        await second.downloaded(blob_id, f"r{i}")
+    _, late = await asyncio.gather(first.sweep(time.time() + 10),
+                                   second.add_refs([blob_id], ["late"]), return_exceptions=True)
+    kept = second.get(blob_id)
+    if kept is None:  # the sweep won: the reference must then have been refused
+        assert isinstance(late, NotFound) and not first.path_for(blob_id).exists()
+    else:
+        assert kept.pending == {"late"} and first.path_for(blob_id).exists()
