@@ -121,6 +121,7 @@ class RateLimitConfig:
 @dataclass(frozen=True)
 class LimitsConfig:
     max_recipients: int = 100
+    max_devices: int = 8  # devices per account (each gets a copy of every message)
     max_key_packages: int = 200
     max_fetch_batch: int = 500
     max_wait_s: float = 60.0

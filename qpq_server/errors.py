@@ -17,10 +17,13 @@
         ├── RateLimited          token bucket empty
         ├── TooLarge             payload above a configured limit
         │   └── QuotaExceeded    blob upload beyond the account's quota
+        │       └── TooManyDevices  a device beyond the account's bound
         ├── HashMismatch         uploaded blob does not hash to its declared id
         ├── UploadStalled        blob upload stopped sending before it was complete
         ├── NotFound             referenced object does not exist
+        │   └── DeviceUnlinked   the device is not (or no longer) one of the account's
         ├── ProofRequired        an identity change without proof of the account
+        │   └── LinkRequired     a new device without a link code from an existing one
         ├── ServerBusy           server draining or at a limit
         └── Internal             unexpected failure (details only in the log)
 
@@ -34,9 +37,11 @@ __all__ = [
     "BadFrame",
     "BadRequest",
     "ConfigError",
+    "DeviceUnlinked",
     "HashMismatch",
     "Internal",
     "InvalidSession",
+    "LinkRequired",
     "LoginFailed",
     "NotFound",
     "ProofRequired",
@@ -48,6 +53,7 @@ __all__ = [
     "StorageError",
     "StorageUnavailable",
     "TooLarge",
+    "TooManyDevices",
     "Unauthenticated",
     "UnknownUser",
     "UploadStalled",
@@ -130,6 +136,18 @@ class NotFound(RequestError):
 
 class ProofRequired(RequestError):
     code = "proof_required"
+
+
+class LinkRequired(ProofRequired):
+    code = "link_required"
+
+
+class DeviceUnlinked(NotFound):
+    code = "device_unlinked"
+
+
+class TooManyDevices(QuotaExceeded):
+    code = "too_many_devices"
 
 
 class ServerBusy(RequestError):

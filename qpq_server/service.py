@@ -9,7 +9,9 @@ PostgreSQL notifier, or a different log, drops in without touching this module.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -21,14 +23,24 @@ from qpq_server.auth.opaque import OpaqueServer
 from qpq_server.auth.revocation import SessionRevocations
 from qpq_server.auth.sessions import SessionSigner
 from qpq_server.config import Config
+from qpq_server.device_registry import LINK_META, SPK_META, DeviceRecord, DeviceRegistry
+from qpq_server.devices import (
+    LINK_CODE_TTL_S,
+    device_id,
+    endorsement_message,
+    join_device_set,
+)
 from qpq_server.errors import (
     BadRequest,
+    DeviceUnlinked,
+    LinkRequired,
     LoginFailed,
     NotFound,
     ProofRequired,
     QuotaExceeded,
     RateLimited,
     ServerBusy,
+    TooManyDevices,
     Unauthenticated,
     UnknownUser,
 )
@@ -46,7 +58,7 @@ from qpq_server.notifier import DeliveryNotifier
 from qpq_server.protocol import validate as v
 from qpq_server.protocol.dispatch import ConnectionState, Handler
 from qpq_server.ratelimit import RateLimiter
-from qpq_server.storage.base import Storage, StoredMessage
+from qpq_server.storage.base import Account, Storage, StoredMessage
 
 __all__ = ["BlobIndex", "KeyLog", "Service"]
 
@@ -56,7 +68,7 @@ _MAX_PENDING_LOGINS = 8
 _OPAQUE_MSG_MAX = 1024
 _KEY_PACKAGE_MAX = 1024
 _KEY_PACKAGES_LOW = 5  # below this after a fetch, qpq_key_packages_low_total counts it
-_SPK_META = "spk:"  # storage meta key prefix: a user's signed prekey || its signature
+_LINK_TRIES = 5  # wrong link codes before a pending approval is dropped
 _MAX_BLOBS_PER_MESSAGE = 16
 _FRESH_LOGIN_S = 120.0
 
@@ -112,6 +124,8 @@ class Service:
         per_minute = config.limits.enqueue_bytes_per_minute
         self._enqueue_bytes = RateLimiter(per_minute / 60.0, per_minute)
         self._fetch_locks = KeyedLocks()
+        self.devices = DeviceRegistry(storage)
+        self._device_locks = KeyedLocks()  # one device-set change per account at a time
         self.draining = False
         self.worker: int | None = None  # this process's index among several workers
         self._queue_depth = 0
@@ -134,6 +148,10 @@ class Service:
             "enqueue": self._enqueue,
             "fetch": self._fetch,
             "ack": self._ack,
+            "devices": self._devices,
+            "link_start": self._link_start,
+            "device_endorse": self._device_endorse,
+            "unlink": self._unlink,
         }
 
     async def start(self) -> None:
@@ -342,6 +360,9 @@ class Service:
 
     async def _publish_keys(self, request: dict[str, Any],
                             conn: ConnectionState) -> dict[str, Any]:
+        """Publish this device's identity (adding the device to the account), its signed
+        prekey and one-time packages. The device is named by `identity_key` or `device`;
+        a client from before devices existed names neither and means the first device."""
         user = self._session_user(request)
         identity = v.get_optional_bytes(request, "identity_key", max_len=IDENTITY_BYTES,
                                         min_len=IDENTITY_BYTES)
@@ -349,63 +370,221 @@ class Service:
                                       min_len=PREKEY_BYTES)
         prekey_sig = v.get_optional_bytes(request, "signed_prekey_signature",
                                           max_len=SIGNATURE_BYTES, min_len=SIGNATURE_BYTES)
-        proof = v.get_optional_bytes(request, "identity_proof", max_len=SIGNATURE_BYTES,
-                                     min_len=SIGNATURE_BYTES)
         packages = v.get_bytes_list(request, "key_packages",
                                     max_items=self.config.limits.max_key_packages,
                                     max_len=_KEY_PACKAGE_MAX)
         if (prekey is None) != (prekey_sig is None):
             raise BadRequest("'signed_prekey' and 'signed_prekey_signature' go together")
-        account = await self.storage.get_account(user)
-        current = account.identity_key if account else None
-        if identity is not None and identity != current:
-            self._check_identity_proof(user, current, identity, proof, conn)
-        effective = identity if identity is not None else current
-        if prekey is not None and prekey_sig is not None and (
-                effective is None or not verify_signature(
-                    effective, prekey_sig, signed_prekey_message(effective, prekey))):
+        async with self._device_locks.hold(user):
+            account, devices = await self._account_devices(user)
+            if identity is not None and device_id(identity) not in devices:
+                devices = await self._add_device(user, account, devices, identity,
+                                                 request, conn)
+            record = self._device_of(user, devices, request, identity)
+        if prekey is not None and prekey_sig is not None and not verify_signature(
+                record.identity, prekey_sig, signed_prekey_message(record.identity, prekey)):
             raise BadRequest("'signed_prekey_signature' is not a signature of the "
-                                 "prekey by the account's identity key")
-        if identity is not None and identity != current:
-            if self.kt is not None:  # logged: clients verify every key they fetch
-                await self.kt.publish(user, identity)
-            else:
-                await self.storage.set_identity_key(user, identity)
-            log.info("identity key published", extra={"user": user})
-            if current is not None:
-                await self._drop_key_packages(user)
+                             "prekey by the device's identity key")
         if prekey is not None:
-            await self.storage.set_meta(_SPK_META + user, (prekey + (prekey_sig or b"")).hex())
-        count = await self.storage.add_key_packages(user, packages) if packages else (
-            await self.storage.count_key_packages(user))
-        return {"key_packages": count}
+            await self.storage.set_meta(SPK_META + record.mailbox,
+                                        (prekey + (prekey_sig or b"")).hex())
+        tag = record.tag
+        count = await self.storage.add_key_packages(user, [tag + p for p in packages]) \
+            if packages else await self.storage.count_key_packages(user, tag)
+        return {"key_packages": count, "device": record.id, "devices": len(devices)}
 
-    async def _drop_key_packages(self, user: str) -> None:
-        """A new identity is a new device: the old one's one-time packages would seal
-        messages it alone can open. Rare (key changes), so the generic take loop."""
-        while await self.storage.take_key_package(user) is not None:
+    async def _account_devices(self, user: str) -> tuple[Account, dict[str, DeviceRecord]]:
+        account = await self.storage.get_account(user)
+        if account is None:
+            raise UnknownUser(f"no user {user!r}")
+        return account, await self.devices.load(account)
+
+    @staticmethod
+    def _device_of(user: str, devices: dict[str, DeviceRecord], request: dict[str, Any],
+                   identity: bytes | None = None) -> DeviceRecord:
+        """The requesting device: `device` (its id), else the identity it publishes,
+        else (a client from before devices) the account's first device."""
+        wanted = request.get("device")
+        if wanted is not None:
+            did = v.get_str(request, "device", max_len=64)
+        elif identity is not None:
+            did = device_id(identity)
+        else:
+            first = [r for r in devices.values() if r.mailbox == user]
+            if not first:
+                raise DeviceUnlinked(f"name the device ('device') for {user!r}")
+            return first[0]
+        record = devices.get(did)
+        if record is None:
+            raise DeviceUnlinked(f"device {did} is not one of {user!r}'s current devices "
+                                 "(it was unlinked, or never added)")
+        return record
+
+    async def _add_device(self, user: str, account: Account,
+                          devices: dict[str, DeviceRecord], identity: bytes,
+                          request: dict[str, Any],
+                          conn: ConnectionState) -> dict[str, DeviceRecord]:
+        """A new device needs the password proved on this connection and, when the
+        account has a device already, a link code one of them issued; or (key rotation
+        of one device) a handover signed by the identity it replaces."""
+        proof = v.get_optional_bytes(request, "identity_proof", max_len=SIGNATURE_BYTES,
+                                     min_len=SIGNATURE_BYTES)
+        link_mac = v.get_optional_bytes(request, "link_mac", max_len=32, min_len=32)
+        replaced = next((r for r in devices.values() if proof is not None and verify_signature(
+            r.identity, proof, identity_change_message(user, r.identity, identity))), None)
+        if replaced is None:
+            self._require_password_proof(user, conn)
+            if devices:
+                await self._consume_link(user, v.get_optional_bytes(
+                    request, "link_code", max_len=32, min_len=32))
+        limit = self.config.limits.max_devices
+        if replaced is None and len(devices) >= limit:
+            raise TooManyDevices(f"{user!r} has {len(devices)} devices, the most allowed "
+                                 f"({limit}); unlink one first")
+        did = device_id(identity)
+        mailbox = replaced.mailbox if replaced else (
+            f"{user}#{did}" if any(r.mailbox == user for r in devices.values()) else user)
+        new = {k: r for k, r in devices.items() if r is not replaced}
+        new[did] = DeviceRecord(did, identity, self.clock(), mailbox, link_mac or b"")
+        await self._publish_device_set(user, new)
+        if replaced is not None:
+            await self._drop_key_packages(user, replaced.tag)
+        elif not devices:
+            await self._drop_key_packages(user, b"")  # untagged: from before devices
+        log.info("device added", extra={"user": user, "device": did,
+                                        "devices": len(new)})
+        return new
+
+    async def _publish_device_set(self, user: str, devices: dict[str, DeviceRecord]) -> None:
+        """Log the new set first (clients check it), then the records that annotate it:
+        `load` reconciles a crash between the two from the logged set."""
+        value = join_device_set(r.identity for r in devices.values())
+        if self.kt is not None:  # logged: clients verify every key set they fetch
+            await self.kt.publish(user, value)
+        else:
+            await self.storage.set_identity_key(user, value)
+        await self.devices.save(user, devices)
+
+    async def _consume_link(self, user: str, verifier: bytes | None) -> None:
+        """One-use approval from an existing device; a few wrong codes drop it."""
+        raw = await self.storage.get_meta(LINK_META + user)
+        pending = json.loads(raw) if raw else None
+        if pending is not None and float(pending["expires_at"]) < self.clock():
+            pending = None
+        if pending is None:
+            raise LinkRequired(f"{user!r} already has a device: run `qpq-client link "
+                               f"{user}` on it and log in here with the code it prints "
+                               "(--link-code)")
+        if verifier is None or hashlib.sha256(verifier).hexdigest() != pending["verifier"]:
+            tries = int(pending["tries"]) - 1
+            await self.storage.set_meta(LINK_META + user, "" if tries <= 0 else json.dumps(
+                {**pending, "tries": tries}))
+            raise LinkRequired("wrong or missing link code" + (
+                "; the approval is used up, run `link` again" if tries <= 0 else ""))
+        await self.storage.set_meta(LINK_META + user, "")
+
+    async def _drop_key_packages(self, user: str, tag: bytes) -> None:
+        """A replaced or removed device's one-time packages would seal messages nobody
+        can open. Rare (device changes), so the generic take loop."""
+        while await self.storage.take_key_package(user, tag) is not None:
             pass
 
-    def _check_identity_proof(self, user: str, current: bytes | None, new: bytes,
-                              proof: bytes | None, conn: ConnectionState) -> None:
-        """Setting an identity needs more than a session (a stolen token must not
-        re-key the account): an OPAQUE login for this user on this connection within
-        the last _FRESH_LOGIN_S (as for a password change), or a signature by the
-        previous identity over the handover."""
+    def _require_password_proof(self, user: str, conn: ConnectionState) -> None:
         proved = conn.fresh_logins.get(user)
-        if proved is not None and self.clock() - proved <= _FRESH_LOGIN_S:
-            return
-        if current is not None and proof is not None and verify_signature(
-                current, proof, identity_change_message(user, current, new)):
-            return
-        raise ProofRequired(f"a new identity key needs a password login on this connection "
-                            f"(within {_FRESH_LOGIN_S:.0f} s) or 'identity_proof' signed by "
-                            "the previous identity key")
+        if proved is None or self.clock() - proved > _FRESH_LOGIN_S:
+            raise ProofRequired(
+                f"a new device needs a password login on this connection (within "
+                f"{_FRESH_LOGIN_S:.0f} s) or 'identity_proof' signed by the identity it "
+                "replaces")
+
+    # -- devices -----------------------------------------------------------------------
+    async def _devices(self, request: dict[str, Any], conn: ConnectionState) -> dict[str, Any]:
+        """The account's devices, with the log proof of the set (clients check both)."""
+        user = self._session_user(request)
+        account, devices = await self._account_devices(user)
+        return {"devices": [r.to_wire() for r in devices.values()],
+                "identity_key": account.identity_key,
+                "kt": (await self._kt_proof(user, account.identity_key)
+                       if account.identity_key else None)}
+
+    async def _link_start(self, request: dict[str, Any],
+                          conn: ConnectionState) -> dict[str, Any]:
+        """An existing device approves one new device: it stores the hash of a verifier
+        derived from the code it shows the user (the code itself never reaches us)."""
+        user = self._session_user(request)
+        self._require_fresh_login(user, conn)
+        verifier_hash = v.get_bytes(request, "verifier_hash", max_len=32, min_len=32)
+        _, devices = await self._account_devices(user)
+        approver = self._device_of(user, devices, request)
+        if len(devices) >= self.config.limits.max_devices:
+            raise TooManyDevices(f"{user!r} already has the most devices allowed "
+                                 f"({self.config.limits.max_devices}); unlink one first")
+        await self.storage.set_meta(LINK_META + user, json.dumps({
+            "verifier": verifier_hash.hex(),
+            "expires_at": self.clock() + LINK_CODE_TTL_S, "tries": _LINK_TRIES,
+            "by": approver.id}))
+        return {"expires_at": self.clock() + LINK_CODE_TTL_S}
+
+    async def _device_endorse(self, request: dict[str, Any],
+                              conn: ConnectionState) -> dict[str, Any]:
+        """Store an existing device's signature vouching for a device it linked."""
+        user = self._session_user(request)
+        target = v.get_str(request, "target", max_len=64)
+        signature = v.get_bytes(request, "signature", max_len=SIGNATURE_BYTES,
+                                min_len=SIGNATURE_BYTES)
+        async with self._device_locks.hold(user):
+            _, devices = await self._account_devices(user)
+            endorser = self._device_of(user, devices, request)
+            record = devices.get(target)
+            if record is None:
+                raise DeviceUnlinked(f"device {target} is not one of {user!r}'s devices")
+            if not verify_signature(endorser.identity, signature, endorsement_message(
+                    user, endorser.identity, record.identity)):
+                raise BadRequest("'signature' is not the device's endorsement of the target")
+            devices[target] = DeviceRegistry.endorse(record, endorser.id, signature)
+            await self.devices.save(user, devices)
+        return {"device": target}
+
+    async def _unlink(self, request: dict[str, Any], conn: ConnectionState) -> dict[str, Any]:
+        """Remove one device: the log records the smaller set (senders stop sealing to
+        it), its queue and packages go, and the account's sessions end (tokens are
+        account-wide); the caller gets a fresh one."""
+        user = self._session_user(request)
+        self._require_fresh_login(user, conn)
+        target = v.get_str(request, "target", max_len=64)
+        async with self._device_locks.hold(user):
+            _, devices = await self._account_devices(user)
+            record = devices.get(target)
+            if record is None:
+                raise DeviceUnlinked(f"device {target} is not one of {user!r}'s devices")
+            if len(devices) == 1:
+                raise BadRequest(f"device {target} is {user!r}'s only device; it cannot "
+                                 "be unlinked")
+            del devices[target]
+            await self._publish_device_set(user, devices)
+        await self._drop_key_packages(user, record.tag)
+        await self._drain(record.mailbox)
+        await self.storage.set_meta(SPK_META + record.mailbox, "")
+        await self.revocations.revoke(user)
+        conn.fresh_logins.pop(user, None)
+        self.notifier.notify([record.mailbox])  # a parked fetch of it returns now
+        token, expires = self.signer.issue(user, self.clock())
+        log.info("device unlinked; the account's sessions are revoked",
+                 extra={"user": user, "device": target})
+        return {"device": target, "session": token, "expires_at": expires,
+                "devices": len(devices)}
+
+    async def _drain(self, mailbox: str) -> None:
+        limit = self.config.limits.max_fetch_batch
+        while page := await self.storage.fetch(mailbox, limit):
+            self._adjust_queue_depth(-await self.storage.ack(mailbox, [m.id for m in page]))
 
     async def _get_keys(self, request: dict[str, Any], conn: ConnectionState) -> dict[str, Any]:
+        """Every current device's bundle (identity, signed prekey, maybe a one-time
+        package) and the log proof of the account's device set. The top-level fields
+        repeat the first device's bundle for clients from before devices."""
         requester = self._session_user(request)
         username = v.get_username(request)
-        rl = self.config.rate_limit
         if username != requester:
             self._take(self._key_fetch_limiter, requester, "key_fetch",
                        "too many key fetches from this account; slow down")
@@ -414,25 +593,39 @@ class Service:
             raise UnknownUser(f"no user {username!r}")
         if account.identity_key is None:
             raise NotFound(f"user {username!r} has not published keys yet")
-        stored = await self.storage.get_meta(_SPK_META + username)
-        signed = bytes.fromhex(stored) if stored else b""
+        rl = self.config.rate_limit
         # One requester gets a few of a user's one-time packages, then only the signed
-        # prekey: draining someone's packages takes many accounts, and shows in metrics.
-        package = None
-        if not rl.enabled or self._one_time_limiter.allow(f"{requester}>{username}",
-                                                          self.clock()):
-            package = await self.storage.take_key_package(username)
-            if package is None or (await self.storage.count_key_packages(username)
-                                   < _KEY_PACKAGES_LOW):
-                self.metrics.key_packages_low_total.inc()
+        # prekeys: draining someone's packages takes many accounts, and shows in metrics.
+        give_packages = not rl.enabled or self._one_time_limiter.allow(
+            f"{requester}>{username}", self.clock())
+        bundles = [await self._device_bundle(username, record, give_packages)
+                   for record in (await self.devices.load(account)).values()]
+        first = bundles[0]
         return {
             "identity_key": account.identity_key,
-            "signed_prekey": signed[:PREKEY_BYTES] or None,
-            "signed_prekey_signature": signed[PREKEY_BYTES:] or None,
-            "key_package": package.key_package if package else None,
-            "key_package_id": package.id if package else None,
+            "signed_prekey": first["signed_prekey"],
+            "signed_prekey_signature": first["signed_prekey_signature"],
+            "key_package": first["key_package"],
+            "key_package_id": first["key_package_id"],
+            "devices": bundles,
             "kt": await self._kt_proof(username, account.identity_key),
         }
+
+    async def _device_bundle(self, username: str, record: DeviceRecord,
+                             give_package: bool) -> dict[str, Any]:
+        stored = await self.storage.get_meta(SPK_META + record.mailbox)
+        signed = bytes.fromhex(stored) if stored else b""
+        package = None
+        if give_package:
+            package = await self.storage.take_key_package(username, record.tag)
+            if package is None or (await self.storage.count_key_packages(username, record.tag)
+                                   < _KEY_PACKAGES_LOW):
+                self.metrics.key_packages_low_total.inc()
+        return {"device": record.id, "identity_key": record.identity,
+                "signed_prekey": signed[:PREKEY_BYTES] or None,
+                "signed_prekey_signature": signed[PREKEY_BYTES:] or None,
+                "key_package": package.key_package[len(record.tag):] if package else None,
+                "key_package_id": package.id if package else None}
 
     async def _kt_proof(self, username: str, identity_key: bytes) -> dict[str, Any] | None:
         if self.kt is None:
@@ -462,14 +655,32 @@ class Service:
             raise NotFound("the message names a blob this server does not hold")
         if self.draining:
             raise ServerBusy("server is shutting down; retry on reconnect")
-        await self._check_enqueue_quotas(sender, recipients, len(payload))
+        mailboxes = await self._mailboxes(sender, recipients, request)
+        await self._check_enqueue_quotas(sender, mailboxes, len(payload))
         if blob_ids and self.blobs is not None:  # keep them until each recipient fetched
             await self.blobs.add_refs(blob_ids, recipients)
-        ids = await self.storage.enqueue(sender, recipients, payload, self.clock())
+        ids = await self.storage.enqueue(sender, mailboxes, payload, self.clock()) \
+            if mailboxes else []
         self.metrics.enqueue_total.inc(len(ids))
         self._adjust_queue_depth(len(ids))
-        self.notifier.notify(recipients)
+        self.notifier.notify(mailboxes)
         return {"ids": ids}
+
+    async def _mailboxes(self, sender: str, recipients: list[str],
+                         request: dict[str, Any]) -> list[str]:
+        """One copy per current device of each recipient; the sender among them means
+        the sender's *other* devices (the sending one, `device`, already has it)."""
+        own = v.get_str(request, "device", max_len=64) if request.get("device") else None
+        mailboxes: list[str] = []
+        for name in recipients:
+            account = await self.storage.get_account(name)
+            devices = await self.devices.load(account) if account else {}
+            if not devices:  # no keys published yet: the account's own queue
+                mailboxes.append(name)
+                continue
+            mailboxes += [r.mailbox for r in devices.values()
+                          if not (name == sender and r.id == own)]
+        return list(dict.fromkeys(mailboxes))
 
     async def _check_enqueue_quotas(self, sender: str, recipients: list[str],
                                     size: int) -> None:
@@ -495,19 +706,21 @@ class Service:
                           default=limits.max_fetch_batch)
         wait_s = v.get_float(request, "wait_s", lo=0.0, hi=limits.max_wait_s, default=0.0)
         self.metrics.fetch_total.inc()
-        messages = await self._fetch_page(user, limit)
+        mailbox = await self._own_mailbox(user, request)
+        messages = await self._fetch_page(mailbox, limit)
         deadline = time.monotonic() + wait_s
         # A wake-up is a hint, not a promise (a late or lost notification, a reconnecting
         # notifier waking everyone): park again until the wait is really over.
         while not messages and not self.draining and (left := deadline - time.monotonic()) > 0:
             self.metrics.delivery_waiters.inc()
             try:
-                woken = await self.notifier.wait(user, left)
+                woken = await self.notifier.wait(mailbox, left)
             finally:
                 self.metrics.delivery_waiters.dec()
             if not woken:
                 break
-            messages = await self._fetch_page(user, limit)
+            mailbox = await self._own_mailbox(user, request)  # unlinked meanwhile?
+            messages = await self._fetch_page(mailbox, limit)
         payload_bytes = sum(len(m.payload) for m in messages)
         # More may wait when the page is full by count, or so full by bytes that the next
         # (largest possible) message could not have fitted; a wrong guess costs one fetch.
@@ -518,6 +731,15 @@ class Service:
             for m in messages
         ], "more": more}
 
+    async def _own_mailbox(self, user: str, request: dict[str, Any]) -> str:
+        """The requesting device's queue: each device fetches and acks its own copies,
+        so acking on one never deletes another's."""
+        account = await self.storage.get_account(user)
+        devices = await self.devices.load(account) if account else {}
+        if not devices and request.get("device") is None:
+            return user
+        return self._device_of(user, devices, request).mailbox
+
     async def _fetch_page(self, user: str, limit: int) -> list[StoredMessage]:
         """One page, bounded in bytes; one page load per account at a time, so parallel
         fetches of a flooded mailbox cannot multiply what the server holds in memory."""
@@ -527,7 +749,7 @@ class Service:
     async def _ack(self, request: dict[str, Any], conn: ConnectionState) -> dict[str, Any]:
         user = self._session_user(request)
         ids = v.get_int_list(request, "ids", max_items=self.config.limits.max_fetch_batch)
-        deleted = await self.storage.ack(user, ids)
+        deleted = await self.storage.ack(await self._own_mailbox(user, request), ids)
         self._adjust_queue_depth(-deleted)
         return {"deleted": deleted}
 

@@ -15,6 +15,14 @@ import opaque_ke_py as opaque
 
 from qpq_server.client.connection import ClientError, QpqConnection
 from qpq_server.client.contacts import ContactPins
+from qpq_server.client.devices import (
+    DeviceBook,
+    DeviceInfo,
+    check_devices,
+    link_code,
+    start_link,
+    wait_and_endorse,
+)
 from qpq_server.client.e2e import (
     DecryptError,
     RecipientKey,
@@ -26,6 +34,7 @@ from qpq_server.client.errors import IdentityChanged, KtViolation
 from qpq_server.client.files import FileDecryptError, decrypt_stream, encrypt_stream
 from qpq_server.client.kt import KtVerifier
 from qpq_server.client.profile import REPLAY_WINDOW_S, Profile
+from qpq_server.devices import device_id, link_mac, split_device_set, wrap_label
 from qpq_server.identity import signed_prekey_message, verify_signature
 
 __all__ = ["QpqClient", "ReceivedMessage"]
@@ -66,6 +75,15 @@ def _free_name(directory: Path, name: str) -> Path:
     return target
 
 
+def _sending_device(claimed: bytes, device_set: bytes) -> bytes:
+    """The identity the envelope names, when it is one of the sender's verified devices;
+    otherwise the set itself (so the open fails as a forged sender)."""
+    try:
+        return claimed if claimed in split_device_set(device_set) else device_set
+    except ValueError:
+        return device_set
+
+
 class QpqClient:
     def __init__(self, connection: QpqConnection, profile_dir: Path) -> None:
         self.conn = connection
@@ -75,6 +93,7 @@ class QpqClient:
         self.more_waiting = False  # the last fetch said more messages wait (page by bytes)
         self.pins = ContactPins(profile_dir, connection.server)
         self.replays_dropped = 0  # envelopes already accepted once, dropped by `receive`
+        self._devices_checked: set[str] = set()
 
     def profile(self, username: str) -> Profile:
         if username not in self._profiles:
@@ -90,7 +109,8 @@ class QpqClient:
         await self.conn.call("register_finish", username=username, upload=finish.get_message())
         await self.login(username, password)
 
-    async def login(self, username: str, password: str) -> Profile:
+    async def login(self, username: str, password: str,
+                    link: str | None = None) -> Profile:
         start = opaque.client_login_start(password.encode())
         response = await self.conn.call("login_start", username=username,
                                         request=start.get_message())
@@ -109,27 +129,58 @@ class QpqClient:
         profile.save()
         if result.get("setup_version", 0) < result.get("current_setup_version", 0):
             await self._reregister(profile.session, password)
-        # Check our own log entry (a key we did not publish means someone took over the
-        # account); a fresh device checks after publishing its first key.
+        # Check the account's logged devices (one this device does not know, and no
+        # known device vouched for, means someone added it); a fresh device checks after
+        # publishing its first key, and takes the set it joins as it is.
         fresh = not profile.published_identity
         if not fresh:
-            await self.check_own_key(profile)
-        await self.publish_keys(profile)
+            await self.check_own_devices(profile)
+        await self.publish_keys(profile, link=link)
         if fresh:
-            await self.check_own_key(profile)
+            await self.check_own_devices(profile, trust_current=True)
         return profile
 
+    def device_book(self, username: str) -> DeviceBook:
+        return DeviceBook(self.profile_dir, self.conn.server, username)
+
+    async def check_own_devices(self, profile: Profile,
+                                trust_current: bool = False) -> list[DeviceInfo]:
+        """The log must list this device, and only devices it knows or that a known
+        device vouched for (KtViolation `kt_unknown_device` otherwise)."""
+        return await check_devices(self.conn, self.kt, profile,
+                                   self._session(profile.username),
+                                   self.device_book(profile.username),
+                                   trust_current=trust_current)
+
+    async def link(self, username: str, password: str) -> str:
+        """Approve one new device: prove the password here, get a one-use code (valid
+        LINK_CODE_TTL_S) for the new device's `login --link-code`."""
+        profile = await self.login(username, password)
+        return await start_link(self.conn, profile, self._session(username),
+                                self.device_book(username))
+
+    async def wait_for_linked_device(self, username: str, wait_s: float) -> DeviceInfo | None:
+        """After `link`: wait for the new device, check its MAC and vouch for it."""
+        return await wait_and_endorse(self.conn, self.kt, self.profile(username),
+                                      self._session(username), self.device_book(username),
+                                      wait_s)
+
+    async def unlink(self, username: str, password: str, device: str) -> int:
+        """Remove one device (password proved here); returns how many remain. The
+        account's sessions end; this device gets a fresh one."""
+        profile = await self.login(username, password)
+        result = await self.conn.call("unlink", session=self._session(username),
+                                      device=device_id(profile.identity_public),
+                                      target=device)
+        profile.session, profile.session_expires = result["session"], result["expires_at"]
+        profile.save()
+        if device != device_id(profile.identity_public):
+            await self.check_own_devices(profile)
+        return int(result["devices"])
+
     async def check_own_key(self, profile: Profile) -> None:
-        """The log must show the identity this profile published, and no other."""
-        found = await self.kt.lookup(profile.username)
-        if found.identity_key != profile.identity_public:
-            raise KtViolation(
-                "kt_foreign_key",
-                f"the key-transparency log shows an identity key for {profile.username} "
-                f"that this device did not publish ({found.identity_key.hex()[:16]}..., "
-                f"ours is {profile.identity_public.hex()[:16]}...). Your contacts now "
-                "encrypt to it: if you did not set up a new device, someone with your "
-                "password or the server itself replaced your key")
+        """Kept for callers from before devices: the device check."""
+        await self.check_own_devices(profile)
 
     async def _reregister(self, session: str, password: str) -> None:
         """The server rotated its OPAQUE setup: move our record to the new one."""
@@ -173,14 +224,20 @@ class QpqClient:
             raise ClientError("invalid_session", f"{username} is not logged in")
         return profile.session
 
-    async def publish_keys(self, profile: Profile) -> int:
-        """Publish the identity (once), the current signed prekey (when new or rotated)
-        and top up one-time packages. Private halves reach the disk first."""
+    async def publish_keys(self, profile: Profile, link: str | None = None) -> int:
+        """Publish the identity (once: that adds this device to the account, with the
+        link code when the account has a device already), the current signed prekey
+        (when new or rotated) and top up one-time packages. Private halves reach the
+        disk first."""
         session = self._session(profile.username)
         prekey, signature = profile.current_prekey(time.time())
-        fields: dict[str, Any] = {}
+        fields: dict[str, Any] = {"device": device_id(profile.identity_public)}
         if not profile.published_identity:
             fields["identity_key"] = profile.identity_public
+            if link is not None:
+                verifier, mac_key = link_code(link)
+                fields.update(link_code=verifier, link_mac=link_mac(
+                    mac_key, profile.username, profile.identity_public))
         if not profile.published_identity or profile.published_prekey != prekey:
             fields.update(signed_prekey=prekey, signed_prekey_signature=signature)
         profile.save()
@@ -191,7 +248,8 @@ class QpqClient:
         if count < KEY_PACKAGE_LOW_WATER:
             fresh = profile.new_one_time_keys(KEY_PACKAGE_TARGET - count)
             profile.save()  # private halves on disk before the public halves are published
-            result = await self.conn.call("publish_keys", session=session, key_packages=fresh)
+            result = await self.conn.call("publish_keys", session=session, key_packages=fresh,
+                                          device=fields["device"])
             count = int(result["key_packages"])
         profile.save()
         return count
@@ -200,18 +258,38 @@ class QpqClient:
                    blobs: Sequence[bytes] = ()) -> list[int]:
         session = self._session(sender)
         profile = self.profile(sender)
-        keys = [await self._recipient_key(session, name) for name in dict.fromkeys(recipients)]
+        names = list(dict.fromkeys(recipients))
+        keys = [k for name in names for k in await self._recipient_keys(session, name)]
+        own = [k for k in await self._own_device_keys(session, profile) if sender not in names]
+        keys += own
         head = self.kt.pinned_head()
         if head is not None:  # gossip: recipients check it lies on the log they see
             content = {**content, "kt_head": head.to_wire()}
         envelope = seal(content, sender, profile.identity, profile.identity_public, keys,
                         int(time.time() * 1000))
         extra: dict[str, Any] = {"blobs": list(blobs)} if blobs else {}
-        result = await self.conn.call("enqueue", session=session, recipients=list(recipients),
-                                      payload=envelope, **extra)
+        # The sender among the recipients means its *other* devices (copies for them).
+        result = await self.conn.call("enqueue", session=session,
+                                      recipients=names + ([sender] if own else []),
+                                      payload=envelope,
+                                      device=device_id(profile.identity_public), **extra)
         return list(result["ids"])
 
-    async def _recipient_key(self, session: str, name: str) -> RecipientKey:
+    async def _own_device_keys(self, session: str, profile: Profile) -> list[RecipientKey]:
+        """This account's other devices get a copy of what it sends (the device set is
+        checked like a contact's, and against the devices this one knows)."""
+        book = self.device_book(profile.username)
+        if len(book.known()) <= 1:
+            return []
+        keys = await self._recipient_keys(session, profile.username, own=True)
+        return [k for k in keys if k.identity != profile.identity_public
+                and device_id(k.identity) in book.known()]
+
+    async def _recipient_keys(self, session: str, name: str,
+                              own: bool = False) -> list[RecipientKey]:
+        """One key per current device of `name`, each proven: the device set is the
+        one the log shows (and matches the pin), and each prekey is signed by its
+        device's identity. A missing or extra device stops the send."""
         bundle = await self.conn.call("get_keys", session=session, username=name)
         identity = bundle.get("identity_key")
         if not isinstance(identity, bytes):
@@ -219,7 +297,27 @@ class QpqClient:
         # Never encrypt to a key the server's signed, append-only log does not show,
         # nor to one that differs from the key pinned for this contact.
         await self.kt.verify_key(name, identity, bundle.get("kt"))
-        self.pins.check(name, identity)
+        if not own:
+            self.pins.check(name, identity)
+        try:
+            devices = split_device_set(identity)
+        except ValueError as exc:
+            raise KtViolation("kt_bad_response", f"{name}'s logged device set is malformed "
+                              f"({exc}); not sending") from None
+        raw = bundle.get("devices")
+        bundles = raw if isinstance(raw, list) else [{**bundle, "identity_key": identity}]
+        keys = [self._device_key(name, b) for b in bundles if isinstance(b, dict)]
+        if sorted(k.identity for k in keys) != devices:
+            raise KtViolation("kt_bad_response",
+                              f"the server's key bundles for {name} do not match the "
+                              "device set its key-transparency log shows; not sending")
+        return keys
+
+    @staticmethod
+    def _device_key(name: str, bundle: dict[str, Any]) -> RecipientKey:
+        identity = bundle.get("identity_key")
+        if not isinstance(identity, bytes):
+            raise KtViolation("kt_bad_response", f"server sent no identity key for {name}")
         prekey, signature = bundle.get("signed_prekey"), bundle.get("signed_prekey_signature")
         if not isinstance(prekey, bytes) or not isinstance(signature, bytes):
             raise ClientError("no_signed_prekey",
@@ -231,7 +329,7 @@ class QpqClient:
                               f"{name}'s signed prekey is not signed by their verified "
                               "identity key; not sending")
         package = bundle.get("key_package")
-        return RecipientKey(name, identity, prekey,
+        return RecipientKey(wrap_label(name, identity), identity, prekey,
                             bytes(package) if isinstance(package, bytes) else None)
 
     async def send_file(self, sender: str, recipients: Sequence[str], path: Path) -> list[int]:
@@ -285,8 +383,12 @@ class QpqClient:
         session = self._session(username)
         profile = self.profile(username)
         timeout = self.conn.timeout + wait_s
+        if username not in self._devices_checked:  # a device added behind our back?
+            await self.check_own_devices(profile)
+            self._devices_checked.add(username)
+        device = device_id(profile.identity_public)
         result = await self.conn.call("fetch", timeout=timeout, session=session,
-                                      wait_s=wait_s, limit=limit)
+                                      wait_s=wait_s, limit=limit, device=device)
         received: list[ReceivedMessage] = []
         used_keys: list[bytes] = []
         ack_ids: list[int] = []
@@ -312,7 +414,7 @@ class QpqClient:
             for message in received:
                 await before_ack(message)
         if ack_ids:
-            await self.conn.call("ack", session=session, ids=ack_ids)
+            await self.conn.call("ack", session=session, ids=ack_ids, device=device)
             for rpk in used_keys:
                 profile.forget_one_time(rpk)
             for replay_id in accepted:
@@ -322,13 +424,17 @@ class QpqClient:
                 await self.publish_keys(profile)
         return received
 
-    async def _sender_identity(self, name: str,
-                               cache: dict[str, bytes | IdentityChanged]) -> bytes:
-        """The sender's current identity, proven by the log and matching our pin."""
+    async def _sender_identity(self, name: str, cache: dict[str, bytes | IdentityChanged],
+                               own: bool = False) -> bytes:
+        """The sender's current device set, proven by the log and matching our pin (for
+        our own other devices: the set, checked against the devices we know)."""
         if name not in cache:
             found = await self.kt.lookup(name)
             try:
-                self.pins.check(name, found.identity_key)
+                if own:
+                    await self.check_own_devices(self.profile(name))
+                else:
+                    self.pins.check(name, found.identity_key)
                 cache[name] = found.identity_key
             except IdentityChanged as exc:
                 cache[name] = exc
@@ -342,8 +448,14 @@ class QpqClient:
                     ) -> tuple[ReceivedMessage | None, bytes, bytes]:
         """Authenticate and decrypt one fetched item: (message, one-time key used,
         replay id); the message is None for a replay of one accepted before."""
+        # Sealed to this device; an envelope from before devices names the user only.
+        label = wrap_label(profile.username, profile.identity_public)
         try:
-            env = parse_envelope(item["payload"], profile.username)
+            try:
+                env = parse_envelope(item["payload"], label)
+            except DecryptError:
+                label = profile.username
+                env = parse_envelope(item["payload"], label)
         except DecryptError as exc:
             return _rejected(item, exc.code, exc), b"", b""
         if env.replay_id in profile.seen:
@@ -354,7 +466,8 @@ class QpqClient:
         if time.time() - env.sent_at_ms / 1000 > REPLAY_WINDOW_S:
             return _rejected(item, "stale", "older than the replay window"), b"", b""
         try:
-            identity = await self._sender_identity(env.sender, identities)
+            identity = await self._sender_identity(env.sender, identities,
+                                                   own=env.sender == profile.username)
         except IdentityChanged as exc:
             return _rejected(item, "identity_changed", exc.message), b"", b""
         except KtViolation:
@@ -362,8 +475,9 @@ class QpqClient:
         except ClientError as exc:  # e.g. the claimed sender has no logged key
             return _rejected(item, "forged_sender", exc.message), b"", b""
         try:
-            rpk, content = open_envelope(env, profile.username, profile.identity_public,
-                                         profile.private_key_for, identity)
+            rpk, content = open_envelope(env, label, profile.identity_public,
+                                         profile.private_key_for,
+                                         _sending_device(env.sender_identity, identity))
         except DecryptError as exc:  # ForgedSender included: its code says which
             return _rejected(item, exc.code, exc), b"", b""
         if "kt_head" in content:  # authentic, so the head is what the sender saw

@@ -6,6 +6,7 @@ import asyncio
 import getpass
 import json
 import os
+import re
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -17,7 +18,9 @@ import typer
 
 from qpq_server.client.api import QpqClient, ReceivedMessage
 from qpq_server.client.connection import ClientError, connect
-from qpq_server.client.contacts import safety_number
+from qpq_server.client.contacts import fingerprint_digits, safety_number
+from qpq_server.client.devices import DeviceInfo
+from qpq_server.client.devices import link_code as link_code_keys
 from qpq_server.client.kt import KeyVerified, KtViolation
 from qpq_server.client.profile import default_profile_dir
 
@@ -122,13 +125,28 @@ def register(ctx: typer.Context, user: str) -> None:
 
 
 @app.command()
-def login(ctx: typer.Context, user: str) -> None:
-    """Log in and keep the session in the profile; tops up one-time key packages."""
+def login(
+    ctx: typer.Context,
+    user: str,
+    link_code: Annotated[str | None, typer.Option(
+        help="Adding this device to an account that has one already: the code "
+             "`qpq-client link USER` printed on an existing device (it waits for you).")
+    ] = None,
+) -> None:
+    """Log in and keep the session in the profile; tops up one-time key packages. A new
+    device (an empty --profile) needs the password and, when the account has a device
+    already, a link code from it. Exit 2 when the account lists a device none of yours
+    approved."""
     opts: Options = ctx.obj
+    if link_code is not None:
+        try:
+            link_code_keys(link_code)
+        except ClientError as exc:
+            _die("usage", exc.message, 64)
     password = _password(f"password for {user}: ")
 
     async def work(c: QpqClient) -> None:
-        await c.login(user, password)
+        await c.login(user, password, link=link_code)
 
     _run(opts, work)
     print(f"logged in as {user}")
@@ -343,7 +361,8 @@ def fingerprint(
     async def work(c: QpqClient) -> tuple[bytes, bytes, bool]:
         found = await c.kt.lookup(user)
         pinned = c.pins.get(user)
-        return c.profile(local).identity_public, found.identity_key, (
+        mine = (await c.kt.lookup(local)).identity_key  # the account's logged device set
+        return mine, found.identity_key, (
             pinned is None or pinned == found.identity_key)
 
     mine, theirs, matches_pin = _run(opts, work)
@@ -385,6 +404,82 @@ def trust(
         print(f"{user}: identity key {key.hex()[:16]}... was already trusted")
     else:
         print(f"{user}: now trusting identity key {key.hex()[:16]}...")
+
+
+@app.command()
+def devices(
+    ctx: typer.Context,
+    user: str,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the devices as JSON.")] = False,
+) -> None:
+    """List USER's devices (id, when added, fingerprint, which one is this) after
+    checking them against the key-transparency log. Exit 2 when the log lists a device
+    that none of your devices approved (someone else added it)."""
+    opts: Options = ctx.obj
+
+    async def work(c: QpqClient) -> list[DeviceInfo]:
+        await _ensure_login(c, user)
+        return await c.check_own_devices(c.profile(user))
+
+    found = _run(opts, work)
+    if as_json:
+        print(json.dumps({"user": user, "devices": [
+            {"id": d.id, "created_at": d.created_at, "this_device": d.this_device,
+             "fingerprint": fingerprint_digits(user, d.identity),
+             "identity_key": d.identity.hex(), "endorsed_by": list(d.endorsed_by)}
+            for d in found]}))
+        return
+    for d in found:
+        added = datetime.fromtimestamp(d.created_at, UTC).strftime("%Y-%m-%d %H:%M")
+        mark = "  (this device)" if d.this_device else ""
+        print(f"{d.id}  added {added}  {fingerprint_digits(user, d.identity)}{mark}")
+
+
+@app.command()
+def link(
+    ctx: typer.Context,
+    user: str,
+    wait: Annotated[float, typer.Option(
+        help="Seconds to wait for the new device (at most the code's 600 s).",
+        min=0, max=600)] = 300.0,
+) -> None:
+    """Approve a new device for USER from this one: prints a one-use code (valid 10
+    minutes), then waits while you run `qpq-client login USER --link-code CODE` on the
+    new device, checks that device used the code and vouches for it, so your other
+    devices accept it. The password is asked here too."""
+    opts: Options = ctx.obj
+    password = _password(f"password for {user}: ")
+
+    async def work(c: QpqClient) -> DeviceInfo | None:
+        code = await c.link(user, password)
+        print(f"link code for {user}: {code}\n  on the new device run: qpq-client login "
+              f"{user} --link-code {code}", flush=True)
+        return await c.wait_for_linked_device(user, wait)
+
+    linked = _run(opts, work)
+    if linked is None:
+        raise _die("link_timeout", f"no new device used the code within {wait:.0f} s; it stays "
+             "valid until it expires (run `qpq-client devices` later to vouch for it)")
+    print(f"linked device {linked.id} to {user}")
+
+
+@app.command()
+def unlink(
+    ctx: typer.Context,
+    user: str,
+    device: Annotated[str, typer.Argument(metavar="DEVICE",
+                                          help="The device id `qpq-client devices` shows.")],
+) -> None:
+    """Remove DEVICE from USER (the password is asked): the key-transparency log records
+    it, senders stop encrypting to it, its queued messages are deleted and every session
+    of the account ends (this device gets a new one; the others log in again)."""
+    opts: Options = ctx.obj
+    if not re.fullmatch(r"[0-9a-f]{16}", device):
+        _die("usage", f"{device!r} is not a device id (16 hex digits, as `qpq-client "
+                      "devices` shows)", 64)
+    password = _password(f"password for {user}: ")
+    left = _run(opts, lambda c: c.unlink(user, password, device))
+    print(f"unlinked device {device} from {user} ({left} device(s) left)")
 
 
 def main() -> None:

@@ -26,6 +26,8 @@ from qpq_server.storage.base import Storage
 
 __all__ = ["KtLog", "kt_ops", "load_signer"]
 
+MAX_DEVICE_SET = 64  # identities in one logged device set (well above [limits] max_devices)
+
 
 
 def load_signer(path: Path) -> TreeHeadSigner:
@@ -146,8 +148,8 @@ def kt_ops(log: KtLog, storage: Storage) -> Mapping[str, Handler]:
 
     async def kt_inclusion(request: dict[str, Any], conn: ConnectionState) -> dict[str, Any]:
         username = v.get_username(request)
-        key = v.get_bytes(request, "identity_key", max_len=IDENTITY_BYTES,
-                          min_len=IDENTITY_BYTES)
+        key = v.get_bytes(request, "identity_key",  # one device's key, or a device set
+                          max_len=IDENTITY_BYTES * MAX_DEVICE_SET, min_len=IDENTITY_BYTES)
         await log.refresh()
         proof = log.proof_for(username, key)
         if proof is None:

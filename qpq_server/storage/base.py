@@ -86,10 +86,12 @@ class Storage(Protocol):
     async def add_key_packages(self, username: str, packages: Sequence[bytes]) -> int:
         """Store one-time key packages; return how many the user now has."""
 
-    async def take_key_package(self, username: str) -> KeyPackage | None:
-        """Remove and return one key package (each is handed out at most once)."""
+    async def take_key_package(self, username: str, prefix: bytes = b"") -> KeyPackage | None:
+        """Remove and return one key package starting with `prefix` (a device's tag),
+        oldest first; each is handed out at most once."""
 
-    async def count_key_packages(self, username: str) -> int: ...
+    async def count_key_packages(self, username: str, prefix: bytes = b"") -> int:
+        """How many of the user's key packages start with `prefix`."""
 
     async def enqueue(
         self, sender: str, recipients: Sequence[str], payload: bytes, now: float

@@ -327,22 +327,29 @@ class FileStorage:
 
         return await self._write(run)
 
-    async def take_key_package(self, username: str) -> KeyPackage | None:
+    async def take_key_package(self, username: str, prefix: bytes = b"") -> KeyPackage | None:
         def run() -> KeyPackage | None:
             directory = self._packages_dir(username)
-            ids = _ids(directory)
-            if not ids:
-                return None
-            path = directory / f"{ids[0]:020d}"
-            package = KeyPackage(ids[0], path.read_bytes())
-            path.unlink()
-            fsync_dir(directory)
-            return package
+            for package_id in _ids(directory):
+                path = directory / f"{package_id:020d}"
+                data = path.read_bytes()
+                if data.startswith(prefix):
+                    path.unlink()
+                    fsync_dir(directory)
+                    return KeyPackage(package_id, data)
+            return None
 
         return await self._write(run)
 
-    async def count_key_packages(self, username: str) -> int:
-        return await self._read(lambda: len(_ids(self._packages_dir(username))))
+    async def count_key_packages(self, username: str, prefix: bytes = b"") -> int:
+        def run() -> int:
+            directory = self._packages_dir(username)
+            if not prefix:
+                return len(_ids(directory))
+            return sum(1 for i in _ids(directory)
+                       if (directory / f"{i:020d}").read_bytes().startswith(prefix))
+
+        return await self._read(run)
 
     # -- delivery ----------------------------------------------------------------------
     async def enqueue(self, sender: str, recipients: Sequence[str], payload: bytes,

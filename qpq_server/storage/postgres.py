@@ -282,22 +282,24 @@ class PostgresStorage:
 
         return await self._run(run, write=True)
 
-    async def take_key_package(self, username: str) -> KeyPackage | None:
+    async def take_key_package(self, username: str, prefix: bytes = b"") -> KeyPackage | None:
         async def run(conn: Conn) -> KeyPackage | None:
             # SKIP LOCKED: concurrent takers (on any node) each lock a different row, so a
             # one-time key is never handed to two senders and nobody waits on another.
             row = await _fetchone(
                 conn, "DELETE FROM key_packages WHERE id = (SELECT id FROM key_packages"
-                " WHERE username = %s ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)"
-                " RETURNING id, key_package", (username,))
+                " WHERE username = %s AND substring(key_package from 1 for %s) = %s"
+                " ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)"
+                " RETURNING id, key_package", (username, len(prefix), prefix))
             return KeyPackage(int(row[0]), bytes(row[1])) if row else None
 
         return await self._run(run, write=True)
 
-    async def count_key_packages(self, username: str) -> int:
+    async def count_key_packages(self, username: str, prefix: bytes = b"") -> int:
         async def run(conn: Conn) -> int:
-            return await _count(conn, "SELECT count(*) FROM key_packages WHERE username = %s",
-                                (username,))
+            return await _count(conn, "SELECT count(*) FROM key_packages WHERE username = %s"
+                                " AND substring(key_package from 1 for %s) = %s",
+                                (username, len(prefix), prefix))
 
         return await self._run(run, write=False)
 

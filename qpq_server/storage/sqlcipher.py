@@ -317,13 +317,14 @@ class SqlCipherStorage:
 
         return await self._write(run)
 
-    async def take_key_package(self, username: str) -> KeyPackage | None:
+    async def take_key_package(self, username: str, prefix: bytes = b"") -> KeyPackage | None:
         def run(conn: Connection) -> KeyPackage | None:
             # Inside the writer's transaction: the select and delete are atomic, so a
             # one-time key is never handed to two senders.
             row = conn.execute(
-                "SELECT id, key_package FROM key_packages WHERE username = ? ORDER BY id LIMIT 1",
-                (username,),
+                "SELECT id, key_package FROM key_packages WHERE username = ?"
+                " AND substr(key_package, 1, ?) = ? ORDER BY id LIMIT 1",
+                (username, len(prefix), prefix),
             ).fetchone()
             if row is None:
                 return None
@@ -332,10 +333,11 @@ class SqlCipherStorage:
 
         return await self._write(run)
 
-    async def count_key_packages(self, username: str) -> int:
+    async def count_key_packages(self, username: str, prefix: bytes = b"") -> int:
         def run(conn: Connection) -> int:
             (count,) = conn.execute(
-                "SELECT count(*) FROM key_packages WHERE username = ?", (username,)
+                "SELECT count(*) FROM key_packages WHERE username = ?"
+                " AND substr(key_package, 1, ?) = ?", (username, len(prefix), prefix)
             ).fetchone()
             return int(count)
 

@@ -14,6 +14,7 @@ from typing import Any
 import opaque_ke_py as opaque
 import pytest
 
+from qpq_server.devices import device_id
 from qpq_server.errors import QpqError, RequestError
 from qpq_server.protocol.dispatch import ConnectionState, Request, Response
 from tests.helpers.dispatch import PASSWORD, Harness, code
@@ -44,8 +45,8 @@ async def test_a_new_identity_needs_a_login_on_this_connection_within_the_window
                              key_packages=[])) == "proof_required"
     assert (await h.login(conn, "carol"))["ok"]
     again = await h.call(conn, "publish_keys", session=carol, identity_key=b"b" * 64,
-                         key_packages=[])
-    assert again["ok"], again
+                         key_packages=[])  # a second device also needs a link code
+    assert code(again) == "link_required", again
 
 
 
@@ -55,7 +56,8 @@ async def test_register_login_enqueue_fetch_ack_in_process(h: Harness) -> None:
     bob = await h.session(conn, "bob")
     published = await h.call(conn, "publish_keys", session=bob, identity_key=b"k" * 64,
                              key_packages=[b"p1", b"p2"])
-    assert published == {"ok": True, "key_packages": 2}
+    assert published == {"ok": True, "key_packages": 2, "devices": 1,
+                         "device": device_id(b"k" * 64)}
     keys = await h.call(conn, "get_keys", session=alice, username="bob")
     assert keys["identity_key"] == b"k" * 64 and keys["key_package"] == b"p1"
     assert keys["kt"]["leaf_index"] == 0

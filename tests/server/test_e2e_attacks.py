@@ -53,6 +53,31 @@ def cli(srv: RunningServer, profile: Path, *args: str,
         capture_output=True, text=True, timeout=60, env=env)
 
 
+def link_device(srv: RunningServer, old: Path, new: Path, user: str) -> str:
+    """`link` on the old device, `login --link-code` on the new one, as a user does;
+    returns the new device's id."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QPQ_")}
+    env.update(QPQ_AUTH_TOKEN=srv.auth_token, QPQ_PASSWORD="pw")
+    linking = subprocess.Popen(
+        [str(BIN / "qpq-client"), "--server", srv.address, "--ca", str(srv.ca_cert),
+         "--server-name", "localhost", "--profile", str(old), "link", user, "--wait", "60"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert linking.stdout is not None
+        first = linking.stdout.readline()
+        assert first.startswith(f"link code for {user}: "), first + linking.stderr.read()
+        code = first.split(": ", 1)[1].strip()
+        joined = cli(srv, new, "login", user, "--link-code", code)
+        assert joined.returncode == 0, joined.stderr
+        out, err = linking.communicate(timeout=60)
+    finally:
+        if linking.poll() is None:
+            linking.kill()
+            linking.wait()
+    assert linking.returncode == 0 and "linked device" in out, out + err
+    return out.rsplit("linked device ", 1)[1].split()[0]
+
+
 def recipient_key(profile: Profile) -> RecipientKey:
     return RecipientKey(profile.username, profile.identity_public,
                         profile.current_prekey(time.time())[0])
@@ -155,18 +180,17 @@ async def test_key_change_stops_send_until_trust_and_safety_numbers_match(
     assert number == json.loads(b_side.stdout)["safety_number"]
     assert len(number.replace(" ", "")) == 60 and number.replace(" ", "").isdigit()
 
-    # bob sets up a new device (password login on the connection): his key changes
-    assert cli(server, bob_new_dir, "login", "kc_bob").returncode == 0
+    # bob links a new device (a code from the old one, and the password): the device
+    # set his account logs changes, and so does the safety number
+    link_device(server, bob_dir, bob_new_dir, "kc_bob")
     blocked = cli(server, alice_dir, "send", "kc_alice", "kc_bob", "still there?")
     assert blocked.returncode == 2, blocked.stdout + blocked.stderr
     assert "identity_changed" in blocked.stderr and "trust kc_bob" in blocked.stderr
     changed = cli(server, alice_dir, "fingerprint", "kc_bob")
     assert changed.returncode == 2 and "differs from the one you pinned" in changed.stdout
 
-    # the old device sees, at login, a key it did not publish
-    stale = cli(server, bob_dir, "login", "kc_bob")
-    assert stale.returncode == 2 and "kt_foreign_key" in stale.stderr
-    assert "SECURITY" in stale.stderr
+    # the old device approved the new one: it logs in as before
+    assert cli(server, bob_dir, "login", "kc_bob").returncode == 0
 
     new_a = json.loads(cli(server, alice_dir, "fingerprint", "kc_bob", "--json").stdout)
     new_b = json.loads(cli(server, bob_new_dir, "fingerprint", "kc_alice", "--json").stdout)
@@ -176,10 +200,11 @@ async def test_key_change_stops_send_until_trust_and_safety_numbers_match(
     assert cli(server, alice_dir, "send", "kc_alice", "kc_bob", "welcome back").returncode == 0
     got = cli(server, bob_new_dir, "recv", "kc_bob", "--json")
     entries = [json.loads(line) for line in got.stdout.splitlines()]
-    # "hi" was sealed to the old device: the new one cannot open it, and says so
-    assert [(e["verified"], e.get("error")) for e in entries] == [
-        (False, "undecryptable"), (True, None)]
-    assert entries[1]["text"] == "welcome back" and got.returncode == 2
+    # "hi" was sent before the new device existed: only the old one has a copy
+    assert [(e["text"], e["verified"]) for e in entries] == [("welcome back", True)]
+    old = cli(server, bob_dir, "recv", "kc_bob", "--json")
+    assert [json.loads(line)["text"] for line in old.stdout.splitlines()] == [
+        "hi", "welcome back"] and old.returncode == 0
 
 
 async def test_messages_from_a_changed_key_wait_for_trust(
@@ -189,8 +214,10 @@ async def test_messages_from_a_changed_key_wait_for_trust(
         await c.register("wt_bob", "pw")
         await c.send_text("wt_alice", ["wt_bob"], "first")
         assert [m.text for m in await c.receive("wt_bob")] == ["first"]  # pins alice
+    async with client() as c:
+        code = await c.link("wt_alice", "pw")
     async with client_factory_for(server, tmp_path / "alice-new")() as fresh:
-        await fresh.login("wt_alice", "pw")  # alice's new device, new identity
+        await fresh.login("wt_alice", "pw", link=code)  # alice's new device
         await fresh.send_text("wt_alice", ["wt_bob"], "from my new phone")
     async with client() as c:
         held = await c.receive("wt_bob")
@@ -283,8 +310,10 @@ async def test_an_old_key_served_as_current_is_detected(
         await c.register("st_bob", "pw")
         old = c.profile("st_bob").identity_public
     (old_prekey,) = db_exec(server, "SELECT value FROM meta WHERE key = 'spk:st_bob'")
+    async with client() as c:
+        code = await c.link("st_bob", "pw")
     async with client_factory_for(server, tmp_path / "bob-new")() as fresh:
-        await fresh.login("st_bob", "pw")  # bob's new device: a new key, logged
+        await fresh.login("st_bob", "pw", link=code)  # bob's new device: a new set, logged
     db_exec(server, "UPDATE accounts SET identity_key = ? WHERE username = 'st_bob'", (old,))
     db_exec(server, "UPDATE meta SET value = ? WHERE key = 'spk:st_bob'", old_prekey)
     async with client() as c:  # alice never pinned bob: only the log can tell

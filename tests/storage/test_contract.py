@@ -66,6 +66,23 @@ async def test_key_packages_are_handed_out_once_oldest_first(storage: Storage) -
     assert await storage.count_key_packages("kp") == 0
 
 
+async def test_key_packages_are_taken_and_counted_per_device_tag(storage: Storage) -> None:
+    """Each device's one-time packages carry its 8-byte tag: taking one for a device
+    never hands out another device's package (multi-device accounts)."""
+    await make_users(storage, "md")
+    one, two = b"\x01" * 8, b"\x02" * 8
+    await storage.add_key_packages("md", [one + b"a", two + b"b", one + b"c"])
+    assert await storage.count_key_packages("md", one) == 2
+    assert await storage.count_key_packages("md", two) == 1
+    assert await storage.count_key_packages("md") == 3
+    taken = await storage.take_key_package("md", two)
+    assert taken is not None and taken.key_package == two + b"b"
+    assert await storage.take_key_package("md", two) is None
+    assert [p.key_package for p in [await storage.take_key_package("md", one)] if p] == [
+        one + b"a"]
+    assert await storage.count_key_packages("md", one) == 1
+
+
 async def test_concurrent_takes_never_share_a_key_package(storage: Storage) -> None:
     await make_users(storage, "hot")
     await storage.add_key_packages("hot", [bytes([i]) * 8 for i in range(10)])
