@@ -655,10 +655,10 @@ class Service:
             raise NotFound("the message names a blob this server does not hold")
         if self.draining:
             raise ServerBusy("server is shutting down; retry on reconnect")
-        mailboxes = await self._mailboxes(sender, recipients, request)
+        mailboxes, refs = await self._mailboxes(sender, recipients, request)
         await self._check_enqueue_quotas(sender, mailboxes, len(payload))
-        if blob_ids and self.blobs is not None:  # keep them until each recipient fetched
-            await self.blobs.add_refs(blob_ids, recipients)
+        if blob_ids and self.blobs is not None:  # keep them until each device fetched
+            await self.blobs.add_refs(blob_ids, refs)
         ids = await self.storage.enqueue(sender, mailboxes, payload, self.clock()) \
             if mailboxes else []
         self.metrics.enqueue_total.inc(len(ids))
@@ -667,20 +667,24 @@ class Service:
         return {"ids": ids}
 
     async def _mailboxes(self, sender: str, recipients: list[str],
-                         request: dict[str, Any]) -> list[str]:
+                         request: dict[str, Any]) -> tuple[list[str], list[str]]:
         """One copy per current device of each recipient; the sender among them means
-        the sender's *other* devices (the sending one, `device`, already has it)."""
+        the sender's *other* devices (the sending one, `device`, already has it).
+        Returns the queues and the blob references (USER/DEVICE) of those devices."""
         own = v.get_str(request, "device", max_len=64) if request.get("device") else None
         mailboxes: list[str] = []
+        refs: list[str] = []
         for name in recipients:
             account = await self.storage.get_account(name)
             devices = await self.devices.load(account) if account else {}
             if not devices:  # no keys published yet: the account's own queue
                 mailboxes.append(name)
+                refs.append(name)
                 continue
-            mailboxes += [r.mailbox for r in devices.values()
-                          if not (name == sender and r.id == own)]
-        return list(dict.fromkeys(mailboxes))
+            chosen = [r for r in devices.values() if not (name == sender and r.id == own)]
+            mailboxes += [r.mailbox for r in chosen]
+            refs += [f"{name}/{r.id}" for r in chosen]
+        return list(dict.fromkeys(mailboxes)), list(dict.fromkeys(refs))
 
     async def _check_enqueue_quotas(self, sender: str, recipients: list[str],
                                     size: int) -> None:

@@ -216,9 +216,11 @@ class BlobStore:
 
     def visible_to(self, blob_id: str, user: str) -> BlobInfo | None:
         """The blob if `user` uploaded it or a queued message to `user` names it; else
-        None, exactly as for a blob that does not exist (no one learns of others')."""
+        None, exactly as for a blob that does not exist (no one learns of others').
+        `user` may be USER/DEVICE: a message names the blob for each device it went to."""
         info = self.get(blob_id)
-        if info is None or (user != info.owner and user not in info.pending):
+        if info is None or (user.split("/", 1)[0] != info.owner
+                            and not _refs_of(info.pending, user)):
             return None
         return info
 
@@ -341,7 +343,8 @@ class BlobStore:
         if not _HEX64.match(blob_id):
             return
         await asyncio.to_thread(self._change_meta, blob_id,
-                                lambda i: replace(i, pending=i.pending - {user}))
+                                lambda i: replace(i, pending=i.pending - _refs_of(i.pending,
+                                                                                  user)))
 
     async def sweep(self, now: float | None = None) -> list[str]:
         """Delete blobs older than the retention that no pending recipient still needs."""
@@ -359,3 +362,10 @@ class BlobStore:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         fsync_dir(self.path_for(blob_id).parent)
+
+
+def _refs_of(pending: frozenset[str], who: str) -> frozenset[str]:
+    """The references `who` holds: its own (USER or USER/DEVICE), and for a client from
+    before devices (plain USER) every device's of that user."""
+    return frozenset(p for p in pending
+                     if p == who or ("/" not in who and p.split("/", 1)[0] == who))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
@@ -198,6 +199,11 @@ class BlobStream:
     # -- download ----------------------------------------------------------------------
     def _start_download(self, user: str, request: dict[str, Any]) -> None:
         blob_id = blob_id_field(request, "blob_id")
+        if request.get("device") is not None:  # each device fetches its own reference
+            device = v.get_str(request, "device", max_len=16)
+            if not re.fullmatch(r"[0-9a-f]{16}", device):
+                raise BadRequest("field 'device' must be a device id (16 hex digits)")
+            user = f"{user}/{device}"
         info = self._t.store.visible_to(blob_id, user)
         if info is None:
             raise NotFound("no such blob (never uploaded, or expired)")

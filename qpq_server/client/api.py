@@ -355,7 +355,8 @@ class QpqClient:
         out_dir.mkdir(parents=True, exist_ok=True)
         target = _free_name(out_dir, _safe_name(str(content.get("name", ""))))
         with tempfile.TemporaryFile(dir=out_dir) as sealed:
-            await self.conn.get_blob(self._session(username), blob, sealed.write)
+            await self.conn.get_blob(self._session(username), blob, sealed.write,
+                                     device_id(self.profile(username).identity_public))
             sealed.seek(0)
             partial = target.with_name(f".{target.name}.part")
             try:

@@ -236,10 +236,13 @@ class QpqConnection:
         return self._check(await self._next(answers, "blob_put"))
 
     async def get_blob(self, session: str, blob_id: bytes,
-                       sink: Callable[[bytes], object]) -> int:
-        """Download a blob chunk by chunk into `sink`; return its size."""
-        _sid, answers = self._protocol.open_stream(
-            {"op": "blob_get", "session": session, "blob_id": blob_id}, end=True)
+                       sink: Callable[[bytes], object], device: str | None = None) -> int:
+        """Download a blob chunk by chunk into `sink`; return its size. `device`: which
+        of the account's devices fetches it (each holds its own reference)."""
+        request: dict[str, Any] = {"op": "blob_get", "session": session, "blob_id": blob_id}
+        if device is not None:
+            request["device"] = device
+        _sid, answers = self._protocol.open_stream(request, end=True)
         size = int(self._check(await self._next(answers, "blob_get"))["size"])
         received = 0
         while (item := await self._next(answers, "blob_get")) is not None:

@@ -49,6 +49,15 @@ def test_two_devices_both_receive_and_unlink_stops_delivery(
     assert mine.returncode == 0 and texts(mine) == ["sent from bob2"], mine.stderr
     assert texts(cli(server, bob2, "recv", "md_bob", "--json")) == []
 
+    # a file reaches both devices: each holds its own reference to the attachment
+    (tmp_path / "photo.bin").write_bytes(b"\x89photo" * 1000)
+    assert cli(server, alice, "send-file", "md_alice", "md_bob",
+               str(tmp_path / "photo.bin")).returncode == 0
+    for device in (bob1, bob2):
+        got = cli(server, device, "recv", "md_bob", "--json", "--out", str(device / "in"))
+        assert got.returncode == 0, got.stderr
+        assert (device / "in" / "photo.bin").read_bytes() == b"\x89photo" * 1000
+
     removed = cli(server, bob1, "unlink", "md_bob", second)
     assert removed.returncode == 0 and "1 device(s) left" in removed.stdout, removed.stderr
     assert [d["id"] for d in devices(server, bob1, "md_bob")] == [listed[0]["id"]]
