@@ -71,6 +71,10 @@ class DeviceRegistry:
                     f"{account.username}#{did}" if taken else account.username)
         return records
 
+    async def recorded(self, username: str) -> bool:
+        """False for an account from before devices (nothing written yet)."""
+        return bool(await self._storage.get_meta(_META + username))
+
     async def save(self, username: str, records: dict[str, DeviceRecord]) -> None:
         await self._storage.set_meta(_META + username, json.dumps({
             r.id: {"identity": r.identity.hex(), "created_at": r.created_at,

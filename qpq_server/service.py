@@ -377,6 +377,8 @@ class Service:
             raise BadRequest("'signed_prekey' and 'signed_prekey_signature' go together")
         async with self._device_locks.hold(user):
             account, devices = await self._account_devices(user)
+            if devices and not await self.devices.recorded(user):
+                await self._migrate_single_device(user, devices)
             if identity is not None and device_id(identity) not in devices:
                 devices = await self._add_device(user, account, devices, identity,
                                                  request, conn)
@@ -454,6 +456,20 @@ class Service:
         log.info("device added", extra={"user": user, "device": did,
                                         "devices": len(new)})
         return new
+
+    async def _migrate_single_device(self, user: str,
+                                     devices: dict[str, DeviceRecord]) -> None:
+        """An account from before devices: its one device's untagged one-time packages
+        get its tag (senders still use them), then its record is written, once."""
+        (record,) = devices.values()
+        legacy: list[bytes] = []
+        while (package := await self.storage.take_key_package(user)) is not None:
+            legacy.append(package.key_package)
+        if legacy:
+            await self.storage.add_key_packages(user, [record.tag + p for p in legacy])
+        await self.devices.save(user, devices)
+        log.info("account moved to device records", extra={"user": user,
+                                                           "packages": len(legacy)})
 
     async def _publish_device_set(self, user: str, devices: dict[str, DeviceRecord]) -> None:
         """Log the new set first (clients check it), then the records that annotate it:

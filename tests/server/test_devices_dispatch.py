@@ -211,4 +211,12 @@ async def test_a_single_device_account_from_before_devices_keeps_working(
     assert [m["payload"] for m in fetched["messages"]] == [b"queued before"]
     assert (await h.call(conn, "fetch", session=bob, device=device_id(old)))[
         "messages"] == fetched["messages"]
-    assert json.loads(await h.core.service.storage.get_meta("devices:lg_bob") or "{}") == {}
+    assert await h.core.service.storage.get_meta("devices:lg_bob") is None
+    # its one-time packages from before devices are still handed out, tagged as its own
+    await h.core.service.storage.add_key_packages("lg_bob", [b"o" * 32])
+    published = await h.call(conn, "publish_keys", session=bob, key_packages=[])
+    assert published["ok"] and published["key_packages"] == 1, published
+    keys = await h.call(conn, "get_keys", session=alice, username="lg_bob")
+    assert keys["devices"][0]["key_package"] == b"o" * 32
+    assert device_id(old) in json.loads(
+        await h.core.service.storage.get_meta("devices:lg_bob") or "{}")
