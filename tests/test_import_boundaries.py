@@ -183,6 +183,7 @@ def test_client_library_imports_only_codec_and_kt_verification(edges: list[Edge]
                      allowed=("qpq_server.client", "qpq_server.protocol.codec",
                               "qpq_server.kt.merkle", "qpq_server.kt.sth",
                               "qpq_server.kt.keymap", "qpq_server.identity",
+                              "qpq_server.devices",  # pure: device ids, sets, link codes
                               "qpq_server.errors", "qpq_server.fsutil"))
     assert not bad, "\n".join(bad)
 
