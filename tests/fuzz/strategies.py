@@ -18,6 +18,7 @@ OPS = [
     "passwd_start", "passwd_finish", "reregister_start", "reregister_finish", "logout",
     "publish_keys", "get_keys", "enqueue", "fetch", "ack", "kt_head", "kt_lookup",
     "kt_consistency", "kt_inclusion", "blob_put", "blob_get",
+    "devices", "link_start", "device_endorse", "unlink",
 ]
 
 usernames = st.from_regex(r"\A[A-Za-z0-9._-]{1,64}\Z")
@@ -43,6 +44,13 @@ FIELD_TYPES: dict[str, st.SearchStrategy[Any]] = {
     "key_packages": st.lists(st.binary(max_size=64), max_size=5),
     "recipients": st.lists(usernames, max_size=5),
     "payload": st.binary(max_size=256),
+    "device": st.text(alphabet="0123456789abcdef", min_size=15, max_size=17) | st.text(
+        max_size=20),
+    "target": st.text(alphabet="0123456789abcdef", min_size=16, max_size=16),
+    "verifier_hash": st.binary(min_size=31, max_size=33),
+    "link_code": st.binary(min_size=31, max_size=33),
+    "link_mac": st.binary(min_size=31, max_size=33),
+    "signature": st.binary(min_size=63, max_size=65),
     "blobs": st.lists(st.binary(min_size=31, max_size=33), max_size=3),
     "ids": st.lists(st.integers(min_value=-5, max_value=2**63), max_size=8),
     "limit": st.integers(min_value=-1, max_value=1000),

@@ -44,7 +44,7 @@ async def test_a_stolen_session_alone_cannot_change_the_password(
             with pytest.raises(ClientError) as refused:
                 await thief.conn.call(op, session=stolen, request=start.get_message())
             assert refused.value.code in ("unauthenticated", "bad_request")
-    async with client(srv, tmp_path / "victim2") as again:
+    async with client(srv, tmp_path / "victim") as again:  # her device
         await again.login("st_alice", "right password")  # still her password
 
 
@@ -106,7 +106,7 @@ async def test_guessing_backs_off_but_the_real_user_elsewhere_still_logs_in(
             await guesser.login("bo_erin", "the real password")
         assert blocked.value.code == "rate_limited" and "retry in" in blocked.value.message
     started = time.monotonic()
-    async with client(srv, tmp_path / "owner2", local_host="127.0.0.2") as real:
+    async with client(srv, tmp_path / "owner", local_host="127.0.0.2") as real:
         await real.login("bo_erin", "the real password")
     assert time.monotonic() - started < 10  # not slowed down by the guesser
 
@@ -132,7 +132,7 @@ def test_rotating_the_session_key_ends_every_session(tmp_path: Path) -> None:
         assert key.exists() and key.read_bytes().hex() not in result.stdout + result.stderr
 
         async def old_session_refused() -> None:
-            async with client(server, tmp_path / "q") as c:
+            async with client(server, tmp_path / "p") as c:  # the same device
                 async def refused() -> bool:
                     try:
                         await c.conn.call("fetch", session=session)

@@ -107,7 +107,7 @@ async def test_a_killed_worker_is_restarted_and_nothing_acknowledged_is_lost(
     await await_until(restarted, 30, "the killed worker being restarted")
     assert srv.process.poll() is None
     async with srv.connect() as conn:
-        c = QpqClient(conn, tmp_path / "again")
+        c = QpqClient(conn, tmp_path)  # the same device, after the restart
         await c.login("kw_bob", "pw")
         got = await conn.call("fetch", session=c.profile("kw_bob").session)
         assert [m["id"] for m in got["messages"]] == ids
