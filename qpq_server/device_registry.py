@@ -33,6 +33,7 @@ class DeviceRecord:
     mailbox: str  # the queue its copies go to: USER for the first device, else USER#ID
     link_mac: bytes = b""
     endorsements: dict[str, bytes] = field(default_factory=dict)  # endorser id -> sig
+    handover: bytes = b""  # a rotated key: the old identity(64) || its signature(64)
 
     @property
     def tag(self) -> bytes:
@@ -41,7 +42,7 @@ class DeviceRecord:
     def to_wire(self) -> dict[str, object]:
         return {"device": self.id, "identity_key": self.identity,
                 "created_at": self.created_at, "link_mac": self.link_mac or None,
-                "endorsements": dict(self.endorsements)}
+                "endorsements": dict(self.endorsements), "handover": self.handover or None}
 
 
 class DeviceRegistry:
@@ -79,7 +80,8 @@ class DeviceRegistry:
         await self._storage.set_meta(_META + username, json.dumps({
             r.id: {"identity": r.identity.hex(), "created_at": r.created_at,
                    "mailbox": r.mailbox, "link_mac": r.link_mac.hex(),
-                   "endorsements": {k: v.hex() for k, v in r.endorsements.items()}}
+                   "endorsements": {k: v.hex() for k, v in r.endorsements.items()},
+                   "handover": r.handover.hex()}
             for r in records.values()}))
 
     @staticmethod
@@ -92,5 +94,6 @@ def _parse(raw: str) -> dict[str, DeviceRecord]:
     return {did: DeviceRecord(did, bytes.fromhex(r["identity"]), float(r["created_at"]),
                               str(r["mailbox"]), bytes.fromhex(r.get("link_mac", "")),
                               {k: bytes.fromhex(v)
-                               for k, v in r.get("endorsements", {}).items()})
+                               for k, v in r.get("endorsements", {}).items()},
+                              bytes.fromhex(r.get("handover", "")))
             for did, r in data.items()}

@@ -447,7 +447,9 @@ class Service:
         mailbox = replaced.mailbox if replaced else (
             f"{user}#{did}" if any(r.mailbox == user for r in devices.values()) else user)
         new = {k: r for k, r in devices.items() if r is not replaced}
-        new[did] = DeviceRecord(did, identity, self.clock(), mailbox, link_mac or b"")
+        new[did] = DeviceRecord(did, identity, self.clock(), mailbox, link_mac or b"",
+                                handover=replaced.identity + (proof or b"") if replaced
+                                else b"")
         await self._publish_device_set(user, new)
         if replaced is not None:
             await self._drop_key_packages(user, replaced.tag)

@@ -440,14 +440,15 @@ def link(
     ctx: typer.Context,
     user: str,
     wait: Annotated[float, typer.Option(
-        help="Seconds to wait for the new device (at most the code's 600 s).",
-        min=0, max=600)] = 300.0,
+        help="Seconds to wait for the new device (0 to 600, the code's lifetime).")] = 300.0,
 ) -> None:
     """Approve a new device for USER from this one: prints a one-use code (valid 10
     minutes), then waits while you run `qpq-client login USER --link-code CODE` on the
     new device, checks that device used the code and vouches for it, so your other
     devices accept it. The password is asked here too."""
     opts: Options = ctx.obj
+    if not 0 <= wait <= 600:
+        _die("usage", f"--wait must be between 0 and 600 seconds, not {wait:g}", 64)
     password = _password(f"password for {user}: ")
 
     async def work(c: QpqClient) -> DeviceInfo | None:

@@ -32,7 +32,7 @@ from qpq_server.devices import (
     split_device_set,
 )
 from qpq_server.fsutil import write_atomic
-from qpq_server.identity import verify_signature
+from qpq_server.identity import identity_change_message, verify_signature
 
 __all__ = ["DeviceBook", "DeviceInfo", "check_devices", "link_code", "new_link_code",
            "start_link", "wait_and_endorse"]
@@ -144,14 +144,24 @@ async def _fetch_devices(conn: Caller, kt: KtVerifier, profile: Profile,
     return identities, records
 
 
-def _endorsed(username: str, record: dict[str, Any], known: dict[str, bytes]) -> list[str]:
-    """Which known devices signed for this one (signatures the server cannot make)."""
+def _endorsed(username: str, record: dict[str, Any], known: dict[str, bytes],
+              known_before: set[str]) -> list[str]:
+    """Which known devices signed for this one (signatures the server cannot make): an
+    endorsement by a current device, or the handover of a device that rotated its key
+    (signed by the old key, which this device knew)."""
     endorsements = record.get("endorsements") or {}
     new = bytes(record["identity_key"])
-    return [endorser for endorser, signature in endorsements.items()
-            if endorser in known and isinstance(signature, bytes)
-            and verify_signature(known[endorser], signature,
-                                 endorsement_message(username, known[endorser], new))]
+    signed = [endorser for endorser, signature in endorsements.items()
+              if endorser in known and isinstance(signature, bytes)
+              and verify_signature(known[endorser], signature,
+                                   endorsement_message(username, known[endorser], new))]
+    handover = record.get("handover")
+    if isinstance(handover, bytes) and len(handover) == 128:
+        old, signature = handover[:64], handover[64:]
+        if device_id(old) in known_before and verify_signature(
+                old, signature, identity_change_message(username, old, new)):
+            signed.append(device_id(old))
+    return signed
 
 
 async def check_devices(conn: Caller, kt: KtVerifier, profile: Profile, session: str,
@@ -168,6 +178,7 @@ async def check_devices(conn: Caller, kt: KtVerifier, profile: Profile, session:
                           "a current device (`qpq-client link`)")
     by_id = {device_id(bytes(r["identity_key"])): r for r in records}
     known_ids = book.known() | {me}
+    known_before = set(known_ids)
     if trust_current or not book.exists:
         known_ids |= set(by_id)
     known_ids &= set(by_id)  # unlinked devices are forgotten
@@ -176,7 +187,8 @@ async def check_devices(conn: Caller, kt: KtVerifier, profile: Profile, session:
         changed = False
         known = {d: bytes(by_id[d]["identity_key"]) for d in known_ids}
         for did, record in by_id.items():
-            if did not in known_ids and _endorsed(profile.username, record, known):
+            if did not in known_ids and _endorsed(profile.username, record, known,
+                                                  known_before):
                 known_ids.add(did)
                 changed = True
     unknown = []

@@ -7,8 +7,13 @@ import hashlib
 import json
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from qpq_server.client.e2e import public_bytes
 from qpq_server.devices import link_keys
+from qpq_server.identity import identity_change_message
 from tests.helpers.server import RunningServer
+from tests.server.conftest import client_factory_for
 from tests.server.test_e2e_attacks import cli, db_exec, link_device
 
 
@@ -86,6 +91,8 @@ def test_a_new_device_without_a_link_code_is_refused_and_nothing_changes(
     assert bad.returncode == 64 and "12 letters" in bad.stderr
     wrong = cli(server, other, "login", "nl_bob", "--link-code", "ABCD-EFGH-JKMN")
     assert wrong.returncode == 1 and "link_required" in wrong.stderr
+    too_long = cli(server, bob, "link", "nl_bob", "--wait", "601")
+    assert too_long.returncode == 64 and "--wait" in too_long.stderr
     not_an_id = cli(server, bob, "unlink", "nl_bob", "phone")
     assert not_an_id.returncode == 64 and "device id" in not_an_id.stderr
     unknown = cli(server, bob, "unlink", "nl_bob", "00" * 8)
@@ -110,3 +117,37 @@ def test_a_device_nobody_approved_is_detected_by_the_others(
         assert seen.returncode == 2, (command, seen.stderr)
         assert "kt_unknown_device" in seen.stderr and "SECURITY" in seen.stderr
         assert "unlink pl_bob" in seen.stderr
+
+
+async def test_a_device_that_rotates_its_key_with_a_handover_stays_known(
+        server: RunningServer, tmp_path: Path) -> None:
+    """`identity_proof` (the old key signs the new one) needs no link code: the other
+    devices accept the new key because the old one, which they knew, signed it."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    async with client_factory_for(server, first)() as c:
+        await c.register("ho_bob", "pw")
+        code = await c.link("ho_bob", "pw")
+    async with client_factory_for(server, second)() as phone:
+        await phone.login("ho_bob", "pw", link=code)
+    async with client_factory_for(server, first)() as c:
+        assert await c.wait_for_linked_device("ho_bob", 0) is not None  # vouches for it
+    async with client_factory_for(server, second)() as phone:
+        profile = phone.profile("ho_bob")
+        old = profile.identity_public
+        rotated = X25519PrivateKey.generate()
+        new = public_bytes(rotated) + old[32:]
+        answer = await phone.conn.call_raw({
+            "op": "publish_keys", "session": profile.session, "identity_key": new,
+            "identity_proof": profile.sign(identity_change_message("ho_bob", old, new)),
+            "key_packages": []})
+        assert answer["ok"], answer
+        # the same without the handover: a device nobody approved
+        stray = public_bytes(X25519PrivateKey.generate()) + old[32:]
+        refused = await phone.conn.call_raw({
+            "op": "publish_keys", "session": profile.session, "identity_key": stray,
+            "key_packages": []})
+        assert refused["error"]["code"] == "proof_required", refused
+    async with client_factory_for(server, first)() as c:
+        known = await c.check_own_devices(c.profile("ho_bob"))
+        assert sorted(d.identity for d in known) == sorted(
+            [c.profile("ho_bob").identity_public, new])
