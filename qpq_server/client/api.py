@@ -6,7 +6,8 @@ import asyncio
 import os
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,8 @@ from qpq_server.client.e2e import (
 from qpq_server.client.errors import IdentityChanged, KtViolation
 from qpq_server.client.files import FileDecryptError, decrypt_stream, encrypt_stream
 from qpq_server.client.kt import KtVerifier
-from qpq_server.client.profile import REPLAY_WINDOW_S, Profile
+from qpq_server.client.profile import REPLAY_WINDOW_S, Profile, ServerState
+from qpq_server.client.terminal import safe_file_name
 from qpq_server.devices import device_id, link_mac, split_device_set, wrap_label
 from qpq_server.identity import signed_prekey_message, verify_signature
 
@@ -60,12 +62,6 @@ def _rejected(item: dict[str, Any], code: str, why: object) -> ReceivedMessage:
                            content={"type": "error"}, verified=False, error=code)
 
 
-def _safe_name(name: str) -> str:
-    """The sender chooses the name: keep only a plain file name."""
-    base = Path(name.replace("\\", "/")).name.lstrip(".")
-    return base or "attachment"
-
-
 def _free_name(directory: Path, name: str) -> Path:
     target = directory / name
     stem, suffix, n = target.stem, target.suffix, 1
@@ -88,7 +84,7 @@ class QpqClient:
     def __init__(self, connection: QpqConnection, profile_dir: Path) -> None:
         self.conn = connection
         self.profile_dir = profile_dir
-        self._profiles: dict[str, Profile] = {}
+        self.server = connection.server  # names this server's state in profiles
         self.kt = KtVerifier(connection, profile_dir)
         self.more_waiting = False  # the last fetch said more messages wait (page by bytes)
         self.pins = ContactPins(profile_dir, connection.server)
@@ -96,9 +92,33 @@ class QpqClient:
         self._devices_checked: set[str] = set()
 
     def profile(self, username: str) -> Profile:
-        if username not in self._profiles:
-            self._profiles[username] = Profile.load_or_create(self.profile_dir, username)
-        return self._profiles[username]
+        """The profile as it is on disk now (another process may have changed it): read
+        it afresh for each use, change it only through `_edit`."""
+        return Profile.load_or_create(self.profile_dir, username, self.server)
+
+    @contextmanager
+    def _edit(self, username: str) -> Iterator[Profile]:
+        with Profile.edit(self.profile_dir, username, self.server) as profile:
+            yield profile
+
+    async def identify_server(self, username: str) -> bool:
+        """Check the server is the one the profile knows (its key-transparency key is
+        pinned per address: KtViolation when it changed); state recorded for another
+        server at this address (a pin deleted after a re-initialisation) is dropped.
+        True when the server is new to this profile."""
+        key, pinned = await self.kt.server_key()
+        profile = self.profile(username)
+        if not profile.path.exists():
+            return True
+        state = profile.servers.get(self.server)
+        if state is not None and state.log_key and state.log_key != key:
+            with self._edit(username) as current:
+                current.servers[self.server] = ServerState(log_key=key)
+        return not (pinned and profile.knows(self.server))
+
+    def knows_server(self, username: str) -> bool:
+        """Has `username`'s profile been used with this server before?"""
+        return self.profile(username).knows(self.server)
 
     async def register(self, username: str, password: str) -> None:
         start = opaque.client_registration_start(password.encode())
@@ -124,21 +144,24 @@ class QpqClient:
             raise ClientError("login_failed", "wrong username or password") from None
         result = await self.conn.call("login_finish", login_id=response["login_id"],
                                       finalization=finish.get_message())
-        profile = self.profile(username)
-        profile.session, profile.session_expires = result["session"], result["expires_at"]
-        profile.save()
+        with self._edit(username) as profile:
+            state = profile.state()
+            state.session, state.session_expires = result["session"], result["expires_at"]
         if result.get("setup_version", 0) < result.get("current_setup_version", 0):
-            await self._reregister(profile.session, password)
+            await self._reregister(result["session"], password)
         # Check the account's logged devices (one this device does not know, and no
-        # known device vouched for, means someone added it); a fresh device checks after
-        # publishing its first key, and takes the set it joins as it is.
-        fresh = not profile.published_identity
+        # known device vouched for, means someone added it); a fresh device (or a server
+        # new to this profile) checks after publishing its first key, and takes the set
+        # it joins as it is.
+        fresh = not state.published_identity
         if not fresh:
             await self.check_own_devices(profile)
         await self.publish_keys(profile, link=link)
         if fresh:
             await self.check_own_devices(profile, trust_current=True)
-        return profile
+        with self._edit(username) as current:  # which server this state belongs to
+            current.state().log_key = self.kt.pinned_key() or b""
+        return current
 
     def device_book(self, username: str) -> DeviceBook:
         return DeviceBook(self.profile_dir, self.conn.server, username)
@@ -172,8 +195,9 @@ class QpqClient:
         result = await self.conn.call("unlink", session=self._session(username),
                                       device=device_id(profile.identity_public),
                                       target=device)
-        profile.session, profile.session_expires = result["session"], result["expires_at"]
-        profile.save()
+        with self._edit(username) as profile:
+            state = profile.state()
+            state.session, state.session_expires = result["session"], result["expires_at"]
         if device != device_id(profile.identity_public):
             await self.check_own_devices(profile)
         return int(result["devices"])
@@ -203,55 +227,60 @@ class QpqClient:
                                                    response["response"])
         result = await self.conn.call("passwd_finish", session=session,
                                       upload=finish.get_message())
-        profile = self.profile(username)
-        profile.session, profile.session_expires = result["session"], result["expires_at"]
-        profile.save()
+        with self._edit(username) as profile:
+            state = profile.state()
+            state.session, state.session_expires = result["session"], result["expires_at"]
 
     async def logout(self, username: str) -> None:
         """End every session of the account (on all devices) and forget ours."""
         await self.conn.call("logout", session=self._session(username))
-        profile = self.profile(username)
-        profile.session, profile.session_expires = None, 0.0
-        profile.save()
+        with self._edit(username) as profile:
+            state = profile.state()
+            state.session, state.session_expires = None, 0.0
 
     def has_session(self, username: str) -> bool:
-        profile = self.profile(username)
-        return bool(profile.session) and profile.session_expires > time.time() + 30
+        state = self.profile(username).state()
+        return bool(state.session) and state.session_expires > time.time() + 30
 
     def _session(self, username: str) -> str:
-        profile = self.profile(username)
-        if not profile.session:
-            raise ClientError("invalid_session", f"{username} is not logged in")
-        return profile.session
+        session = self.profile(username).state().session
+        if not session:
+            raise ClientError("invalid_session",
+                              f"{username} is not logged in on {self.server}")
+        return session
 
     async def publish_keys(self, profile: Profile, link: str | None = None) -> int:
-        """Publish the identity (once: that adds this device to the account, with the
-        link code when the account has a device already), the current signed prekey
-        (when new or rotated) and top up one-time packages. Private halves reach the
-        disk first."""
-        session = self._session(profile.username)
-        prekey, signature = profile.current_prekey(time.time())
-        fields: dict[str, Any] = {"device": device_id(profile.identity_public)}
-        if not profile.published_identity:
-            fields["identity_key"] = profile.identity_public
-            if link is not None:
-                verifier, mac_key = link_code(link)
-                fields.update(link_code=verifier, link_mac=link_mac(
-                    mac_key, profile.username, profile.identity_public))
-        if not profile.published_identity or profile.published_prekey != prekey:
-            fields.update(signed_prekey=prekey, signed_prekey_signature=signature)
-        profile.save()
+        """Publish the identity (once per server: that adds this device to the account,
+        with the link code when the account has a device already), the current signed
+        prekey (when new or rotated) and top up one-time packages. Private halves reach
+        the disk first."""
+        username = profile.username
+        session = self._session(username)
+        with self._edit(username) as current:  # a rotated prekey reaches the disk first
+            prekey, signature = current.current_prekey(time.time())
+            state = current.state()
+            fields: dict[str, Any] = {"device": device_id(current.identity_public)}
+            if not state.published_identity:
+                fields["identity_key"] = current.identity_public
+                if link is not None:
+                    verifier, mac_key = link_code(link)
+                    fields.update(link_code=verifier, link_mac=link_mac(
+                        mac_key, username, current.identity_public))
+            if not state.published_identity or state.published_prekey != prekey:
+                fields.update(signed_prekey=prekey, signed_prekey_signature=signature)
         result = await self.conn.call("publish_keys", session=session, key_packages=[],
                                       **fields)
         count = int(result["key_packages"])
-        profile.published_identity, profile.published_prekey = True, prekey
+        with self._edit(username) as current:
+            current.state().published_identity = True
+            current.state().published_prekey = prekey
         if count < KEY_PACKAGE_LOW_WATER:
-            fresh = profile.new_one_time_keys(KEY_PACKAGE_TARGET - count)
-            profile.save()  # private halves on disk before the public halves are published
+            # private halves on disk before the public halves are published
+            with self._edit(username) as current:
+                fresh = current.new_one_time_keys(KEY_PACKAGE_TARGET - count)
             result = await self.conn.call("publish_keys", session=session, key_packages=fresh,
                                           device=fields["device"])
             count = int(result["key_packages"])
-        profile.save()
         return count
 
     async def send(self, sender: str, recipients: Sequence[str], content: dict[str, Any],
@@ -353,7 +382,7 @@ class QpqClient:
         if not isinstance(blob, bytes) or not isinstance(key, bytes):
             raise ClientError("bad_message", "file message without blob id or key")
         out_dir.mkdir(parents=True, exist_ok=True)
-        target = _free_name(out_dir, _safe_name(str(content.get("name", ""))))
+        target = _free_name(out_dir, safe_file_name(str(content.get("name", ""))))
         with tempfile.TemporaryFile(dir=out_dir) as sealed:
             await self.conn.get_blob(self._session(username), blob, sealed.write,
                                      device_id(self.profile(username).identity_public))
@@ -376,24 +405,27 @@ class QpqClient:
     async def receive(self, username: str, wait_s: float = 0.0, limit: int = 500,
                       before_ack: Callable[[ReceivedMessage], Awaitable[object]] | None = None,
                       ) -> list[ReceivedMessage]:
-        """Fetch, authenticate, decrypt, then ack. Forged or undecryptable messages are
-        returned marked (`verified=False`) and acked; those from a contact whose key
-        changed stay queued until `trust`; replays are dropped (`replays_dropped`).
-        `before_ack` runs on each message first (saving attachments): if it raises,
-        nothing is acked and the messages stay queued."""
+        """Fetch, authenticate, decrypt, hand each message to `before_ack` (which shows,
+        saves or stores it), then ack. A message is acked only after `before_ack`
+        returned for it: when it raises, the messages handed over before are acked, the
+        exception propagates, and that message and the rest stay queued (they come
+        again). Forged or undecryptable messages are handed over marked
+        (`verified=False`) and acked; those from a contact whose key changed are handed
+        over but stay queued until `trust`; replays are dropped (`replays_dropped`)."""
         session = self._session(username)
-        profile = self.profile(username)
         timeout = self.conn.timeout + wait_s
         if username not in self._devices_checked:  # a device added behind our back?
-            await self.check_own_devices(profile)
+            await self.check_own_devices(self.profile(username))
             self._devices_checked.add(username)
-        device = device_id(profile.identity_public)
+        device = device_id(self.profile(username).identity_public)
         result = await self.conn.call("fetch", timeout=timeout, session=session,
                                       wait_s=wait_s, limit=limit, device=device)
+        # Read after the (long) wait: another process may have added keys meanwhile.
+        profile = self.profile(username)
         received: list[ReceivedMessage] = []
-        used_keys: list[bytes] = []
         ack_ids: list[int] = []
-        accepted: dict[bytes, int] = {}  # replay id -> message id, in this batch
+        used: dict[int, tuple[bytes, bytes]] = {}  # id -> (one-time key, replay id)
+        accepted: set[bytes] = set()  # replay ids accepted in this batch
         identities: dict[str, bytes | IdentityChanged] = {}
         for item in result["messages"]:
             message, rpk, replay_id = await self._open(profile, item, identities)
@@ -401,29 +433,51 @@ class QpqClient:
                 self.replays_dropped += 1
                 ack_ids.append(int(item["id"]))
                 continue
-            if message.error != "identity_changed":  # stays queued until `trust`
-                ack_ids.append(message.id)
             if message.verified:
-                accepted[replay_id] = message.id
-            used_keys.append(rpk)
+                accepted.add(replay_id)
+            used[message.id] = (rpk, replay_id if message.verified else b"")
             received.append(message)
         # A message held for `trust` stays at the head of the queue: paging on would
         # fetch it again, so stop until the user decides.
         self.more_waiting = bool(result.get("more")) and all(
             m.error != "identity_changed" for m in received)
-        if before_ack is not None:
-            for message in received:
-                await before_ack(message)
-        if ack_ids:
-            await self.conn.call("ack", session=session, ids=ack_ids, device=device)
-            for rpk in used_keys:
+        handed: list[ReceivedMessage] = []
+        failure: Exception | None = None
+        for message in received:
+            try:
+                if before_ack is not None:
+                    await before_ack(message)
+            except Exception as exc:  # re-raised after the ack below
+                failure = exc
+                self.more_waiting = False
+                break
+            handed.append(message)
+        done = [m for m in handed if m.error != "identity_changed"]
+        try:
+            await self._ack(username, session, device, ack_ids + [m.id for m in done],
+                            [used[m.id] for m in done])
+        except ClientError:
+            if failure is None:
+                raise
+        if failure is not None:
+            raise failure
+        return handed
+
+    async def _ack(self, username: str, session: str, device: str, ids: list[int],
+                   used: list[tuple[bytes, bytes]]) -> None:
+        """Ack `ids`, then forget the one-time keys they used and remember their replay
+        ids (under the profile lock), and top up key packages when running low."""
+        if not ids:
+            return
+        await self.conn.call("ack", session=session, ids=ids, device=device)
+        with self._edit(username) as profile:
+            for rpk, replay_id in used:
                 profile.forget_one_time(rpk)
-            for replay_id in accepted:
-                profile.remember(replay_id, time.time())
-            profile.save()
-            if len(profile.one_time) < KEY_PACKAGE_LOW_WATER:
-                await self.publish_keys(profile)
-        return received
+                if replay_id:
+                    profile.remember(replay_id, time.time())
+            low = len(profile.one_time) < KEY_PACKAGE_LOW_WATER
+        if low:
+            await self.publish_keys(profile)
 
     async def _sender_identity(self, name: str, cache: dict[str, bytes | IdentityChanged],
                                own: bool = False) -> bytes:

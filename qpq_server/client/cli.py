@@ -15,25 +15,41 @@ from pathlib import Path
 from typing import Annotated, TypeVar
 
 import typer
+from cryptography import x509
 
 from qpq_server.client.api import QpqClient, ReceivedMessage
 from qpq_server.client.connection import ClientError, connect
 from qpq_server.client.contacts import fingerprint_digits, safety_number
 from qpq_server.client.devices import DeviceInfo
 from qpq_server.client.devices import link_code as link_code_keys
+from qpq_server.client.inbox import DeliveryLog
 from qpq_server.client.kt import KeyVerified, KtViolation
 from qpq_server.client.profile import default_profile_dir
+from qpq_server.client.terminal import safe_line, safe_text
 
 __all__ = ["app", "main"]
 
 T = TypeVar("T")
-KT_VIOLATION_EXIT = 2
+OK, FAILED, VERIFICATION_FAILED, USAGE = 0, 1, 2, 64
+KT_VIOLATION_EXIT = VERIFICATION_FAILED
 """Exit code when verification fails: the key-transparency log, a contact's pinned
 identity, or (for `recv`) a message that is not authentic."""
 
+EXIT_CODES = ("Exit codes (every command): 0 ok; 1 failed (server, network, or for recv a "
+              "message that could not be delivered, e.g. its attachment is gone); 2 "
+              "verification failed (key-transparency log, a contact's changed key, a "
+              "forged or undecryptable message); 64 usage error.")
+
+# A file message whose attachment fails with one of these will never succeed: it is
+# reported, recorded and acked so the rest of the inbox flows. Anything else (network,
+# a full disk) leaves it queued for the next recv.
+PERMANENT_FILE_ERRORS = frozenset({"not_found", "bad_attachment", "bad_message",
+                                   "bad_request", "forbidden"})
+
 app = typer.Typer(
     name="qpq-client",
-    help="Talk to a qpq server: messages are encrypted on this machine before they leave it.",
+    help="Talk to a qpq server: messages are encrypted on this machine before they leave "
+         "it.\n\n" + EXIT_CODES,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -43,7 +59,7 @@ app = typer.Typer(
 @dataclass(frozen=True)
 class Options:
     server: str
-    auth_token: str
+    auth_token: str | None
     ca: Path | None
     profile: Path
     server_name: str | None
@@ -65,24 +81,29 @@ def options(
         help="Directory holding your private keys (default ~/.local/share/qpq-client).")] = None,
     server_name: Annotated[str | None, typer.Option(
         help="TLS name to verify (default: the host part of --server).")] = None,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for each request.")] = 10.0,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for each request.",
+                                           min=0.1)] = 10.0,
 ) -> None:
     """Global options come before the command, e.g.
     `qpq-client --server 127.0.0.1:7000 --ca data/tls/cert.pem recv alice`."""
-    if not auth_token:
-        _die("usage", "no access token: set QPQ_AUTH_TOKEN (or --auth-token)", 64)
     source = ctx.get_parameter_source("auth_token")
-    if source is not None and source.name == "COMMANDLINE":
+    if auth_token and source is not None and source.name == "COMMANDLINE":
         print("qpq-client: warning: --auth-token on the command line is visible to other "
               "users of this machine (ps, shell history); set QPQ_AUTH_TOKEN instead",
               file=sys.stderr)
-    ctx.obj = Options(server, auth_token or "", ca, profile or default_profile_dir(),
+    # The token and the CA are checked when a command talks to the server, so that
+    # `COMMAND --help` works without either.
+    ctx.obj = Options(server, auth_token or None, ca, profile or default_profile_dir(),
                       server_name, timeout)
 
 
-def _die(code: str, message: str, exit_code: int = 1) -> typer.Exit:
-    print(f"qpq-client: error: {code}: {message}", file=sys.stderr)
+def _die(code: str, message: str, exit_code: int = FAILED) -> typer.Exit:
+    print(f"qpq-client: error: {code}: {safe_line(message)}", file=sys.stderr)
     raise typer.Exit(exit_code)
+
+
+def _note(message: str) -> None:
+    print(f"qpq-client: {message}", file=sys.stderr)
 
 
 def _password(prompt: str) -> str:
@@ -90,41 +111,100 @@ def _password(prompt: str) -> str:
     if value:
         return value
     if not sys.stdin.isatty():
-        _die("usage", "no password: set QPQ_PASSWORD or run in a terminal to be prompted", 64)
+        _die("usage", "no password: set QPQ_PASSWORD or run in a terminal to be prompted",
+             USAGE)
     return getpass.getpass(prompt)
 
 
+def _check_ca(ca: Path | None) -> None:
+    """A missing or non-PEM --ca is one clear line at once (not a TLS failure after the
+    handshake timeout)."""
+    if ca is None:
+        return
+    try:
+        data = ca.read_bytes()
+    except OSError as exc:
+        _die("usage", f"cannot read --ca {ca}: {exc.strerror or exc}", USAGE)
+    try:
+        x509.load_pem_x509_certificates(data)
+    except ValueError:
+        _die("usage", f"--ca {ca} is not a PEM certificate (expected a file starting "
+                      "with -----BEGIN CERTIFICATE-----, e.g. DATA_DIR/tls/cert.pem)", USAGE)
+
+
+def _hint(exc: ClientError) -> str:
+    text = exc.message
+    if exc.code in ("connection_closed", "unreachable") and "certificate" in text.lower():
+        text += " (is --ca the server's certificate, e.g. DATA_DIR/tls/cert.pem?)"
+    return text
+
+
 def _run(opts: Options, work: Callable[[QpqClient], Awaitable[T]]) -> T:
+    if not opts.auth_token:
+        _die("usage", "no access token: set QPQ_AUTH_TOKEN (or --auth-token)", USAGE)
+    _check_ca(opts.ca)
+
     async def main() -> T:
-        async with connect(opts.server, opts.auth_token, ca=opts.ca,
+        async with connect(opts.server, opts.auth_token or "", ca=opts.ca,
                            server_name=opts.server_name, timeout=opts.timeout) as conn:
             return await work(QpqClient(conn, opts.profile))
 
     try:
         return asyncio.run(main())
     except KtViolation as exc:
-        raise _die(exc.code, exc.message, KT_VIOLATION_EXIT) from None
+        raise _die(exc.code, exc.message, VERIFICATION_FAILED) from None
     except ClientError as exc:
-        raise _die(exc.code, exc.message) from None
+        raise _die(exc.code, _hint(exc), USAGE if exc.code == "usage" else FAILED) from None
     except OSError as exc:
         raise _die("io", str(exc)) from None
 
 
 async def _ensure_login(client: QpqClient, user: str) -> None:
+    """Log in when there is no live session on this server: say so when the server is
+    new to this profile (its keys get published there)."""
+    new = await client.identify_server(user)
+    if new and client.profile(user).path.exists():
+        _note(f"note: this profile has not been used with {client.server} before: "
+              f"logging {user} in there and publishing {user}'s keys")
     if not client.has_session(user):
         await client.login(user, _password(f"password for {user}: "))
 
 
-@app.command()
+async def _logged_in(client: QpqClient, user: str, op: Callable[[], Awaitable[T]]) -> T:
+    """Run `op` with a session; when the server ended it (expired, logged out elsewhere,
+    password changed), log in again once, with QPQ_PASSWORD or a prompt."""
+    await _ensure_login(client, user)
+    try:
+        return await op()
+    except ClientError as exc:
+        if exc.code != "invalid_session" or isinstance(exc, KtViolation):
+            raise
+    if not os.environ.get("QPQ_PASSWORD") and not sys.stdin.isatty():
+        raise ClientError("invalid_session",
+                          f"{user}'s session has ended (expired, logged out, or the password "
+                          f"changed): run `qpq-client login {user}` or set QPQ_PASSWORD")
+    _note(f"{user}'s session has ended: logging in again")
+    await client.login(user, _password(f"password for {user}: "))
+    return await op()
+
+
+@app.command(epilog=EXIT_CODES)
 def register(ctx: typer.Context, user: str) -> None:
-    """Create an account (OPAQUE: the server never sees your password) and publish keys."""
+    """Create an account (OPAQUE: the server never sees your password) and publish keys.
+    The password comes from QPQ_PASSWORD, else it is asked twice. A profile may hold
+    accounts on several servers (the same keys, a session per server)."""
     opts: Options = ctx.obj
-    password = _password(f"new password for {user}: ")
-    _run(opts, lambda c: c.register(user, password))
+    password = os.environ.get("QPQ_PASSWORD") or _new_password(user)
+
+    async def work(c: QpqClient) -> None:
+        await c.identify_server(user)
+        await c.register(user, password)
+
+    _run(opts, work)
     print(f"registered {user}")
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES)
 def login(
     ctx: typer.Context,
     user: str,
@@ -146,13 +226,16 @@ def login(
     password = _password(f"password for {user}: ")
 
     async def work(c: QpqClient) -> None:
+        if await c.identify_server(user) and c.profile(user).path.exists():
+            _note(f"note: this profile has not been used with {c.server} before: "
+                  f"publishing {user}'s keys there")
         await c.login(user, password, link=link_code)
 
     _run(opts, work)
     print(f"logged in as {user}")
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES)
 def passwd(ctx: typer.Context, user: str) -> None:
     """Change your password: the current one (QPQ_PASSWORD or a prompt) proves it is you,
     then the new one (QPQ_NEW_PASSWORD or a prompt, asked twice). Every other session of
@@ -164,7 +247,7 @@ def passwd(ctx: typer.Context, user: str) -> None:
     print(f"password changed for {user}; other sessions of {user} are logged out")
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES)
 def logout(ctx: typer.Context, user: str) -> None:
     """End every session of USER, on every device (sessions are bearer tokens)."""
     opts: Options = ctx.obj
@@ -174,108 +257,201 @@ def logout(ctx: typer.Context, user: str) -> None:
 
 def _new_password(user: str) -> str:
     if not sys.stdin.isatty():
-        _die("usage", "no new password: set QPQ_NEW_PASSWORD or run in a terminal", 64)
+        _die("usage", "no new password: set QPQ_PASSWORD (QPQ_NEW_PASSWORD for passwd) "
+                      "or run in a terminal to be prompted", USAGE)
     first = getpass.getpass(f"new password for {user}: ")
     if not first:
-        _die("usage", "the new password must not be empty", 64)
+        _die("usage", "the new password must not be empty", USAGE)
     if getpass.getpass("again: ") != first:
-        _die("usage", "the two new passwords differ", 64)
+        _die("usage", "the two new passwords differ", USAGE)
     return first
 
 
-@app.command()
+def _recipients(value: str) -> list[str]:
+    """a,b,a -> [a, b]: each recipient once, in the order given."""
+    names = list(dict.fromkeys(r.strip() for r in value.split(",") if r.strip()))
+    if not names:
+        _die("usage", "no recipient given", USAGE)
+    return names
+
+
+def _read_body() -> str:
+    """stdin, less one trailing newline (what `echo` and editors add), so
+    `echo hi | send` and `send A B hi` send the same text."""
+    if sys.stdin.isatty():
+        _note("type the message, then Ctrl-D on a new line")
+    body = sys.stdin.read()
+    return body[:-1] if body.endswith("\n") else body
+
+
+@app.command(epilog=EXIT_CODES)
 def send(
     ctx: typer.Context,
     sender: Annotated[str, typer.Argument(metavar="FROM")],
     recipient: Annotated[str, typer.Argument(metavar="TO", help="Recipient; several as a,b,c")],
-    text: Annotated[str | None, typer.Argument(help="Message text (default: read stdin).")] = None,
+    text: Annotated[str | None, typer.Argument(
+        help="Message text (default: read stdin, less one trailing newline).")] = None,
 ) -> None:
     """Encrypt TEXT (or stdin) to TO's published keys and send it. Each recipient's
     identity must be in the key-transparency log and match the key pinned for them
     (pinned on first use); a changed key stops the send (exit 2) until you compare
-    `qpq-client fingerprint TO` with them and run `qpq-client trust TO`."""
+    `qpq-client fingerprint TO` with them and run `qpq-client trust TO`. A recipient
+    named twice gets the message once."""
     opts: Options = ctx.obj
-    body = text if text is not None else sys.stdin.read()
-    recipients = [r for r in recipient.split(",") if r]
+    recipients = _recipients(recipient)
+    body = text if text is not None else _read_body()
 
     async def work(c: QpqClient) -> list[int]:
-        await _ensure_login(c, sender)
-        return await c.send_text(sender, recipients, body)
+        try:
+            return await _logged_in(c, sender, lambda: c.send_text(sender, recipients, body))
+        except ClientError as exc:
+            if exc.code in ("too_large", "bad_frame"):
+                raise ClientError(exc.code, f"{exc.message}: the message is too large for "
+                                  "one request; send it as a file with `qpq-client "
+                                  "send-file`") from None
+            raise
 
     ids = _run(opts, work)
     print(f"sent to {', '.join(recipients)} ({len(ids)} queued)")
 
 
-@app.command()
+def _emit(line: str) -> None:
+    """Write one line to stdout and make sure it got there (an error raises, and the
+    message stays queued). Unencodable characters are shown escaped, never an error."""
+    sys.stdout.flush()  # anything printed before goes first
+    encoding = sys.stdout.encoding or "utf-8"
+    data = (line + "\n").encode(encoding, errors="backslashreplace")
+    fd = sys.stdout.fileno()
+    while data:
+        data = data[os.write(fd, data):]
+
+
+def _json_row(message: ReceivedMessage, path: Path | None,
+              failure: ClientError | None) -> str:
+    entry: dict[str, object] = {"id": message.id, "from": message.sender,
+                                "sent_at": message.sent_at, "verified": message.verified}
+    if not message.verified:
+        entry["error"] = message.error
+        entry["detail"] = message.text
+    elif failure is not None:
+        entry["error"] = "attachment_failed"
+        entry["detail"] = f"{failure.code}: {failure.message}"
+        entry["text"] = message.text
+    else:
+        entry["text"] = message.text
+    if path is not None:
+        entry["file"] = {"name": path.name, "path": str(path),
+                         "size": message.content.get("size")}
+    return json.dumps(entry)
+
+
+def _human_row(message: ReceivedMessage, path: Path | None,
+               failure: ClientError | None) -> str:
+    stamp = datetime.fromtimestamp(message.sent_at, UTC).strftime("%Y-%m-%d %H:%M:%S")
+    where = f" -> saved to {safe_line(str(path))}" if path is not None else ""
+    mark = "" if message.verified else f"REJECTED ({message.error}) "
+    if failure is not None:
+        mark = f"FAILED (attachment: {failure.code}) "
+    return f"[{stamp}] {mark}{safe_line(message.sender)}: {safe_text(message.text)}{where}"
+
+
+@dataclass
+class _RecvTally:
+    shown: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    failed: int = 0
+
+
+@app.command(epilog=EXIT_CODES)
 def recv(
     ctx: typer.Context,
     user: str,
-    wait: Annotated[float, typer.Option(help="Long-poll up to SECONDS for a message.")] = 0.0,
+    wait: Annotated[float, typer.Option(
+        min=0.0, help="Long-poll up to SECONDS for a message (the server caps the wait: "
+                      "[limits] max_wait_s, 60 s by default).")] = 0.0,
     out: Annotated[Path | None, typer.Option(
         help="Directory for received files (default: the current directory). Files are "
              "downloaded and decrypted before their messages are acknowledged; existing "
-             "files are never overwritten.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per message.")] = False,
+             "files are never overwritten; names are reduced to a plain file name.")] = None,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help='One JSON object per message: "id", "from", "sent_at", "verified", '
+                       '"text", and "file" for attachments; a message that failed has '
+                       '"error" (e.g. "undecryptable", "forged_sender", '
+                       '"attachment_failed") and "detail" instead of "text".')] = False,
 ) -> None:
-    """Fetch, authenticate, decrypt and acknowledge USER's pending messages (and save
-    attachments). A message not sealed by its sender's logged identity key is shown
-    REJECTED (in --json: "verified": false and an "error" code) and the exit code is 2;
-    messages from a contact whose key changed stay queued until `qpq-client trust`;
-    copies of messages already received are dropped."""
+    """Fetch, authenticate, decrypt and show USER's pending messages (and save
+    attachments). A message is acknowledged only once it was written out (stdout
+    flushed, file saved): if that fails it comes again on the next recv, and one
+    already shown is shown once (a seen-set in the profile). A message not sealed by its
+    sender's logged identity key, or that cannot be decrypted, is shown REJECTED and the
+    exit code is 2; a file message whose attachment is gone or damaged is shown FAILED,
+    recorded in the profile (inbox/SERVER/USER.failures.jsonl) and acknowledged so the
+    rest flows, and the exit code is 1; messages from a contact whose key changed stay
+    queued until `qpq-client trust`. Text from messages is shown with terminal escapes
+    and bidi overrides escaped, continuation lines indented."""
     opts: Options = ctx.obj
     out_dir = out or Path.cwd()
-    saved: dict[int, Path] = {}
-
-    async def work(c: QpqClient) -> list[ReceivedMessage]:
-        await _ensure_login(c, user)
-
-        async def save(message: ReceivedMessage) -> None:
-            if message.content.get("type") == "file":
-                saved[message.id] = await c.save_file(user, message, out_dir)
-
-        received = list(await c.receive(user, wait_s=wait, before_ack=save))
-        while c.more_waiting:  # the server pages a large mailbox by bytes
-            received += await c.receive(user, before_ack=save)
-        return received
-
+    tally = _RecvTally()
     dropped = 0
 
-    async def work_counted(c: QpqClient) -> list[ReceivedMessage]:
-        nonlocal dropped
+    async def work(c: QpqClient) -> None:
+        log = DeliveryLog(opts.profile, c.server, user)
+
+        async def deliver(message: ReceivedMessage) -> None:
+            with log.delivering():
+                if log.seen(message.id):  # shown before, its ack was lost: ack it now
+                    tally.duplicates += 1
+                    return
+                path: Path | None = None
+                failure: ClientError | None = None
+                if message.verified and message.content.get("type") == "file":
+                    try:
+                        path = await c.save_file(user, message, out_dir)
+                    except ClientError as exc:
+                        if exc.code not in PERMANENT_FILE_ERRORS:
+                            raise
+                        failure = exc
+                        log.record_failure(message.id, message.sender, message.sent_at,
+                                           exc.code, exc.message)
+                if not message.verified or failure is not None:
+                    why = (f"SECURITY: {message.error}: message {message.id} claiming to be "
+                           f"from {message.sender} rejected: {message.text}"
+                           if failure is None else
+                           f"message {message.id} from {message.sender}: its attachment "
+                           f"cannot be fetched ({failure.code}: {failure.message}); "
+                           f"recorded in {log.failures_path}")
+                    _note(safe_line(why))
+                _emit(_json_row(message, path, failure) if as_json
+                      else _human_row(message, path, failure))
+                if message.error == "identity_changed":
+                    return  # stays queued: shown again until `trust`
+                log.add(message.id)
+                tally.shown += 1
+                tally.rejected += not message.verified
+                tally.failed += failure is not None
+
+        async def fetch_all() -> None:
+            await c.receive(user, wait_s=wait, before_ack=deliver)
+            while c.more_waiting:  # the server pages a large mailbox by bytes
+                await c.receive(user, before_ack=deliver)
+
         try:
-            return await work(c)
+            await _logged_in(c, user, fetch_all)
         finally:
+            nonlocal dropped
             dropped = c.replays_dropped
 
-    messages = _run(opts, work_counted)
-    if dropped:
-        print(f"qpq-client: dropped {dropped} replayed message(s) (already received once)",
-              file=sys.stderr)
-    for message in messages:
-        path = saved.get(message.id)
-        if not message.verified:
-            print(f"qpq-client: SECURITY: {message.error}: message {message.id} claiming to "
-                  f"be from {message.sender} rejected: {message.text}", file=sys.stderr)
-        if as_json:
-            entry: dict[str, object] = {"from": message.sender, "text": message.text,
-                                        "sent_at": message.sent_at,
-                                        "verified": message.verified}
-            if message.error:
-                entry["error"] = message.error
-            if path is not None:
-                entry["file"] = {"name": path.name, "path": str(path),
-                                 "size": message.content.get("size")}
-            print(json.dumps(entry))
-        else:
-            stamp = datetime.fromtimestamp(message.sent_at, UTC).strftime("%Y-%m-%d %H:%M:%S")
-            where = f" -> saved to {path}" if path is not None else ""
-            mark = "" if message.verified else f"REJECTED ({message.error}) "
-            print(f"[{stamp}] {mark}{message.sender}: {message.text}{where}")
-    if any(not m.verified for m in messages):
-        raise typer.Exit(KT_VIOLATION_EXIT)
+    _run(opts, work)
+    if dropped or tally.duplicates:
+        _note(f"dropped {dropped + tally.duplicates} message(s) already received once")
+    if tally.rejected:
+        raise typer.Exit(VERIFICATION_FAILED)
+    if tally.failed:
+        raise typer.Exit(FAILED)
 
 
-@app.command("send-file")
+@app.command("send-file", epilog=EXIT_CODES)
 def send_file(
     ctx: typer.Context,
     sender: Annotated[str, typer.Argument(metavar="FROM")],
@@ -286,11 +462,10 @@ def send_file(
     """Encrypt PATH on this machine, upload the ciphertext as an attachment and send its
     key to TO end to end. The server never sees the name, the key or the contents."""
     opts: Options = ctx.obj
-    recipients = [r for r in recipient.split(",") if r]
+    recipients = _recipients(recipient)
 
     async def work(c: QpqClient) -> list[int]:
-        await _ensure_login(c, sender)
-        return await c.send_file(sender, recipients, path)
+        return await _logged_in(c, sender, lambda: c.send_file(sender, recipients, path))
 
     ids = _run(opts, work)
     print(f"sent {path.name} to {', '.join(recipients)} ({len(ids)} queued)")
@@ -484,4 +659,24 @@ def unlink(
 
 
 def main() -> None:
-    app()
+    """Run the CLI with the client's exit codes: usage errors exit 64, not click's 2
+    (2 means a verification failure); an error no command handled is one line, exit 1."""
+    # typer vendors click; its UsageError is what a bad option or argument raises.
+    from typer._click.exceptions import ClickException, UsageError
+
+    try:
+        code = app(standalone_mode=False)
+    except UsageError as exc:
+        exc.show()
+        sys.exit(USAGE)
+    except ClickException as exc:
+        exc.show()
+        sys.exit(FAILED)
+    except typer.Abort:
+        print("Aborted.", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:  # a bug: say what broke in one line
+        line = " ".join(f"unexpected {type(exc).__name__}: {exc}".split())
+        print(f"qpq-client: error: {safe_line(line)[:500]}", file=sys.stderr)
+        sys.exit(FAILED)
+    sys.exit(code if isinstance(code, int) else OK)

@@ -81,9 +81,18 @@ class KtVerifier:
         if pinned is not None and pinned[0] != offered:
             raise KtViolation(
                 "kt_key_changed",
-                f"the server's key-transparency signing key changed (pinned in "
-                f"{self.pin_path}); its log can no longer be trusted")
+                f"the server at {self._conn.server} is not the one this profile knows: its "
+                f"key-transparency signing key changed (pinned in {self.pin_path}), so it "
+                "is an impostor or was re-initialised (every account and message gone). "
+                "Trust it only once its operator confirms a re-initialisation: then "
+                f"delete {self.pin_path} and register again (your keys stay)")
         return offered
+
+    async def server_key(self) -> tuple[bytes, bool]:
+        """(the server's log key, whether it was pinned before): KtViolation when it
+        differs from the pinned one."""
+        pinned = self._load_pin()
+        return await self._server_key(), pinned is not None
 
     # -- checks ------------------------------------------------------------------------
     async def check_head(self, head: SignedTreeHead) -> int | None:
@@ -120,6 +129,10 @@ class KtVerifier:
         if old is None or head.size >= old.size:
             self._save_pin(public_key, head)
         return None if old is None else old.size
+
+    def pinned_key(self) -> bytes | None:
+        pinned = self._load_pin()
+        return pinned[0] if pinned else None
 
     def pinned_head(self) -> SignedTreeHead | None:
         pinned = self._load_pin()

@@ -1,17 +1,30 @@
-"""A user's local profile: private keys, the current session and the replay cache, in
-a 0600 file.
+"""A user's local profile: private keys, the replay cache and, per server, the session
+and what was published there, in a 0600 file.
 
-Layout: PROFILE_DIR/USER.keys (msgpack). Written atomically so a crash never leaves a
-half-written key file. The identity is an X25519 key (key agreement) plus an Ed25519
-key (signing the prekey); the signed prekey is rotated weekly and the previous ones
-are kept a while so messages sealed to them still open.
+Layout: PROFILE_DIR/USER.keys (msgpack), PROFILE_DIR/USER.lock (the lock). Several
+processes share a profile (a parked `recv --wait` while `login` runs in another
+terminal), so every change is a read-modify-write of the file on disk under an
+exclusive `flock` on the lock file (`Profile.edit`): a process never writes back keys
+it loaded earlier. Written atomically so a crash never leaves a half-written key file.
+The identity is an X25519 key (key agreement) plus an Ed25519 key (signing the prekey);
+the signed prekey is rotated weekly and the previous ones are kept a while so messages
+sealed to them still open.
+
+One profile may hold accounts on several servers: sessions and published-key state are
+kept per server (`servers`, keyed by the address as given to `--server`; the server's
+key-transparency key, pinned per address in PROFILE_DIR/kt/, tells a re-initialised or
+impostor server apart). The keys are the same on every server.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import msgpack
 from cryptography.hazmat.primitives import serialization
@@ -22,7 +35,7 @@ from qpq_server.client.e2e import public_bytes
 from qpq_server.fsutil import write_atomic
 from qpq_server.identity import signed_prekey_message
 
-__all__ = ["Profile", "default_profile_dir"]
+__all__ = ["Profile", "ServerState", "default_profile_dir", "locked"]
 
 SIGNED_PREKEY_ROTATE_S = 7 * 86400
 SIGNED_PREKEYS_KEPT = 4  # the current one and three predecessors (a month of mail)
@@ -39,6 +52,46 @@ def _raw_private(key: X25519PrivateKey | Ed25519PrivateKey) -> bytes:
                              serialization.NoEncryption())
 
 
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive flock on `path` (created 0600): one writer at a time across
+    processes. The kernel drops the lock if the process dies."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+@dataclass
+class ServerState:
+    """What this profile has on one server."""
+
+    session: str | None = None
+    session_expires: float = 0.0
+    published_identity: bool = False
+    published_prekey: bytes = b""
+    log_key: bytes = b""  # the server's key-transparency key when we last logged in
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"session": self.session, "session_expires": self.session_expires,
+                "published_identity": self.published_identity,
+                "published_prekey": self.published_prekey, "log_key": self.log_key}
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> ServerState:
+        return cls(session=data.get("session"),
+                   session_expires=float(data.get("session_expires") or 0.0),
+                   published_identity=bool(data.get("published_identity", False)),
+                   published_prekey=bytes(data.get("published_prekey") or b""),
+                   log_key=bytes(data.get("log_key") or b""))
+
+
+_LEGACY = ""  # profiles written before per-server state kept one unnamed server
+
+
 @dataclass
 class Profile:
     path: Path
@@ -49,18 +102,29 @@ class Profile:
     # public -> (private, created at); the newest is the one published
     signed_prekeys: dict[bytes, tuple[X25519PrivateKey, float]] = field(default_factory=dict)
     seen: dict[bytes, float] = field(default_factory=dict)  # replay id -> accepted at
-    session: str | None = None
-    session_expires: float = 0.0
-    published_identity: bool = False
-    published_prekey: bytes = b""
+    servers: dict[str, ServerState] = field(default_factory=dict)
+    server: str = _LEGACY  # the server this copy was loaded for (not stored)
+
+    @property
+    def session(self) -> str | None:
+        """The session on `server` (None when not logged in there)."""
+        state = self.servers.get(self.server) or self.servers.get(_LEGACY)
+        return state.session if state is not None else None
 
     @classmethod
-    def load_or_create(cls, directory: Path, username: str) -> Profile:
+    def load_or_create(cls, directory: Path, username: str, server: str = _LEGACY) -> Profile:
         path = directory / f"{username}.keys"
         if not path.exists():
-            return cls(path=path, username=username, identity=X25519PrivateKey.generate())
+            return cls(path=path, username=username, identity=X25519PrivateKey.generate(),
+                       server=server)
         data = msgpack.unpackb(path.read_bytes(), raw=False)
         signing = data.get("signing")
+        servers = {str(k): ServerState.from_wire(v)
+                   for k, v in (data.get("servers") or {}).items()}
+        if "servers" not in data and data.get("session") is not None:
+            legacy = ServerState.from_wire(data)
+            legacy.published_identity = bool(signing) and legacy.published_identity
+            servers[_LEGACY] = legacy
         return cls(
             path=path, username=username,
             identity=X25519PrivateKey.from_private_bytes(data["identity"]),
@@ -71,10 +135,31 @@ class Profile:
             signed_prekeys={pub: (X25519PrivateKey.from_private_bytes(priv), float(at))
                             for pub, (priv, at) in data.get("signed_prekeys", {}).items()},
             seen={k: float(t) for k, t in data.get("seen", {}).items()},
-            session=data.get("session"), session_expires=data.get("session_expires", 0.0),
-            published_identity=bool(signing) and data.get("published_identity", False),
-            published_prekey=data.get("published_prekey", b""),
+            servers=servers, server=server,
         )
+
+    @classmethod
+    @contextmanager
+    def edit(cls, directory: Path, username: str, server: str = _LEGACY) -> Iterator[Profile]:
+        """Read-modify-write under the profile's lock: the profile as it is on disk now
+        (not as some earlier load saw it), saved when the block ends without error."""
+        with locked(directory / f"{username}.lock"):
+            profile = cls.load_or_create(directory, username, server)
+            yield profile
+            profile.save()
+
+    def knows(self, server: str) -> bool:
+        """Has this profile been used with `server` before?"""
+        return server in self.servers or _LEGACY in self.servers
+
+    def state(self, server: str | None = None) -> ServerState:
+        """The state on `server` (default: the one loaded for); a profile from before
+        per-server state hands its one unnamed server to the first server it meets."""
+        server = self.server if server is None else server
+        if server not in self.servers:
+            legacy = self.servers.pop(_LEGACY, None)
+            self.servers[server] = legacy if legacy is not None else ServerState()
+        return self.servers[server]
 
     @property
     def identity_public(self) -> bytes:
@@ -133,8 +218,6 @@ class Profile:
             "signed_prekeys": {pub: [_raw_private(k), at]
                                for pub, (k, at) in self.signed_prekeys.items()},
             "seen": self.seen,
-            "session": self.session, "session_expires": self.session_expires,
-            "published_identity": self.published_identity,
-            "published_prekey": self.published_prekey,
+            "servers": {name: state.to_wire() for name, state in self.servers.items()},
         }, use_bin_type=True)
         write_atomic(self.path, data, mode=0o600)
