@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import getpass
 import json
+import logging
 import os
 import re
 import sys
@@ -143,6 +144,8 @@ def _run(opts: Options, work: Callable[[QpqClient], Awaitable[T]]) -> T:
     if not opts.auth_token:
         _die("usage", "no access token: set QPQ_AUTH_TOKEN (or --auth-token)", USAGE)
     _check_ca(opts.ca)
+    # aioquic logs a failed handshake itself; the one line below says it, with a hint
+    logging.getLogger("quic").setLevel(logging.CRITICAL)
 
     async def main() -> T:
         async with connect(opts.server, opts.auth_token or "", ca=opts.ca,

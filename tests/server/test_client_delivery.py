@@ -16,6 +16,7 @@ from qpq_server.client import QpqClient
 from qpq_server.client.files import encrypt_stream
 from qpq_server.client.inbox import DeliveryLog
 from qpq_server.devserver import BIN, RunningServer, running_server, wait_until
+from qpq_server.tls import write_self_signed
 from tests.server.conftest import ClientFactory
 from tests.server.test_e2e_attacks import db_exec, insert_message
 
@@ -303,3 +304,21 @@ def test_stdin_bodies_drop_one_trailing_newline_and_recipients_merge(
     ok(cli(server, prof, "send", "sn_a", "sn_b", stdin="two\n\n"))
     assert [r["text"] for r in rows(ok(cli(server, prof, "recv", "sn_b", "--json")))] == [
         "one line", "two\n"]
+
+
+def test_a_wrong_ca_suggests_ca_and_a_huge_message_suggests_send_file(
+        server: RunningServer, tmp_path: Path) -> None:
+    other = tmp_path / "other-cert.pem"
+    write_self_signed(other, tmp_path / "other-key.pem", "localhost")
+    wrong = subprocess.run(
+        [str(BIN / "qpq-client"), "--server", server.address, "--ca", str(other),
+         "--profile", str(tmp_path / "p"), "recv", "ca_b"],
+        capture_output=True, text=True, timeout=60, env=env_for(server))
+    assert wrong.returncode == 1
+    assert wrong.stderr.count("\n") == 1 and "certificate" in wrong.stderr
+    assert "is --ca the server's certificate" in wrong.stderr
+    prof = tmp_path / "p"
+    register(server, prof, "big_a")
+    huge = cli(server, prof, "send", "big_a", "big_a", stdin="y" * 2_000_000)
+    assert huge.returncode == 1 and "too_large" in huge.stderr
+    assert "send it as a file with `qpq-client send-file`" in huge.stderr
