@@ -85,6 +85,9 @@ class QpqClient:
         self.conn = connection
         self.profile_dir = profile_dir
         self.server = connection.server  # names this server's state in profiles
+        # address + its key-transparency key, once `identify_server` ran: names what must
+        # not carry over to a re-initialised server at the same address (message ids)
+        self.server_id = self.server
         self.kt = KtVerifier(connection, profile_dir)
         self.more_waiting = False  # the last fetch said more messages wait (page by bytes)
         self.pins = ContactPins(profile_dir, connection.server)
@@ -107,6 +110,7 @@ class QpqClient:
         server at this address (a pin deleted after a re-initialisation) is dropped.
         True when the server is new to this profile."""
         key, pinned = await self.kt.server_key()
+        self.server_id = f"{self.server}#{key.hex()[:16]}"
         profile = self.profile(username)
         if not profile.path.exists():
             return True

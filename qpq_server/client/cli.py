@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+import io
 import json
 import logging
 import os
@@ -324,7 +325,14 @@ def _emit(line: str) -> None:
     sys.stdout.flush()  # anything printed before goes first
     encoding = sys.stdout.encoding or "utf-8"
     data = (line + "\n").encode(encoding, errors="backslashreplace")
-    fd = sys.stdout.fileno()
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, io.UnsupportedOperation):  # not a file (tests in process)
+        sys.stdout.write(data.decode(encoding))
+        sys.stdout.flush()
+        return
+    # os.write, not print: a failed write must not stay in a buffer that Python retries
+    # (and reports again) at exit.
     while data:
         data = data[os.write(fd, data):]
 
@@ -399,7 +407,8 @@ def recv(
     dropped = 0
 
     async def work(c: QpqClient) -> None:
-        log = DeliveryLog(opts.profile, c.server, user)
+        await c.identify_server(user)  # the seen-set is per server, ids restart on a new one
+        log = DeliveryLog(opts.profile, c.server_id, user)
 
         async def deliver(message: ReceivedMessage) -> None:
             with log.delivering():

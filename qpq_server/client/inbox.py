@@ -6,7 +6,9 @@ a crash in between, or a second `recv` running at the same time, gets it again: 
 seen-set makes it shown once. Delivery runs under an exclusive lock on the log, so of two
 processes holding the same message only one shows it.
 
-Layout: PROFILE_DIR/inbox/<server>/USER.delivered (one message id per line, appended
+Layout: PROFILE_DIR/inbox/<server>/USER.delivered, where <server> is the address and
+the start of the server's key-transparency key (a re-initialised server numbers its
+messages from 1 again: its ids must not match the old server's) (one message id per line, appended
 and fsynced after the message was shown), USER.failures.jsonl (one JSON object per
 message that was reported and acked without its content: a poisoned attachment), and
 USER.lock.

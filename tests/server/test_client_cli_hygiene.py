@@ -141,3 +141,39 @@ def test_profile_edits_are_read_modify_write_under_a_lock(tmp_path: Path) -> Non
 
 def test_help_texts_name_the_exit_codes() -> None:
     assert "64 usage error" in (app.info.help or "")
+
+
+def test_a_profile_from_before_per_server_state_keeps_its_session(tmp_path: Path) -> None:
+    import msgpack
+
+    with Profile.edit(tmp_path, "old", "srv") as p:
+        p.new_one_time_keys(1)
+    data = msgpack.unpackb((tmp_path / "old.keys").read_bytes(), raw=False)
+    del data["servers"]
+    data.update(session="s3ss10n", session_expires=time.time() + 3600,
+                published_identity=True, published_prekey=b"p" * 32)
+    (tmp_path / "old.keys").write_bytes(msgpack.packb(data, use_bin_type=True))
+    loaded = Profile.load_or_create(tmp_path, "old", "127.0.0.1:7000")
+    assert loaded.knows("127.0.0.1:7000") and loaded.session == "s3ss10n"
+    with Profile.edit(tmp_path, "old", "127.0.0.1:7000") as p:
+        assert p.state().published_identity  # adopted by the first server it meets
+    again = Profile.load_or_create(tmp_path, "old", "127.0.0.1:7000")
+    assert list(again.servers) == ["127.0.0.1:7000"]
+    assert not Profile.load_or_create(tmp_path, "old", "other:1").knows("other:1")
+
+
+def test_the_seen_set_survives_and_is_compacted(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from qpq_server.client import inbox
+
+    monkeypatch.setattr(inbox, "KEEP_IDS", 5)
+    log = inbox.DeliveryLog(tmp_path, "127.0.0.1:7000#ab", "u")
+    with log.delivering():
+        for message_id in range(1, 12):
+            log.add(message_id)
+    with open(log.path, "a") as torn:
+        torn.write("99")  # a crash mid-append: no newline, not counted
+    with inbox.DeliveryLog(tmp_path, "127.0.0.1:7000#ab", "u").delivering() as again:
+        assert again.seen(11) and again.seen(7) and not again.seen(1)
+        assert not again.seen(99)
+    assert log.path.stat().st_mode & 0o777 == 0o600

@@ -43,6 +43,13 @@ def cli(srv: RunningServer, profile: Path, *args: str, password: str | None = "p
                           timeout=60, env=env_for(srv, password, **extra), input=stdin)
 
 
+def inbox(srv: RunningServer, profile: Path, user: str) -> DeliveryLog:
+    """The CLI's delivery log: per address and the server's key-transparency key."""
+    pin = profile / "kt" / f"{srv.address.replace(':', '_')}.json"
+    key = json.loads(pin.read_text())["public_key"]
+    return DeliveryLog(profile, f"{srv.address}#{key[:16]}", user)
+
+
 def rows(result: subprocess.CompletedProcess[str]) -> list[dict[str, object]]:
     return [json.loads(line) for line in result.stdout.splitlines()]
 
@@ -91,7 +98,7 @@ def test_a_shown_message_whose_ack_was_lost_is_shown_once(
     ok(cli(server, prof, "send", "ss_a", "ss_b", "shown before the crash"))
     (msg_id,) = db_exec(server, "SELECT id FROM messages WHERE recipient = 'ss_b'")[0]
     # As if a recv had shown it and died before its ack reached the server.
-    log = DeliveryLog(prof, server.address, "ss_b")
+    log = inbox(server, prof, "ss_b")
     with log.delivering():
         log.add(int(str(msg_id)))
     again = ok(cli(server, prof, "recv", "ss_b"))
@@ -173,7 +180,7 @@ def test_a_poisoned_attachment_is_reported_recorded_and_acked_and_the_rest_flows
     assert isinstance(failed["id"], int) and failed["verified"] is True
     assert good["text"] == "after the poisoned one" and "error" not in good
     assert "its attachment cannot be fetched" in got.stderr
-    (record,) = DeliveryLog(prof, server.address, "po_b").failures()
+    (record,) = inbox(server, prof, "po_b").failures()
     assert record["id"] == failed["id"] and record["error"] == "not_found"
     assert not out.exists() or list(out.iterdir()) == []
     assert rows(ok(cli(server, prof, "recv", "po_b", "--json"))) == []  # acked
@@ -263,6 +270,8 @@ def test_a_reinitialised_server_is_named_clearly(tmp_path: Path) -> None:
     prof = tmp_path / "p"
     with running_server(tmp_path / "old") as old:
         register(old, prof, "ri_a", "ri_b")
+        ok(cli(old, prof, "send", "ri_b", "ri_a", "on the old server"))
+        ok(cli(old, prof, "recv", "ri_a"))  # its message id is in the seen-set
         listen = old.address
     with running_server(tmp_path / "new", overrides={"server": {"listen": listen}}) as new:
         assert new.address == listen
