@@ -424,8 +424,6 @@ def recv(
                         if exc.code not in PERMANENT_FILE_ERRORS:
                             raise
                         failure = exc
-                        log.record_failure(message.id, message.sender, message.sent_at,
-                                           exc.code, exc.message)
                 if not message.verified or failure is not None:
                     why = (f"SECURITY: {message.error}: message {message.id} claiming to be "
                            f"from {message.sender} rejected: {message.text}"
@@ -438,6 +436,9 @@ def recv(
                       else _human_row(message, path, failure))
                 if message.error == "identity_changed":
                     return  # stays queued: shown again until `trust`
+                if failure is not None:  # after it was shown: a crash before shows it again
+                    log.record_failure(message.id, message.sender, message.sent_at,
+                                       failure.code, failure.message)
                 log.add(message.id)
                 tally.shown += 1
                 tally.rejected += not message.verified
