@@ -232,8 +232,9 @@ async def test_sender_text_and_file_names_cannot_spoof_or_escape(
 
 
 async def _send_named_file(c: QpqClient, sender: str, to: str, name: str,
-                           tmp_path: Path) -> None:
-    """A file message with a sender-chosen name (the CLI always sends the real one)."""
+                           tmp_path: Path, key: bytes | None = None) -> None:
+    """A file message with a sender-chosen name (the CLI always sends the real one) and,
+    to poison it, a key of the sender's choosing."""
     source = tmp_path / "payload"
     source.write_bytes(b"payload")
     if not c.has_session(sender):
@@ -245,8 +246,28 @@ async def _send_named_file(c: QpqClient, sender: str, to: str, name: str,
                               encrypted.size, encrypted.sha256)
     await c.send(sender, [to], {"type": "file", "name": name, "size": 7,
                                 "blob": encrypted.sha256, "blob_size": encrypted.size,
-                                "key": encrypted.key, "text": "[file]"},
+                                "key": key or encrypted.key, "text": "[file]"},
                  blobs=[encrypted.sha256])
+
+
+async def test_attachments_that_cannot_open_are_failures_not_blockers(
+        server: RunningServer, client: ClientFactory, tmp_path: Path) -> None:
+    prof, out = tmp_path / "profiles", tmp_path / "in"
+    register(server, prof, "pm_a", "pm_b")
+    async with client() as c:
+        await _send_named_file(c, "pm_a", "pm_b", "wrong-key.bin", tmp_path,
+                               key=b"\x01" * 32)
+        await c.send("pm_a", ["pm_b"], {"type": "file", "name": "no-blob.bin",
+                                        "text": "[file]"})
+        await c.send_text("pm_a", ["pm_b"], "still flows")
+    got = cli(server, prof, "recv", "pm_b", "--json", "--out", str(out))
+    assert got.returncode == 1, got.stdout + got.stderr
+    assert [(r.get("error"), str(r.get("detail", "")).split(":")[0]) for r in rows(got)] == [
+        ("attachment_failed", "bad_attachment"), ("attachment_failed", "bad_message"),
+        (None, "")]
+    assert not out.exists() or list(out.iterdir()) == []  # no half-decrypted file left
+    assert len(inbox(server, prof, "pm_b").failures()) == 2
+    assert rows(ok(cli(server, prof, "recv", "pm_b", "--json"))) == []
 
 
 def test_one_profile_on_two_servers_keeps_both(server: RunningServer, tmp_path: Path) -> None:
