@@ -201,7 +201,9 @@ def register(ctx: typer.Context, user: str) -> None:
     password = os.environ.get("QPQ_PASSWORD") or _new_password(user)
 
     async def work(c: QpqClient) -> None:
-        await c.identify_server(user)
+        if await c.identify_server(user) and c.profile(user).path.exists():
+            _note(f"note: this profile has not been used with {c.server} before: "
+                  f"registering {user} there with the keys it already holds")
         await c.register(user, password)
 
     _run(opts, work)

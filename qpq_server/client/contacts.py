@@ -20,6 +20,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import hashes
 
 from qpq_server.client.errors import ClientError, IdentityChanged
+from qpq_server.client.profile import locked
 from qpq_server.fsutil import write_atomic
 
 __all__ = ["ContactPins", "fingerprint_digits", "safety_number"]
@@ -73,10 +74,11 @@ class ContactPins:
         return bytes.fromhex(value) if value else None
 
     def pin(self, username: str, identity: bytes) -> None:
-        data = self._load()
-        data[username] = identity.hex()
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        write_atomic(self.path, json.dumps(data, indent=1, sort_keys=True), mode=0o600)
+        # read-modify-write under a lock: two processes pinning two contacts keep both
+        with locked(self.path.with_name(self.path.name + ".lock")):
+            data = self._load()
+            data[username] = identity.hex()
+            write_atomic(self.path, json.dumps(data, indent=1, sort_keys=True), mode=0o600)
 
     def check(self, username: str, identity: bytes) -> bool:
         """Pin on first sight; raise IdentityChanged when it differs from the pin.

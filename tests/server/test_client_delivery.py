@@ -277,6 +277,7 @@ def test_one_profile_on_two_servers_keeps_both(server: RunningServer, tmp_path: 
                         overrides={"rate_limit": {"enabled": False}}) as other:
         registered = ok(cli(other, prof, "register", "ts_a"))
         assert "registered ts_a" in registered.stdout
+        assert f"this profile has not been used with {other.address}" in registered.stderr
         ok(cli(other, prof, "register", "ts_b"))
         ok(cli(other, prof, "send", "ts_b", "ts_a", "on the second server"))
         assert [r["text"] for r in rows(ok(cli(other, prof, "recv", "ts_a", "--json")))] == [
