@@ -383,8 +383,9 @@ class QpqClient:
         """Download a file message's blob and decrypt it into out_dir (never overwrites)."""
         content = message.content
         blob, key = content.get("blob"), content.get("key")
-        if not isinstance(blob, bytes) or not isinstance(key, bytes):
-            raise ClientError("bad_message", "file message without blob id or key")
+        if not (isinstance(blob, bytes) and isinstance(key, bytes)
+                and len(blob) == 32 and len(key) == 32):
+            raise ClientError("bad_message", "file message without a valid blob id or key")
         out_dir.mkdir(parents=True, exist_ok=True)
         target = _free_name(out_dir, safe_file_name(str(content.get("name", ""))))
         with tempfile.TemporaryFile(dir=out_dir) as sealed:
@@ -540,7 +541,13 @@ class QpqClient:
         except DecryptError as exc:  # ForgedSender included: its code says which
             return _rejected(item, exc.code, exc), b"", b""
         if "kt_head" in content:  # authentic, so the head is what the sender saw
-            await self.kt.check_gossip(content.pop("kt_head"))
+            try:
+                await self.kt.check_gossip(content.pop("kt_head"))
+            except KtViolation as exc:
+                if exc.code != "kt_bad_gossip":
+                    raise  # a signed head off our log: the server forked, say it loudly
+                # Garbage any sender can write: reject this message, never block the inbox.
+                return _rejected(item, "bad_gossip", exc.message), rpk, b""
         return ReceivedMessage(id=int(item["id"]), sender=env.sender,
                                text=str(content.get("text", "")),
                                sent_at=float(item["sent_at"]), content=content), rpk, \

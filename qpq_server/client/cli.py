@@ -353,8 +353,9 @@ def _json_row(message: ReceivedMessage, path: Path | None,
     else:
         entry["text"] = message.text
     if path is not None:
+        size = message.content.get("size")  # the sender's claim: only an int is shown
         entry["file"] = {"name": path.name, "path": str(path),
-                         "size": message.content.get("size")}
+                         "size": size if isinstance(size, int) else path.stat().st_size}
     return json.dumps(entry)
 
 

@@ -149,6 +149,11 @@ class KtVerifier:
                               "a contact's message carried a malformed tree head") from None
         pinned = self._load_pin()
         old = pinned[1] if pinned else None
+        try:  # a head the log key never signed is the sender's garbage, not a fork
+            verify_tree_head(head, pinned[0] if pinned else await self._server_key())
+        except ProofError:
+            raise KtViolation("kt_bad_gossip", "a contact's message carried a tree head "
+                              "that the server's log key did not sign") from None
         if pinned is None or old is None or head.size >= old.size:
             try:
                 await self.check_head(head)  # signature, consistency; pins it when newer
@@ -161,7 +166,6 @@ class KtVerifier:
                     "logs to different users") from None
             return
         try:
-            verify_tree_head(head, pinned[0])
             answer = await self._conn.call("kt_consistency", first=head.size,
                                            second=old.size)
             verify_consistency(head.size, old.size, head.root, old.root,

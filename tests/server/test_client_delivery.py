@@ -259,15 +259,38 @@ async def test_attachments_that_cannot_open_are_failures_not_blockers(
                                key=b"\x01" * 32)
         await c.send("pm_a", ["pm_b"], {"type": "file", "name": "no-blob.bin",
                                         "text": "[file]"})
+        await _send_named_file(c, "pm_a", "pm_b", "short-key.bin", tmp_path, key=b"k")
+        await c.send("pm_a", ["pm_b"], {"type": "file", "name": "x", "blob": b"\x02" * 32,
+                                        "key": b"\x03" * 32, "size": b"not an int"})
         await c.send_text("pm_a", ["pm_b"], "still flows")
     got = cli(server, prof, "recv", "pm_b", "--json", "--out", str(out))
     assert got.returncode == 1, got.stdout + got.stderr
     assert [(r.get("error"), str(r.get("detail", "")).split(":")[0]) for r in rows(got)] == [
         ("attachment_failed", "bad_attachment"), ("attachment_failed", "bad_message"),
+        ("attachment_failed", "bad_message"), ("attachment_failed", "not_found"),
         (None, "")]
     assert not out.exists() or list(out.iterdir()) == []  # no half-decrypted file left
-    assert len(inbox(server, prof, "pm_b").failures()) == 2
+    assert len(inbox(server, prof, "pm_b").failures()) == 4
     assert rows(ok(cli(server, prof, "recv", "pm_b", "--json"))) == []
+
+
+async def test_a_garbage_tree_head_rejects_its_message_not_the_inbox(
+        server: RunningServer, client: ClientFactory, tmp_path: Path) -> None:
+    prof = tmp_path / "profiles"
+    register(server, prof, "gh_a", "gh_b")
+    async with client() as c:
+        c.kt.pinned_head = lambda: None  # type: ignore[method-assign]  # send ours as is
+        await c.send("gh_a", ["gh_b"], {"type": "text", "text": "poisoned head",
+                                        "kt_head": {"size": 1, "root": b"\x00" * 32,
+                                                    "timestamp_ms": 1,
+                                                    "signature": b"x" * 64,
+                                                    "map_root": b"\x00" * 32}})
+        await c.send_text("gh_a", ["gh_b"], "after it")
+    got = cli(server, prof, "recv", "gh_b", "--json")
+    assert got.returncode == 2, got.stdout + got.stderr
+    assert [(r["verified"], r.get("error"), r.get("text")) for r in rows(got)] == [
+        (False, "bad_gossip", None), (True, None, "after it")]
+    assert rows(ok(cli(server, prof, "recv", "gh_b", "--json"))) == []
 
 
 def test_one_profile_on_two_servers_keeps_both(server: RunningServer, tmp_path: Path) -> None:
