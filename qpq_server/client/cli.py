@@ -383,7 +383,7 @@ def recv(
     user: str,
     wait: Annotated[float, typer.Option(
         min=0.0, help="Long-poll up to SECONDS for a message (the server caps the wait: "
-                      "[limits] max_wait_s, 60 s by default).")] = 0.0,
+                      "its limits.max_wait_s, 60 s by default).")] = 0.0,
     out: Annotated[Path | None, typer.Option(
         help="Directory for received files (default: the current directory). Files are "
              "downloaded and decrypted before their messages are acknowledged; existing "
