@@ -171,7 +171,16 @@ async def _ensure_login(client: QpqClient, user: str) -> None:
         _note(f"note: this profile has not been used with {client.server} before: "
               f"logging {user} in there and publishing {user}'s keys")
     if not client.has_session(user):
+        if not _can_ask_password():
+            raise ClientError(
+                "invalid_session", f"{user} has no live session on {client.server} "
+                f"(expired, logged out, or never logged in here): run `qpq-client login "
+                f"{user}` or set QPQ_PASSWORD")
         await client.login(user, _password(f"password for {user}: "))
+
+
+def _can_ask_password() -> bool:
+    return bool(os.environ.get("QPQ_PASSWORD")) or sys.stdin.isatty()
 
 
 async def _logged_in(client: QpqClient, user: str, op: Callable[[], Awaitable[T]]) -> T:
@@ -183,7 +192,7 @@ async def _logged_in(client: QpqClient, user: str, op: Callable[[], Awaitable[T]
     except ClientError as exc:
         if exc.code != "invalid_session" or isinstance(exc, KtViolation):
             raise
-    if not os.environ.get("QPQ_PASSWORD") and not sys.stdin.isatty():
+    if not _can_ask_password():
         raise ClientError("invalid_session",
                           f"{user}'s session has ended (expired, logged out, or the password "
                           f"changed): run `qpq-client login {user}` or set QPQ_PASSWORD")

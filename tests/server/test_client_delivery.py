@@ -10,11 +10,13 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 from qpq_server.client import QpqClient
 from qpq_server.client.files import encrypt_stream
 from qpq_server.client.inbox import DeliveryLog
+from qpq_server.client.profile import Profile
 from qpq_server.devserver import BIN, RunningServer, running_server, wait_until
 from qpq_server.tls import write_self_signed
 from tests.server.conftest import ClientFactory
@@ -347,6 +349,13 @@ async def test_an_ended_session_logs_in_again_with_qpq_password(
     assert "run `qpq-client login rl_a` or set QPQ_PASSWORD" in told.stderr
     again = ok(cli(server, prof, "recv", "rl_a"))
     assert "session has ended: logging in again" in again.stderr
+    # a session the profile knows has expired: the same, without asking the server
+    with Profile.edit(prof, "rl_a", server.address) as p:
+        p.state().session_expires = time.time() - 1
+    expired = cli(server, prof, "recv", "rl_a", password=None)
+    assert expired.returncode == 1 and "has no live session" in expired.stderr
+    assert "run `qpq-client login rl_a` or set QPQ_PASSWORD" in expired.stderr
+    ok(cli(server, prof, "recv", "rl_a"))
 
 
 def test_stdin_bodies_drop_one_trailing_newline_and_recipients_merge(
