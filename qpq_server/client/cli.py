@@ -544,7 +544,7 @@ def _me(opts: Options, me: str | None) -> str:
     return names[0]
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES)
 def fingerprint(
     ctx: typer.Context,
     user: str,
@@ -579,7 +579,7 @@ def fingerprint(
         raise typer.Exit(KT_VIOLATION_EXIT)
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES)
 def trust(
     ctx: typer.Context,
     user: str,
@@ -606,7 +606,7 @@ def trust(
         print(f"{user}: now trusting identity key {key.hex()[:16]}...")
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES)
 def devices(
     ctx: typer.Context,
     user: str,
@@ -635,7 +635,7 @@ def devices(
         print(f"{d.id}  added {added}  {fingerprint_digits(user, d.identity)}{mark}")
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES)
 def link(
     ctx: typer.Context,
     user: str,
@@ -664,7 +664,7 @@ def link(
     print(f"linked device {linked.id} to {user}")
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES)
 def unlink(
     ctx: typer.Context,
     user: str,

@@ -18,7 +18,8 @@ from qpq_server.client.terminal import safe_file_name, safe_line, safe_text
 from qpq_server.devserver import BIN
 
 COMMANDS = [[name] for name in ("register", "login", "send", "send-file", "recv",
-                                "passwd", "logout", "fingerprint", "trust")] + [
+                                "passwd", "logout", "fingerprint", "trust", "devices",
+                                "link", "unlink")] + [
     ["kt"], ["kt", "verify"]]
 
 

@@ -330,7 +330,7 @@ def test_a_reinitialised_server_is_named_clearly(tmp_path: Path) -> None:
         (prof / "kt" / f"{listen.replace(':', '_')}.json").unlink()
         ok(cli(new, prof, "register", "ri_a"))
         ok(cli(new, prof, "register", "ri_b"))
-        ok(cli(new, prof, "send", "ri_b", "ri_a", "hello again"))
+        ok(cli(new, prof, "send", "ri_b", "ri_a", "hello again"))  # message id 1 again
         assert [r["text"] for r in rows(ok(cli(new, prof, "recv", "ri_a", "--json")))] == [
             "hello again"]
 
