@@ -88,6 +88,7 @@ class QpqClient:
         # address + its key-transparency key, once `identify_server` ran: names what must
         # not carry over to a re-initialised server at the same address (message ids)
         self.server_id = self.server
+        self._server_key: tuple[bytes, bool] | None = None
         self.kt = KtVerifier(connection, profile_dir)
         self.more_waiting = False  # the last fetch said more messages wait (page by bytes)
         self.pins = ContactPins(profile_dir, connection.server)
@@ -109,7 +110,9 @@ class QpqClient:
         pinned per address: KtViolation when it changed); state recorded for another
         server at this address (a pin deleted after a re-initialisation) is dropped.
         True when the server is new to this profile."""
-        key, pinned = await self.kt.server_key()
+        if self._server_key is None:  # once per connection
+            self._server_key = await self.kt.server_key()
+        key, pinned = self._server_key
         self.server_id = f"{self.server}#{key.hex()[:16]}"
         profile = self.profile(username)
         if not profile.path.exists():
