@@ -237,7 +237,7 @@ def login(
         try:
             link_code_keys(link_code)
         except ClientError as exc:
-            _die("usage", exc.message, 64)
+            _die("usage", exc.message, USAGE)
     password = _password(f"password for {user}: ")
 
     async def work(c: QpqClient) -> None:
@@ -534,13 +534,13 @@ def _me(opts: Options, me: str | None) -> str:
     if me:
         if not (opts.profile / f"{me}.keys").is_file():
             _die("usage", f"no profile for {me} in {opts.profile} (register or log in "
-                          "as that user first, or pass --profile)", 64)
+                          "as that user first, or pass --profile)", USAGE)
         return me
     names = sorted(p.stem for p in opts.profile.glob("*.keys"))
     if len(names) != 1:
         found = ", ".join(names) if names else "none"
         _die("usage", f"say which of your users to compare with --as USER "
-                      f"(profiles in {opts.profile}: {found})", 64)
+                      f"(profiles in {opts.profile}: {found})", USAGE)
     return names[0]
 
 
@@ -576,7 +576,7 @@ def fingerprint(
             print(f"WARNING: {user}'s key differs from the one you pinned; after "
                   f"comparing, accept it with `qpq-client trust {user}`")
     if not matches_pin:
-        raise typer.Exit(KT_VIOLATION_EXIT)
+        raise typer.Exit(VERIFICATION_FAILED)
 
 
 @app.command(epilog=EXIT_CODES)
@@ -648,7 +648,7 @@ def link(
     devices accept it. The password is asked here too."""
     opts: Options = ctx.obj
     if not 0 <= wait <= 600:
-        _die("usage", f"--wait must be between 0 and 600 seconds, not {wait:g}", 64)
+        _die("usage", f"--wait must be between 0 and 600 seconds, not {wait:g}", USAGE)
     password = _password(f"password for {user}: ")
 
     async def work(c: QpqClient) -> DeviceInfo | None:
@@ -677,7 +677,7 @@ def unlink(
     opts: Options = ctx.obj
     if not re.fullmatch(r"[0-9a-f]{16}", device):
         _die("usage", f"{device!r} is not a device id (16 hex digits, as `qpq-client "
-                      "devices` shows)", 64)
+                      "devices` shows)", USAGE)
     password = _password(f"password for {user}: ")
     left = _run(opts, lambda c: c.unlink(user, password, device))
     print(f"unlinked device {device} from {user} ({left} device(s) left)")
