@@ -1,9 +1,16 @@
 """SQLCipher storage: WAL, synchronous=FULL, one writer thread with grouped commits,
-and a bounded pool of reader threads.
+short reads inline on the event loop, and a bounded pool of reader threads for long ones.
 
 Why a single writer: SQLite allows one writer at a time anyway; funnelling writes
 through one thread lets concurrent enqueues share a commit (one fsync for many
 messages) while each is still acknowledged only after its commit is durable.
+
+Why short reads inline: an indexed WAL read takes microseconds, while a hop to a pool
+thread and back costs two wake-ups and a GIL handover each way (under load the event
+loop then waits up to a switch interval for the GIL: issue 17's profile). WAL readers
+never wait for the writer, so the loop does not block on it. Reads whose size depends on
+the data (a fetch page above `_INLINE_READ_BYTES`, the KT log, a full count) still go to
+the pool.
 """
 
 from __future__ import annotations
@@ -32,6 +39,9 @@ __all__ = ["SqlCipherStorage", "connect_sqlcipher", "key_pragma"]
 
 T = TypeVar("T")
 Connection = Any  # sqlcipher3 ships no type stubs
+_INLINE_READ_BYTES = 256 * 1024
+"""A fetch page up to this many payload bytes is read on the event loop; above it the
+read is redone in the pool (decrypting megabytes would stall every connection)."""
 _HEX_KEY = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
@@ -116,6 +126,7 @@ class SqlCipherStorage:
         self._reader_conns: list[Connection] = []
         self._reader_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
+        self._loop_conn: Connection | None = None  # the event loop's own reader
 
     # -- lifecycle ---------------------------------------------------------------------
     def _connect(self) -> Connection:
@@ -133,6 +144,7 @@ class SqlCipherStorage:
             return conn
 
         self._writer_conn = await asyncio.to_thread(setup)
+        self._loop_conn = await asyncio.to_thread(self._connect)
         self._pool = ThreadPoolExecutor(self._readers, thread_name_prefix="qpq-db-read")
         self._writer = threading.Thread(target=self._write_loop, name="qpq-db-write",
                                         daemon=True)
@@ -150,6 +162,9 @@ class SqlCipherStorage:
             for conn in self._reader_conns:
                 conn.close()
             self._reader_conns.clear()
+        if self._loop_conn is not None:
+            self._loop_conn.close()
+            self._loop_conn = None
         if self._writer_conn is not None:
             self._writer_conn.close()
             self._writer_conn = None
@@ -224,6 +239,12 @@ class SqlCipherStorage:
                 self._reader_conns.append(conn)
         return conn
 
+    def _read_inline(self, fn: Callable[[Connection], T]) -> T:
+        """A short read on the event loop's own connection (see the module docstring)."""
+        if self._loop_conn is None:
+            raise StorageError("storage is closed")
+        return fn(self._loop_conn)
+
     async def _read(self, fn: Callable[[Connection], T]) -> T:
         if self._pool is None:
             raise StorageError("storage is closed")
@@ -254,7 +275,7 @@ class SqlCipherStorage:
             ).fetchone()
             return Account(*row) if row else None
 
-        return await self._read(run)
+        return self._read_inline(run)
 
     async def update_password_file(self, username: str, password_file: bytes,
                                    setup_version: int) -> None:
@@ -274,7 +295,7 @@ class SqlCipherStorage:
             ).fetchall()
             return {r[0] for r in rows}
 
-        return await self._read(run) if names else set()
+        return self._read_inline(run) if names else set()
 
     async def set_identity_key(self, username: str, identity_key: bytes) -> None:
         await self._write(lambda conn: conn.execute(
@@ -341,7 +362,7 @@ class SqlCipherStorage:
             ).fetchone()
             return int(count)
 
-        return await self._read(run)
+        return self._read_inline(run)
 
     # -- delivery ----------------------------------------------------------------------
     async def enqueue(self, sender: str, recipients: Sequence[str], payload: bytes,
@@ -361,7 +382,8 @@ class SqlCipherStorage:
 
     async def fetch(self, recipient: str, limit: int,
                     max_bytes: int | None = None) -> list[StoredMessage]:
-        def run(conn: Connection) -> list[StoredMessage]:
+        def page(conn: Connection, budget: int | None) -> list[StoredMessage] | None:
+            """The page, or None once it outgrows `budget` bytes (redo it in the pool)."""
             cursor = conn.execute(
                 "SELECT id, recipient, sender, payload, sent_at FROM messages"
                 " WHERE recipient = ? ORDER BY id LIMIT ?",
@@ -374,12 +396,18 @@ class SqlCipherStorage:
                 total += len(row[3])
                 if messages and max_bytes is not None and total > max_bytes:
                     break
+                if budget is not None and total > budget:
+                    cursor.close()
+                    return None
                 messages.append(StoredMessage(int(row[0]), row[1], row[2], bytes(row[3]),
                                               float(row[4])))
             cursor.close()
             return messages
 
-        return await self._read(run)
+        small = self._read_inline(lambda conn: page(conn, _INLINE_READ_BYTES))
+        if small is not None:
+            return small
+        return await self._read(lambda conn: page(conn, None) or [])
 
     async def mailbox_bytes(self, recipients: Sequence[str]) -> dict[str, int]:
         names = list(dict.fromkeys(recipients))
@@ -391,7 +419,7 @@ class SqlCipherStorage:
                 f" WHERE recipient IN ({marks}) GROUP BY recipient", names).fetchall()
             return {str(r[0]): int(r[1]) for r in rows}
 
-        return await self._read(run) if names else {}
+        return self._read_inline(run) if names else {}
 
     async def ack(self, recipient: str, message_ids: Sequence[int]) -> int:
         ids = list(message_ids)
@@ -423,7 +451,7 @@ class SqlCipherStorage:
             row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
             return str(row[0]) if row else None
 
-        return await self._read(run)
+        return self._read_inline(run)
 
     async def meta_with_prefix(self, prefix: str) -> dict[str, str]:
         def run(conn: Connection) -> dict[str, str]:

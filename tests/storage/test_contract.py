@@ -194,6 +194,18 @@ async def test_fetch_bounded_by_bytes_always_returns_the_first(storage: Storage)
     assert await storage.fetch("nobody", 10, max_bytes=100) == []
 
 
+async def test_a_page_larger_than_an_inline_read_is_returned_whole(storage: Storage) -> None:
+    # SQLCipher reads small pages on the event loop and redoes larger ones in its pool
+    # (storage/sqlcipher.py `_INLINE_READ_BYTES`, 256 KiB): both paths give the same page.
+    await make_users(storage, "s", "r")
+    for i in range(6):
+        await storage.enqueue("s", ["r"], bytes([i]) * 100_000, 1.0)
+    page = await storage.fetch("r", 10, max_bytes=450_000)
+    assert [m.payload[0] for m in page] == [0, 1, 2, 3]
+    assert [m.payload[0] for m in await storage.fetch("r", 2, max_bytes=None)] == [0, 1]
+    assert len(await storage.fetch("r", 10, max_bytes=None)) == 6
+
+
 async def test_mailbox_bytes_sums_waiting_payloads(storage: Storage, backend: str) -> None:
     await make_users(storage, "s", "r1", "r2")
     await storage.enqueue("s", ["r1", "r2"], b"abc" * 100, 1.0)
