@@ -191,12 +191,31 @@ def _place(req: RestoreRequest, staging: Path, members: list[ExtractedMember],
     give_to(placed, owner)
 
 
+_STAGING_PREFIX = ".qpq-restore-"
+
+
+def _remove_stale_staging(data_dir: Path) -> None:
+    """A restore killed mid-way leaves its staging dir (a full copy of the archive);
+    the next restore removes those whose process is gone. The live data never depends
+    on a staging dir: it is only renamed into place, never read from there later."""
+    if not data_dir.is_dir():
+        return
+    for path in data_dir.iterdir():
+        if not (path.name.startswith(_STAGING_PREFIX) and path.is_dir()):
+            continue
+        pid = path.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and Path(f"/proc/{pid}").exists():
+            continue  # another restore is running right now
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def restore_archive(req: RestoreRequest, progress: ProgressFn | None = None) -> RestoreResult:
     dep = req.deployment
     _precheck(req)
+    _remove_stale_staging(dep.data_dir)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     dep.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    staging = dep.data_dir / f".qpq-restore-{stamp}-{os.getpid()}"
+    staging = dep.data_dir / f"{_STAGING_PREFIX}{stamp}-{os.getpid()}"
     staging.mkdir(mode=0o700)
     aside = dep.data_dir / f"pre-restore-{stamp}"
     try:
