@@ -33,6 +33,7 @@ from qpq_server.errors import BadFrame, QpqError, RequestError
 from qpq_server.metrics import ServerMetrics
 from qpq_server.protocol.codec import FrameDecoder, encode_frame
 from qpq_server.protocol.dispatch import ConnectionState, Dispatcher
+from qpq_server.transport.handshake_state import release_handshake_state
 
 __all__ = ["ALPN", "QuicListener", "quic_server_configuration"]
 
@@ -203,6 +204,7 @@ class QpqServerProtocol(QuicConnectionProtocol):
 
     def quic_event_received(self, event: QuicEvent) -> None:
         if isinstance(event, HandshakeCompleted):
+            release_handshake_state(self._quic)  # ~48 KiB of CRYPTO buffers per connection
             self._end_handshake()
             if self._timeout is not None:
                 self._timeout.cancel()
