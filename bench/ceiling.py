@@ -13,7 +13,8 @@ one frame out on a new stream, one frame back), so the only difference is the se
 * server RSS per idle connection with `--idle` idle connections.
 
 `--json` prints one object; the ratios compare qpq with aioquic (round trips at 10
-connections). `--quick` (1 and 10 connections, 2 s each, 200 idle) finishes in under a
+connections). `--compare-loops` also runs qpq on the other event loop (uvloop when the
+default is asyncio, and the reverse; see qpq_server/eventloop.py) in the same run. `--quick` (1 and 10 connections, 2 s each, 200 idle) finishes in under a
 minute. Client and servers share the machine's cores: compare figures within one run.
 """
 
@@ -196,9 +197,17 @@ def qpq_prepare() -> Callable[[QpqConnection, int], Awaitable[Callable[[], Await
     return prepare
 
 
+async def measure_target(target: Target, conn_counts: list[int], seconds: float,
+                         total_handshakes: int, idle: int) -> dict[str, Any]:
+    per_n = {str(n): await load(target, n, seconds) for n in conn_counts}
+    return {"load": per_n, **await handshakes(target, total_handshakes),
+            "rss_per_conn_bytes": await idle_rss(target, idle)}
+
+
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
     # Imported here: the echo server subprocess needs none of the launcher.
     from qpq_server.devserver import running_server
+    from qpq_server.eventloop import loop_name
 
     conn_counts = [1, 10] if args.quick else [1, 10, 100]
     seconds = args.seconds or (2.0 if args.quick else 5.0)
@@ -206,10 +215,11 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     total_handshakes = 32 if args.quick else 64
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
                                "seconds": seconds, "idle_connections": idle}
-    with tempfile.TemporaryDirectory() as tmp, running_server(
-            Path(tmp), overrides={"rate_limit": {"enabled": False},
-                                  "quic": {"max_unauthenticated_per_address": idle + 64}},
-    ) as srv:
+    overrides = {"rate_limit": {"enabled": False},
+                 "quic": {"max_unauthenticated_per_address": idle + 64}}
+    results["qpq_event_loop"] = loop_name("auto")
+    with tempfile.TemporaryDirectory() as tmp, running_server(Path(tmp),
+                                                              overrides=overrides) as srv:
         echo = start_echo(srv)
         try:
             targets = {
@@ -219,9 +229,17 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                               srv.process.pid, True, qpq_prepare()),
             }
             for name, target in targets.items():
-                per_n = {str(n): await load(target, n, seconds) for n in conn_counts}
-                results[name] = {"load": per_n, **await handshakes(target, total_handshakes),
-                                 "rss_per_conn_bytes": await idle_rss(target, idle)}
+                results[name] = await measure_target(target, conn_counts, seconds,
+                                                     total_handshakes, idle)
+            if args.compare_loops:
+                other = "asyncio" if results["qpq_event_loop"] == "uvloop" else "uvloop"
+                with tempfile.TemporaryDirectory() as tmp2, running_server(
+                        Path(tmp2), overrides=overrides, env={"QPQ_EVENT_LOOP": other},
+                ) as srv2:
+                    results[f"qpq_on_{other}"] = await measure_target(
+                        Target("qpq", srv2.address, srv2.auth_token, srv2.ca_cert,
+                               srv2.process.pid, True, qpq_prepare()),
+                        conn_counts, seconds, total_handshakes, idle)
         finally:
             echo[0].kill()
             echo[0].wait()
@@ -273,6 +291,13 @@ def print_table(r: dict[str, Any]) -> None:
                        ("rss_per_conn_bytes", "RSS per idle conn (B)")):
         a, q = r["aioquic"][key], r["qpq"][key]
         print(f"{label:<24}{a:>16.1f}{q:>16.1f}{q / a if a else float('nan'):>14.2f}")
+    for key in [k for k in r if k.startswith("qpq_on_")]:
+        o, a = r[key], r["aioquic"]
+        loads = ", ".join(f"{o['load'][n]['roundtrips_per_s']:.0f} rt/s @ {n} "
+                          f"({o['load'][n]['roundtrips_per_s'] / a['load'][n]['roundtrips_per_s']:.2f})"
+                          for n in o["load"])
+        print(f"qpq on {key[7:]} (default: {r['qpq_event_loop']}): {loads}; handshake p95 "
+              f"{o['handshake_p95_ms']:.1f} ms; RSS/conn {o['rss_per_conn_bytes']:.0f} B")
     print(f"targets: roundtrip_ratio {r['roundtrip_ratio']:.2f} (>= 0.5), rss_per_conn_ratio "
           f"{r['rss_per_conn_ratio']:.2f} (<= 1.0), handshake_p95_ratio "
           f"{r['handshake_p95_ratio']:.2f} (<= 1.25)")
@@ -287,6 +312,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--seconds", type=float, default=0.0, help="seconds per load step")
     parser.add_argument("--idle", type=int, default=0, help="idle connections for RSS")
+    parser.add_argument("--compare-loops", action="store_true",
+                        help="also run qpq on the other event loop (asyncio / uvloop)")
     args = parser.parse_args()
     results = asyncio.run(measure(args))
     if args.json:

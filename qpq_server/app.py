@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qpq_server import eventloop
 from qpq_server.blobs.store import BlobStore
 from qpq_server.blobs.transfer import BlobTransfers
 from qpq_server.config import Config, load_config, parse_hostport
@@ -328,5 +329,5 @@ class ServerApp:
 
 def run_server(config_path: Path) -> None:
     app = ServerApp(config_path)
-    asyncio.run(app.run())
+    eventloop.run(app.run())
 

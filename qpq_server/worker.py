@@ -6,12 +6,12 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
 from pathlib import Path
 
+from qpq_server import eventloop
 from qpq_server.errors import QpqError
 from qpq_server.workers import WorkerContext
 
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     context = WorkerContext(args.index, args.count, args.pipe_fd)
     try:
         app = ServerApp(args.config, worker=context)
-        asyncio.run(app.run())
+        eventloop.run(app.run())
     except QpqError as exc:
         print(f"qpq-server: worker {args.index}: error: {exc}", file=sys.stderr)
         return 1
