@@ -14,7 +14,9 @@ one frame out on a new stream, one frame back), so the only difference is the se
 
 `--json` prints one object; the ratios compare qpq with aioquic (round trips at 10
 connections). `--compare-loops` also runs qpq on the other event loop (uvloop when the
-default is asyncio, and the reverse; see qpq_server/eventloop.py) in the same run. `--quick` (1 and 10 connections, 2 s each, 200 idle) finishes in under a
+default is asyncio, and the reverse; see qpq_server/eventloop.py) in the same run;
+`--qh3` adds the same echo server on qh3 (a faster fork of aioquic's QUIC stack, `pip
+install qh3`; not a dependency) as a reference line. `--quick` (1 and 10 connections, 2 s each, 200 idle) finishes in under a
 minute. Client and servers share the machine's cores: compare figures within one run.
 """
 
@@ -51,31 +53,49 @@ HANDSHAKE_CONCURRENCY = 16
 
 # -- the ceiling: a bare aioquic echo server (runs as `ceiling.py --echo-server`) ---------
 
-class EchoProtocol(QuicConnectionProtocol):
-    """Echo the first length-prefixed frame of each stream, then end the stream."""
+def echo_protocol(base: type[Any], stream_data: type[Any]) -> type[Any]:
+    """An echo protocol on `base` (aioquic's QuicConnectionProtocol, or qh3's)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._buffers: dict[int, bytearray] = {}
+    class EchoProtocol(base):  # type: ignore[misc,valid-type]
+        """Echo the first length-prefixed frame of each stream, then end the stream."""
 
-    def quic_event_received(self, event: object) -> None:
-        if not isinstance(event, StreamDataReceived):
-            return
-        buf = self._buffers.setdefault(event.stream_id, bytearray())
-        buf.extend(event.data)
-        if len(buf) >= HEADER_BYTES:
-            length = int.from_bytes(buf[:HEADER_BYTES], "big")
-            if len(buf) >= HEADER_BYTES + length:
-                self._quic.send_stream_data(event.stream_id, bytes(buf[:HEADER_BYTES + length]),
-                                            end_stream=True)
-                del self._buffers[event.stream_id]
-                self.transmit()
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._buffers: dict[int, bytearray] = {}
+
+        def quic_event_received(self, event: object) -> None:
+            if not isinstance(event, stream_data):
+                return
+            buf = self._buffers.setdefault(event.stream_id, bytearray())
+            buf.extend(event.data)
+            if len(buf) >= HEADER_BYTES:
+                length = int.from_bytes(buf[:HEADER_BYTES], "big")
+                if len(buf) >= HEADER_BYTES + length:
+                    self._quic.send_stream_data(event.stream_id,
+                                                bytes(buf[:HEADER_BYTES + length]),
+                                                end_stream=True)
+                    del self._buffers[event.stream_id]
+                    self.transmit()
+
+    return EchoProtocol
 
 
-async def echo_server(port: int, cert: str, key: str) -> None:
-    config = QuicConfiguration(is_client=False, alpn_protocols=[ALPN], idle_timeout=300)
-    config.load_cert_chain(cert, key)
-    await serve("127.0.0.1", port, configuration=config, create_protocol=EchoProtocol)
+async def echo_server(port: int, cert: str, key: str, stack: str = "aioquic") -> None:
+    if stack == "qh3":  # a faster fork of aioquic's QUIC stack: a reference line only
+        from qh3.asyncio import QuicConnectionProtocol as Qh3Protocol
+        from qh3.asyncio import serve as qh3_serve
+        from qh3.quic.configuration import QuicConfiguration as Qh3Configuration
+        from qh3.quic.events import StreamDataReceived as Qh3StreamData
+
+        qconfig = Qh3Configuration(is_client=False, alpn_protocols=[ALPN], idle_timeout=300)
+        qconfig.load_cert_chain(cert, key)
+        await qh3_serve("127.0.0.1", port, configuration=qconfig,
+                        create_protocol=echo_protocol(Qh3Protocol, Qh3StreamData))
+    else:
+        config = QuicConfiguration(is_client=False, alpn_protocols=[ALPN], idle_timeout=300)
+        config.load_cert_chain(cert, key)
+        await serve("127.0.0.1", port, configuration=config,
+                    create_protocol=echo_protocol(QuicConnectionProtocol, StreamDataReceived))
     print("ready", flush=True)
     await asyncio.Event().wait()
 
@@ -231,6 +251,16 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             for name, target in targets.items():
                 results[name] = await measure_target(target, conn_counts, seconds,
                                                      total_handshakes, idle)
+            if args.qh3:
+                qh3_echo = start_echo(srv, "qh3")
+                try:
+                    results["qh3_echo"] = await measure_target(
+                        Target("qh3", f"127.0.0.1:{qh3_echo[1]}", "", srv.ca_cert,
+                               qh3_echo[0].pid, False, echo_prepare()),
+                        conn_counts, seconds, total_handshakes, idle)
+                finally:
+                    qh3_echo[0].kill()
+                    qh3_echo[0].wait()
             if args.compare_loops:
                 other = "asyncio" if results["qpq_event_loop"] == "uvloop" else "uvloop"
                 with tempfile.TemporaryDirectory() as tmp2, running_server(
@@ -266,15 +296,15 @@ def free_udp_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_echo(srv: RunningServer) -> tuple[subprocess.Popen[str], int]:
+def start_echo(srv: RunningServer, stack: str = "aioquic") -> tuple[subprocess.Popen[str], int]:
     port = free_udp_port()
     proc = subprocess.Popen(
         [sys.executable, __file__, "--echo-server", str(port), str(srv.ca_cert),
-         str(srv.data_dir / "tls" / "key.pem")], stdout=subprocess.PIPE, text=True)
+         str(srv.data_dir / "tls" / "key.pem"), stack], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     if proc.stdout.readline().strip() != "ready":
         proc.kill()
-        raise SystemExit("the aioquic echo server did not start")
+        raise SystemExit(f"the {stack} echo server did not start")
     return proc, port
 
 
@@ -291,12 +321,14 @@ def print_table(r: dict[str, Any]) -> None:
                        ("rss_per_conn_bytes", "RSS per idle conn (B)")):
         a, q = r["aioquic"][key], r["qpq"][key]
         print(f"{label:<24}{a:>16.1f}{q:>16.1f}{q / a if a else float('nan'):>14.2f}")
-    for key in [k for k in r if k.startswith("qpq_on_")]:
+    for key in [k for k in r if k.startswith("qpq_on_") or k == "qh3_echo"]:
         o, a = r[key], r["aioquic"]
         loads = ", ".join(f"{o['load'][n]['roundtrips_per_s']:.0f} rt/s @ {n} "
                           f"({o['load'][n]['roundtrips_per_s'] / a['load'][n]['roundtrips_per_s']:.2f})"
                           for n in o["load"])
-        print(f"qpq on {key[7:]} (default: {r['qpq_event_loop']}): {loads}; handshake p95 "
+        label = ("qh3 echo (reference)" if key == "qh3_echo"
+                 else f"qpq on {key[7:]} (default: {r['qpq_event_loop']})")
+        print(f"{label}: {loads} [ratio to aioquic echo]; handshake p95 "
               f"{o['handshake_p95_ms']:.1f} ms; RSS/conn {o['rss_per_conn_bytes']:.0f} B")
     print(f"targets: roundtrip_ratio {r['roundtrip_ratio']:.2f} (>= 0.5), rss_per_conn_ratio "
           f"{r['rss_per_conn_ratio']:.2f} (<= 1.0), handshake_p95_ratio "
@@ -304,14 +336,16 @@ def print_table(r: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) == 5 and sys.argv[1] == "--echo-server":
-        asyncio.run(echo_server(int(sys.argv[2]), sys.argv[3], sys.argv[4]))
+    if len(sys.argv) == 6 and sys.argv[1] == "--echo-server":
+        asyncio.run(echo_server(int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]))
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="1 and 10 connections, 2 s each")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--seconds", type=float, default=0.0, help="seconds per load step")
     parser.add_argument("--idle", type=int, default=0, help="idle connections for RSS")
+    parser.add_argument("--qh3", action="store_true",
+                        help="also run a qh3 echo server (pip install qh3) as a reference")
     parser.add_argument("--compare-loops", action="store_true",
                         help="also run qpq on the other event loop (asyncio / uvloop)")
     args = parser.parse_args()
