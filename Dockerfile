@@ -16,7 +16,8 @@ WORKDIR /opt/qpq
 COPY pyproject.toml README.md ./
 COPY qpq_server ./qpq_server
 COPY qpq_ops ./qpq_ops
-RUN pip install --no-compile . && rm -rf /opt/qpq/build
+# [fast]: uvloop, the server's event loop when installed (bench/README.md has the figures).
+RUN pip install --no-compile '.[fast]' && rm -rf /opt/qpq/build
 
 # First start: `qpq-server init` makes the data dir (TLS, OPAQUE setup, KT key); the
 # metrics endpoint then listens on the compose network (it is never published).
