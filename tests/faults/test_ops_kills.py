@@ -10,7 +10,8 @@ written to `.env`, the restore's staging dir, the old data moved aside), then:
 * restore: the live database opens with the data dir's key and holds either the old
   data or the restored data, never a mix or nothing, and a rerun completes.
 
-Milestones are found by polling: no test hook lives in qpq-ops.
+Milestones are found by polling: no test hook lives in qpq-ops. `make soak`
+(QPQ_SOAK=1) adds ten kills at random delays to each.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -37,8 +39,10 @@ from tests.helpers.server import BIN, init_data_dir
 BULK_MESSAGES = 2000
 BULK_BYTES = 1000  # ~2 MB of payload: the re-key and the copies take visible time
 RUN_TIMEOUT_S = 60.0
+SOAK = os.environ.get("QPQ_SOAK") == "1"
 
 Milestone = Callable[[], bool]
+
 
 # Probing with the wrong key makes SQLCipher log every failed page to stderr.
 sqlcipher3.connect(":memory:").execute("PRAGMA cipher_log_level = NONE")
@@ -51,6 +55,12 @@ class KillAt:
     label: str
     delay_s: float
     milestone: Milestone | None = None
+
+
+def _soak_plans() -> list[KillAt]:
+    rng = random.Random()
+    return [KillAt(f"random {d:.2f} s", d)
+            for d in sorted(rng.uniform(0.3, 6.0) for _ in range(10))] if SOAK else []
 
 
 def _bulk(config: Path, sender: str, recipient: str) -> None:
@@ -144,7 +154,7 @@ def test_rotate_db_key_survives_kill_9_at_any_step(tmp_path: Path) -> None:
              KillAt("next key", 0.0, next_key_written),
              KillAt("next key+10ms", 0.010, next_key_written),
              KillAt("next key+0.2s", 0.2, next_key_written),
-             KillAt("next key+0.6s", 0.6, next_key_written)]
+             KillAt("next key+0.6s", 0.6, next_key_written), *_soak_plans()]
     killed: list[str] = []
     args = ["rotate", "db-key", "--config", str(config), "--json"]
     for plan in plans:
@@ -203,7 +213,8 @@ def test_restore_survives_kill_9_at_any_step(tmp_path: Path) -> None:
 
     plans = [KillAt("early", 0.4), KillAt("staging", 0.0, staged),
              KillAt("staging+0.1s", 0.1, staged),
-             KillAt("aside", 0.0, moving_aside), KillAt("aside+5ms", 0.005, moving_aside)]
+             KillAt("aside", 0.0, moving_aside), KillAt("aside+5ms", 0.005, moving_aside),
+             *_soak_plans()]
     args = ["restore", archive, "--config", str(target), "--force", "--json"]
     env = _ops_env({"QPQ_DB_KEY": source_key})
     killed, outcomes = [], []
