@@ -107,7 +107,7 @@ async def test_a_client_through_nginx_talks_to_a_client_on_the_other_node(
             nginx(tmp_path / "nginx", [a.address, b.address]) as front:
         async with connect(front, a.auth_token, ca=a.ca_cert, server_name="localhost",
                            timeout=15) as conn:
-            alice = QpqClient(conn, tmp_path / "alice")
+            alice = QpqClient(conn, tmp_path / "profiles")  # the devices of both users
             await alice.register("alice", "pw-a")
             await alice.register("bob", "pw-b")
             # Which node did the balancer pick? The one where alice's fetch is parked.
@@ -117,7 +117,7 @@ async def test_a_client_through_nginx_talks_to_a_client_on_the_other_node(
                                     for n in nodes.values()), "alice's fetch is parked")
             behind = next(k for k, n in nodes.items() if n.metric("qpq_delivery_waiters") >= 1)
             other = nodes["b" if behind == "a" else "a"]
-            async with client_of(other, tmp_path / "bob") as bob:
+            async with client_of(other, tmp_path / "profiles") as bob:
                 await bob.login("bob", "pw-b")
                 await bob.send_text("bob", ["alice"], "to alice, from the other node")
                 got = await asyncio.wait_for(parked, 20)
