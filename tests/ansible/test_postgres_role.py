@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import socket
 import stat
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import pytest
 import yaml
 
 from qpq_server.client import QpqClient
+from qpq_server.devserver import free_port
 from tests.ansible.runner import (
     AUTH_TOKEN,
     BIN,
@@ -222,3 +224,69 @@ def test_deploy_puts_a_node_with_workers_on_the_postgres_the_role_made(
     finally:
         server.stop()
     assert PASSWORD not in server.log()
+
+
+def test_a_second_node_takes_the_seed_nodes_cluster_secrets(
+        tmp_path: Path, pg_cluster: PostgresCluster, qpq_wheel: Path,
+        sysctl_settings: dict[str, int]) -> None:
+    """Two nodes (two roots on this machine) with qpq_server_cluster_seed: node2 gets
+    node1's OPAQUE setup, session key and KT key, keeps its own certificate, and an account
+    registered on node1 logs in on node2."""
+    dsn = pg_cluster.new_database()
+    extra = deploy_vars(tmp_path / "unused", fake_proc(tmp_path / "proc", sysctl_settings),
+                        qpq_wheel)
+    for per_host in ("qpq_root", "qpq_server_listen", "qpq_server_metrics_listen"):
+        extra.pop(per_host)
+    extra.update(qpq_server_storage_backend="postgres", qpq_server_database_url=dsn,
+                 qpq_server_cluster_seed="node1")
+    hosts = {}
+    for name in ("node1", "node2"):
+        hosts[name] = {"ansible_connection": "local",
+                       "ansible_python_interpreter": sys.executable,
+                       "qpq_root": str(tmp_path / name),
+                       "qpq_server_listen": f"127.0.0.1:{free_port(socket.SOCK_DGRAM)}",
+                       "qpq_server_metrics_listen": f"127.0.0.1:{free_port()}"}
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / "inventory.yml").write_text(yaml.safe_dump(
+        {"all": {"children": {"qpq_servers": {"hosts": hosts}}}}))
+    (work / "extra-vars.json").write_text(json.dumps(extra))
+
+    def deploy() -> PlaybookRun:
+        cmd = [str(BIN / "ansible-playbook"), "-i", str(work / "inventory.yml"),
+               "playbooks/deploy.yml", "-e", f"@{work / 'extra-vars.json'}",
+               "--tags", "qpq_server"]
+        proc = subprocess.run(cmd, cwd=REPO, env=ansible_env(work), capture_output=True,
+                              text=True, timeout=500, check=False)
+        return parse_run(proc.returncode, proc.stdout + proc.stderr)
+
+    first = deploy()
+    assert first.rc == 0, first.output[-4000:]
+    one, two = (tmp_path / n / "var/lib/qpq" for n in ("node1", "node2"))
+    shared = sorted(p.relative_to(one) for d in ("opaque", "keys", "kt")
+                    for p in (one / d).rglob("*") if p.is_file())
+    assert shared and any(p.parts[0] == "opaque" for p in shared)
+    for rel in shared:
+        assert (two / rel).read_bytes() == (one / rel).read_bytes(), rel
+        assert stat.S_IMODE((two / rel).stat().st_mode) == 0o600, rel
+    assert (two / "tls/cert.pem").read_bytes() != (one / "tls/cert.pem").read_bytes()
+    again = deploy()
+    assert again.rc == 0 and again.changed == 0, again.changed_tasks()
+
+    servers = [DeployedServer(tmp_path / n, str(hosts[n]["qpq_server_metrics_listen"]),
+                              work / f"{n}.log") for n in ("node1", "node2")]
+    try:
+        for server in servers:
+            server.start(timeout=60)
+
+        async def across() -> None:
+            async with servers[0].connect(AUTH_TOKEN) as c1:
+                await QpqClient(c1, tmp_path / "p").register("carol", "pw-carol")
+            async with servers[1].connect(AUTH_TOKEN) as c2:
+                # the same device (profile) as on node1: node2 knows it from the database
+                await QpqClient(c2, tmp_path / "p").login("carol", "pw-carol")
+
+        asyncio.run(across())
+    finally:
+        for server in servers:
+            server.stop()
