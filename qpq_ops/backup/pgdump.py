@@ -101,7 +101,9 @@ def _connect(dsn: str) -> Iterator[Any]:
     import psycopg
 
     try:
-        conn = psycopg.connect(dsn, connect_timeout=10)
+        # autocommit: transactions are the explicit BEGIN/COMMIT (or conn.transaction())
+        # below, so BEGIN ISOLATION LEVEL ... really opens the snapshot's transaction
+        conn = psycopg.connect(dsn, connect_timeout=10, autocommit=True)
     except psycopg.Error as exc:
         raise OpsError(f"cannot connect to the database (QPQ_DATABASE_URL): "
                        f"{describe_pg_error(exc, dsn)}") from None
@@ -145,6 +147,9 @@ def dump_database(dsn: str, dest: Path) -> PgSnapshot:
     """pg_dump of one exported snapshot, with the counts and version of that snapshot."""
     with _connect(dsn) as conn:
         conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        level = conn.execute("SHOW transaction_isolation").fetchone()
+        if level is None or level[0] != "repeatable read":
+            raise OpsError("could not open a repeatable-read snapshot for the dump")
         # Taken before the snapshot: a commit acknowledged before now is in it.
         snapshot_at = time.time()
         cur = conn.cursor()
