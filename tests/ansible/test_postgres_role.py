@@ -215,12 +215,14 @@ def test_deploy_puts_a_node_with_workers_on_the_postgres_the_role_made(
             async with server.connect(AUTH_TOKEN) as conn:
                 client = QpqClient(conn, tmp_path / "profiles")
                 await client.register("alice", "pw-alice")
-                await client.send_text("alice", ["alice"], "stored in PostgreSQL")
+                await client.register("bob", "pw-bob")
+                await client.send_text("alice", ["bob"], "stored in PostgreSQL")
 
         asyncio.run(talk())
         with psycopg.connect(dsn.replace(f":{PASSWORD}", "")) as conn:
             assert conn.execute("SELECT count(*) FROM messages").fetchone() == (1,)
-            assert conn.execute("SELECT username FROM accounts").fetchall() == [("alice",)]
+            assert sorted(conn.execute("SELECT username FROM accounts").fetchall()) == [
+                ("alice",), ("bob",)]
     finally:
         server.stop()
     assert PASSWORD not in server.log()
