@@ -14,6 +14,21 @@ Formulas (scaling guide, "Capacity planning worksheet"):
 - memory estimate = concurrent_users x 5 KB + 256 MB base
 - CPU estimate = 1 vCPU per ~2,500 concurrent connections (depends on message rate)
 
+Beyond one host (measured model): the nodes share one PostgreSQL
+(`[storage] backend = "postgres"`); `PostgresSizing` sizes it:
+- backend = sqlcipher while one host holds every worker and the measured durable
+  commits/s cover the needed ones; otherwise postgres;
+- workers per host = ceil(workers / hosts) (never above cores per host);
+- PostgreSQL connections = hosts x workers per host x (pool_size + 1 LISTEN) + 10 for
+  qpq-ops and the admin; max_connections is that with 25 % headroom;
+- PostgreSQL vCPUs = max(2, ceil(commits/s needed / `PG_COMMITS_PER_VCPU_S`)): an
+  assumption for small commits with `synchronous_commit = on` on SSD (qpq has no
+  PostgreSQL calibration yet; bench/scale.py measures the throughput of this box);
+- PostgreSQL memory = max(4 GB, 4 x 2 x `PG_HOT_WINDOW_S` of peak message bytes):
+  shared_buffers (a quarter of it) holds the last 15 minutes of messages and their
+  indexes (an assumption: most are fetched and deleted within minutes);
+- PostgreSQL disk = storage for retention + 2 GB of WAL (`max_wal_size` 1 GB, twice).
+
 Choices this module makes where the guide is silent (each visible in the plan):
 - the peak factor multiplies concurrent users and message rate for memory, CPU and file
   descriptors; storage is a daily total and uses the average;
@@ -28,7 +43,7 @@ Choices this module makes where the guide is silent (each visible in the plan):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 from qpq_ops.calibration import Calibration
 from qpq_ops.errors import CapacityInputError
@@ -43,9 +58,11 @@ __all__ = [
     "CapacityPlan",
     "MeasuredSizing",
     "MemoryModel",
+    "PostgresSizing",
     "Tier",
     "measured_sizing",
     "plan",
+    "postgres_sizing",
 ]
 
 KB = 1_000
@@ -62,6 +79,15 @@ DAYS_PER_MONTH = 30
 REQUESTS_PER_VCPU_S = 1_000
 REQUESTS_PER_MESSAGE = 2
 SINGLE_NODE_MAX_VCPUS = 32
+# Assumption (no PostgreSQL calibration yet): small durable commits one vCPU of a
+# PostgreSQL host sustains with synchronous_commit = on on SSD (group commit included).
+PG_COMMITS_PER_VCPU_S = 1_500
+PG_MIN_VCPUS = 2
+PG_MIN_MEMORY_BYTES = 4 * GB
+PG_WAL_BYTES = 2 * GB
+PG_HOT_WINDOW_S = 900
+PG_EXTRA_CONNECTIONS = 10
+PG_POOL_SIZE = 4  # [storage] pool_size's default (qpq_server.config.StorageConfig)
 
 # Tuning section of the guide.
 NOFILE = 65_536
@@ -233,6 +259,26 @@ class MeasuredSizing:
     """durable commits at the peak (one per enqueue and one per ack)"""
     commits_measured_per_s: float
     calibration_machine: dict[str, str]
+    workers_per_host: int = 1
+    """`[server] workers` on each host"""
+    storage_backend: str = "sqlcipher"
+    """sqlcipher while one host (and its measured commits/s) suffices, else postgres"""
+    postgres: PostgresSizing | None = None
+    """the shared database, when storage_backend is postgres"""
+
+
+@dataclass(frozen=True)
+class PostgresSizing:
+    """The PostgreSQL host the nodes share (formulas in the module docstring)."""
+
+    vcpus: int
+    memory_bytes: int
+    disk_bytes: int
+    connections: int
+    """hosts x workers per host x (pool_size + 1) + qpq-ops"""
+    max_connections: int
+    """connections with 25 % headroom: the `max_connections` setting"""
+    commits_per_s: float
 
 def memory_model(users: int) -> MemoryModel:
     """The guide's model: 5 KB/connection, 200 B/session, 100 B per rate-limit entry and
@@ -265,17 +311,39 @@ def measured_sizing(inputs: CapacityInputs, calibration: Calibration,
     per_worker = get_trigger("process_cpu").warning / 100
     workers = max(1, math.ceil(cpu / per_worker))
     storm_cpu = peak_users * (calibration.cpu_s_per_handshake + calibration.cpu_s_per_login)
+    hosts = max(1, math.ceil(workers / cores_per_host))
+    backend = "sqlcipher" if hosts == 1 and 2 * peak_rate <= \
+        calibration.durable_commits_per_s else "postgres"
     return MeasuredSizing(
         memory_bytes=workers * calibration.rss_base_bytes
         + peak_users * calibration.rss_per_connection_bytes,
         cpu_cores=cpu,
         workers=workers,
         cores_per_host=cores_per_host,
-        hosts=max(1, math.ceil(workers / cores_per_host)),
+        hosts=hosts,
         reconnect_storm_s=storm_cpu / workers,
         commits_needed_per_s=2 * peak_rate,
         commits_measured_per_s=calibration.durable_commits_per_s,
         calibration_machine=dict(calibration.machine),
+        workers_per_host=math.ceil(workers / hosts),
+        storage_backend=backend,
+    )
+
+
+def postgres_sizing(measured: MeasuredSizing, peak_message_bytes_per_s: float,
+                    retention_storage_bytes: int) -> PostgresSizing:
+    """The shared PostgreSQL for `measured`'s hosts and workers."""
+    connections = (measured.hosts * measured.workers_per_host * (PG_POOL_SIZE + 1)
+                   + PG_EXTRA_CONNECTIONS)
+    return PostgresSizing(
+        vcpus=max(PG_MIN_VCPUS,
+                  math.ceil(measured.commits_needed_per_s / PG_COMMITS_PER_VCPU_S)),
+        memory_bytes=max(PG_MIN_MEMORY_BYTES,
+                         math.ceil(4 * 2 * peak_message_bytes_per_s * PG_HOT_WINDOW_S)),
+        disk_bytes=retention_storage_bytes + PG_WAL_BYTES,
+        connections=connections,
+        max_connections=math.ceil(connections * 1.25),
+        commits_per_s=measured.commits_needed_per_s,
     )
 
 
@@ -309,6 +377,9 @@ def plan(inputs: CapacityInputs, calibration: Calibration | None = None,
     measured = None
     if calibration is not None:
         measured = measured_sizing(inputs, calibration, cores_per_host)
+        if measured.storage_backend == "postgres":
+            measured = replace(measured, postgres=postgres_sizing(
+                measured, peak_rate * inputs.avg_msg_bytes, retention_storage))
         memory, vcpus = measured.memory_bytes, measured.workers
 
     chosen = next(

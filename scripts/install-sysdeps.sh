@@ -11,6 +11,9 @@ command -v age >/dev/null 2>&1 || need+=(age)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 # initdb/pg_ctl/postgres for the PostgreSQL backend's tests (tests/helpers/postgres.py)
 compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || need+=(postgresql)
+# nginx with its stream module: the UDP balancer of tests/server/test_nginx_balancer.py
+command -v nginx >/dev/null 2>&1 || need+=(nginx)
+[ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || need+=(libnginx-mod-stream)
 # tests/host: a Debian 12 root with systemd as PID 1 (make test-host).
 [ -x /usr/sbin/debootstrap ] || need+=(debootstrap)
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi
@@ -21,7 +24,7 @@ $SUDO apt-get update -qq
 # --no-install-recommends keeps the install small; the services are not started here.
 $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 # Debian starts the packaged daemons; tests start their own on free ports.
-for svc in prometheus prometheus-node-exporter; do
+for svc in prometheus prometheus-node-exporter nginx; do
   (command -v systemctl >/dev/null && $SUDO systemctl stop "$svc" 2>/dev/null) || true
   $SUDO pkill -x "$svc" 2>/dev/null || true
 done

@@ -27,6 +27,7 @@ from qpq_ops.backup.manifest import (
     archive_name,
     fingerprint,
 )
+from qpq_ops.backup.pgdump import DUMP_MEMBER, dump_database
 from qpq_ops.backup.textfile import write_backup_metrics
 from qpq_ops.deployment import Deployment
 from qpq_ops.errors import OpsError, Refused
@@ -117,9 +118,9 @@ def _source_key(dep: Deployment) -> Secret:
     if db_key is None:
         raise Refused(f"QPQ_DB_KEY is not set (environment or {dep.env_file})")
     backend = dep.config.storage.backend
-    if backend == "postgres":
-        raise Refused("backend 'postgres' is backed up with pg_dump, not qpq-ops backup")
-    if backend != "file" and not dep.db_path.is_file():
+    if backend == "postgres" and not dep.env_value("QPQ_DATABASE_URL"):
+        raise Refused(f"QPQ_DATABASE_URL is not set (environment or {dep.env_file})")
+    if backend == "sqlcipher" and not dep.db_path.is_file():
         raise OpsError(f"database not found: {dep.db_path} (has the server ever run?)")
     if backend == "file" and not dep.config.file_store_dir.is_dir():
         raise OpsError(f"file store not found: {dep.config.file_store_dir}")
@@ -140,20 +141,26 @@ def _temp_paths(dest: Path, started: float) -> tuple[Path, Path]:
 def _snapshot(dep: Deployment, tmp_db: Path, db_key: Secret, progress: ProgressFn | None,
               now: Callable[[], float]) -> Snapshot:
     """A consistent copy of the database at `tmp_db` (the file backend has none: its
-    records are archived as files)."""
+    records are archived as files; postgres is dumped by pg_dump)."""
     if dep.config.storage.backend == "file":
         return Snapshot(tmp_db, SCHEMA_VERSION, {}, now(), 0)
+    if dep.config.storage.backend == "postgres":
+        pg = dump_database(dep.env_value("QPQ_DATABASE_URL"), tmp_db)
+        return Snapshot(pg.path, pg.schema_version, pg.row_counts, pg.snapshot_at_unix,
+                        pg.size)
     return snapshot_database(dep.db_path, tmp_db, db_key, progress)
 
 
 def _add_members(writer: ArchiveWriter, req: BackupRequest, tmp_db: Path,
                  progress: ProgressFn | None) -> list[Member]:
-    """The snapshot (sqlcipher), then every source file still there, in layout order."""
+    """The snapshot (sqlcipher) or dump (postgres), then every source file still there,
+    in layout order."""
     dep = req.deployment
     members: list[Member] = []
     if dep.config.storage.backend != "file":
-        size, digest = writer.add_file(DB_MEMBER, tmp_db)
-        members.append(Member(DB_MEMBER, "database", size, digest))
+        name = DUMP_MEMBER if dep.config.storage.backend == "postgres" else DB_MEMBER
+        size, digest = writer.add_file(name, tmp_db)
+        members.append(Member(name, "database", size, digest))
         tmp_db.unlink()
     for src in source_files(dep, req.include_secrets):
         try:

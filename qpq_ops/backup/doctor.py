@@ -20,6 +20,7 @@ from typing import Any
 
 from qpq_ops.backup.database import check_integrity, open_db
 from qpq_ops.backup.filestore import file_restore_state, store_counts, store_problems
+from qpq_ops.backup.pgdump import pg_facts
 from qpq_ops.backup.purge import DONE, restore_state
 from qpq_ops.deployment import Deployment
 from qpq_ops.errors import OpsError
@@ -161,6 +162,26 @@ def _file_doctor(dep: Deployment) -> DoctorReport:
     ))
 
 
+def _postgres_doctor(dep: Deployment) -> DoctorReport:
+    dsn = dep.env_value("QPQ_DATABASE_URL")
+    try:
+        facts = pg_facts(dsn)
+    except OpsError as exc:
+        return DoctorReport((DoctorCheck("database opens", False, str(exc)),))
+    state = facts.restore_state
+    return DoctorReport((
+        DoctorCheck("database opens", True, f"PostgreSQL {facts.server_version} answers "
+                    "with the qpq schema"),
+        DoctorCheck("key packages purged",
+                    state in (None, DONE) and (state is None or not facts.key_packages),
+                    f"restore_state={state or 'unset'}, {facts.key_packages} one-time key "
+                    "packages stored"),
+        DoctorCheck("rows decode", True, f"{facts.rows_read} rows read in full"),
+        _opaque_setups(facts.accounts_per_setup, dep.data_dir / "opaque"),
+        _blob_store(dep.data_dir / "blobs"),
+    ))
+
+
 def run_doctor(dep: Deployment, db_key: Secret, *, full_integrity: bool = True,
                ) -> DoctorReport:
     """Check the data dir of `dep` (the server should be stopped, not required).
@@ -170,6 +191,8 @@ def run_doctor(dep: Deployment, db_key: Secret, *, full_integrity: bool = True,
     """
     if dep.config.storage.backend == "file":
         return _file_doctor(dep)
+    if dep.config.storage.backend == "postgres":
+        return _postgres_doctor(dep)
     checks: list[DoctorCheck] = []
     try:
         conn = open_db(dep.db_path, db_key)

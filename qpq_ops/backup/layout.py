@@ -2,6 +2,9 @@
 
 Member names:
 - `db/qpq.db`                 the SQLCipher database (an online snapshot, still encrypted)
+- `db/qpq.pgdump`             the `postgres` backend's database: pg_dump custom format of
+                              one snapshot (qpq_ops/backup/pgdump.py); the archive is
+                              encrypted as a whole with --encrypt-to
 - `data/blobs/...`            the blob store, file by file
 - `data/opaque/...`           the OPAQUE server setups (`setup-vN.bin`, `dummy-vN.bin`)
 - `data/kt/signing_key.pem`   the key-transparency log's signing key

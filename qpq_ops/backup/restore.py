@@ -23,6 +23,14 @@ from qpq_ops.backup.doctor import DoctorReport, run_doctor
 from qpq_ops.backup.filestore import file_complete_purge, file_mark_pending, file_restore_state
 from qpq_ops.backup.layout import DATA_TREES, DB_MEMBER, SECRET_TREES, restore_target
 from qpq_ops.backup.manifest import Manifest
+from qpq_ops.backup.pgdump import (
+    DUMP_MEMBER,
+    database_tables,
+    other_sessions,
+    pg_purge,
+    pg_restore_state,
+    restore_dump,
+)
 from qpq_ops.backup.purge import PENDING_PURGE, complete_purge, mark_pending_purge, restore_state
 from qpq_ops.backup.verify import check_extracted
 from qpq_ops.deployment import Deployment
@@ -31,6 +39,7 @@ from qpq_ops.ownership import give_to, owner_of
 from qpq_ops.server_process import running_pid
 from qpq_server.secrets import Secret, read_env_file, write_env_file
 from qpq_server.storage.migrations import SCHEMA_VERSION
+from qpq_server.storage.pg_migrations import PG_SCHEMA_VERSION
 from qpq_server.storage.sqlcipher import key_pragma, migrate
 
 __all__ = ["RestoreRequest", "RestoreResult", "existing_data", "restore_archive",
@@ -59,6 +68,7 @@ class RestoreResult:
     secrets_restored: bool
     env_key_written: bool           # QPQ_DB_KEY added to a .env that had none
     doctor: DoctorReport
+    aside_schema: str | None = None  # postgres: where the previous tables went
 
 
 def existing_data(dep: Deployment) -> list[Path]:
@@ -71,6 +81,24 @@ def existing_data(dep: Deployment) -> list[Path]:
     return found
 
 
+def _database_url(dep: Deployment) -> str:
+    dsn = dep.env_value("QPQ_DATABASE_URL")
+    if not dsn:
+        raise Refused(f"QPQ_DATABASE_URL is not set (environment or {dep.env_file})")
+    return dsn
+
+
+def _postgres_precheck(dep: Deployment) -> list[str]:
+    """What the database holds (its tables), after refusing one that nodes still use."""
+    dsn = _database_url(dep)
+    others = other_sessions(dsn)
+    if others:
+        raise Refused(f"{others} other connections to the database (a qpq node still "
+                      "running?); stop every node first (restore never writes under a "
+                      "running server, even with --force)")
+    return database_tables(dsn)
+
+
 def _precheck(req: RestoreRequest) -> Manifest:
     dep = req.deployment
     pid = running_pid(dep.config)
@@ -78,6 +106,11 @@ def _precheck(req: RestoreRequest) -> Manifest:
         raise Refused(f"qpq-server is running (pid {pid}) on {dep.data_dir}; stop it first "
                       "(restore never writes under a running server, even with --force)")
     existing = existing_data(dep)
+    postgres = dep.config.storage.backend == "postgres"
+    if postgres and (tables := _postgres_precheck(dep)) and not req.force:
+        raise Refused(f"the database (QPQ_DATABASE_URL) is not empty ({len(tables)} tables, "
+                      f"e.g. {tables[0]}); pass --force to move them aside into a schema "
+                      "pre_restore_<time> and restore over it")
     if existing and not req.force:
         raise Refused(f"{dep.data_dir} already holds data ({existing[0].name}); pass --force "
                       "to move it aside into pre-restore-<time>/ and restore over it")
@@ -85,12 +118,16 @@ def _precheck(req: RestoreRequest) -> Manifest:
     if manifest.storage_backend != dep.config.storage.backend:
         raise Refused(f"the archive is of the {manifest.storage_backend!r} storage backend but "
                       f"{dep.config_path} uses {dep.config.storage.backend!r}")
-    if manifest.schema_version > SCHEMA_VERSION:
+    ours = PG_SCHEMA_VERSION if postgres else SCHEMA_VERSION
+    if manifest.schema_version > ours:
         raise Refused(f"archive schema {manifest.schema_version} is newer than this server's "
-                      f"({SCHEMA_VERSION}); upgrade qpq first")
-    if manifest.schema_version != SCHEMA_VERSION and not req.force:
+                      f"({ours}); upgrade qpq first")
+    if manifest.schema_version != ours and not req.force:
         raise Refused(f"archive schema {manifest.schema_version} differs from this server's "
-                      f"({SCHEMA_VERSION}); pass --force to restore and run the migrations")
+                      f"({ours}); pass --force to restore (the server runs the migrations "
+                      "when it starts)" if postgres else
+                      f"archive schema {manifest.schema_version} differs from this server's "
+                      f"({ours}); pass --force to restore and run the migrations")
     if req.with_secrets and not manifest.includes_secrets:
         raise Refused("--with-secrets given but the archive holds no secrets "
                       "(it was made without --include-secrets)")
@@ -163,7 +200,7 @@ def _place(req: RestoreRequest, staging: Path, members: list[ExtractedMember],
     data_dir = dep.data_dir
     if dep.config.storage.backend == "file":
         _place_tree(staging / "data" / "store", dep.config.file_store_dir, aside, data_dir)
-    else:
+    elif dep.config.storage.backend == "sqlcipher":
         _place_database(staging / DB_MEMBER, dep.db_path, aside, data_dir)
     for tree in DATA_TREES:
         staged = staging / "data" / tree
@@ -240,6 +277,9 @@ def restore_archive(req: RestoreRequest, progress: ProgressFn | None = None) -> 
             (staging / "data" / "store" / "LOCK").unlink(missing_ok=True)
             _place(req, staging, members, aside)
             return _complete(req, manifest, aside, opening, final, rekeyed, migrated_from)
+        if manifest.storage_backend == "postgres":
+            return _restore_postgres(req, manifest, staging, members, aside, stamp,
+                                     opening, final)
         if DB_MEMBER not in names:
             raise ArchiveDamaged(f"{req.archive.name} holds no database")
         conn = open_db(staging / DB_MEMBER, opening)
@@ -263,8 +303,28 @@ def restore_archive(req: RestoreRequest, progress: ProgressFn | None = None) -> 
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _restore_postgres(req: RestoreRequest, manifest: Manifest, staging: Path,
+                      members: list[ExtractedMember], aside: Path, stamp: str,
+                      opening: Secret, final: Secret | None) -> RestoreResult:
+    """The dump into the database in one transaction (old tables aside, key packages
+    purged), then the files into the data dir."""
+    if DUMP_MEMBER not in {m.name for m in members}:
+        raise ArchiveDamaged(f"{req.archive.name} holds no database dump")
+    dsn = _database_url(req.deployment)
+    schema = f"pre_restore_{stamp.lower()}"
+    had_tables = bool(database_tables(dsn))
+    restore_dump(dsn, staging / DUMP_MEMBER, req.archive.name,
+                 schema if had_tables else None, staging)
+    # -- from here on the data dir changes ----------------------------------------------
+    _place(req, staging, members, aside)
+    return _complete(req, manifest, aside, opening, final, False, None,
+                     purged=int(manifest.row_counts.get("key_packages", 0)),
+                     aside_schema=schema if had_tables else None)
+
+
 def _complete(req: RestoreRequest, manifest: Manifest, aside: Path, opening: Secret,
               final: Secret | None, rekeyed: bool, migrated_from: int | None,
+              purged: int | None = None, aside_schema: str | None = None,
               ) -> RestoreResult:
     """After the files are in place: make sure the .env has the key, purge, doctor."""
     dep = req.deployment
@@ -276,15 +336,18 @@ def _complete(req: RestoreRequest, manifest: Manifest, aside: Path, opening: Sec
         write_env_file(dep.env_file, values)
         give_to([dep.env_file], owner_of(dep.data_dir))
         env_key_written = True
-    purged = _finish(dep, live_key)
+    purged = _finish(dep, live_key) + (purged or 0)
     return RestoreResult(
         manifest=manifest, aside_dir=aside if aside.exists() else None,
         purged_key_packages=purged, rekeyed=rekeyed, migrated_from=migrated_from,
         secrets_restored=req.with_secrets, env_key_written=env_key_written,
-        doctor=run_doctor(dep, live_key, full_integrity=False))
+        doctor=run_doctor(dep, live_key, full_integrity=False), aside_schema=aside_schema)
 
 
 def _finish(dep: Deployment, db_key: Secret) -> int:
+    if dep.config.storage.backend == "postgres":
+        dsn = _database_url(dep)
+        return pg_purge(dsn) if pg_restore_state(dsn) == PENDING_PURGE else 0
     if dep.config.storage.backend == "file":
         store = dep.config.file_store_dir
         return file_complete_purge(store) if file_restore_state(store) == PENDING_PURGE else 0

@@ -2,8 +2,9 @@
 
 Checks: the archive reads to its end; every member matches the manifest's size and
 sha256 and nothing is missing or extra; blobs named by their sha256 hash to their name;
-with the database key: the manifest MAC, the database opens, `PRAGMA
+with the database key: the manifest MAC, then (sqlcipher) the database opens, `PRAGMA
 cipher_integrity_check` and `PRAGMA integrity_check` pass, schema version and row counts
+match the manifest; (postgres) the pg_dump reads to its end and its rows per table
 match the manifest.
 """
 
@@ -23,7 +24,8 @@ from qpq_ops.backup.database import check_integrity, open_db, row_counts, schema
 from qpq_ops.backup.filestore import store_counts, store_problems
 from qpq_ops.backup.layout import DB_MEMBER
 from qpq_ops.backup.manifest import Manifest, fingerprint
-from qpq_ops.errors import OpsError, WrongKey
+from qpq_ops.backup.pgdump import DUMP_MEMBER, dump_counts
+from qpq_ops.errors import ArchiveDamaged, OpsError, WrongKey
 from qpq_server.secrets import Secret
 
 __all__ = ["VerifyReport", "check_extracted", "verify_archive"]
@@ -92,6 +94,8 @@ def check_extracted(manifest: Manifest, members: list[ExtractedMember],
             problems += [f"{t}: {counts.get(t)} records, manifest says {n}"
                          for t, n in manifest.row_counts.items() if counts.get(t) != n]
         return True, problems
+    if manifest.storage_backend == "postgres":
+        return True, problems + _dump_problems(manifest, members, problems)
     db = next((m for m in members if m.name == DB_MEMBER), None)
     if db is None or any(DB_MEMBER in p for p in problems):
         return False, problems  # a damaged copy: its checksum problem says enough
@@ -113,6 +117,22 @@ def check_extracted(manifest: Manifest, members: list[ExtractedMember],
     finally:
         conn.close()
     return True, problems
+
+
+def _dump_problems(manifest: Manifest, members: list[ExtractedMember],
+                   problems: list[str]) -> list[str]:
+    """The pg_dump reads to its end and holds the rows the manifest counted."""
+    dump = next((m for m in members if m.name == DUMP_MEMBER), None)
+    if dump is None:
+        return [f"missing member {DUMP_MEMBER}"] if not problems else []
+    if any(DUMP_MEMBER in p for p in problems):
+        return []  # a damaged copy: its checksum problem says enough
+    try:
+        counts = dump_counts(dump.path)
+    except ArchiveDamaged as exc:
+        return [str(exc)]
+    return [f"table {t}: {counts.get(t)} rows in the dump, manifest says {n}"
+            for t, n in manifest.row_counts.items() if counts.get(t, 0) != n]
 
 
 def verify_archive(archive: Path, db_key: Secret | None, work_dir: Path | None = None,

@@ -43,7 +43,8 @@ __all__ = ["IdentityOpt", "app", "identities_from", "progress_bar"]
 
 app = typer.Typer(
     help="Online, consistent backups: the encrypted database (SQLite backup API, never a "
-    "raw copy of a live WAL file), the blob store and the OPAQUE setups; secrets only "
+    "raw copy of a live WAL file; with the postgres backend a pg_dump of one snapshot), "
+    "the blob store and the OPAQUE setups; secrets only "
     "with --include-secrets. Each archive carries a manifest with sha256 of every member.",
     no_args_is_help=True,
 )

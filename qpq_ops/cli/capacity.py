@@ -21,6 +21,10 @@ from qpq_ops.calibration import dump
 from qpq_ops.capacity import (
     BEYOND_ONE_NODE,
     NR_OPEN_DEFAULT,
+    PG_COMMITS_PER_VCPU_S,
+    PG_EXTRA_CONNECTIONS,
+    PG_MIN_VCPUS,
+    PG_POOL_SIZE,
     TIERS,
     CapacityInputs,
     CapacityPlan,
@@ -209,10 +213,28 @@ def _print_plan(result: CapacityPlan, sources: dict[str, str]) -> None:
             "each worker under the process_cpu warning; guide: connections / 2,500")
         row("hosts", f"{measured.hosts}", "1",
             f"workers / {measured.cores_per_host} cores per host (--cores-per-host)")
+        row("workers per host", f"{measured.workers_per_host}", "-",
+            "[server] workers on each host: workers / hosts")
+        row("storage backend", measured.storage_backend, "-",
+            "sqlcipher while one host and its measured commits/s suffice, else one "
+            "PostgreSQL the hosts share")
         row("reconnect storm", f"{measured.reconnect_storm_s:,.1f} s", "-",
             "every peak user handshakes and logs in again after a restart")
         row("durable commits/s", f"{measured.commits_needed_per_s:,.1f} needed",
             "-", f"{measured.commits_measured_per_s:,.0f}/s measured on the calibration host")
+        if measured.postgres is not None:
+            pg = measured.postgres
+            row("PostgreSQL vCPUs", str(pg.vcpus), "-",
+                f"commits/s needed / {PG_COMMITS_PER_VCPU_S:,} per vCPU (assumed), at least "
+                f"{PG_MIN_VCPUS}")
+            row("PostgreSQL memory", _si(pg.memory_bytes), "-",
+                "4 x (2 x 15 min of peak message bytes) so shared_buffers holds them; "
+                "at least 4 GB")
+            row("PostgreSQL disk", _si(pg.disk_bytes), "-",
+                "storage for retention + 2 GB WAL")
+            row("PostgreSQL max_connections", str(pg.max_connections), "-",
+                f"hosts x workers per host x (pool_size {PG_POOL_SIZE} + 1 LISTEN) + "
+                f"{PG_EXTRA_CONNECTIONS}, +25 %")
     else:
         row("memory (qpq process)", None, _si(result.memory_bytes),
             f"{result.peak_users:,} peak users x 5 KB + 256 MB base")
@@ -248,6 +270,14 @@ def _print_plan(result: CapacityPlan, sources: dict[str, str]) -> None:
         console.print(styled(f"nofile {result.nofile:,} is above Linux's default fs.nr_open "
                              f"({NR_OPEN_DEFAULT:,}): apply fs.nr_open first, or no process "
                              "can get that limit.", "yellow"))
+    if measured is not None and measured.postgres is not None:
+        pg = measured.postgres
+        console.print(
+            f"Beyond one host: {measured.hosts} hosts x [server] workers = "
+            f"{measured.workers_per_host}, [storage] backend = \"postgres\" on one "
+            f"PostgreSQL of {pg.vcpus} vCPU, {_si(pg.memory_bytes)} memory, "
+            f"{_si(pg.disk_bytes)} disk, max_connections = {pg.max_connections} "
+            "(docs/operations/multi-node.md)")
     if measured is not None:
         machine = ", ".join(f"{k} {v}" for k, v in measured.calibration_machine.items())
         console.print(styled(f"Measured model from a calibration on: {machine}. Calibrate "

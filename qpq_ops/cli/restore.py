@@ -29,6 +29,7 @@ def _result_json(result: RestoreResult) -> dict[str, object]:
         "rekeyed": result.rekeyed, "migrated_from": result.migrated_from,
         "secrets_restored": result.secrets_restored,
         "env_key_written": result.env_key_written,
+        "aside_schema": result.aside_schema,
         "doctor": {"ok": result.doctor.ok,
                    "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail}
                               for c in result.doctor.checks]},
@@ -47,6 +48,10 @@ def _print_result(result: RestoreResult) -> None:
     if result.aside_dir:
         console.print(f"previous data moved aside to {result.aside_dir} (delete it yourself "
                       "once the restored server is confirmed good)")
+    if result.aside_schema:
+        console.print(f"previous tables moved into the database schema {result.aside_schema} "
+                      f"(DROP SCHEMA {result.aside_schema} CASCADE once the restore is "
+                      "confirmed good)")
     console.print(f"purged {result.purged_key_packages} one-time key packages; clients "
                   "upload fresh ones at their next login")
     if result.rekeyed:
@@ -83,7 +88,10 @@ def restore(
     data aside, never deletes it); one-time key packages are purged so none is ever
     handed out twice; a doctor then checks every row and blob. The database key comes
     from QPQ_DB_KEY in the environment, the archive (if it holds secrets) or the .env; the
-    restored database ends up under the .env's key. Example:
+    restored database ends up under the .env's key. With the postgres backend the dump is
+    loaded into QPQ_DATABASE_URL in one transaction (old tables moved into a schema
+    pre_restore_<time> with --force; refused while other sessions use the database).
+    Example:
 
         QPQ_DB_KEY=... qpq-ops restore ARCHIVE --config /var/lib/qpq/qpq-server.toml
 

@@ -25,7 +25,8 @@ from tests.ansible.runner import (
 pytestmark = pytest.mark.timeout(240)
 
 ROLE_NAMES = sorted(p.name for p in ROLES.iterdir() if (p / "tasks" / "main.yml").exists())
-EXPECTED_ROLES = ["qpq_backup", "qpq_firewall", "qpq_grafana", "qpq_prometheus", "qpq_rotate",
+EXPECTED_ROLES = ["qpq_backup", "qpq_firewall", "qpq_grafana", "qpq_postgres", "qpq_prometheus",
+                  "qpq_rotate",
                   "qpq_server",
                   "qpq_sysctl", "qpq_ulimits"]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -354,3 +355,51 @@ def test_from_prometheus_unreachable_exits_3() -> None:
                                  "--from-prometheus", url, "--timeout", "2"])
     assert result.exit_code == 3
     assert f"cannot reach Prometheus at {url}" in result.stderr
+
+
+def test_measured_model_recommends_workers_per_host_and_a_postgres_beyond_one_host() -> None:
+    # one host suffices: sqlcipher, every worker on it, no PostgreSQL
+    small = plan(CapacityInputs(**TEN_K), _calibration())  # type: ignore[arg-type]
+    assert small.measured is not None
+    assert (small.measured.storage_backend, small.measured.workers_per_host) == ("sqlcipher", 1)
+    assert small.measured.postgres is None
+    # 200,000 users x 60 msg/h x 2.5 peak = 8,333 msg/s x 1 ms = 8.3 cores -> 11 workers
+    # on hosts of 4 cores: 3 hosts x 4 workers on one PostgreSQL
+    busy = CapacityInputs(**{**TEN_K, "users": 200_000, "msgs_per_user_hour": 60,  # type: ignore[arg-type]
+                             "peak_factor": 2.5, "avg_msg_bytes": 2_000})
+    m = plan(busy, _calibration(), cores_per_host=4).measured
+    assert m is not None and (m.workers, m.hosts, m.workers_per_host) == (11, 3, 4)
+    assert m.storage_backend == "postgres" and m.postgres is not None
+    peak = 200_000 * 60 / 3600 * 2.5
+    assert m.postgres.commits_per_s == pytest.approx(2 * peak)
+    assert m.postgres.vcpus == math.ceil(2 * peak / 1_500)
+    assert m.postgres.connections == 3 * 4 * (4 + 1) + 10
+    assert m.postgres.max_connections == math.ceil(m.postgres.connections * 1.25)
+    assert m.postgres.memory_bytes == max(4 * 10**9, math.ceil(8 * peak * 2_000 * 900))
+    result = plan(busy, _calibration(), cores_per_host=4)
+    assert m.postgres.disk_bytes == result.retention_storage_bytes + 2 * 10**9
+
+
+def test_one_host_whose_commits_outrun_sqlcipher_is_sent_to_postgres() -> None:
+    # 0.3 cores of CPU (one host) but 2 x 83 msg/s = 167 commits/s > 100 measured
+    inputs = CapacityInputs(**{**TEN_K, "users": 30_000})  # type: ignore[arg-type]
+    m = plan(inputs, _calibration(durable_commits_per_s=100.0)).measured
+    assert m is not None and m.hosts == 1 and m.storage_backend == "postgres"
+    assert m.postgres is not None and m.postgres.connections == 1 * m.workers * 5 + 10
+
+
+def test_cli_json_adds_the_postgres_keys_and_the_table_names_them(tmp_path: Path) -> None:
+    path = tmp_path / "calibration.json"
+    path.write_text(dump(_calibration()))
+    args = [*_args(**{**TEN_K, "users": 200_000, "msgs_per_user_hour": 60}),
+            "--calibration", str(path), "--cores-per-host", "2"]
+    doc = json.loads(runner.invoke(app, [*args, "--json"]).stdout)
+    assert set(doc) > GUIDE_KEYS
+    measured = doc["measured"]
+    assert measured["storage_backend"] == "postgres" and measured["workers_per_host"] == 2
+    assert set(measured["postgres"]) == {"vcpus", "memory_bytes", "disk_bytes", "connections",
+                                         "max_connections", "commits_per_s"}
+    table = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert table.exit_code == 0, table.output
+    for text in ("workers per host", "PostgreSQL max_connections", 'backend = "postgres"'):
+        assert text in table.stdout, text
