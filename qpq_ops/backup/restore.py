@@ -246,6 +246,16 @@ def _remove_stale_staging(data_dir: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _unused(path: Path) -> Path:
+    """`path`, or `path-2`, `-3`...: a rerun within the same second as a killed restore
+    must not move data into the killed run's half-filled aside dir (rename would fail)."""
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
+
+
 def restore_archive(req: RestoreRequest, progress: ProgressFn | None = None) -> RestoreResult:
     dep = req.deployment
     _precheck(req)
@@ -254,7 +264,7 @@ def restore_archive(req: RestoreRequest, progress: ProgressFn | None = None) -> 
     dep.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     staging = dep.data_dir / f"{_STAGING_PREFIX}{stamp}-{os.getpid()}"
     staging.mkdir(mode=0o700)
-    aside = dep.data_dir / f"pre-restore-{stamp}"
+    aside = _unused(dep.data_dir / f"pre-restore-{stamp}")
     try:
         try:
             manifest, members = extract_archive(req.archive, staging, progress,
