@@ -149,8 +149,13 @@ class QpqClient:
             await self.conn.call_raw({"op": "login_finish", "login_id": response["login_id"],
                                       "finalization": b""})
             raise ClientError("login_failed", "wrong username or password") from None
+        # The session is this device's: it acts for this device alone, and unlinking
+        # another device leaves it running. (A new profile's keys reach the disk first:
+        # the session names them.)
+        with self._edit(username) as saved:
+            device = device_id(saved.identity_public)
         result = await self.conn.call("login_finish", login_id=response["login_id"],
-                                      finalization=finish.get_message())
+                                      finalization=finish.get_message(), device=device)
         with self._edit(username) as profile:
             state = profile.state()
             state.session, state.session_expires = result["session"], result["expires_at"]

@@ -166,7 +166,7 @@ async def test_unlink_is_logged_stops_delivery_and_ends_sessions(h: Harness) -> 
     assert len(sent["ids"]) == 1
     keys = await h.call(conn, "get_keys", session=alice, username="ul_bob")
     assert [d["device"] for d in keys["devices"]] == [device_id(first)]
-    last = await h.login(conn, "ul_bob")
+    last = await h.login(conn, "ul_bob")  # account-wide sessions ended, this one is new
     assert last["ok"]
     only = await h.call(conn, "unlink", session=last["session"], device=device_id(first),
                         target=device_id(first))
@@ -220,3 +220,24 @@ async def test_a_single_device_account_from_before_devices_keeps_working(
     assert keys["devices"][0]["key_package"] == b"o" * 32
     assert device_id(old) in json.loads(
         await h.core.service.storage.get_meta("devices:lg_bob") or "{}")
+
+
+async def test_a_device_session_acts_for_its_device_alone_and_ends_with_it(
+        h: Harness) -> None:
+    conn, _bob, first, second = await two_devices(h, "bs_bob")
+    one = (await h.login(conn, "bs_bob", device=device_id(first)))["session"]
+    two = (await h.login(conn, "bs_bob", device=device_id(second)))["session"]
+    alice = await h.session(conn, "bs_alice")
+    await h.call(conn, "enqueue", session=alice, recipients=["bs_bob"], payload=b"m")
+    # no 'device' needed: the session says which; naming another device is refused
+    assert [m["payload"] for m in (await h.call(conn, "fetch", session=two))["messages"]] \
+        == [b"m"]
+    other = await h.call(conn, "ack", session=two, device=device_id(first), ids=[1])
+    assert code(other) == "unauthenticated" and device_id(second) in other["error"]["message"]
+    h.clock.now += 1
+    gone = await h.call(conn, "unlink", session=one, target=device_id(second))
+    assert gone["ok"], gone
+    assert code(await h.call(conn, "fetch", session=two)) == "invalid_session"
+    assert (await h.call(conn, "fetch", session=one))["ok"]  # the remaining device's lives
+    bad = await h.login(conn, "bs_bob", device="not-hex")
+    assert code(bad) == "bad_request"
