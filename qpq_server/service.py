@@ -468,7 +468,7 @@ class Service:
         new[did] = DeviceRecord(did, identity, self.clock(), mailbox, link_mac or b"",
                                 handover=replaced.identity + (proof or b"") if replaced
                                 else b"")
-        await self._publish_device_set(user, new)
+        await self._publish_device_set(user, new, account.identity_key)
         if replaced is not None:
             await self._drop_key_packages(user, replaced.tag)
         elif not devices:
@@ -491,9 +491,15 @@ class Service:
         log.info("account moved to device records", extra={"user": user,
                                                            "packages": len(legacy)})
 
-    async def _publish_device_set(self, user: str, devices: dict[str, DeviceRecord]) -> None:
+    async def _publish_device_set(self, user: str, devices: dict[str, DeviceRecord],
+                                  read: bytes | None) -> None:
         """Log the new set first (clients check it), then the records that annotate it:
-        `load` reconciles a crash between the two from the logged set."""
+        `load` reconciles a crash between the two from the logged set. `read` is the set
+        the change started from: another process (worker, node) that changed it since
+        makes this change retry rather than drop the other's device."""
+        account = await self.storage.get_account(user)
+        if account is None or account.identity_key != read:
+            raise ServerBusy("the account's devices changed meanwhile; retry")
         value = join_device_set(r.identity for r in devices.values())
         if self.kt is not None:  # logged: clients verify every key set they fetch
             await self.kt.publish(user, value)
@@ -589,7 +595,7 @@ class Service:
         self._require_fresh_login(user, conn)
         target = v.get_str(request, "target", max_len=64)
         async with self._device_locks.hold(user):
-            _, devices = await self._account_devices(user)
+            account, devices = await self._account_devices(user)
             record = devices.get(target)
             if record is None:
                 raise DeviceUnlinked(f"device {target} is not one of {user!r}'s devices")
@@ -597,7 +603,7 @@ class Service:
                 raise BadRequest(f"device {target} is {user!r}'s only device; it cannot "
                                  "be unlinked")
             del devices[target]
-            await self._publish_device_set(user, devices)
+            await self._publish_device_set(user, devices, account.identity_key)
         await self._drop_key_packages(user, record.tag)
         await self._drain(record.mailbox)
         await self.storage.set_meta(SPK_META + record.mailbox, "")
