@@ -323,8 +323,13 @@ class QpqClient:
         if len(book.known()) <= 1:
             return []
         keys = await self._recipient_keys(session, profile.username, own=True)
+        if any(device_id(k.identity) not in book.known() for k in keys):
+            # linked by another of our devices since we last looked: learn it (or stop
+            # here, loudly, if no device of ours vouched for it)
+            await self.check_own_devices(profile)
+        known = book.known()
         return [k for k in keys if k.identity != profile.identity_public
-                and device_id(k.identity) in book.known()]
+                and device_id(k.identity) in known]
 
     async def _recipient_keys(self, session: str, name: str,
                               own: bool = False) -> list[RecipientKey]:
