@@ -13,6 +13,7 @@ import hashlib
 import itertools
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
@@ -69,6 +70,7 @@ _OPAQUE_MSG_MAX = 1024
 _KEY_PACKAGE_MAX = 1024
 _KEY_PACKAGES_LOW = 5  # below this after a fetch, qpq_key_packages_low_total counts it
 _LINK_TRIES = 5  # wrong link codes before a pending approval is dropped
+_DEVICE_ID = re.compile(r"[0-9a-f]{16}")
 _MAX_BLOBS_PER_MESSAGE = 16
 _FRESH_LOGIN_S = 120.0
 
@@ -203,6 +205,11 @@ class Service:
         self._limit_account("u:" + user, "too many requests for this account; slow down")
         return user
 
+    def _bound_device(self, request: dict[str, Any]) -> str:
+        """The device the request's (already checked) session is bound to, or ""."""
+        return self.signer.verify(v.get_str(request, "session", max_len=512),
+                                  self.clock()).device
+
     def _require_fresh_login(self, user: str, conn: ConnectionState) -> None:
         """A session alone is not enough to change credentials: a stolen token must not
         become a permanent takeover. The password was proved on this connection just now."""
@@ -288,7 +295,11 @@ class Service:
         if pending.username not in conn.logged_in_as:
             conn.logged_in_as.add(pending.username)
             self.metrics.sessions_active.inc()
-        token, expires = self.signer.issue(pending.username, self.clock())
+        # A device logs in for itself: its session acts for that device alone.
+        device = v.get_str(request, "device", max_len=16) if request.get("device") else ""
+        if device and not _DEVICE_ID.fullmatch(device):
+            raise BadRequest("field 'device' must be a device id (16 hex digits)")
+        token, expires = self.signer.issue(pending.username, self.clock(), device)
         log.info("login succeeded", extra={"user": pending.username})
         return {"session": token, "expires_at": expires,
                 "setup_version": pending.setup_version,
@@ -341,7 +352,7 @@ class Service:
         # Every other session of the account dies with the old password.
         await self.revocations.revoke(user)
         conn.fresh_logins.pop(user, None)
-        token, expires = self.signer.issue(user, self.clock())
+        token, expires = self.signer.issue(user, self.clock(), self._bound_device(request))
         log.info("password changed; the account's other sessions are revoked",
                  extra={"user": user})
         return {"session": token, "expires_at": expires}
@@ -401,22 +412,29 @@ class Service:
             raise UnknownUser(f"no user {user!r}")
         return account, await self.devices.load(account)
 
-    @staticmethod
-    def _device_of(user: str, devices: dict[str, DeviceRecord], request: dict[str, Any],
-                   identity: bytes | None = None) -> DeviceRecord:
+    def _device_of(self, user: str, devices: dict[str, DeviceRecord],
+                   request: dict[str, Any], identity: bytes | None = None) -> DeviceRecord:
         """The requesting device: `device` (its id), else the identity it publishes,
-        else (a client from before devices) the account's first device."""
+        else the device the session is bound to, else (a client from before devices)
+        the account's first device. A bound session acts for its own device only."""
+        bound = self._bound_device(request)
         wanted = request.get("device")
         if wanted is not None:
             did = v.get_str(request, "device", max_len=64)
         elif identity is not None:
             did = device_id(identity)
+        elif bound:
+            did = bound
         else:
             first = [r for r in devices.values() if r.mailbox == user]
             if not first:
                 raise DeviceUnlinked(f"name the device ('device') for {user!r}")
             return first[0]
         record = devices.get(did)
+        # (a device that rotated its key keeps the session of its old key)
+        if bound and did != bound and not (
+                record and record.handover and device_id(record.handover[:64]) == bound):
+            raise Unauthenticated(f"this session belongs to device {bound}, not {did}")
         if record is None:
             raise DeviceUnlinked(f"device {did} is not one of {user!r}'s current devices "
                                  "(it was unlinked, or never added)")
@@ -450,7 +468,7 @@ class Service:
         new[did] = DeviceRecord(did, identity, self.clock(), mailbox, link_mac or b"",
                                 handover=replaced.identity + (proof or b"") if replaced
                                 else b"")
-        await self._publish_device_set(user, new)
+        await self._publish_device_set(user, new, account.identity_key)
         if replaced is not None:
             await self._drop_key_packages(user, replaced.tag)
         elif not devices:
@@ -473,9 +491,15 @@ class Service:
         log.info("account moved to device records", extra={"user": user,
                                                            "packages": len(legacy)})
 
-    async def _publish_device_set(self, user: str, devices: dict[str, DeviceRecord]) -> None:
+    async def _publish_device_set(self, user: str, devices: dict[str, DeviceRecord],
+                                  read: bytes | None) -> None:
         """Log the new set first (clients check it), then the records that annotate it:
-        `load` reconciles a crash between the two from the logged set."""
+        `load` reconciles a crash between the two from the logged set. `read` is the set
+        the change started from: another process (worker, node) that changed it since
+        makes this change retry rather than drop the other's device."""
+        account = await self.storage.get_account(user)
+        if account is None or account.identity_key != read:
+            raise ServerBusy("the account's devices changed meanwhile; retry")
         value = join_device_set(r.identity for r in devices.values())
         if self.kt is not None:  # logged: clients verify every key set they fetch
             await self.kt.publish(user, value)
@@ -565,13 +589,13 @@ class Service:
 
     async def _unlink(self, request: dict[str, Any], conn: ConnectionState) -> dict[str, Any]:
         """Remove one device: the log records the smaller set (senders stop sealing to
-        it), its queue and packages go, and the account's sessions end (tokens are
-        account-wide); the caller gets a fresh one."""
+        it), its queue and packages go, and its sessions end (with any account-wide
+        ones); the caller gets a fresh session."""
         user = self._session_user(request)
         self._require_fresh_login(user, conn)
         target = v.get_str(request, "target", max_len=64)
         async with self._device_locks.hold(user):
-            _, devices = await self._account_devices(user)
+            account, devices = await self._account_devices(user)
             record = devices.get(target)
             if record is None:
                 raise DeviceUnlinked(f"device {target} is not one of {user!r}'s devices")
@@ -579,15 +603,18 @@ class Service:
                 raise BadRequest(f"device {target} is {user!r}'s only device; it cannot "
                                  "be unlinked")
             del devices[target]
-            await self._publish_device_set(user, devices)
+            await self._publish_device_set(user, devices, account.identity_key)
         await self._drop_key_packages(user, record.tag)
         await self._drain(record.mailbox)
         await self.storage.set_meta(SPK_META + record.mailbox, "")
-        await self.revocations.revoke(user)
+        # Its sessions end, and the account-wide ones (clients from before devices):
+        # the other devices' own sessions go on.
+        await self.revocations.revoke(f"{user}#{target}")
+        await self.revocations.revoke(f"{user}#")
         conn.fresh_logins.pop(user, None)
         self.notifier.notify([record.mailbox])  # a parked fetch of it returns now
-        token, expires = self.signer.issue(user, self.clock())
-        log.info("device unlinked; the account's sessions are revoked",
+        token, expires = self.signer.issue(user, self.clock(), self._bound_device(request))
+        log.info("device unlinked; its sessions are revoked",
                  extra={"user": user, "device": target})
         return {"device": target, "session": token, "expires_at": expires,
                 "devices": len(devices)}
@@ -689,7 +716,8 @@ class Service:
         """One copy per current device of each recipient; the sender among them means
         the sender's *other* devices (the sending one, `device`, already has it).
         Returns the queues and the blob references (USER/DEVICE) of those devices."""
-        own = v.get_str(request, "device", max_len=64) if request.get("device") else None
+        own = self._bound_device(request) or (
+            v.get_str(request, "device", max_len=64) if request.get("device") else None)
         mailboxes: list[str] = []
         refs: list[str] = []
         for name in recipients:

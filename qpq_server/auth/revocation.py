@@ -51,6 +51,11 @@ class SessionRevocations:
         if session.issued_at < self._not_before.get(session.username, 0.0):
             raise InvalidSession("session was revoked (logout or password change); "
                                  "log in again")
+        # USER#DEVICE: one device's sessions ("USER#": those bound to none), ended
+        # by unlinking that device
+        if session.issued_at < self._not_before.get(f"{session.username}#{session.device}",
+                                                    0.0):
+            raise InvalidSession("session was revoked (its device was unlinked)")
 
     async def revoke(self, username: str) -> float:
         """Void every session of `username` issued until now; returns the mark."""

@@ -1,5 +1,8 @@
 """Session tokens any worker process can verify: HMAC-SHA256 over (user, expiry, issue
-time, nonce).
+time, nonce[, device]).
+
+A token may be bound to one of the account's devices (version 3, the device id last):
+that device's requests then act for it alone, and unlinking it ends its sessions only.
 
 No server-side session table is needed, so several processes on one host (or several
 hosts sharing the key) accept each other's sessions. Revocation (logout, a password
@@ -23,6 +26,7 @@ from qpq_server.errors import InvalidSession
 __all__ = ["Session", "SessionSigner"]
 
 _VERSION = 2  # 2 adds the issue time; version-1 tokens are refused (log in again)
+_DEVICE_VERSION = 3  # 2 plus the device the session is bound to
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,7 @@ class Session:
     username: str
     expires_at: float
     issued_at: float
+    device: str = ""  # the device it is bound to ("" for an account-wide session)
 
 
 def _b64(data: bytes) -> str:
@@ -55,10 +60,12 @@ class SessionSigner:
         h.update(body)
         return h.finalize()
 
-    def issue(self, username: str, now: float) -> tuple[str, float]:
+    def issue(self, username: str, now: float, device: str = "") -> tuple[str, float]:
         expires = now + self._ttl
-        body = msgpack.packb([_VERSION, username, expires, now, os.urandom(12)],
-                             use_bin_type=True)
+        fields: list[object] = [_VERSION, username, expires, now, os.urandom(12)]
+        if device:
+            fields = [_DEVICE_VERSION, *fields[1:], device]
+        body = msgpack.packb(fields, use_bin_type=True)
         return f"{_b64(body)}.{_b64(self._mac(body))}", expires
 
     def verify(self, token: str, now: float) -> Session:
@@ -73,12 +80,17 @@ class SessionSigner:
             fields = msgpack.unpackb(body, raw=False)
         except (ValueError, TypeError, msgpack.ExtraData):
             raise InvalidSession("session token is malformed") from None
-        if not isinstance(fields, list) or len(fields) != 5 or fields[0] != _VERSION:
+        if not isinstance(fields, list) or (fields[:1], len(fields)) not in (
+                ([_VERSION], 5), ([_DEVICE_VERSION], 6)):
             raise InvalidSession("session token version is not supported; log in again")
-        _version, username, expires, issued, _nonce = fields
+        _version, username, expires, issued, _nonce, *bound = fields
+        device = bound[0] if bound else ""
+        if not isinstance(device, str):
+            raise InvalidSession("session token is malformed")
         if not isinstance(username, str) or not isinstance(expires, float | int) \
                 or not isinstance(issued, float | int):
             raise InvalidSession("session token is malformed")
         if float(expires) <= now:
             raise InvalidSession("session expired; log in again")
-        return Session(username=username, expires_at=float(expires), issued_at=float(issued))
+        return Session(username=username, expires_at=float(expires), issued_at=float(issued),
+                       device=device)

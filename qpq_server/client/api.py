@@ -149,8 +149,13 @@ class QpqClient:
             await self.conn.call_raw({"op": "login_finish", "login_id": response["login_id"],
                                       "finalization": b""})
             raise ClientError("login_failed", "wrong username or password") from None
+        # The session is this device's: it acts for this device alone, and unlinking
+        # another device leaves it running. (A new profile's keys reach the disk first:
+        # the session names them.)
+        with self._edit(username) as saved:
+            device = device_id(saved.identity_public)
         result = await self.conn.call("login_finish", login_id=response["login_id"],
-                                      finalization=finish.get_message())
+                                      finalization=finish.get_message(), device=device)
         with self._edit(username) as profile:
             state = profile.state()
             state.session, state.session_expires = result["session"], result["expires_at"]
@@ -318,8 +323,13 @@ class QpqClient:
         if len(book.known()) <= 1:
             return []
         keys = await self._recipient_keys(session, profile.username, own=True)
+        if any(device_id(k.identity) not in book.known() for k in keys):
+            # linked by another of our devices since we last looked: learn it (or stop
+            # here, loudly, if no device of ours vouched for it)
+            await self.check_own_devices(profile)
+        known = book.known()
         return [k for k in keys if k.identity != profile.identity_public
-                and device_id(k.identity) in book.known()]
+                and device_id(k.identity) in known]
 
     async def _recipient_keys(self, session: str, name: str,
                               own: bool = False) -> list[RecipientKey]:

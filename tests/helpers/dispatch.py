@@ -67,7 +67,7 @@ class Harness:
                                 upload=finish.get_message()))["ok"]
 
     async def login(self, conn: ConnectionState, user: str,
-                    password: bytes = PASSWORD) -> Response:
+                    password: bytes = PASSWORD, **extra: Any) -> Response:
         start = opaque.client_login_start(password)
         r = await self.call(conn, "login_start", username=user, request=start.get_message())
         if not r["ok"]:
@@ -78,7 +78,7 @@ class Harness:
             return await self.call(conn, "login_finish", login_id=r["login_id"],
                                    finalization=b"")
         return await self.call(conn, "login_finish", login_id=r["login_id"],
-                               finalization=finish.get_message())
+                               finalization=finish.get_message(), **extra)
 
     async def passwd(self, conn: ConnectionState, user: str, session: str,
                      new_password: bytes) -> Response:

@@ -151,3 +151,30 @@ async def test_a_device_that_rotates_its_key_with_a_handover_stays_known(
         known = await c.check_own_devices(c.profile("ho_bob"))
         assert sorted(d.identity for d in known) == sorted(
             [c.profile("ho_bob").identity_public, new])
+
+
+async def test_a_device_linked_by_another_gets_copies_of_what_this_one_sends(
+        server: RunningServer, tmp_path: Path) -> None:
+    """bob's laptop links his tablet; his phone, which has not looked since, learns the
+    tablet from the laptop's endorsement when it next sends, and copies it."""
+    phone, laptop, tablet = (tmp_path / n for n in ("phone", "laptop", "tablet"))
+    async with client_factory_for(server, tmp_path / "alice")() as a:
+        await a.register("lk_alice", "pw")
+    async with client_factory_for(server, phone)() as p:
+        await p.register("lk_bob", "pw")
+        code = await p.link("lk_bob", "pw")
+    async with client_factory_for(server, laptop)() as lap:
+        await lap.login("lk_bob", "pw", link=code)
+    async with client_factory_for(server, phone)() as p:
+        assert await p.wait_for_linked_device("lk_bob", 0) is not None
+    async with client_factory_for(server, laptop)() as lap:
+        code = await lap.link("lk_bob", "pw")
+    async with client_factory_for(server, tablet)() as tab:
+        await tab.login("lk_bob", "pw", link=code)
+    async with client_factory_for(server, laptop)() as lap:
+        assert await lap.wait_for_linked_device("lk_bob", 0) is not None
+    async with client_factory_for(server, phone)() as p:
+        await p.send_text("lk_bob", ["lk_alice"], "from the phone")
+    for device in (laptop, tablet):
+        async with client_factory_for(server, device)() as c:
+            assert [m.text for m in await c.receive("lk_bob")] == ["from the phone"]

@@ -8,6 +8,7 @@ import hashlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -22,6 +23,7 @@ from qpq_server.devices import (
 )
 from qpq_server.kt.sth import parse_kt_leaf
 from qpq_server.protocol.dispatch import ConnectionState
+from qpq_server.storage.base import Storage
 from tests.helpers.dispatch import Harness, code
 from tests.helpers.dispatch import harness as _harness
 
@@ -166,7 +168,7 @@ async def test_unlink_is_logged_stops_delivery_and_ends_sessions(h: Harness) -> 
     assert len(sent["ids"]) == 1
     keys = await h.call(conn, "get_keys", session=alice, username="ul_bob")
     assert [d["device"] for d in keys["devices"]] == [device_id(first)]
-    last = await h.login(conn, "ul_bob")
+    last = await h.login(conn, "ul_bob")  # account-wide sessions ended, this one is new
     assert last["ok"]
     only = await h.call(conn, "unlink", session=last["session"], device=device_id(first),
                         target=device_id(first))
@@ -220,3 +222,66 @@ async def test_a_single_device_account_from_before_devices_keeps_working(
     assert keys["devices"][0]["key_package"] == b"o" * 32
     assert device_id(old) in json.loads(
         await h.core.service.storage.get_meta("devices:lg_bob") or "{}")
+
+
+async def test_a_device_session_acts_for_its_device_alone_and_ends_with_it(
+        h: Harness) -> None:
+    conn, _bob, first, second = await two_devices(h, "bs_bob")
+    one = (await h.login(conn, "bs_bob", device=device_id(first)))["session"]
+    two = (await h.login(conn, "bs_bob", device=device_id(second)))["session"]
+    alice = await h.session(conn, "bs_alice")
+    await h.call(conn, "enqueue", session=alice, recipients=["bs_bob"], payload=b"m")
+    # no 'device' needed: the session says which; naming another device is refused
+    assert [m["payload"] for m in (await h.call(conn, "fetch", session=two))["messages"]] \
+        == [b"m"]
+    other = await h.call(conn, "ack", session=two, device=device_id(first), ids=[1])
+    assert code(other) == "unauthenticated" and device_id(second) in other["error"]["message"]
+    h.clock.now += 1
+    gone = await h.call(conn, "unlink", session=one, target=device_id(second))
+    assert gone["ok"], gone
+    assert code(await h.call(conn, "fetch", session=two)) == "invalid_session"
+    assert (await h.call(conn, "fetch", session=one))["ok"]  # the remaining device's lives
+    bad = await h.login(conn, "bs_bob", device="not-hex")
+    assert code(bad) == "bad_request"
+
+
+class OtherNodeLinksMeanwhile:
+    """The real storage, with another process changing the device set the moment this
+    one has read it (what two workers or PostgreSQL nodes can do)."""
+
+    def __init__(self, storage: Storage) -> None:
+        self._storage = storage
+        self.strike: bytes | None = None
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._storage, name)
+
+    async def get_meta(self, key: str) -> str | None:
+        if key.startswith("link:") and self.strike is not None:
+            user, self.strike = key[len("link:"):], None
+            await self._storage.set_identity_key(user, b"\x42" * 64)
+        return await self._storage.get_meta(key)
+
+
+async def test_a_device_set_changed_by_another_process_meanwhile_is_not_overwritten(
+        tmp_path: Path) -> None:
+    wrapped: list[OtherNodeLinksMeanwhile] = []
+
+    def wrap(storage: Storage) -> Storage:
+        wrapped.append(OtherNodeLinksMeanwhile(storage))
+        return cast(Storage, wrapped[0])
+
+    async for h in _harness(tmp_path, wrap, rate_limit={"enabled": False}):
+        conn = await h.connect()
+        session = await h.session(conn, "race_bob")
+        first, _ = identity(1)
+        await h.call(conn, "publish_keys", session=session, identity_key=first,
+                     key_packages=[])
+        verifier = await link_code_for(h, conn, "race_bob", session, first)
+        wrapped[0].strike = b"go"
+        second, _ = identity(2)
+        raced = await h.call(conn, "publish_keys", session=session, identity_key=second,
+                             link_code=verifier, key_packages=[])
+        assert code(raced) == "server_busy" and "retry" in raced["error"]["message"]
+        account = await h.core.service.storage.get_account("race_bob")
+        assert account is not None and account.identity_key == b"\x42" * 64

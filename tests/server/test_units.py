@@ -13,6 +13,17 @@ from qpq_server.ratelimit import RateLimiter
 from qpq_server.secrets import Secret, load_secrets
 
 
+def test_a_session_bound_to_a_device_says_which_and_an_account_wide_one_none() -> None:
+    signer = SessionSigner(b"k" * 32, ttl_s=60)
+    bound, _ = signer.issue("bob", 100.0, "0123456789abcdef")
+    assert signer.verify(bound, 110.0).device == "0123456789abcdef"
+    wide, _ = signer.issue("bob", 100.0)
+    assert signer.verify(wide, 110.0).device == ""
+    mac = bound.split(".")[1]
+    with pytest.raises(InvalidSession):  # the device is under the MAC too
+        signer.verify(wide.split(".")[0] + "." + mac, 110.0)
+
+
 def test_session_token_verifies_until_expiry_and_rejects_tampering() -> None:
     signer = SessionSigner(b"k" * 32, ttl_s=60)
     token, expires = signer.issue("alice", now=1000.0)
