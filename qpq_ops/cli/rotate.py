@@ -3,9 +3,11 @@ secret."""
 
 from __future__ import annotations
 
+import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TextIO
 
 import typer
 from rich.table import Table
@@ -29,8 +31,13 @@ from qpq_ops.rotate.auth_token import DEFAULT_GRACE_S
 from qpq_ops.rotate.federation import finish_federation
 from qpq_ops.rotate.session_key import rotate_session_key
 from qpq_ops.rotate.tls import finish_tls, stage_tls
+from qpq_server.secrets import Secret
 
-__all__ = ["app"]
+__all__ = ["MIN_TOKEN_CHARS", "app"]
+
+MIN_TOKEN_CHARS = 16
+"""Shortest token --token-stdin takes (the qpq_server role's floor for a pinned token)."""
+_TOKEN_CHARS = re.compile(r"[^\s\"'#]+")
 
 app = typer.Typer(
     help="Rotate secrets: each command shows its plan with --dry-run, never prints a "
@@ -93,6 +100,10 @@ def auth_token(
     force: Annotated[bool, typer.Option(
         "--force", help="With --finish: finish before the grace period ends.")] = False,
     reload_command: ReloadOpt = None,
+    token_stdin: Annotated[bool, typer.Option(
+        "--token-stdin", help="Rotate to the token read from stdin (one line) instead of a "
+        "random one: the same token on every node of a cluster (rotate-keys.yml does this). "
+        "At least 16 characters, no whitespace, quotes or '#'.")] = False,
     dry_run: DryRunOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -101,12 +112,28 @@ def auth_token(
     The server reloads (SIGHUP) without dropping connections and accepts both tokens
     during the grace period; `--finish` after it drops the old one. The token is written
     to the .env beside the config, never printed."""
+    if token_stdin and finish:
+        fail("--token-stdin gives the token of a new rotation; it does not go with --finish")
+    new_token = _read_token(sys.stdin) if token_stdin else None
     dep = deployment_or_fail(config)
     if finish:
         _run(lambda: finish_auth_token(dep, dry_run=dry_run, force=force,
                                        reload_command=reload_command), json_out)
     _run(lambda: rotate_auth_token(dep, dry_run=dry_run, grace_s=grace_hours * 3600,
-                                   reload_command=reload_command), json_out)
+                                   reload_command=reload_command, new_token=new_token),
+         json_out)
+
+
+def _read_token(stream: TextIO) -> Secret:
+    """The one-line token of --token-stdin, checked to fit a .env line (never echoed)."""
+    lines = stream.read().splitlines()
+    token = lines[0] if lines else ""
+    if len(lines) > 1 and any(line.strip() for line in lines[1:]):
+        fail("--token-stdin: expected one line on stdin, got several")
+    if len(token) < MIN_TOKEN_CHARS or not _TOKEN_CHARS.fullmatch(token):
+        fail(f"--token-stdin: the token must be at least {MIN_TOKEN_CHARS} characters with no "
+             "whitespace, quotes or '#' (it is not shown here)")
+    return Secret(token)
 
 
 @app.command("session-key")

@@ -33,8 +33,10 @@ def _iso(unix: float) -> str:
 
 
 def rotate_auth_token(dep: Deployment, *, dry_run: bool, grace_s: float = DEFAULT_GRACE_S,
-                      reload_command: str | None = None,
+                      reload_command: str | None = None, new_token: Secret | None = None,
                       now: Callable[[], float] = time.time) -> RotationResult:
+    """Rotate to `new_token` when given (one token for every node of a cluster), else to a
+    fresh random one."""
     values = read_env_file(dep.env_file)
     current = values.get("QPQ_AUTH_TOKEN", "")
     if not current:
@@ -42,7 +44,9 @@ def rotate_auth_token(dep: Deployment, *, dry_run: bool, grace_s: float = DEFAUL
     if values.get("QPQ_AUTH_TOKEN_PREVIOUS"):
         raise Refused("a token rotation is already in progress (QPQ_AUTH_TOKEN_PREVIOUS is "
                       "set); run `qpq-ops rotate auth-token --finish` first")
-    new = token_source.token_urlsafe(32)
+    new = token_source.token_urlsafe(32) if new_token is None else new_token.reveal()
+    if new == current:
+        raise Refused("the new token is the one in use; give a different one")
     grace_until = now() + grace_s
     steps = (f"write a new QPQ_AUTH_TOKEN to {dep.env_file}, keep the old one as "
              "QPQ_AUTH_TOKEN_PREVIOUS (both accepted)",

@@ -32,10 +32,12 @@ class OpsRun:
         return json.loads(self.stdout)
 
 
-def ops(*args: str | Path, env: dict[str, str] | None = None) -> OpsRun:
+def ops(*args: str | Path, env: dict[str, str] | None = None,
+        stdin: str | None = None) -> OpsRun:
     """Run `qpq-ops ARGS` in process (real code, real files); QPQ_* env cleared first."""
     clean = {k: None for k in os.environ if k.startswith("QPQ_")}
-    result = runner.invoke(app, [str(a) for a in args], env={**clean, **(env or {})})
+    result = runner.invoke(app, [str(a) for a in args], env={**clean, **(env or {})},
+                           input=stdin)
     if result.exception and not isinstance(result.exception, SystemExit):
         raise result.exception
     return OpsRun(result.exit_code, result.stdout, result.stderr)
