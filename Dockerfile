@@ -21,8 +21,9 @@ RUN pip install --no-compile '.[fast]' && rm -rf /opt/qpq/build
 
 # First start: `qpq-server init` makes the data dir (TLS, OPAQUE setup, KT key); the
 # metrics endpoint then listens on the compose network (it is never published).
-# Secrets come from the environment (compose passes them from .env) and win over the
-# .env file that init writes into /data.
+# Every start copies the secrets compose mounts as files (QPQ_SECRETS_DIR, default
+# /run/secrets: qpq_auth_token, qpq_db_key) into /data/.env, over what init generated;
+# they never travel as environment, which `docker inspect` would show.
 RUN printf '%s\n' \
   '#!/bin/sh' \
   'set -eu' \
@@ -31,6 +32,7 @@ RUN printf '%s\n' \
   '  qpq-server init --data-dir "$(dirname "$cfg")" --domain "${QPQ_DOMAIN:-localhost}"' \
   '  python -c "import sys, tomllib, tomli_w; p = sys.argv[1]; c = tomllib.load(open(p, \"rb\")); c.setdefault(\"metrics\", {})[\"listen\"] = \"0.0.0.0:9090\"; open(p, \"wb\").write(tomli_w.dumps(c).encode())" "$cfg"' \
   'fi' \
+  'python -c "import os, sys; from pathlib import Path; from qpq_server.secrets import read_env_file, write_env_file; env = Path(sys.argv[1]); src = Path(os.environ.get(\"QPQ_SECRETS_DIR\", \"/run/secrets\")); values = read_env_file(env); given = {n: (src / n.lower()).read_text().strip() for n in (\"QPQ_AUTH_TOKEN\", \"QPQ_DB_KEY\") if (src / n.lower()).is_file()}; values.update({k: v for k, v in given.items() if v}); write_env_file(env, values)" "$(dirname "$cfg")/.env"' \
   'qpq-server check-config "$cfg"' \
   'exec qpq-server run --config "$cfg"' \
   > /usr/local/bin/qpq-entrypoint \

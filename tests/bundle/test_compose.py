@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tomllib
@@ -14,10 +15,13 @@ import pytest
 import yaml
 
 from qpq_ops.render.settings import DEFAULT_RUNBOOK_BASE_URL
+from qpq_server.secrets import read_env_file
 from tests.bundle.conftest import tool
 from tests.helpers.canary import declared_secret_output
 
-SECRETS = ("QPQ_AUTH_TOKEN", "QPQ_DB_KEY", "GRAFANA_ADMIN_PASSWORD")
+# Compose secrets (files under QPQ_SECRETS_DIR, mounted at /run/secrets/NAME), by service.
+SECRET_FILES = {"qpq-server": ("qpq_auth_token", "qpq_db_key"),
+                "grafana": ("grafana_admin_password",)}
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +48,10 @@ def _project(repo: Path, tmp_path: Path, env: dict[str, str]) -> Path:
     for directory in ("prometheus", "dashboards", "grafana-provisioning"):
         shutil.copytree(repo / directory, project / directory)
     (project / ".env").write_text("".join(f"{k}={v}\n" for k, v in env.items()))
+    secrets = project / "secrets"
+    secrets.mkdir(mode=0o700)
+    for name in (n for names in SECRET_FILES.values() for n in names):
+        (secrets / name).write_text(f"test-{name}\n")
     return project
 
 
@@ -56,23 +64,46 @@ def _config(project: Path) -> subprocess.CompletedProcess[str]:
         )
 
 
-def test_docker_compose_config_validates_with_secrets_filled_in(
+def test_docker_compose_config_validates_with_secret_files_and_no_secret_environment(
         repo: Path, tmp_path: Path) -> None:
-    env = _env_example(repo) | {k: f"test-{k.lower()}" for k in SECRETS}
-    result = _config(_project(repo, tmp_path, env))
+    env = _env_example(repo) | {"QPQ_DOMAIN": "chat.example.org"}
+    project = _project(repo, tmp_path, env)
+    result = _config(project)
     assert result.returncode == 0, result.stderr
     resolved = yaml.safe_load(result.stdout)
-    assert resolved["services"]["qpq-server"]["environment"]["QPQ_AUTH_TOKEN"] == (
-        "test-qpq_auth_token")
+    assert {name: Path(spec["file"]) for name, spec in resolved["secrets"].items()} == {
+        name: project / "secrets" / name for names in SECRET_FILES.values() for name in names}
+    for service, names in SECRET_FILES.items():
+        mounted = [s if isinstance(s, str) else s["source"]
+                   for s in resolved["services"][service]["secrets"]]
+        assert sorted(mounted) == sorted(names)
+    assert "test-qpq_auth_token" not in result.stdout  # files, not values, in the config
+    server_env = resolved["services"]["qpq-server"]["environment"]
+    assert server_env == {"QPQ_DOMAIN": "chat.example.org"}
 
 
-@pytest.mark.parametrize("secret", SECRETS)
-def test_docker_compose_refuses_an_empty_secret_and_names_it(
-        repo: Path, tmp_path: Path, secret: str) -> None:
-    env = _env_example(repo) | {k: f"test-{k.lower()}" for k in SECRETS} | {secret: ""}
-    result = _config(_project(repo, tmp_path, env))
+def test_docker_compose_refuses_to_start_without_a_domain(repo: Path, tmp_path: Path) -> None:
+    result = _config(_project(repo, tmp_path, _env_example(repo) | {"QPQ_DOMAIN": ""}))
     assert result.returncode != 0
-    assert f"set {secret} in .env" in result.stderr
+    assert "set QPQ_DOMAIN in .env" in result.stderr
+
+
+@pytest.mark.parametrize("service", ["qpq-server", "node-exporter", "prometheus", "grafana"])
+def test_every_container_is_locked_down(compose: dict[str, Any], service: str) -> None:
+    spec = compose["services"][service]
+    assert spec["read_only"] is True
+    assert spec["cap_drop"] == ["ALL"] and "cap_add" not in spec
+    assert "no-new-privileges:true" in spec["security_opt"]
+    assert any(t.startswith("/tmp") for t in spec["tmpfs"])
+    assert spec["logging"]["options"]["max-size"]
+    assert "privileged" not in spec
+
+
+@pytest.mark.parametrize("service", ["qpq-server", "prometheus", "grafana"])
+def test_services_with_an_http_endpoint_have_a_healthcheck(
+        compose: dict[str, Any], service: str) -> None:
+    test = " ".join(compose["services"][service]["healthcheck"]["test"])
+    assert "http://127.0.0.1:" in test
 
 
 def test_env_example_documents_every_variable_and_holds_no_secret(
@@ -84,8 +115,8 @@ def test_env_example_documents_every_variable_and_holds_no_secret(
     text = (repo / ".env.example").read_text()
     for key in example:
         assert re.search(rf"^# .*\n{key}=", text, re.M), f"{key} has no comment above it"
-    for secret in SECRETS:
-        assert example[secret] == "", f"{secret} must be empty in .env.example"
+    assert not {k for k in example if any(w in k for w in ("TOKEN", "KEY", "PASSWORD"))}
+    assert example["QPQ_DOMAIN"] == ""  # required: no silent localhost
 
 
 def test_mounted_paths_exist_in_the_repository(repo: Path, compose: dict[str, Any]) -> None:
@@ -130,11 +161,13 @@ def test_only_quic_is_published_and_admin_ports_default_to_loopback(
     assert services["node-exporter"]["network_mode"] == "service:qpq-server"
 
 
-def test_secrets_reach_containers_only_from_env_substitution(compose: dict[str, Any]) -> None:
+def test_no_secret_travels_as_environment(compose: dict[str, Any]) -> None:
     for name, service in compose["services"].items():
         for key, value in service.get("environment", {}).items():
             if any(word in key for word in ("TOKEN", "KEY", "PASSWORD")):
-                assert str(value).startswith("${") and ":?" in str(value), (name, key)
+                # Only a pointer to a mounted secret file (Grafana's *__FILE convention).
+                assert key.endswith("__FILE") and str(value).startswith("/run/secrets/"), \
+                    (name, key)
 
 
 def test_dockerfile_runs_slim_python_as_non_root_with_a_readyz_healthcheck(repo: Path) -> None:
@@ -176,14 +209,28 @@ def test_entrypoint_initialises_the_data_dir_with_metrics_on_the_container_netwo
     script.write_text("\n".join(lines[:-1]) + "\n")
     config = tmp_path / "data" / "qpq-server.toml"
     bin_dir = str(Path(sys.executable).parent)
-    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "QPQ_CONFIG": str(config), "QPQ_DOMAIN": "example.org"}
+    secrets = tmp_path / "run-secrets"
+    secrets.mkdir()
+    (secrets / "qpq_auth_token").write_text("compose-secret-token-0123456789\n")
+    (secrets / "qpq_db_key").write_text("ab" * 32 + "\n")
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "QPQ_CONFIG": str(config),
+           "QPQ_DOMAIN": "example.org", "QPQ_SECRETS_DIR": str(secrets)}
     result = subprocess.run(["sh", str(script)], env=env, capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     settings = tomllib.loads(config.read_text())
     assert settings["metrics"]["listen"] == "0.0.0.0:9090"
     assert settings["server"]["domain"] == "example.org"
+    # The mounted secret files, not init's random ones, are in the .env the server reads.
+    written = read_env_file(config.parent / ".env")
+    assert written["QPQ_AUTH_TOKEN"] == "compose-secret-token-0123456789"
+    assert written["QPQ_DB_KEY"] == "ab" * 32
+    assert stat.S_IMODE((config.parent / ".env").stat().st_mode) == 0o600
+    # A replaced secret file reaches the .env on the next start.
+    (secrets / "qpq_auth_token").write_text("replaced-secret-token-0123456789\n")
     # A second start keeps the existing data dir (no re-init) and still validates.
     again = subprocess.run(["sh", str(script)], env=env, capture_output=True, text=True,
                            timeout=60)
     assert again.returncode == 0, again.stderr
+    assert read_env_file(config.parent / ".env")["QPQ_AUTH_TOKEN"] == (
+        "replaced-secret-token-0123456789")
