@@ -31,6 +31,7 @@ ROLES = PLAYBOOKS / "roles"
 BIN = Path(sys.executable).parent
 PLAYBOOK_NAMES = ("deploy.yml", "backup.yml", "restore.yml", "rotate-keys.yml")
 AUTH_TOKEN = "test-token-0123456789abcdefghijklmnopqrstuv"
+GRAFANA_PASSWORD = "grafana-test-password-0123"
 
 _RECAP = re.compile(
     r"^(?P<host>\S+)\s*:\s*ok=(?P<ok>\d+)\s+changed=(?P<changed>\d+)\s+"
@@ -75,15 +76,18 @@ def ansible_env(work: Path) -> dict[str, str]:
     return env
 
 
-def write_inventory(path: Path, servers: Sequence[str] = ("localhost",)) -> Path:
+def write_inventory(path: Path, servers: Sequence[str] = ("localhost",),
+                    host_vars: Mapping[str, Mapping[str, Any]] | None = None) -> Path:
     """localhost in both groups the playbooks act on, run with this interpreter.
 
     More `servers` are more names for this same machine (connection local), for the
-    playbooks' multi-host guards.
+    playbooks' multi-host guards; `host_vars` gives one of them its own variables (extra
+    vars would override them, so per-host values such as qpq_root go only here).
     """
     host = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
     inventory = {"all": {"children": {
-        "qpq_servers": {"hosts": {name: host for name in servers}},
+        "qpq_servers": {"hosts": {name: {**host, **(host_vars or {}).get(name, {})}
+                                  for name in servers}},
         "qpq_monitoring": {"hosts": {"localhost": host}},
     }}}
     path.write_text(yaml.safe_dump(inventory))
@@ -93,15 +97,20 @@ def write_inventory(path: Path, servers: Sequence[str] = ("localhost",)) -> Path
 def run_playbook(playbook: str, work: Path, extra_vars: Mapping[str, Any], *,
                  check: bool = False, tags: str | None = None,
                  servers: Sequence[str] = ("localhost",),
+                 host_vars: Mapping[str, Mapping[str, Any]] | None = None,
                  timeout: float = 240.0) -> PlaybookRun:
-    """One `ansible-playbook` run; extra vars go in as JSON so types survive."""
+    """One `ansible-playbook` run; extra vars go in as JSON so types survive.
+
+    `playbook` is one of playbooks/, or an absolute path (a test's own playbook, which
+    finds the roles through playbooks/ansible.cfg).
+    """
     work.mkdir(parents=True, exist_ok=True)
-    inventory = write_inventory(work / "inventory.yml", servers)
+    inventory = write_inventory(work / "inventory.yml", servers, host_vars)
     vars_file = work / "extra-vars.json"
     vars_file.write_text(json.dumps(dict(extra_vars)))
     # From the repository root, as the issue spells it: `ansible-playbook -i INV playbooks/X.yml`.
-    cmd = [str(BIN / "ansible-playbook"), "-i", str(inventory), f"playbooks/{playbook}",
-           "-e", f"@{vars_file}"]
+    path = playbook if Path(playbook).is_absolute() else f"playbooks/{playbook}"
+    cmd = [str(BIN / "ansible-playbook"), "-i", str(inventory), path, "-e", f"@{vars_file}"]
     if check:
         cmd.append("--check")
     if tags:
@@ -171,6 +180,7 @@ def deploy_vars(root: Path, proc: Path, wheel: Path) -> dict[str, Any]:
         "qpq_server_auth_token": AUTH_TOKEN,
         "qpq_prometheus_install_packages": False,
         "qpq_grafana_install": False,
+        "qpq_grafana_admin_password": GRAFANA_PASSWORD,
     }
 
 

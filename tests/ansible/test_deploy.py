@@ -19,11 +19,13 @@ import yaml
 from tests.ansible.runner import (
     AUTH_TOKEN,
     BIN,
+    GRAFANA_PASSWORD,
     REPO,
     DeployedServer,
     PlaybookRun,
     deploy_vars,
     fake_proc,
+    read_env,
     run_playbook,
 )
 
@@ -170,6 +172,17 @@ def test_grafana_gets_the_datasource_provider_and_dashboard(deployed: Deployed) 
     dashboard_dir = yaml.safe_load(provider_src.read_text())["providers"][0]["options"]["path"]
     dashboard = REPO / "dashboards" / "qpq-overview.json"
     assert (deployed.path(dashboard_dir) / dashboard.name).read_text() == dashboard.read_text()
+
+
+def test_grafana_listens_on_loopback_with_the_vault_admin_password(deployed: Deployed) -> None:
+    env_file = deployed.path("/etc/default/grafana-server")
+    assert mode(env_file) == 0o600
+    env = read_env(env_file)
+    assert env["GF_SERVER_HTTP_ADDR"] == "127.0.0.1"
+    assert env["GF_SERVER_HTTP_PORT"] == "3000"
+    assert env["GF_SECURITY_ADMIN_PASSWORD"] == GRAFANA_PASSWORD
+    assert env["GF_USERS_ALLOW_SIGN_UP"] == "false"
+    assert GRAFANA_PASSWORD not in deployed.first.output + deployed.second.output
 
 
 def test_backup_timer_units_run_qpq_ops_backup_with_retention(deployed: Deployed) -> None:

@@ -37,6 +37,10 @@ BAD_INPUTS = {
                                           "qpq_ulimits_qpq_ops must be an absolute path"),
     "wheel_not_on_the_controller": ({"qpq_server_wheel": "/nonexistent/qpq-0.1.0-py3-none-any.whl"},
                                     "qpq_server_wheel must name an existing *.whl"),
+    "grafana_default_admin_password": ({"qpq_grafana_admin_password": "admin"},
+                                       "qpq_grafana_admin_password (from the vault) at least 12"),
+    "grafana_without_admin_password": ({"qpq_grafana_admin_password": None},
+                                       "missing required arguments: qpq_grafana_admin_password"),
     "prometheus_target_without_addresses": ({"qpq_prometheus_targets": [{"instance": "a"}]},
                                             "every qpq_prometheus_targets entry needs instance"),
 }
@@ -47,8 +51,8 @@ def test_bad_input_stops_in_preflight_with_a_clear_message_and_no_change(
         case: str, good_vars: dict[str, Any], tmp_path: Path) -> None:
     overrides, message = BAD_INPUTS[case]
     extra = {**good_vars, **overrides}
-    if overrides.get("qpq_server_domain", "") is None:
-        del extra["qpq_server_domain"]
+    for name in [name for name, value in overrides.items() if value is None]:
+        del extra[name]
     run = run_playbook("deploy.yml", tmp_path / "work", extra)
     assert run.rc != 0
     assert message in " ".join(run.output.split()), run.output[-3000:]
