@@ -154,6 +154,7 @@ def test_prometheus_config_and_rules_are_installed_and_pass_promtool(deployed: D
     repo = yaml.safe_load((REPO / "prometheus" / "prometheus.yml").read_text())
     assert config["global"] == repo["global"]
     rules_dir = deployed.path("/etc/prometheus/qpq")
+    # Rendered for the deployment with the default settings: the committed files.
     for kind in ("rules", "alerts"):
         repo_files = sorted((REPO / "prometheus" / kind).glob("*.yml"))
         assert repo_files, f"no prometheus/{kind}/*.yml in the repo"
@@ -195,6 +196,39 @@ def test_backup_timer_units_run_qpq_ops_backup_with_retention(deployed: Deployed
     timer = (units / "qpq-backup.timer").read_text()
     assert "OnCalendar=*-*-* 03:17:00" in timer.splitlines()
     assert mode(deployed.path("/var/backups/qpq")) == 0o700
+    # As the server's account, bounded in time, with no capability.
+    lines = service.splitlines()
+    assert {"User=qpq", "Group=qpq", "TimeoutStartSec=1h", "CapabilityBoundingSet="} <= set(lines)
+    assert "rsync" not in service  # no off-host target given
+    # The metric is written where that account may, and linked where node_exporter reads.
+    metrics = deployed.path("/var/lib/qpq-backup")
+    assert f"--textfile-dir {metrics}" in service
+    link = deployed.path("/var/lib/prometheus/node-exporter/qpq_backup.prom")
+    assert link.is_symlink() and link.readlink() == metrics / "qpq_backup.prom"
+
+
+def test_the_backup_unit_copies_archives_off_host_when_a_target_is_given(
+        deployed: Deployed, tmp_path: Path) -> None:
+    unit = deployed.path("/etc/systemd/system/qpq-backup.service")
+    try:
+        run = run_playbook("deploy.yml", deployed.work, {
+            **deployed.vars, "qpq_backup_offhost_target": "backup@vault.example.org:/srv/qpq/",
+            "qpq_backup_offhost_ssh_key": "/etc/qpq/backup-ssh-key"}, tags="qpq_backup")
+        assert run.rc == 0, run.output[-3000:]
+        copy = [line for line in unit.read_text().splitlines()
+                if line.startswith("ExecStartPost=/usr/bin/rsync")]
+        assert len(copy) == 1, unit.read_text()
+        assert '-i /etc/qpq/backup-ssh-key -o BatchMode=yes' in copy[0]
+        assert copy[0].endswith(f"{deployed.path('/var/backups/qpq')}/ backup@vault.example.org:/srv/qpq/")
+        bad = run_playbook("deploy.yml", tmp_path / "work", {
+            **deployed.vars, "qpq_backup_offhost_target": "host:/path with space"},
+            tags="qpq_backup")
+        assert bad.rc != 0 and "qpq_backup_offhost_target an rsync destination" in " ".join(
+            bad.output.split())
+    finally:
+        restored = run_playbook("deploy.yml", deployed.work, deployed.vars, tags="qpq_backup")
+        assert restored.rc == 0, restored.output[-3000:]
+    assert "rsync" not in unit.read_text()
 
 
 def test_the_deployed_install_runs_and_answers_readyz(deployed: Deployed) -> None:
@@ -229,10 +263,38 @@ def test_rules_that_promtool_rejects_never_land(deployed: Deployed, tmp_path: Pa
     (tmp_path / "alerts" / "broken.yml").write_text(
         "groups:\n  - name: broken\n    rules:\n      - alert: Broken\n        expr: 'sum('\n")
     run = run_playbook("deploy.yml", deployed.work, {
-        **deployed.vars, "qpq_prometheus_rules_src_dir": str(tmp_path)}, tags="qpq_prometheus")
+        **deployed.vars, "qpq_prometheus_render_rules": False,
+        "qpq_prometheus_rules_src_dir": str(tmp_path)}, tags="qpq_prometheus")
     assert run.rc != 0
     assert "failed to validate" in run.output, run.output[-3000:]
     assert not deployed.path("/etc/prometheus/qpq/alerts/broken.yml").exists()
+
+
+def test_rules_are_rendered_for_the_deployments_jobs_mountpoint_and_runbooks(
+        deployed: Deployed) -> None:
+    settings = {"qpq_prometheus_data_mountpoint": "/srv/qpq-data",
+                "qpq_prometheus_runbook_base_url": "https://git.example.org/ops/qpq/-/blob/main/docs",
+                "qpq_prometheus_qpq_job": "qpq-chat", "qpq_prometheus_node_job": "qpq-node"}
+    alerts = deployed.path("/etc/prometheus/qpq/alerts/qpq-alerts.yml")
+    try:
+        run = run_playbook("deploy.yml", deployed.work, {**deployed.vars, **settings},
+                           tags="qpq_prometheus")
+        assert run.rc == 0, run.output[-3000:]
+        text = alerts.read_text()
+        recording = deployed.path("/etc/prometheus/qpq/rules/qpq-recording.yml").read_text()
+        # The disk trigger (a recording rule) watches the deployment's data filesystem.
+        assert 'node_filesystem_avail_bytes{job="qpq-node",mountpoint="/srv/qpq-data"}' in recording
+        assert "https://git.example.org/ops/qpq/-/blob/main/docs/operations/" in text
+        assert 'job="qpq-chat"' in text and 'job=~"qpq-chat|qpq-node"' in text
+        assert 'job="qpq"' not in text + recording and 'job="node"' not in text + recording
+        config = yaml.safe_load(deployed.path("/etc/prometheus/prometheus.yml").read_text())
+        jobs = {job["job_name"] for job in config["scrape_configs"]}
+        assert {"qpq-chat", "qpq-node"} <= jobs and not {"qpq", "node"} & jobs
+    finally:
+        restored = run_playbook("deploy.yml", deployed.work, deployed.vars, tags="qpq_prometheus")
+        assert restored.rc == 0, restored.output[-3000:]
+    assert (deployed.path("/etc/prometheus/qpq/rules/qpq-recording.yml").read_text()
+            == (REPO / "prometheus/rules/qpq-recording.yml").read_text())
 
 
 def test_a_rule_file_gone_from_the_repo_is_removed_from_the_host(deployed: Deployed) -> None:

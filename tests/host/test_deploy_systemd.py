@@ -121,6 +121,8 @@ def test_check_diff_on_a_fresh_host_succeeds(deployed: Deployed) -> None:
 
 def test_deploy_then_a_second_run_changes_nothing(deployed: Deployed) -> None:
     assert deployed.first.changed > 0
+    # The roll's last step on the host: ready, then doctor (its JSON read, not failing).
+    assert "TASK [qpq_server : Run qpq-ops doctor]" in deployed.first.output
     assert deployed.second.rc == 0, deployed.second.output[-6000:]
     assert deployed.second.changed == 0, deployed.second.changed_tasks()
 
@@ -207,6 +209,10 @@ def test_the_backup_service_runs_once_and_writes_an_archive(deployed: Deployed) 
     archives = sorted(host.path("/var/backups/qpq").iterdir())
     assert archives, host.journal("qpq-backup.service")
     listing = host.run(["ls", "-ln", "/var/backups/qpq"]).stdout
+    # The unit ran as the server's account: it owns what the backup wrote.
+    owners = host.run(["stat", "-c", "%U", *(f"/var/backups/qpq/{a.name}" for a in archives),
+                       "/var/lib/qpq-backup/qpq_backup.prom"]).stdout.split()
+    assert set(owners) == {"qpq"}, listing
     metric = host.path("/var/lib/prometheus/node-exporter/qpq_backup.prom")
     assert "qpq_backup_last_success_timestamp_seconds" in metric.read_text(), shlex.quote(listing)
     # node_exporter, on the address the role set, serves it to the monitoring host.
