@@ -98,7 +98,7 @@ def run_playbook(playbook: str, work: Path, extra_vars: Mapping[str, Any], *,
                  check: bool = False, tags: str | None = None,
                  servers: Sequence[str] = ("localhost",),
                  host_vars: Mapping[str, Mapping[str, Any]] | None = None,
-                 timeout: float = 240.0) -> PlaybookRun:
+                 timeout: float = 600.0) -> PlaybookRun:
     """One `ansible-playbook` run; extra vars go in as JSON so types survive.
 
     `playbook` is one of playbooks/, or an absolute path (a test's own playbook, which

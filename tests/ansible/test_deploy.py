@@ -29,7 +29,9 @@ from tests.ansible.runner import (
     run_playbook,
 )
 
-pytestmark = pytest.mark.timeout(420)
+# Generous: the module's fixture deploys twice, and a deploy takes minutes on a loaded
+# 2-core machine (pip installs the wheelhouse).
+pytestmark = pytest.mark.timeout(1500)
 
 
 @dataclass(frozen=True)
@@ -114,11 +116,42 @@ def test_systemd_unit_is_hardened_and_reloads_with_sighup(deployed: Deployed) ->
     data_dir = deployed.path("/var/lib/qpq")
     for line in ("NoNewPrivileges=true", "ProtectSystem=strict", f"ReadWritePaths={data_dir}",
                  "ExecReload=/bin/kill -HUP $MAINPID", "User=qpq", "CapabilityBoundingSet=",
-                 f"ExecStart={deployed.path('/opt/qpq/venv/bin')}/qpq-server run --config "
+                 f"ExecStart={deployed.path('/opt/qpq/current/bin')}/qpq-server run --config "
                  f"{data_dir}/qpq-server.toml"):
         assert line in unit.splitlines(), line
     # The environment would win over the .env, so a rotated token must not be pinned here.
     assert "EnvironmentFile" not in unit.replace("# No EnvironmentFile", "")
+
+
+def test_each_version_has_its_own_venv_and_current_points_at_it(deployed: Deployed) -> None:
+    version = deployed.vars["qpq_server_wheel"].split("/")[-1].split("-")[1]
+    install = deployed.path("/opt/qpq")
+    assert (install / "current").readlink() == Path("venvs") / version
+    assert (install / "venv").readlink() == Path("current")  # other roles' path
+    assert (install / "venvs" / version / "bin" / "qpq-server").is_file()
+
+
+def test_a_failed_upgrade_leaves_the_running_version_in_place(
+        deployed: Deployed, tmp_path: Path, qpq_wheel: Path) -> None:
+    # A "new version" whose install fails: pip refuses a wheel named unlike its metadata.
+    broken = tmp_path / qpq_wheel.name.replace("-0.1.0-", "-9.9.9-")
+    broken.write_bytes(qpq_wheel.read_bytes())
+    current = deployed.path("/opt/qpq/current")
+    before = current.readlink()
+    unit = deployed.path("/etc/systemd/system/qpq-server.service").read_bytes()
+    run = run_playbook("deploy.yml", tmp_path / "work",
+                       {**deployed.vars, "qpq_server_wheel": str(broken)}, tags="qpq_server")
+    assert run.rc != 0
+    assert "fatal" in run.output and "Install qpq into the virtualenv" in run.output
+    assert current.readlink() == before
+    assert deployed.path("/etc/systemd/system/qpq-server.service").read_bytes() == unit
+    server = DeployedServer(deployed.root, deployed.vars["qpq_server_metrics_listen"],
+                            tmp_path / "server.log")
+    server.start()
+    try:
+        assert server.ready(), server.log()
+    finally:
+        server.stop()
 
 
 def test_tuning_files_carry_the_qpq_ops_tune_values(deployed: Deployed) -> None:
@@ -295,6 +328,43 @@ def test_rules_are_rendered_for_the_deployments_jobs_mountpoint_and_runbooks(
         assert restored.rc == 0, restored.output[-3000:]
     assert (deployed.path("/etc/prometheus/qpq/rules/qpq-recording.yml").read_text()
             == (REPO / "prometheus/rules/qpq-recording.yml").read_text())
+
+
+def test_alertmanager_gets_qpqs_inhibit_rules_and_prometheus_sends_to_it(
+        deployed: Deployed) -> None:
+    settings = {"qpq_prometheus_alertmanager": True,
+                "qpq_prometheus_alertmanager_address": "127.0.0.1:9093"}
+    config_path = deployed.path("/etc/prometheus/alertmanager.yml")
+    try:
+        run = run_playbook("deploy.yml", deployed.work, {**deployed.vars, **settings},
+                           tags="qpq_prometheus")
+        assert run.rc == 0, run.output[-3000:]
+        config = yaml.safe_load(config_path.read_text())
+        down, critical = config["inhibit_rules"]
+        assert down == {"source_matchers": ['alertname="qpq_instance_down"'],
+                        "target_matchers": ['alertname=~"qpq_.+"',
+                                            'alertname!="qpq_instance_down"'],
+                        "equal": ["instance"]}
+        assert critical["equal"] == ["trigger", "instance"]
+        # The names and labels the rules match are those qpq-ops renders.
+        alerts = yaml.safe_load(deployed.path("/etc/prometheus/qpq/alerts/qpq-alerts.yml")
+                                .read_text())
+        rules = [r for g in alerts["groups"] for r in g["rules"]]
+        assert any(r["alert"] == "qpq_instance_down" for r in rules)
+        assert all({"severity", "trigger"} <= set(r["labels"]) for r in rules
+                   if r["labels"]["severity"] == "warning" and r["alert"].endswith("_warning"))
+        prometheus = yaml.safe_load(deployed.path("/etc/prometheus/prometheus.yml").read_text())
+        assert prometheus["alerting"]["alertmanagers"] == [
+            {"static_configs": [{"targets": ["127.0.0.1:9093"]}]}]
+        check = subprocess.run(["promtool", "check", "config",
+                                str(deployed.path("/etc/prometheus/prometheus.yml"))],
+                               capture_output=True, text=True, timeout=60, check=False)
+        assert check.returncode == 0, check.stdout + check.stderr
+    finally:
+        restored = run_playbook("deploy.yml", deployed.work, deployed.vars, tags="qpq_prometheus")
+        assert restored.rc == 0, restored.output[-3000:]
+    assert "alerting" not in yaml.safe_load(
+        deployed.path("/etc/prometheus/prometheus.yml").read_text())
 
 
 def test_a_rule_file_gone_from_the_repo_is_removed_from_the_host(deployed: Deployed) -> None:

@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from qpq_server.client import QpqClient, connect
+from qpq_server.tls import write_self_signed
 from tests.ansible.runner import AUTH_TOKEN, BIN, PLAYBOOKS, REPO, PlaybookRun, parse_run
 from tests.helpers.ports import free_port
 from tests.host.systemd_host import SystemdHost
@@ -30,6 +31,7 @@ pytestmark = pytest.mark.timeout(900)
 WORK = "/srv/qpq-test"  # inventory and extra vars, inside the host
 UNIT = "qpq-server.service"
 DATA = "/var/lib/qpq"
+ACME_HOOK = "/etc/letsencrypt/renewal-hooks/deploy/qpq-server"
 # The target for `systemd-analyze security` (lower is more locked down).
 MAX_EXPOSURE = 2.0
 
@@ -105,6 +107,7 @@ def deploy_fresh_host(host: SystemdHost, wheel: Path) -> Deployed:
         "qpq_firewall_apply": False,
         "qpq_firewall_monitoring_sources": ["10.9.8.7", "2001:db8::/64"],
         "qpq_prometheus_node_exporter_listen_address": f"127.0.0.1:{free_port()}",
+        "qpq_server_acme_hook": ACME_HOOK,
     }
     check_fresh = run_playbook(host, "deploy.yml", extra, check=True)
     first = run_playbook(host, "deploy.yml", extra)
@@ -129,6 +132,8 @@ def test_deploy_then_a_second_run_changes_nothing(deployed: Deployed) -> None:
 
 def test_the_hardened_unit_runs_as_the_service_account(deployed: Deployed) -> None:
     host = deployed.host
+    # It runs the version `current` points at (one virtualenv per version).
+    assert host.run(["readlink", "/opt/qpq/current"]).stdout.strip() == "venvs/0.1.0"
     assert host.systemctl("is-active", UNIT, check=False).stdout.strip() == "active", \
         deployed.fail_context()
     assert host.systemctl("is-enabled", UNIT).stdout.strip() == "enabled"
@@ -241,3 +246,36 @@ def test_the_firewall_table_loads_and_lets_in_only_quic_ssh_and_monitoring(
     v6 = next(line for line in lines if line.startswith("ip6 saddr 2001:db8::/64"))
     for line in (v4, v6):
         assert metrics in line and "9100" in line and line.endswith("accept")
+
+
+async def _ping_with(deployed: Deployed, ca: Path) -> bool:
+    async with connect(deployed.address, AUTH_TOKEN, ca=ca, server_name="chat.example.org",
+                       timeout=10) as conn:
+        return bool((await conn.call("ping"))["ok"])
+
+
+def test_the_acme_hook_reloads_the_unit_onto_a_renewed_certificate(deployed: Deployed) -> None:
+    host = deployed.host
+    lineage = "/etc/letsencrypt/live/chat.example.org"
+    write_self_signed(host.path(f"{lineage}/fullchain.pem"), host.path(f"{lineage}/privkey.pem"),
+                      "chat.example.org")
+    pid = deployed.main_pid()
+    # As certbot runs it after a renewal: as root, with RENEWED_LINEAGE.
+    done = host.run([ACME_HOOK], env={"RENEWED_LINEAGE": lineage}, check=False, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    renewed = host.path(f"{lineage}/fullchain.pem")
+    assert host.path(f"{DATA}/tls/cert.pem").read_bytes() == renewed.read_bytes()
+    assert host.run(["stat", "-c", "%U", f"{DATA}/tls/cert.pem"]).stdout.strip() == "qpq"
+
+    async def served() -> bool:
+        deadline = asyncio.get_running_loop().time() + 20
+        while True:  # the SIGHUP reload is asynchronous: until the new pair is served
+            try:
+                return await _ping_with(deployed, renewed)
+            except Exception:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
+
+    assert asyncio.run(served())
+    assert deployed.main_pid() == pid  # reloaded, not restarted
