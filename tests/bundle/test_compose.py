@@ -196,7 +196,12 @@ def test_dockerfile_entrypoint_script_is_valid_shell(repo: Path, tmp_path: Path)
 
 def test_dockerignore_keeps_secrets_and_the_venv_out_of_the_build(repo: Path) -> None:
     ignored = set((repo / ".dockerignore").read_text().split())
-    assert {".env", ".venv", ".git", "data"} <= ignored
+    assert {".env", ".venv", ".git", "data", "secrets"} <= ignored
+
+
+def test_git_never_tracks_the_compose_secrets(repo: Path) -> None:
+    ignored = set((repo / ".gitignore").read_text().split())
+    assert {"/secrets/", "/.env"} <= ignored
 
 
 def test_entrypoint_initialises_the_data_dir_with_metrics_on_the_container_network(
