@@ -21,6 +21,7 @@ from tests.ansible.runner import (
     ansible_env,
     role_defaults,
 )
+from tests.host.systemd_host import SUITE
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -216,3 +217,9 @@ def test_qpq_server_role_defaults_are_the_servers_own_config_defaults() -> None:
                               f"server default {server_default!r}")
     assert not mismatches, "\n".join(mismatches)
     assert len(compared) >= 20, compared
+
+
+@pytest.mark.parametrize("role", EXPECTED_ROLES)
+def test_role_metadata_lists_only_the_platform_the_host_tests_prove(role: str) -> None:
+    meta = yaml.safe_load((ROLES / role / "meta" / "main.yml").read_text())
+    assert meta["galaxy_info"]["platforms"] == [{"name": "Debian", "versions": [SUITE]}]
