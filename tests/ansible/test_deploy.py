@@ -123,6 +123,11 @@ def test_systemd_unit_is_hardened_and_reloads_with_sighup(deployed: Deployed) ->
     assert "EnvironmentFile" not in unit.replace("# No EnvironmentFile", "")
 
 
+def test_the_journal_is_bounded_in_size_and_age(deployed: Deployed) -> None:
+    drop_in = deployed.path("/etc/systemd/journald.conf.d/60-qpq.conf").read_text()
+    assert {"[Journal]", "SystemMaxUse=1G", "MaxRetentionSec=30day"} <= set(drop_in.splitlines())
+
+
 def test_each_version_has_its_own_venv_and_current_points_at_it(deployed: Deployed) -> None:
     version = deployed.vars["qpq_server_wheel"].split("/")[-1].split("-")[1]
     install = deployed.path("/opt/qpq")

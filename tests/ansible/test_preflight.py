@@ -41,6 +41,8 @@ BAD_INPUTS = {
                                        "qpq_grafana_admin_password (from the vault) at least 12"),
     "grafana_without_admin_password": ({"qpq_grafana_admin_password": None},
                                        "missing required arguments: qpq_grafana_admin_password"),
+    "journal_size_not_a_size": ({"qpq_server_journal_max_use": "lots"},
+                                "qpq_server_journal_max_use must be a size like 1G"),
     "prometheus_target_without_addresses": ({"qpq_prometheus_targets": [{"instance": "a"}]},
                                             "every qpq_prometheus_targets entry needs instance"),
 }

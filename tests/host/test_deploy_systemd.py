@@ -108,6 +108,8 @@ def deploy_fresh_host(host: SystemdHost, wheel: Path) -> Deployed:
         "qpq_firewall_monitoring_sources": ["10.9.8.7", "2001:db8::/64"],
         "qpq_prometheus_node_exporter_listen_address": f"127.0.0.1:{free_port()}",
         "qpq_server_acme_hook": ACME_HOOK,
+        # The clock is this machine's (shared kernel): no time daemon may steer it from here.
+        "qpq_server_time_sync": False,
     }
     check_fresh = run_playbook(host, "deploy.yml", extra, check=True)
     first = run_playbook(host, "deploy.yml", extra)
