@@ -220,7 +220,11 @@ def test_the_backup_service_runs_once_and_writes_an_archive(deployed: Deployed) 
     owners = host.run(["stat", "-c", "%U", *(f"/var/backups/qpq/{a.name}" for a in archives),
                        "/var/lib/qpq-backup/qpq_backup.prom"]).stdout.split()
     assert set(owners) == {"qpq"}, listing
-    metric = host.path("/var/lib/prometheus/node-exporter/qpq_backup.prom")
+    # Written as the service account into its own dir; node_exporter's dir links to it
+    # (an absolute link inside the host: read the target from out here).
+    link = host.run(["readlink", "/var/lib/prometheus/node-exporter/qpq_backup.prom"]).stdout
+    assert link.strip() == "/var/lib/qpq-backup/qpq_backup.prom"
+    metric = host.path("/var/lib/qpq-backup/qpq_backup.prom")
     assert "qpq_backup_last_success_timestamp_seconds" in metric.read_text(), shlex.quote(listing)
     # node_exporter, on the address the role set, serves it to the monitoring host.
     url = f"http://{deployed.vars['qpq_prometheus_node_exporter_listen_address']}/metrics"
