@@ -97,6 +97,7 @@ class ServerApp:
             self.metrics.tls_cert_expiry_timestamp_seconds.set(
                 certificate_not_after(self.config.tls_cert_path))
             await self._start_quic(stack)
+            await self._start_federation(stack)
             await self._start_websocket(stack)
             if self.worker is None:  # workers: the supervisor serves /metrics and the pid
                 self._start_health(stack)
@@ -146,6 +147,21 @@ class ServerApp:
         except OSError as exc:
             raise ConfigError(f"cannot listen on UDP {cfg.server.listen}: {exc.strerror}") from None
         stack.callback(self.listener.close)
+
+    async def _start_federation(self, stack: contextlib.AsyncExitStack) -> None:
+        """The peers' listener on every worker (one UDP port); relaying on one process
+        only, so two never send one outbox at once."""
+        federation = self.core.federation
+        if federation is None:
+            return
+        from qpq_server.kt.log import kt_ops
+
+        worker = self.worker
+        await federation.start(self.core.service, kt_ops(self.core.kt, self.storage),
+                               self.core.service.relays_removed,
+                               relay=worker is None or worker.index == 0,
+                               reuse_port=worker is not None)
+        stack.callback(federation.close)
 
     async def _start_websocket(self, stack: contextlib.AsyncExitStack) -> None:
         cfg = self.config

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -60,9 +61,12 @@ def check_config(
 ) -> None:
     """Validate a config file (unknown keys, types, ranges, referenced files) without
     starting anything. Exit 0 when valid, 1 with one line per problem otherwise."""
-    from qpq_server.config import validate_config
+    from qpq_server.config import load_config, validate_config
+    from qpq_server.federation.check import federation_file_problems
 
     problems = validate_config(path)
+    if not problems:  # the files exist: now whether they fit together
+        problems = federation_file_problems(load_config(path))
     if problems:
         for problem in problems:
             print(f"{path}: {problem}", file=sys.stderr)
@@ -98,6 +102,54 @@ def run(
         raise _fail(str(exc)) from None
     except KeyboardInterrupt:
         pass
+
+
+federation_app = typer.Typer(
+    name="federation", no_args_is_help=True,
+    help="Certificates for federation: servers of different domains relay to each other "
+    "over mutual TLS, each presenting a certificate the shared federation CA signed.")
+app.add_typer(federation_app)
+
+
+@federation_app.command("init-ca")
+def federation_init_ca(
+    out: Annotated[Path, typer.Option("--out", help="Directory for federation-ca.der and "
+                                      "federation-ca-key.der (0600; keep it offline).")],
+    days: Annotated[int, typer.Option(min=1, help="CA validity in days.")] = 3650,
+) -> None:
+    """Create a federation CA. Give its certificate (never its key) to every peer's
+    [federation] federation_ca; sign each domain's certificate with `issue-cert`."""
+    from qpq_server.federation.certs import init_ca
+
+    _print_written(lambda: init_ca(out, days=days))
+
+
+@federation_app.command("issue-cert")
+def federation_issue_cert(
+    ca: Annotated[Path, typer.Option("--ca", help="Directory holding the CA (init-ca --out).")],
+    domain: Annotated[str, typer.Option("--domain", help="The server domain the certificate "
+                                        "names: [federation] domain of that server.")],
+    out: Annotated[Path, typer.Option("--out", help="Directory for federation-cert.der and "
+                                      "federation-key.der (0600).")],
+    days: Annotated[int, typer.Option(min=1, help="Validity in days (capped by the CA's).")]
+    = 365,
+) -> None:
+    """Issue a certificate and key for DOMAIN, signed by the federation CA. Point
+    [federation] federation_cert / federation_key at them."""
+    from qpq_server.federation.certs import issue_cert
+
+    _print_written(lambda: issue_cert(ca, domain, out, days=days))
+
+
+def _print_written(make: Callable[[], list[Path]]) -> None:
+    try:
+        written = make()
+    except QpqError as exc:
+        raise _fail(str(exc)) from None
+    except OSError as exc:
+        raise _fail(f"cannot write {exc.filename}: {exc.strerror}") from None
+    for path in written:
+        print(f"wrote {path}")
 
 
 def _worker_count(path: Path) -> int:

@@ -163,6 +163,16 @@ class FederationConfig:
     federation_key: str = ""
     federation_ca: str = ""
     peers: tuple[FederationPeer, ...] = ()
+    relay_max_age_s: float = 604800.0  # an undelivered relay expires after a week
+    retry_base_s: float = 1.0  # first retry delay; doubles per failure (with jitter)
+    retry_max_s: float = 300.0
+    # Relay ids delivered are remembered this long (longer than any peer retries).
+    remember_relays_s: float = 2592000.0
+    peer_rate_per_s: float = 200.0  # relays and key lookups per peer
+    peer_burst: int = 2000
+    outbox_max_bytes: int = 1073741824  # per peer: beyond it local senders are refused
+    poll_interval_s: float = 5.0  # outbox re-read (other workers or nodes queue too)
+    connect_timeout_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -284,6 +294,15 @@ _POSITIVE = {
     ("rate_limit", "key_fetch_burst"),
     ("rate_limit", "one_time_key_rate_per_s"),
     ("rate_limit", "one_time_key_burst"),
+    ("federation", "relay_max_age_s"),
+    ("federation", "retry_base_s"),
+    ("federation", "retry_max_s"),
+    ("federation", "remember_relays_s"),
+    ("federation", "peer_rate_per_s"),
+    ("federation", "peer_burst"),
+    ("federation", "outbox_max_bytes"),
+    ("federation", "poll_interval_s"),
+    ("federation", "connect_timeout_s"),
 }
 _HOSTPORTS = {("server", "listen"), ("metrics", "listen"), ("federation", "listen"),
               ("websocket", "listen")}
@@ -391,10 +410,7 @@ def _parse(path: Path) -> tuple[Config, list[str]]:
     if config.server.workers != 1 and config.storage.backend == "file":
         problems.append('[server] workers > 1 needs [storage] backend = "sqlcipher" (or '
                         '"postgres"): the file backend keeps its counters in one process')
-    if config.federation.enabled:
-        # Refuse rather than run without the relaying the operator asked for.
-        problems.append("[federation] enabled = true, but federation relaying is not available "
-                        "in this build of qpq-server; set enabled = false")
+    problems += _federation_problems(config)
     limits = config.limits
     if not q.max_frame_bytes + 65536 <= limits.max_response_bytes <= 64 * 1024 * 1024:
         problems.append("[limits] max_response_bytes must be at least max_frame_bytes + 65536 "
@@ -402,6 +418,40 @@ def _parse(path: Path) -> tuple[Config, list[str]]:
     if q.max_concurrent_bidi_streams > 10000:
         problems.append("[quic] max_concurrent_bidi_streams must be at most 10000")
     return config, problems
+
+
+def _federation_problems(config: Config) -> list[str]:
+    """The section's own consistency (its files are checked with the others)."""
+    from qpq_server.federation.address import DOMAIN_RE
+
+    fed = config.federation
+    if not fed.enabled:
+        return []
+    problems = []
+    own = (fed.domain or config.server.domain).lower()
+    if not DOMAIN_RE.match(own):
+        problems.append(f"[federation] domain {own!r} is not a domain name")
+    seen: set[str] = set()
+    for peer in fed.peers:
+        domain = peer.domain.lower()
+        if not DOMAIN_RE.match(domain):
+            problems.append(f"[[federation.peers]] domain {peer.domain!r} is not a domain name")
+        elif domain == own:
+            problems.append(f"[[federation.peers]] {domain!r} is this server's own domain")
+        elif domain in seen:
+            problems.append(f"[[federation.peers]] {domain!r} is listed twice")
+        seen.add(domain)
+        if peer.address:
+            try:
+                parse_hostport(peer.address)
+            except ValueError as exc:
+                problems.append(f"[[federation.peers]] {domain!r} address: {exc}")
+    if fed.retry_base_s > fed.retry_max_s:
+        problems.append("[federation] retry_base_s must be at most retry_max_s")
+    if fed.remember_relays_s <= fed.relay_max_age_s:
+        problems.append("[federation] remember_relays_s must be longer than relay_max_age_s "
+                        "(else a late retry could be delivered twice)")
+    return problems
 
 
 def _file_problems(config: Config) -> list[str]:
@@ -417,7 +467,8 @@ def _file_problems(config: Config) -> list[str]:
                              ("federation_key", fed.federation_key),
                              ("federation_ca", fed.federation_ca)):
             if not value or not config.path(value).is_file():
-                problems.append(f"[federation] {label}: file not found: {value or '(unset)'}")
+                problems.append(f"[federation] {label}: file not found: "
+                                f"{config.path(value) if value else '(unset)'}")
     return problems
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from qpq_server.auth.access import AccessTokens
 from qpq_server.auth.opaque import OpaqueServer
@@ -27,6 +28,9 @@ from qpq_server.secrets import ServerSecrets
 from qpq_server.service import Service
 from qpq_server.storage.base import RESTORE_STATE_KEY, Storage
 
+if TYPE_CHECKING:
+    from qpq_server.federation.hub import Federation
+
 __all__ = ["ServerCore", "build_core", "load_session_signer"]
 
 
@@ -36,6 +40,7 @@ class ServerCore:
     dispatcher: Dispatcher
     kt: KtLog
     blobs: BlobStore
+    federation: Federation | None = None
 
 
 def load_session_signer(config: Config) -> SessionSigner:
@@ -82,7 +87,16 @@ async def build_core(config: Config, secrets: ServerSecrets, storage: Storage,
         clock=clock,
     )
     dispatcher = Dispatcher(metrics, service)
-    for ops in (service.ops(), kt_ops(kt, storage), blob_ops()):
+    log_ops = kt_ops(kt, storage)
+    federation = None
+    if config.federation.enabled:  # USER@DOMAIN routing; app.py starts its listener
+        from qpq_server.federation.hub import Federation
+
+        federation = Federation(config, storage, metrics, clock)
+        service.federation = federation
+        log_ops = federation.wrap_kt_ops(log_ops)
+    for ops in (service.ops(), log_ops, blob_ops()):
         dispatcher.register(ops)
     await service.start()
-    return ServerCore(service=service, dispatcher=dispatcher, kt=kt, blobs=blobs)
+    return ServerCore(service=service, dispatcher=dispatcher, kt=kt, blobs=blobs,
+                      federation=federation)

@@ -84,15 +84,18 @@ class ServerMetrics:
         self.federation_relay_total = Counter(
             "qpq_federation_relay_total", "Messages relayed to/from federation peers",
             ["peer", "result"], registry=r)
-        # Federation relaying is not built yet (issue 15): the names DESIGN.md fixes are
-        # declared here, in the one registry the catalogue is read from, and carry no
-        # series until a peer is configured.
+        # Per peer series appear once [federation] is enabled (one per configured peer).
         self.federation_queue_depth = Gauge(
             "qpq_federation_queue_depth", "Relays waiting in the outbound queue per peer",
             ["peer"], registry=r, multiprocess_mode="mostrecent")
         self.federation_peer_up = Gauge(
             "qpq_federation_peer_up", "1 when the last relay attempt to the peer succeeded",
             ["peer"], registry=r, multiprocess_mode="max")
+        self.federation_refused_total = Counter(
+            "qpq_federation_refused_total",
+            "Federation connections refused at authentication, by reason (unknown_peer, "
+            "other_ca, expired, wrong_domain, wrong_address, bad_signature, bad_certificate)",
+            ["reason"], registry=r)
         self.tls_cert_expiry_timestamp_seconds = Gauge(
             "qpq_tls_cert_expiry_timestamp_seconds", "notAfter of the serving TLS certificate",
             registry=r, multiprocess_mode="min")

@@ -16,7 +16,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from qpq_server.auth.access import AccessTokens
 from qpq_server.auth.backoff import LoginBackoff
@@ -60,6 +60,9 @@ from qpq_server.protocol import validate as v
 from qpq_server.protocol.dispatch import ConnectionState, Handler
 from qpq_server.ratelimit import RateLimiter
 from qpq_server.storage.base import Account, Storage, StoredMessage
+
+if TYPE_CHECKING:
+    from qpq_server.federation.hub import Federation
 
 __all__ = ["BlobIndex", "KeyLog", "Service"]
 
@@ -130,6 +133,7 @@ class Service:
         self._device_locks = KeyedLocks()  # one device-set change per account at a time
         self.draining = False
         self.worker: int | None = None  # this process's index among several workers
+        self.federation: Federation | None = None  # set when [federation] is enabled
         self._queue_depth = 0
 
     def ops(self) -> Mapping[str, Handler]:
@@ -232,6 +236,8 @@ class Service:
                   "max_frame_bytes": self.config.quic.max_frame_bytes}
         if self.worker is not None:  # which worker the kernel put this connection on
             answer["worker"] = self.worker
+        if self.federation is not None:  # users here are USER@federation_domain elsewhere
+            answer["federation_domain"] = self.federation.domain
         return answer
 
     async def _ping(self, request: dict[str, Any], conn: ConnectionState) -> dict[str, Any]:
@@ -629,7 +635,21 @@ class Service:
         package) and the log proof of the account's device set. The top-level fields
         repeat the first device's bundle for clients from before devices."""
         requester = self._session_user(request)
-        username = v.get_username(request)
+        if self.federation is not None:  # USER@DOMAIN: another domain's keys, via its server
+            from qpq_server.federation.address import split_address
+
+            user, domain = split_address(v.get_str(request, "username", max_len=318),
+                                         self.federation.domain)
+            if domain is not None:
+                self._take(self._key_fetch_limiter, requester, "key_fetch",
+                           "too many key fetches from this account; slow down")
+                return await self.federation.remote_keys(requester, user, domain)
+            request = {**request, "username": user}
+        return await self.keys_for(requester, v.get_username(request))
+
+    async def keys_for(self, requester: str, username: str) -> dict[str, Any]:
+        """A local user's keys (every device's bundle) for `requester`: a local user,
+        or USER@DOMAIN asking through a federation peer."""
         if username != requester:
             self._take(self._key_fetch_limiter, requester, "key_fetch",
                        "too many key fetches from this account; slow down")
@@ -689,6 +709,9 @@ class Service:
             raise BadRequest("field 'recipients' must not be empty")
         payload = v.get_bytes(request, "payload", max_len=self.config.quic.max_frame_bytes)
         recipients = list(dict.fromkeys(recipients))
+        remote: list[tuple[str, str]] = []
+        if self.federation is not None:  # USER@DOMAIN recipients go to that peer's outbox
+            recipients, remote = self.federation.split(recipients)
         blob_ids = [b.hex() for b in v.get_bytes_list(
             request, "blobs", max_items=_MAX_BLOBS_PER_MESSAGE, max_len=32)
         ] if request.get("blobs") is not None else []
@@ -698,14 +721,22 @@ class Service:
         if blob_ids and (self.blobs is None
                          or any(self.blobs.visible_to(b, sender) is None for b in blob_ids)):
             raise NotFound("the message names a blob this server does not hold")
+        if blob_ids and remote:
+            raise BadRequest("attachments cannot be relayed to other domains yet; send "
+                             "them to local recipients only")
         if self.draining:
             raise ServerBusy("server is shutting down; retry on reconnect")
         mailboxes, refs = await self._mailboxes(sender, recipients, request)
-        await self._check_enqueue_quotas(sender, mailboxes, len(payload))
+        await self._check_enqueue_quotas(sender, mailboxes + [f"{u}@{d}" for u, d in remote],
+                                         len(payload))
+        if remote and self.federation is not None:
+            await self.federation.check_outbox(remote, len(payload))
         if blob_ids and self.blobs is not None:  # keep them until each device fetched
             await self.blobs.add_refs(blob_ids, refs)
-        ids = await self.storage.enqueue(sender, mailboxes, payload, self.clock()) \
-            if mailboxes else []
+        now = self.clock()
+        ids = await self.storage.enqueue(sender, mailboxes, payload, now) if mailboxes else []
+        if remote and self.federation is not None:
+            ids += await self.federation.queue(sender, remote, payload, now)
         self.metrics.enqueue_total.inc(len(ids))
         self._adjust_queue_depth(len(ids))
         self.notifier.notify(mailboxes)
@@ -748,6 +779,21 @@ class Service:
         if full:
             self.metrics.quota_refused_total.labels(kind="mailbox_bytes").inc()
             raise QuotaExceeded("mailbox full for: " + ", ".join(full[:10]))
+
+    # -- what federation peers' relays use (federation.inbound.Delivery) ----------------
+    async def check_relay_quotas(self, sender: str, recipient: str, size: int) -> None:
+        """A remote sender is quota-checked like a local one (bytes per minute, the
+        recipient's mailbox)."""
+        await self._check_enqueue_quotas(sender, [recipient], size)
+
+    def relayed(self, recipient: str) -> None:
+        self.metrics.enqueue_total.inc()
+        self._adjust_queue_depth(1)
+        self.notifier.notify([recipient])
+
+    def relays_removed(self, count: int) -> None:
+        """Entries left a federation outbox (relayed, rejected or expired)."""
+        self._adjust_queue_depth(-count)
 
     async def _fetch(self, request: dict[str, Any], conn: ConnectionState) -> dict[str, Any]:
         user = self._session_user(request)

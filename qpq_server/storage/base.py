@@ -109,6 +109,19 @@ class Storage(Protocol):
     async def ack(self, recipient: str, message_ids: Sequence[int]) -> int:
         """Delete delivered messages of recipient; return how many were deleted."""
 
+    async def mailbox_count(self, recipient: str) -> int:
+        """Messages waiting for one recipient (a federation outbox's depth)."""
+
+    async def enqueue_relayed(self, origin: str, relay_id: int, sender: str, recipient: str,
+                              payload: bytes, now: float) -> int | None:
+        """Store a message a federation peer relayed, unless (origin, relay_id) was
+        stored before: the check and the message commit together, so a retried relay is
+        delivered exactly once. Return the message id, or None for a duplicate."""
+
+    async def forget_relays(self, before: float) -> int:
+        """Drop relay ids recorded before `before` (the peer stopped retrying them long
+        ago); return how many."""
+
     async def queue_depth(self) -> int: ...
 
     async def get_meta(self, key: str) -> str | None: ...

@@ -9,6 +9,8 @@ Layout under DATA_DIR/<[storage] file_dir> (default `store/`)::
     keypackages/u-NAME/ID       one file per one-time key package
     queues/u-NAME/ID            one file per queued message (msgpack)
     kt/leaves                   append-only key-transparency records (4-byte length + msgpack)
+    relays/o-DOMAIN/ID          federation relay ids delivered (msgpack); while one still
+                                holds the message it is a journal entry, replayed at open
 
 Every change is durable before it is acknowledged: files are written to a temp name,
 fsynced, renamed into place, and the directory is fsynced; the KT log is appended and
@@ -123,7 +125,7 @@ class FileStorage:
             ) from None
         self._lock_fd = fd
         try:
-            for sub in ("accounts", "keypackages", "queues", "kt"):
+            for sub in ("accounts", "keypackages", "queues", "kt", "relays"):
                 (self._root / sub).mkdir(mode=0o700, exist_ok=True)
             fsync_dir(self._root)
             self._load_state()
@@ -141,6 +143,7 @@ class FileStorage:
             self._counters = {k: int(v) for k, v in counters.items() if k != "format"}
         meta_path = self._root / "meta"
         self._meta = dict(_unpack(meta_path.read_bytes())) if meta_path.exists() else {}
+        self._finish_relays()
         depth, highest = 0, 0
         for queue in (self._root / "queues").iterdir():
             ids = _ids(queue)
@@ -153,6 +156,30 @@ class FileStorage:
         self._next = dict(self._counters)
         self._write_counters()
         self._kt_count, self._kt_bytes = self._recover_kt()
+
+    def _relay_path(self, origin: str, relay_id: int) -> Path:
+        return self._root / "relays" / _user_dir_name(origin).replace("u-", "o-", 1) \
+            / f"{relay_id:020d}"
+
+    def _finish_relays(self) -> None:
+        """A crash between a relay's journal entry and its end: write the message again
+        (same id, same file) and close the entry, so it is delivered exactly once."""
+        for origin in (self._root / "relays").iterdir():
+            for relay_id in _ids(origin):
+                path = origin / f"{relay_id:020d}"
+                record = _unpack(path.read_bytes())
+                if "payload" in record:
+                    self._commit_relay(path, record)
+
+    def _commit_relay(self, marker: Path, record: dict[str, Any]) -> None:
+        directory = self._queue_dir(record["recipient"])
+        if not directory.exists():
+            directory.mkdir(mode=0o700)
+            fsync_dir(directory.parent)
+        write_atomic(directory / f"{record['id']:020d}", _pack(
+            {"sender": record["sender"], "payload": record["payload"],
+             "sent_at": record["sent_at"]}))
+        write_atomic(marker, _pack({"id": record["id"], "seen_at": record["sent_at"]}))
 
     def _recover_kt(self) -> tuple[int, int]:
         """Count whole records; cut off a torn tail left by a crash mid-append."""
@@ -427,6 +454,41 @@ class FileStorage:
             return deleted
 
         return await self._write(run) if ids else 0
+
+    async def mailbox_count(self, recipient: str) -> int:
+        return await self._read(lambda: len(_ids(self._queue_dir(recipient))))
+
+    async def enqueue_relayed(self, origin: str, relay_id: int, sender: str, recipient: str,
+                              payload: bytes, now: float) -> int | None:
+        def run() -> int | None:
+            marker = self._relay_path(origin, relay_id)
+            if marker.exists():
+                return None
+            if not marker.parent.exists():
+                marker.parent.mkdir(mode=0o700)
+                fsync_dir(marker.parent.parent)
+            message_id = self._new_id("message")
+            record = {"id": message_id, "recipient": recipient, "sender": sender,
+                      "payload": payload, "sent_at": now}
+            write_atomic(marker, _pack(record))  # the journal entry: replayed at open
+            self._commit_relay(marker, record)
+            self._depth += 1
+            return message_id
+
+        return await self._write(run)
+
+    async def forget_relays(self, before: float) -> int:
+        def run() -> int:
+            forgotten = 0
+            for origin in (self._root / "relays").iterdir():
+                for relay_id in _ids(origin):
+                    path = origin / f"{relay_id:020d}"
+                    if float(_unpack(path.read_bytes()).get("seen_at", before)) < before:
+                        path.unlink()
+                        forgotten += 1
+            return forgotten
+
+        return await self._write(run)
 
     async def queue_depth(self) -> int:
         return self._depth

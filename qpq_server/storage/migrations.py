@@ -40,6 +40,16 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX kt_leaves_user ON kt_leaves(username, idx);
     """,
+    # 3: federation: relay ids already delivered, per origin domain (exactly once)
+    """
+    CREATE TABLE relays_seen (
+        origin TEXT NOT NULL,
+        relay_id INTEGER NOT NULL,
+        seen_at REAL NOT NULL,
+        PRIMARY KEY (origin, relay_id)
+    );
+    CREATE INDEX relays_seen_at ON relays_seen(seen_at);
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -42,6 +42,16 @@ PG_MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX kt_leaves_user ON kt_leaves(username, idx);
     """,
+    # 2: federation: relay ids already delivered, per origin domain (exactly once)
+    """
+    CREATE TABLE relays_seen (
+        origin TEXT COLLATE "C" NOT NULL,
+        relay_id BIGINT NOT NULL,
+        seen_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (origin, relay_id)
+    );
+    CREATE INDEX relays_seen_at ON relays_seen(seen_at);
+    """,
 )
 
 PG_SCHEMA_VERSION = len(PG_MIGRATIONS)

@@ -365,6 +365,37 @@ class PostgresStorage:
 
         return await self._run(run, write=True) if ids else 0
 
+    async def mailbox_count(self, recipient: str) -> int:
+        async def run(conn: Conn) -> int:
+            return await _count(conn, "SELECT count(*) FROM messages WHERE recipient = %s",
+                                (recipient,))
+
+        return await self._run(run, write=False)
+
+    async def enqueue_relayed(self, origin: str, relay_id: int, sender: str, recipient: str,
+                              payload: bytes, now: float) -> int | None:
+        async def run(conn: Conn) -> int | None:
+            # ON CONFLICT DO NOTHING waits for a concurrent insert of the same id to
+            # commit or roll back, so two nodes cannot both deliver one relay.
+            seen = await conn.execute(
+                "INSERT INTO relays_seen(origin, relay_id, seen_at) VALUES (%s, %s, %s)"
+                " ON CONFLICT DO NOTHING", (origin, relay_id, now))
+            if seen.rowcount != 1:
+                return None
+            row = await _fetchone(conn, "INSERT INTO messages(recipient, sender, payload,"
+                                  " sent_at) VALUES (%s, %s, %s, %s) RETURNING id",
+                                  (recipient, sender, payload, now))
+            return int(row[0])
+
+        return await self._run(run, write=True)
+
+    async def forget_relays(self, before: float) -> int:
+        async def run(conn: Conn) -> int:
+            cur = await conn.execute("DELETE FROM relays_seen WHERE seen_at < %s", (before,))
+            return max(cur.rowcount, 0)
+
+        return await self._run(run, write=True)
+
     async def queue_depth(self) -> int:
         async def run(conn: Conn) -> int:
             return await _count(conn, "SELECT count(*) FROM messages")

@@ -438,6 +438,31 @@ class SqlCipherStorage:
 
         return await self._write(run) if ids else 0
 
+    async def mailbox_count(self, recipient: str) -> int:
+        def run(conn: Connection) -> int:
+            (count,) = conn.execute("SELECT count(*) FROM messages WHERE recipient = ?",
+                                    (recipient,)).fetchone()
+            return int(count)
+
+        return await self._read(run)
+
+    async def enqueue_relayed(self, origin: str, relay_id: int, sender: str, recipient: str,
+                              payload: bytes, now: float) -> int | None:
+        def run(conn: Connection) -> int | None:
+            seen = conn.execute("INSERT OR IGNORE INTO relays_seen(origin, relay_id, seen_at)"
+                                " VALUES (?, ?, ?)", (origin, relay_id, now))
+            if seen.rowcount == 0:
+                return None
+            cur = conn.execute("INSERT INTO messages(recipient, sender, payload, sent_at)"
+                               " VALUES (?, ?, ?, ?)", (recipient, sender, payload, now))
+            return int(cur.lastrowid)
+
+        return await self._write(run)
+
+    async def forget_relays(self, before: float) -> int:
+        return int(await self._write(lambda conn: conn.execute(
+            "DELETE FROM relays_seen WHERE seen_at < ?", (before,)).rowcount))
+
     async def queue_depth(self) -> int:
         def run(conn: Connection) -> int:
             (count,) = conn.execute("SELECT count(*) FROM messages").fetchone()

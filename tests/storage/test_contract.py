@@ -239,3 +239,58 @@ async def test_one_message_to_many_recipients_returns_ids_in_recipient_order(
     assert len(set(ids)) == 20
     for name, message_id in zip(names[::-1], ids, strict=True):
         assert [m.id for m in await storage.fetch(name, 10)] == [message_id]
+
+
+async def test_a_relayed_message_is_stored_once_per_origin_and_relay_id(
+        storage: Storage) -> None:
+    await make_users(storage, "bob")
+    first = await storage.enqueue_relayed("a.example", 7, "alice@a.example", "bob", b"m", 1.0)
+    again = await storage.enqueue_relayed("a.example", 7, "alice@a.example", "bob", b"m", 2.0)
+    other = await storage.enqueue_relayed("c.example", 7, "carol@c.example", "bob", b"n", 3.0)
+    assert isinstance(first, int) and again is None and isinstance(other, int)
+    got = await storage.fetch("bob", 10)
+    assert [(m.sender, m.payload) for m in got] == [("alice@a.example", b"m"),
+                                                   ("carol@c.example", b"n")]
+    assert await storage.queue_depth() == 2
+    # Acked, the relay id is still remembered: a late retry is not delivered again.
+    await storage.ack("bob", [first])
+    assert await storage.enqueue_relayed("a.example", 7, "alice@a.example", "bob", b"m",
+                                         4.0) is None
+    assert await storage.forget_relays(2.5) == 1
+    assert await storage.enqueue_relayed("a.example", 7, "alice@a.example", "bob", b"m",
+                                         5.0) is not None
+
+
+async def test_concurrent_copies_of_one_relay_deliver_once(storage: Storage) -> None:
+    await make_users(storage, "bob")
+    results = await asyncio.gather(*(storage.enqueue_relayed(
+        "a.example", 1, "alice@a.example", "bob", b"x", 1.0) for _ in range(8)))
+    assert sum(r is not None for r in results) == 1
+    assert len(await storage.fetch("bob", 10)) == 1
+
+
+async def test_relay_ids_survive_a_reopen(storage_factory: StorageFactory) -> None:
+    s = storage_factory()
+    await s.open()
+    await make_users(s, "bob")
+    assert await s.enqueue_relayed("a.example", 3, "alice@a.example", "bob", b"m", 1.0)
+    await s.close()
+    s = storage_factory()
+    await s.open()
+    try:
+        assert await s.enqueue_relayed("a.example", 3, "alice@a.example", "bob", b"m",
+                                       2.0) is None
+        assert [m.payload for m in await s.fetch("bob", 10)] == [b"m"]
+    finally:
+        await s.close()
+
+
+async def test_mailbox_count_counts_one_recipients_messages(storage: Storage) -> None:
+    await make_users(storage, "s", "r1", "r2")
+    assert await storage.mailbox_count("r1") == 0
+    ids = await storage.enqueue("s", ["r1", "r1", "r2"], b"x", 1.0)
+    await storage.enqueue("s", ["@fed:b.example"], b"y", 2.0)
+    assert await storage.mailbox_count("r1") == 2
+    assert await storage.mailbox_count("@fed:b.example") == 1
+    await storage.ack("r1", ids[:1])
+    assert await storage.mailbox_count("r1") == 1
