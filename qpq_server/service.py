@@ -704,7 +704,8 @@ class Service:
         raw_recipients = request.get("recipients")
         if isinstance(raw_recipients, list) and len(raw_recipients) > limits.max_recipients:
             self.metrics.quota_refused_total.labels(kind="recipients").inc()
-        recipients = v.get_str_list(request, "recipients", max_items=limits.max_recipients)
+        recipients = v.get_str_list(request, "recipients", max_items=limits.max_recipients,
+                                    addresses=self.federation is not None)
         if not recipients:
             raise BadRequest("field 'recipients' must not be empty")
         payload = v.get_bytes(request, "payload", max_len=self.config.quic.max_frame_bytes)

@@ -11,6 +11,7 @@ __all__ = ["USERNAME_RE", "get_bytes", "get_bytes_list", "get_float", "get_int",
            "get_int_list", "get_optional_bytes", "get_str", "get_str_list", "get_username"]
 
 USERNAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_ADDRESS_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}@[A-Za-z0-9.-]{1,253}$")
 
 
 def _get(req: dict[str, Any], name: str, required: bool) -> Any:
@@ -89,11 +90,15 @@ def _get_list(req: dict[str, Any], name: str, max_items: int) -> list[Any]:
     return value
 
 
-def get_str_list(req: dict[str, Any], name: str, *, max_items: int) -> list[str]:
+def get_str_list(req: dict[str, Any], name: str, *, max_items: int,
+                 addresses: bool = False) -> list[str]:
+    """Usernames; with `addresses` also USER@DOMAIN (split and checked by the caller)."""
     items = _get_list(req, name, max_items)
     for item in items:
-        if not isinstance(item, str) or not USERNAME_RE.match(item):
-            raise BadRequest(f"every item of {name!r} must be a username")
+        if not isinstance(item, str) or not (
+                USERNAME_RE.match(item) or (addresses and _ADDRESS_RE.match(item))):
+            raise BadRequest(f"every item of {name!r} must be a username"
+                             + (" or USER@DOMAIN" if addresses else ""))
     return items
 
 

@@ -1,0 +1,110 @@
+"""Two federated qpq servers (a.example, b.example) on loopback, certificates made by
+the test with `qpq-server federation init-ca / issue-cert`."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qpq_server.client import QpqClient
+from qpq_server.devserver import (
+    BIN,
+    RunningServer,
+    free_port,
+    init_server_dir,
+    start_server,
+)
+
+DOMAINS = ("a.example", "b.example")
+
+
+def qpq_server(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(BIN / "qpq-server"), *args], capture_output=True, text=True,
+                          timeout=60, check=False)
+
+
+def make_ca(directory: Path) -> Path:
+    done = qpq_server("federation", "init-ca", "--out", str(directory))
+    assert done.returncode == 0, done.stderr
+    return directory
+
+
+def issue(ca: Path, domain: str, out: Path) -> Path:
+    done = qpq_server("federation", "issue-cert", "--ca", str(ca), "--domain", domain,
+                      "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+@dataclass
+class Site:
+    """One federated server: its domain, config, and (when running) the process."""
+
+    domain: str
+    config_path: Path
+    fed_port: int
+    server: RunningServer | None = None
+
+    @property
+    def running(self) -> RunningServer:
+        assert self.server is not None
+        return self.server
+
+    def start(self) -> RunningServer:
+        self.server = start_server(self.config_path)
+        return self.server
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+    @asynccontextmanager
+    async def client(self, profiles: Path) -> AsyncIterator[QpqClient]:
+        async with self.running.connect() as conn:
+            yield QpqClient(conn, profiles / self.domain)
+
+
+def federation_section(domain: str, certs: Path, ca: Path, port: int,
+                       peers: list[dict[str, str]], **extra: Any) -> dict[str, Any]:
+    return {"enabled": True, "domain": domain, "listen": f"127.0.0.1:{port}",
+            "federation_cert": str(certs / "federation-cert.der"),
+            "federation_key": str(certs / "federation-key.der"),
+            "federation_ca": str(ca / "federation-ca.der"),
+            "peers": peers, "retry_base_s": 0.2, "retry_max_s": 1.0,
+            "poll_interval_s": 0.5, "connect_timeout_s": 3.0, **extra}
+
+
+def make_sites(root: Path, **extra: Any) -> tuple[Site, Site]:
+    ca = make_ca(root / "ca")
+    ports = {d: free_port(socket.SOCK_DGRAM) for d in DOMAINS}
+    sites = []
+    for domain in DOMAINS:
+        other = next(d for d in DOMAINS if d != domain)
+        certs = issue(ca, domain, root / f"certs-{domain}")
+        section = federation_section(domain, certs, ca, ports[domain],
+                                     [{"domain": other, "address": f"127.0.0.1:{ports[other]}"}],
+                                     **extra)
+        config = init_server_dir(root / domain, {"federation": section,
+                                                 "rate_limit": {"enabled": False}})
+        sites.append(Site(domain, config, ports[domain]))
+    return sites[0], sites[1]
+
+
+@pytest.fixture
+def sites(tmp_path: Path) -> Iterator[tuple[Site, Site]]:
+    a, b = make_sites(tmp_path)
+    a.start()
+    b.start()
+    try:
+        yield a, b
+    finally:
+        a.stop()
+        b.stop()
