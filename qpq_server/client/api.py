@@ -33,13 +33,26 @@ from qpq_server.client.e2e import (
 )
 from qpq_server.client.errors import IdentityChanged, KtViolation
 from qpq_server.client.files import FileDecryptError, decrypt_stream, encrypt_stream
-from qpq_server.client.kt import KtVerifier
+from qpq_server.client.kt import KeyVerified, KtVerifier
 from qpq_server.client.profile import REPLAY_WINDOW_S, Profile, ServerState
 from qpq_server.client.terminal import safe_file_name
 from qpq_server.devices import device_id, link_mac, split_device_set, wrap_label
 from qpq_server.identity import signed_prekey_message, verify_signature
 
 __all__ = ["QpqClient", "ReceivedMessage"]
+
+
+class _DomainCaller:
+    """Our connection, asking about another domain's log (the server relays the call)."""
+
+    def __init__(self, conn: QpqConnection, domain: str) -> None:
+        self._conn = conn
+        self._domain = domain
+        self.server = f"domain-{domain}"  # names the pinned head file
+
+    async def call(self, op: str, timeout: float | None = None,
+                   **fields: Any) -> dict[str, Any]:
+        return await self._conn.call(op, timeout, domain=self._domain, **fields)
 
 KEY_PACKAGE_TARGET = 20
 KEY_PACKAGE_LOW_WATER = 10
@@ -94,6 +107,7 @@ class QpqClient:
         self.pins = ContactPins(profile_dir, connection.server)
         self.replays_dropped = 0  # envelopes already accepted once, dropped by `receive`
         self._devices_checked: set[str] = set()
+        self._peer_kt: dict[str, KtVerifier] = {}  # other domains' logs, by domain
 
     def profile(self, username: str) -> Profile:
         """The profile as it is on disk now (another process may have changed it): read
@@ -297,12 +311,44 @@ class QpqClient:
 
     async def send(self, sender: str, recipients: Sequence[str], content: dict[str, Any],
                    blobs: Sequence[bytes] = ()) -> list[int]:
+        """One envelope for this domain (and our other devices), one per other domain:
+        another domain's users know us as SENDER@OUR_DOMAIN and themselves by their bare
+        name, both of which an envelope binds."""
+        groups = self._by_domain(recipients)
+        if blobs and any(domain is not None for domain in groups):
+            raise ClientError("usage", "attachments cannot be sent to other domains yet; "
+                              "send the file to users of your own domain only")
+        ids = await self._send_local(sender, groups.pop(None, []), content, blobs)
+        for domain, users in groups.items():
+            assert domain is not None
+            ids += await self._send_remote(sender, domain, users, content)
+        return ids
+
+    async def _send_remote(self, sender: str, domain: str, users: Sequence[str],
+                           content: dict[str, Any]) -> list[int]:
         session = self._session(sender)
         profile = self.profile(sender)
-        names = list(dict.fromkeys(recipients))
+        names = [f"{user}@{domain}" for user in users]
+        keys = [k for name in names for k in await self._recipient_keys(session, name)]
+        head = self.kt.pinned_head()
+        if head is not None:  # gossip: the recipient checks it against our domain's log
+            content = {**content, "kt_head": head.to_wire()}
+        envelope = seal(content, f"{sender}@{self.domain}", profile.identity,
+                        profile.identity_public, keys, int(time.time() * 1000))
+        result = await self.conn.call("enqueue", session=session, recipients=names,
+                                      payload=envelope,
+                                      device=device_id(profile.identity_public))
+        return list(result["ids"])
+
+    async def _send_local(self, sender: str, names: list[str], content: dict[str, Any],
+                          blobs: Sequence[bytes]) -> list[int]:
+        session = self._session(sender)
+        profile = self.profile(sender)
         keys = [k for name in names for k in await self._recipient_keys(session, name)]
         own = [k for k in await self._own_device_keys(session, profile) if sender not in names]
         keys += own
+        if not keys:
+            return []  # only other domains' users, and no other device of ours
         head = self.kt.pinned_head()
         if head is not None:  # gossip: recipients check it lies on the log they see
             content = {**content, "kt_head": head.to_wire()}
@@ -331,6 +377,46 @@ class QpqClient:
         return [k for k in keys if k.identity != profile.identity_public
                 and device_id(k.identity) in known]
 
+    # -- other domains (federation) -------------------------------------------------------
+    @property
+    def domain(self) -> str | None:
+        """Our server's federation domain (None when it does not federate)."""
+        value = self.conn.hello.get("federation_domain")
+        return str(value) if value else None
+
+    def _split(self, name: str) -> tuple[str, str | None]:
+        """(user, domain) for USER@DOMAIN of another domain, (name, None) for a local one."""
+        user, sep, domain = name.partition("@")
+        if not sep or domain.lower() == self.domain:
+            return user, None
+        if self.domain is None:
+            raise ClientError("not_federated", f"{name}: this server does not federate with "
+                              "other domains, so USER@DOMAIN names nobody here")
+        return user, domain.lower()
+
+    def _by_domain(self, recipients: Sequence[str]) -> dict[str | None, list[str]]:
+        """Bare user names grouped by domain (None: ours)."""
+        groups: dict[str | None, list[str]] = {}
+        for name in dict.fromkeys(recipients):
+            user, domain = self._split(name)
+            if user not in groups.setdefault(domain, []):
+                groups[domain].append(user)
+        return groups
+
+    def _kt_for(self, domain: str | None) -> KtVerifier:
+        """Our server's log, or another domain's read through our server (pinned apart)."""
+        if domain is None:
+            return self.kt
+        if domain not in self._peer_kt:
+            self._peer_kt[domain] = KtVerifier(_DomainCaller(self.conn, domain),
+                                               self.profile_dir)
+        return self._peer_kt[domain]
+
+    async def lookup(self, name: str) -> KeyVerified:
+        """NAME's current device set, proven by the log of NAME's domain."""
+        user, domain = self._split(name)
+        return await self._kt_for(domain).lookup(user)
+
     async def _recipient_keys(self, session: str, name: str,
                               own: bool = False) -> list[RecipientKey]:
         """One key per current device of `name`, each proven: the device set is the
@@ -341,8 +427,10 @@ class QpqClient:
         if not isinstance(identity, bytes):
             raise KtViolation("kt_bad_response", f"server sent no identity key for {name}")
         # Never encrypt to a key the server's signed, append-only log does not show,
-        # nor to one that differs from the key pinned for this contact.
-        await self.kt.verify_key(name, identity, bundle.get("kt"))
+        # nor to one that differs from the key pinned for this contact. Another domain's
+        # user is checked against that domain's log, under the name it knows them by.
+        user, domain = self._split(name)
+        await self._kt_for(domain).verify_key(user, identity, bundle.get("kt"))
         if not own:
             self.pins.check(name, identity)
         try:
@@ -352,7 +440,7 @@ class QpqClient:
                               f"({exc}); not sending") from None
         raw = bundle.get("devices")
         bundles = raw if isinstance(raw, list) else [{**bundle, "identity_key": identity}]
-        keys = [self._device_key(name, b) for b in bundles if isinstance(b, dict)]
+        keys = [self._device_key(user, b) for b in bundles if isinstance(b, dict)]
         if sorted(k.identity for k in keys) != devices:
             raise KtViolation("kt_bad_response",
                               f"the server's key bundles for {name} do not match the "
@@ -502,7 +590,7 @@ class QpqClient:
         """The sender's current device set, proven by the log and matching our pin (for
         our own other devices: the set, checked against the devices we know)."""
         if name not in cache:
-            found = await self.kt.lookup(name)
+            found = await self.lookup(name)
             try:
                 if own:
                     await self.check_own_devices(self.profile(name))
@@ -554,8 +642,9 @@ class QpqClient:
         except DecryptError as exc:  # ForgedSender included: its code says which
             return _rejected(item, exc.code, exc), b"", b""
         if "kt_head" in content:  # authentic, so the head is what the sender saw
-            try:
-                await self.kt.check_gossip(content.pop("kt_head"))
+            try:  # the head of the sender's domain's log
+                await self._kt_for(self._split(env.sender)[1]).check_gossip(
+                    content.pop("kt_head"))
             except KtViolation as exc:
                 if exc.code != "kt_bad_gossip":
                     raise  # a signed head off our log: the server forked, say it loudly

@@ -513,12 +513,12 @@ def kt_verify(
     opts: Options = ctx.obj
 
     async def work(c: QpqClient) -> KeyVerified:
-        return await c.kt.lookup(user)
+        return await c.lookup(user)
 
     result = _run(opts, work)
     if as_json:
         print(json.dumps({
-            "user": result.username, "identity_key": result.identity_key.hex(),
+            "user": user, "identity_key": result.identity_key.hex(),
             "leaf_index": result.leaf_index, "tree_size": result.head.size,
             "root": result.head.root.hex(), "previous_size": result.previous_size,
             "verified": True}))
@@ -559,7 +559,7 @@ def fingerprint(
     local = _me(opts, me)
 
     async def work(c: QpqClient) -> tuple[bytes, bytes, bool]:
-        found = await c.kt.lookup(user)
+        found = await c.lookup(user)
         pinned = c.pins.get(user)
         mine = (await c.kt.lookup(local)).identity_key  # the account's logged device set
         return mine, found.identity_key, (
@@ -591,7 +591,7 @@ def trust(
     opts: Options = ctx.obj
 
     async def work(c: QpqClient) -> tuple[bytes, bytes | None]:
-        found = await c.kt.lookup(user)
+        found = await c.lookup(user)
         previous = c.pins.get(user)
         c.pins.pin(user, found.identity_key)
         return found.identity_key, previous

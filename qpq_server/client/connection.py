@@ -169,6 +169,7 @@ class QpqConnection:
         self._protocol = protocol
         self.timeout = timeout
         self.server = server  # HOST:PORT as given: names the server's pinned KT head
+        self.hello: dict[str, Any] = {}  # the server's answer to hello (domain, limits)
 
     @property
     def protocol(self) -> _ClientProtocol:
@@ -305,7 +306,7 @@ async def connect(server: str, auth_token: str, *, ca: Path | None = None,
                               f"within {timeout:g}s") from None
         connection = QpqConnection(protocol, timeout, server)
         if hello:
-            await connection.call("hello", token=auth_token)
+            connection.hello = await connection.call("hello", token=auth_token)
         yield connection
     finally:
         protocol.close()

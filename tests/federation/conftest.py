@@ -3,6 +3,7 @@ the test with `qpq-server federation init-ca / issue-cert`."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 from collections.abc import AsyncIterator, Iterator
@@ -69,7 +70,18 @@ class Site:
     @asynccontextmanager
     async def client(self, profiles: Path) -> AsyncIterator[QpqClient]:
         async with self.running.connect() as conn:
-            yield QpqClient(conn, profiles / self.domain)
+            yield QpqClient(conn, profiles / f"client-{self.domain}")
+
+
+def cli(srv: RunningServer, profile: Path, *args: str,
+        password: str = "pw") -> subprocess.CompletedProcess[str]:
+    """The real `qpq-client` against one site."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QPQ_")}
+    env.update(QPQ_AUTH_TOKEN=srv.auth_token, QPQ_PASSWORD=password)
+    return subprocess.run(
+        [str(BIN / "qpq-client"), "--server", srv.address, "--ca", str(srv.ca_cert),
+         "--server-name", "localhost", "--profile", str(profile), *args],
+        capture_output=True, text=True, timeout=60, env=env)
 
 
 def federation_section(domain: str, certs: Path, ca: Path, port: int,

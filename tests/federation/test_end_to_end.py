@@ -1,0 +1,59 @@
+"""alice@a.example and bob@b.example talk with the real `qpq-client`: keys looked up
+through the peer and verified against the peer's key-transparency log."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from qpq_server.client import KtViolation
+from qpq_server.devserver import wait_until
+from tests.federation.conftest import Site, cli
+
+
+def recv(site: Site, profile: Path, user: str) -> list[dict[str, object]]:
+    done = cli(site.running, profile, "recv", user, "--wait", "2", "--json")
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+
+
+def test_alice_sends_to_bob_at_the_peer_and_bob_replies(sites: tuple[Site, Site],
+                                                        tmp_path: Path) -> None:
+    a, b = sites
+    pa, pb = tmp_path / "alice-profile", tmp_path / "bob-profile"
+    assert cli(a.running, pa, "register", "alice").returncode == 0
+    assert cli(b.running, pb, "register", "bob").returncode == 0
+    sent = cli(a.running, pa, "send", "alice", "bob@b.example", "hello from a")
+    assert sent.returncode == 0, sent.stderr
+    got: list[dict[str, object]] = []
+    wait_until(lambda: got.extend(recv(b, pb, "bob")) or got, 30, "bob's message")
+    assert [(m["from"], m["text"]) for m in got] == [("alice@a.example", "hello from a")]
+    reply = cli(b.running, pb, "send", "bob", "alice@a.example", "hi alice")
+    assert reply.returncode == 0, reply.stderr
+    back: list[dict[str, object]] = []
+    wait_until(lambda: back.extend(recv(a, pa, "alice")) or back, 30, "alice's reply")
+    assert [(m["from"], m["text"]) for m in back] == [("bob@b.example", "hi alice")]
+    verified = cli(a.running, pa, "kt", "verify", "bob@b.example")
+    assert verified.returncode == 0, verified.stderr
+
+
+async def test_a_remote_key_is_verified_against_the_peers_log(
+        sites: tuple[Site, Site], tmp_path: Path) -> None:
+    a, b = sites
+    async with b.client(tmp_path) as cb:
+        await cb.register("carol", "pw")
+    async with a.client(tmp_path) as ca:
+        await ca.register("dave", "pw")
+        key = await ca._recipient_key(ca.profile("dave").session, "carol@b.example")
+        assert key.identity == cb.profile("carol").identity_public
+        assert key.username == "carol"  # the name carol's own envelopes use
+        # The peer's head was pinned apart from our own server's.
+        pins = sorted(p.name for p in (tmp_path / "client-a.example" / "kt").iterdir())
+        assert any("b.example" in p for p in pins) and len(pins) == 2
+        # A proof that does not fit carol's key is refused, as for a local user.
+        bundle = await ca.conn.call("get_keys", session=ca.profile("dave").session,
+                                    username="carol@b.example")
+        with pytest.raises(KtViolation):
+            await ca._kt_for("b.example").verify_key("carol", b"\x01" * 32, bundle["kt"])
