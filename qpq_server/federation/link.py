@@ -109,6 +109,9 @@ class PeerLink:
             async with asyncio.timeout(self.timeout):
                 answer = await self._protocol.request({"op": op, **fields})
         except TimeoutError:
+            # A peer that went away without closing (killed, network gone) looks open
+            # until the idle timeout: give up on this link so the next call reconnects.
+            self.close()
             raise LinkError("unreachable", f"no answer to {op} within {self.timeout:g}s"
                             ) from None
         if not answer.get("ok"):
@@ -117,6 +120,8 @@ class PeerLink:
         return answer
 
     def close(self) -> None:
+        if self._protocol.terminated is None:
+            self._protocol.terminated = "closed by us"
         self._protocol.close()
         self._transport.close()
 
@@ -124,7 +129,7 @@ class PeerLink:
 async def open_link(address: str, peer_domain: str, own_domain: str, *,
                     ca_pem: bytes, certificate: x509.Certificate,
                     key: ec.EllipticCurvePrivateKey, timeout: float = 10.0,
-                    idle_timeout: float = 60.0) -> PeerLink:
+                    idle_timeout: float = 60.0, local_host: str | None = None) -> PeerLink:
     """Connect to `peer_domain` at `address` and authenticate as `own_domain`."""
     host, port = parse_hostport(address)
     configuration = QuicConfiguration(is_client=True, alpn_protocols=[ALPN],
@@ -139,7 +144,7 @@ async def open_link(address: str, peer_domain: str, own_domain: str, *,
     quic = QuicConnection(configuration=configuration)
     transport, protocol = await loop.create_datagram_endpoint(
         lambda: _Protocol(quic), family=family,
-        local_addr=("0.0.0.0" if family == socket.AF_INET else "::", 0))
+        local_addr=(local_host or ("0.0.0.0" if family == socket.AF_INET else "::"), 0))
     link = PeerLink(protocol, transport, timeout)
     try:
         protocol.connect(addr)

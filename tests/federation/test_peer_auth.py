@@ -1,0 +1,89 @@
+"""Who may connect to the federation listener: only a configured peer, with a current
+certificate from the federation CA naming that peer's domain, proving it holds the
+certificate's key, from the peer's configured address. Each refusal is counted."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from qpq_server.federation.certs import (
+    CERT,
+    KEY,
+    init_ca,
+    issue_cert,
+    load_certificates,
+    load_private_key,
+)
+from qpq_server.federation.link import LinkError, PeerLink, open_link
+from tests.federation.conftest import Site, make_sites
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Site, Path]]:
+    """b.example running (a.example's certificates exist, its server need not run)."""
+    root = tmp_path_factory.mktemp("fedauth")
+    _, b = make_sites(root)
+    b.start()
+    try:
+        yield b, root
+    finally:
+        b.stop()
+
+
+async def link_as(b: Site, root: Path, certs: Path, claim: str, *,
+                  local_host: str | None = None) -> PeerLink:
+    return await open_link(f"127.0.0.1:{b.fed_port}", "b.example", claim,
+                           ca_pem=load_certificates(root / "ca" / "federation-ca.der")[0]
+                           .public_bytes(Encoding.PEM),
+                           certificate=load_certificates(certs / CERT)[0],
+                           key=load_private_key(certs / KEY), timeout=5.0,
+                           local_host=local_host)
+
+
+def refused(b: Site, reason: str) -> float:
+    return b.running.metric("qpq_federation_refused_total", reason=reason)
+
+
+async def test_the_configured_peer_with_its_certificate_is_accepted(
+        world: tuple[Site, Path]) -> None:
+    b, root = world
+    link = await link_as(b, root, root / "certs-a.example", "a.example")
+    try:
+        head = await link.call("kt", call="kt_head")
+        assert "head" in head
+    finally:
+        link.close()
+
+
+@pytest.mark.parametrize("case", ["unknown_peer", "other_ca", "expired", "wrong_domain",
+                                  "wrong_address"])
+async def test_bad_peers_are_refused_and_counted(world: tuple[Site, Path], case: str,
+                                                 tmp_path: Path) -> None:
+    b, root = world
+    ca = root / "ca"
+    claim, local_host = "a.example", None
+    if case == "unknown_peer":
+        certs = issue_cert(ca, "c.example", tmp_path / "c")[0].parent
+        claim = "c.example"
+    elif case == "other_ca":
+        init_ca(tmp_path / "other-ca")
+        certs = issue_cert(tmp_path / "other-ca", "a.example", tmp_path / "o")[0].parent
+    elif case == "expired":
+        past = dt.datetime.now(dt.UTC) - dt.timedelta(days=3)
+        certs = issue_cert(ca, "a.example", tmp_path / "e", days=1, not_before=past)[0].parent
+    elif case == "wrong_domain":  # a CA-signed certificate, but for another domain
+        certs = issue_cert(ca, "c.example", tmp_path / "w")[0].parent
+    else:  # a.example's own certificate, from an address that is not a.example's
+        certs, local_host = root / "certs-a.example", "127.0.0.2"
+    before = refused(b, case)
+    with pytest.raises(LinkError) as err:
+        link = await link_as(b, root, certs, claim, local_host=local_host)
+        link.close()
+    assert err.value.code == "refused", err.value
+    assert refused(b, case) == before + 1
+    assert case in b.running.log()
