@@ -94,7 +94,10 @@ def federation_section(domain: str, certs: Path, ca: Path, port: int,
             "poll_interval_s": 0.5, "connect_timeout_s": 3.0, **extra}
 
 
-def make_sites(root: Path, **extra: Any) -> tuple[Site, Site]:
+def make_sites(root: Path, overrides: dict[str, dict[str, Any]] | None = None,
+               **extra: Any) -> tuple[Site, Site]:
+    """Configs for a.example and b.example peering with each other (`extra` goes into
+    [federation], `overrides` into the other sections)."""
     ca = make_ca(root / "ca")
     ports = {d: free_port(socket.SOCK_DGRAM) for d in DOMAINS}
     sites = []
@@ -105,7 +108,8 @@ def make_sites(root: Path, **extra: Any) -> tuple[Site, Site]:
                                      [{"domain": other, "address": f"127.0.0.1:{ports[other]}"}],
                                      **extra)
         config = init_server_dir(root / domain, {"federation": section,
-                                                 "rate_limit": {"enabled": False}})
+                                                 "rate_limit": {"enabled": False},
+                                                 **(overrides or {})})
         sites.append(Site(domain, config, ports[domain]))
     return sites[0], sites[1]
 
