@@ -159,14 +159,20 @@ def verify_peer_certificate(cert: x509.Certificate, cas: list[x509.Certificate],
     """Check `cert` was issued by one of `cas` and is valid now; return its domain.
     Raise Refusal(other_ca | expired | bad_certificate)."""
     now = now or _now()
-    issuer = next((ca for ca in cas if ca.subject == cert.issuer), None)
+    # Several CAs may share a subject (a rotated CA beside its successor in a bundle):
+    # the issuer is the one whose key verifies the signature.
+    issuer = None
+    for ca in cas:
+        if ca.subject != cert.issuer:
+            continue
+        try:
+            cert.verify_directly_issued_by(ca)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        issuer = ca
+        break
     if issuer is None:
         raise Refusal("other_ca", "certificate not issued by the federation CA")
-    try:
-        cert.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature):
-        raise Refusal("other_ca", "certificate signature does not verify against the "
-                      "federation CA") from None
     if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
         raise Refusal("expired", "certificate is expired or not yet valid")
     if not issuer.not_valid_before_utc <= now <= issuer.not_valid_after_utc:

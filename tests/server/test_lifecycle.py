@@ -316,22 +316,6 @@ async def test_accounts_survive_an_opaque_setup_rotation(tmp_path: Path) -> None
         srv.stop()
 
 
-def test_federation_enabled_is_refused_clearly_until_it_exists(tmp_path: Path) -> None:
-    config = init_server_dir(tmp_path / "d")
-    ca = config.parent / "tls" / "cert.pem"
-    key = config.parent / "tls" / "key.pem"
-    text = config.read_text().replace(
-        "[federation]\nenabled = false",
-        f'[federation]\nenabled = true\nfederation_cert = "{ca}"\nfederation_key = "{key}"\n'
-        f'federation_ca = "{ca}"')
-    config.write_text(text)
-    checked = run_cli("check-config", str(config))
-    assert checked.returncode == 1 and "federation relaying is not available" in checked.stderr
-    result = run_cli("run", "--config", str(config), env=clean_env())
-    assert result.returncode == 1 and "federation relaying is not available" in result.stderr
-    assert "Traceback" not in result.stderr
-
-
 def test_postgres_backend_needs_a_usable_database_url(tmp_path: Path) -> None:
     config = init_server_dir(tmp_path / "d", {"storage": {"backend": "postgres"}})
     checked = run_cli("check-config", str(config), env=clean_env())
