@@ -172,6 +172,7 @@ class FederationConfig:
     peer_burst: int = 2000
     outbox_max_bytes: int = 1073741824  # per peer: beyond it local senders are refused
     poll_interval_s: float = 5.0  # outbox re-read (other workers or nodes queue too)
+    probe_interval_s: float = 30.0  # an idle peer is pinged this often (peer_up)
     connect_timeout_s: float = 10.0
 
 
@@ -302,6 +303,7 @@ _POSITIVE = {
     ("federation", "peer_burst"),
     ("federation", "outbox_max_bytes"),
     ("federation", "poll_interval_s"),
+    ("federation", "probe_interval_s"),
     ("federation", "connect_timeout_s"),
 }
 _HOSTPORTS = {("server", "listen"), ("metrics", "listen"), ("federation", "listen"),

@@ -181,7 +181,8 @@ class Federation:
         if relay:
             for peer in self.settings.peers.values():
                 relayer = Relayer(peer, self.settings, self.storage, self.metrics, self.link,
-                                  on_removed, self.clock, fed.poll_interval_s)
+                                  on_removed, self.clock, fed.poll_interval_s,
+                                  fed.probe_interval_s)
                 self.relayers[peer.domain] = relayer
                 self._tasks.append(loop.create_task(relayer.run()))
             self._tasks.append(loop.create_task(self._forget_old_relays()))

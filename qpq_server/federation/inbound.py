@@ -64,7 +64,7 @@ class InboundHandler:
         self.clock = clock
         self._ops: dict[str, Callable[[dict[str, Any], PeerState],
                                       Awaitable[dict[str, Any]]]] = {
-            "relay": self._relay, "keys": self._keys, "kt": self._kt}
+            "relay": self._relay, "keys": self._keys, "kt": self._kt, "ping": self._ping}
 
     async def handle(self, request: dict[str, Any], state: PeerState) -> dict[str, Any]:
         op = request.get("op")
@@ -176,6 +176,9 @@ class InboundHandler:
             return "duplicate"
         self.delivery.relayed(recipient)
         return "delivered"
+
+    async def _ping(self, request: dict[str, Any], state: PeerState) -> dict[str, Any]:
+        return {"time": self.clock()}
 
     # -- lookups -----------------------------------------------------------------------
     async def _keys(self, request: dict[str, Any], state: PeerState) -> dict[str, Any]:

@@ -51,7 +51,7 @@ class Relayer:
     def __init__(self, peer: Peer, settings: FederationSettings, storage: Storage,
                  metrics: ServerMetrics, link: Callable[[str], Awaitable[PeerLink]],
                  on_removed: Callable[[int], None], clock: Callable[[], float],
-                 poll_interval_s: float) -> None:
+                 poll_interval_s: float, probe_interval_s: float) -> None:
         self.peer = peer
         self.settings = settings
         self.storage = storage
@@ -60,6 +60,8 @@ class Relayer:
         self._on_removed = on_removed  # the service's delivery-queue depth
         self.clock = clock
         self.poll_interval_s = poll_interval_s
+        self.probe_interval_s = probe_interval_s
+        self._last_contact = float("-inf")  # last relay or probe: probe at once
         self.mailbox = outbox_mailbox(peer.domain)
         self._wake = asyncio.Event()
         self._failures = 0
@@ -99,6 +101,7 @@ class Relayer:
             await self.storage.mailbox_count(self.mailbox))
         entries = await self.storage.fetch(self.mailbox, BATCH, BATCH_BYTES)
         if not entries:
+            await self._probe()
             return self.poll_interval_s
         entries = await self._drop_expired(entries)
         if not entries:
@@ -121,8 +124,26 @@ class Relayer:
                 "queued": len(relays), "retry_in_s": round(delay, 1)})
             return delay
         self._failures = 0
+        self._last_contact = self.clock()
         self.metrics.federation_peer_up.labels(peer=self.peer.domain).set(1)
         return await self._settle(entries, list(answer.get("results") or []))
+
+    async def _probe(self) -> None:
+        """With nothing to relay, still find out now and then whether the peer answers:
+        peer_up must not read "down" for a peer that is only quiet, nor "up" for one
+        that went away since the last relay."""
+        now = self.clock()
+        if now - self._last_contact < self.probe_interval_s:
+            return
+        self._last_contact = now
+        try:
+            await (await self._link(self.peer.domain)).call("ping")
+        except LinkError as exc:
+            self.metrics.federation_peer_up.labels(peer=self.peer.domain).set(0)
+            log.warning("federation peer unreachable", extra={
+                "peer": self.peer.domain, "code": exc.code, "error": str(exc)})
+            return
+        self.metrics.federation_peer_up.labels(peer=self.peer.domain).set(1)
 
     async def _drop_expired(self, entries: list[StoredMessage]) -> list[StoredMessage]:
         oldest = self.clock() - self.settings.relay_max_age_s

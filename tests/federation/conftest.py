@@ -91,7 +91,8 @@ def federation_section(domain: str, certs: Path, ca: Path, port: int,
             "federation_key": str(certs / "federation-key.der"),
             "federation_ca": str(ca / "federation-ca.der"),
             "peers": peers, "retry_base_s": 0.2, "retry_max_s": 1.0,
-            "poll_interval_s": 0.5, "connect_timeout_s": 3.0, **extra}
+            "poll_interval_s": 0.5, "probe_interval_s": 1.0, "connect_timeout_s": 3.0,
+            **extra}
 
 
 def make_sites(root: Path, overrides: dict[str, dict[str, Any]] | None = None,

@@ -130,3 +130,15 @@ async def test_relays_older_than_the_max_age_expire_counted(tmp_path: Path) -> N
     finally:
         a.stop()
         b.stop()
+
+
+async def test_peer_up_follows_a_quiet_peer_through_probes(sites: tuple[Site, Site]) -> None:
+    a, b = sites
+    await await_until(lambda: a.running.metric("qpq_federation_peer_up",
+                                               peer="b.example") == 1,
+                      20, "a quiet but reachable peer read as up")
+    b.stop()
+    await await_until(lambda: a.running.metric("qpq_federation_peer_up",
+                                               peer="b.example") == 0,
+                      20, "a vanished peer read as down without any relay")
+    assert a.running.metric("qpq_federation_queue_depth", peer="b.example") == 0
