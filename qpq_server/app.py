@@ -297,6 +297,8 @@ class ServerApp:
             secrets = load_secrets(self.env_file)
             signer = load_session_signer(self.config)
             self.listener.reload_certificate()
+            if self.core.federation is not None:
+                self.core.federation.reload()
             self.service.access.replace(secrets.auth_tokens)
             self.service.signer = signer
             self._close_revoked()

@@ -57,6 +57,7 @@ class Federation:
         self._link_locks: dict[str, asyncio.Lock] = {}
         self.relayers: dict[str, Relayer] = {}
         self.listener: FederationListener | None = None
+        self._inbound: InboundHandler | None = None
         self._tasks: list[asyncio.Task[None]] = []
         for domain in self.settings.peers:
             metrics.federation_peer_up.labels(peer=domain)
@@ -167,6 +168,7 @@ class Federation:
         fed = self.config.federation
         inbound = InboundHandler(self.settings, self.storage, self.metrics, delivery, kt_ops,
                                  self.peer_limiter, self.clock)
+        self._inbound = inbound
         listener = FederationListener(self.settings, inbound.handle,
                                       hello_timeout_s=self.config.quic.hello_timeout_s,
                                       idle_timeout_s=self.config.quic.idle_timeout_s)
@@ -196,6 +198,24 @@ class Federation:
                 await self.storage.forget_relays(
                     self.clock() - self.config.federation.remember_relays_s)
             await asyncio.sleep(3600)
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the federation certificate, key and CA (after `qpq-ops rotate
+        federation`). New connections use them; open links are dropped so the next
+        relay reconnects with the new certificate. Raises ConfigError, keeping the old
+        ones, when the new files do not fit together."""
+        settings = load_settings(self.config)
+        self.settings = settings
+        if self._inbound is not None:
+            self._inbound.settings = settings
+        if self.listener is not None:
+            self.listener.configuration.certificate = settings.certificate
+            self.listener.configuration.private_key = settings.key
+        for relayer in self.relayers.values():
+            relayer.settings = settings
+        for link in self._links.values():
+            link.close()
+        self._links.clear()
 
     def close(self) -> None:
         for task in self._tasks:
