@@ -716,15 +716,15 @@ class Service:
         blob_ids = [b.hex() for b in v.get_bytes_list(
             request, "blobs", max_items=_MAX_BLOBS_PER_MESSAGE, max_len=32)
         ] if request.get("blobs") is not None else []
+        if blob_ids and remote:
+            raise BadRequest("attachments cannot be relayed to other domains yet; send "
+                             "them to local recipients only")
         missing = set(recipients) - await self.storage.existing_users(recipients)
         if missing:
             raise UnknownUser("unknown recipient(s): " + ", ".join(sorted(missing)))
         if blob_ids and (self.blobs is None
                          or any(self.blobs.visible_to(b, sender) is None for b in blob_ids)):
             raise NotFound("the message names a blob this server does not hold")
-        if blob_ids and remote:
-            raise BadRequest("attachments cannot be relayed to other domains yet; send "
-                             "them to local recipients only")
         if self.draining:
             raise ServerBusy("server is shutting down; retry on reconnect")
         mailboxes, refs = await self._mailboxes(sender, recipients, request)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from qpq_server.client import KtViolation
-from qpq_server.devserver import wait_until
+from qpq_server.client import ClientError, KtViolation
+from qpq_server.devserver import await_until, wait_until
 from tests.federation.conftest import Site, cli
 
 
@@ -57,3 +57,45 @@ async def test_a_remote_key_is_verified_against_the_peers_log(
                                     username="carol@b.example")
         with pytest.raises(KtViolation):
             await ca._kt_for("b.example").verify_key("carol", b"\x01" * 32, bundle["kt"])
+
+
+async def test_one_send_to_local_and_remote_users_reaches_both_as_the_right_sender(
+        sites: tuple[Site, Site], tmp_path: Path) -> None:
+    a, b = sites
+    async with b.client(tmp_path) as cb:
+        await cb.register("bob", "pw")
+    async with a.client(tmp_path) as ca:
+        await ca.register("alice", "pw")
+        await ca.register("carol", "pw")
+        ids = await ca.send_text("alice", ["carol", "bob@b.example", "carol@a.example"],
+                                 "to both domains")
+        assert len(ids) == 2  # carol@a.example is carol: one copy each
+        assert [(m.sender, m.text) for m in await ca.receive("carol")] == [
+            ("alice", "to both domains")]
+    async with b.client(tmp_path) as cb:
+        got: list[tuple[str, str]] = []
+
+        async def arrived() -> bool:
+            got.extend((m.sender, m.text) for m in await cb.receive("bob", wait_s=1.0))
+            return bool(got)
+
+        await await_until(arrived, 30, "bob's copy")
+        assert got == [("alice@a.example", "to both domains")]
+        assert all(m.verified for m in await cb.receive("bob"))
+
+
+async def test_unknown_domains_and_attachments_to_other_domains_are_refused_clearly(
+        sites: tuple[Site, Site], tmp_path: Path) -> None:
+    a, _ = sites
+    async with a.client(tmp_path) as ca:
+        await ca.register("erin", "pw")
+        session = ca.profile("erin").session
+        for recipients, code, words in (
+                (["x@c.example"], "unknown_user", "not a federation peer"),
+                (["x@not a domain"], "bad_request", "USER@DOMAIN"),
+                (["bob@b.example"], "bad_request", "attachments cannot be relayed")):
+            extra = {"blobs": [b"\x01" * 32]} if "attachments" in words else {}
+            with pytest.raises(ClientError) as err:
+                await ca.conn.call("enqueue", session=session, recipients=recipients,
+                                   payload=b"x", **extra)
+            assert err.value.code == code and words in err.value.message, err.value
