@@ -104,6 +104,17 @@ class PeerLink:
     def alive(self) -> bool:
         return self._protocol.terminated is None
 
+    async def send_raw(self, data: bytes) -> dict[str, Any]:
+        """Arbitrary bytes as one request stream (tests send hostile input)."""
+        protocol = self._protocol
+        sid = protocol._quic.get_next_available_stream_id()
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        protocol._pending[sid] = (FrameDecoder(_MAX_FRAME), future)
+        protocol._quic.send_stream_data(sid, data, end_stream=True)
+        protocol.transmit()
+        async with asyncio.timeout(self.timeout):
+            return await future
+
     async def call(self, op: str, **fields: Any) -> dict[str, Any]:
         try:
             async with asyncio.timeout(self.timeout):
@@ -129,8 +140,10 @@ class PeerLink:
 async def open_link(address: str, peer_domain: str, own_domain: str, *,
                     ca_pem: bytes, certificate: x509.Certificate,
                     key: ec.EllipticCurvePrivateKey, timeout: float = 10.0,
-                    idle_timeout: float = 60.0, local_host: str | None = None) -> PeerLink:
-    """Connect to `peer_domain` at `address` and authenticate as `own_domain`."""
+                    idle_timeout: float = 60.0, local_host: str | None = None,
+                    authenticate: bool = True) -> PeerLink:
+    """Connect to `peer_domain` at `address` and authenticate as `own_domain`
+    (`authenticate=False`: stop after the TLS handshake, for tests of the listener)."""
     host, port = parse_hostport(address)
     configuration = QuicConfiguration(is_client=True, alpn_protocols=[ALPN],
                                       idle_timeout=idle_timeout, server_name=peer_domain)
@@ -154,6 +167,8 @@ async def open_link(address: str, peer_domain: str, own_domain: str, *,
         except TimeoutError:
             raise LinkError("unreachable", f"no QUIC handshake with {peer_domain} at "
                             f"{address} within {timeout:g}s") from None
+        if not authenticate:
+            return link
         hello = await link.call("fed_hello", domain=own_domain)
         challenge = hello.get("challenge")
         if not isinstance(challenge, bytes):

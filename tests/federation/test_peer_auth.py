@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from qpq_server.devserver import await_until
+from qpq_server.federation.auth import auth_message, sign
 from qpq_server.federation.certs import (
     CERT,
     KEY,
@@ -87,3 +89,47 @@ async def test_bad_peers_are_refused_and_counted(world: tuple[Site, Path], case:
     assert err.value.code == "refused", err.value
     assert refused(b, case) == before + 1
     assert case in b.running.log()
+
+
+async def test_the_listener_answers_hostile_input_and_closes_silent_connections(
+        world: tuple[Site, Path]) -> None:
+    b, root = world
+    ca_pem = load_certificates(root / "ca" / "federation-ca.der")[0].public_bytes(
+        Encoding.PEM)
+    certs = root / "certs-a.example"
+    link = await open_link(f"127.0.0.1:{b.fed_port}", "b.example", "a.example",
+                           ca_pem=ca_pem, certificate=load_certificates(certs / CERT)[0],
+                           key=load_private_key(certs / KEY), timeout=5.0,
+                           authenticate=False)
+    try:
+        with pytest.raises(LinkError) as err:
+            await link.call("relay", relays=[])
+        assert err.value.code == "unauthenticated"
+        with pytest.raises(LinkError) as err:
+            await link.call("no_such_op")
+        assert err.value.code == "bad_request"
+        garbled = await link.send_raw(b"\x00\x00\x00\x03\xc1\xc1\xc1")
+        assert garbled["error"]["code"] == "bad_frame"
+        huge = await link.send_raw(b"\x7f\xff\xff\xff")
+        assert huge["error"]["code"] == "too_large"
+        hello = await link.call("fed_hello", domain="a.example")
+        with pytest.raises(LinkError) as err:  # a signature over another challenge
+            await link.call("fed_auth", domain="a.example",
+                            certificate=load_certificates(certs / CERT)[0].public_bytes(
+                                Encoding.DER),
+                            signature=sign(load_private_key(certs / KEY),
+                                           auth_message("b.example", "a.example",
+                                                        bytes(32))))
+        assert err.value.code == "refused" and hello["challenge"] != bytes(32)
+    finally:
+        link.close()
+    # Connected but never authenticating: closed after [quic] hello_timeout_s (5 s).
+    idle = await open_link(f"127.0.0.1:{b.fed_port}", "b.example", "a.example",
+                           ca_pem=ca_pem, certificate=load_certificates(certs / CERT)[0],
+                           key=load_private_key(certs / KEY), timeout=5.0,
+                           authenticate=False)
+    try:
+        await await_until(lambda: not idle.alive, 15, "the silent connection closed")
+    finally:
+        idle.close()
+    assert b.running.metric("qpq_federation_refused_total", reason="bad_signature") >= 1
