@@ -8,10 +8,11 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from qpq_server.federation.certs import CERT, KEY, load_certificates, load_private_key
-from qpq_server.federation.link import PeerLink, open_link
+from qpq_server.federation.link import LinkError, PeerLink, open_link
 from tests.federation.conftest import Site, make_sites
 from tests.federation.test_relay import register
 
@@ -58,6 +59,11 @@ async def test_a_peer_cannot_claim_senders_of_another_domain_nor_deliver_twice(
                                          "duplicate", "unknown_user"]
             again = await link.call("relay", relays=[relay(3, "alice@a.example", b"genuine")])
             assert again["results"] == ["duplicate"]
+            with pytest.raises(LinkError) as err:  # key lookups: for its own users only
+                await link.call("keys", username="bob", requester="eve@c.example")
+            assert err.value.code == "bad_request"
+            keys = await link.call("keys", username="bob", requester="alice@a.example")
+            assert isinstance(keys["identity_key"], bytes) and keys["kt"]["head"]
         assert await fetch(b, bob) == [("alice@a.example", b"genuine")]
         assert b.running.metric("qpq_federation_relay_total", peer="a.example",
                                 result="refused") == 3

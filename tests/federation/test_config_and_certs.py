@@ -98,3 +98,14 @@ def test_check_config_accepts_a_federated_server_and_names_each_problem(
         code, stderr = check(a.config_path)
         assert code == 1 and expected in stderr, (change, stderr)
         assert "Traceback" not in stderr
+
+
+def test_run_refuses_a_federation_section_that_does_not_fit_in_one_line(
+        tmp_path: Path) -> None:
+    a, _ = make_sites(tmp_path)
+    issue_cert(tmp_path / "ca", "c.example", tmp_path / "c")
+    edit(a.config_path, federation_cert=str(tmp_path / "c" / "federation-cert.der"))
+    done = qpq_server("run", "--config", str(a.config_path))
+    assert done.returncode == 1, done.stderr
+    assert "federation_cert is for 'c.example'" in done.stderr
+    assert "Traceback" not in done.stderr

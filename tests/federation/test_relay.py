@@ -142,3 +142,23 @@ async def test_peer_up_follows_a_quiet_peer_through_probes(sites: tuple[Site, Si
                                                peer="b.example") == 0,
                       20, "a vanished peer read as down without any relay")
     assert a.running.metric("qpq_federation_queue_depth", peer="b.example") == 0
+
+
+async def test_with_two_workers_every_worker_queues_and_one_relays(tmp_path: Path) -> None:
+    a, b = make_sites(tmp_path, {"server": {"workers": 2}})
+    b.start()
+    a.start()
+    try:
+        bob = await register(b, tmp_path, "bob")
+        alice = await register(a, tmp_path, "alice")
+        payloads = [f"w{i}".encode() for i in range(8)]
+        for payload in payloads:  # new connections: the kernel spreads them over workers
+            await send_raw(a, alice, "bob@b.example", [payload])
+        assert await inbox(b, bob, 8) == [("alice@a.example", p) for p in payloads]
+        # b.example (two workers too) takes relays and answers key lookups on either
+        carol = await register(b, tmp_path, "carol")
+        await send_raw(b, carol, "alice@a.example", [b"from carol"])
+        assert await inbox(a, alice, 1) == [("carol@b.example", b"from carol")]
+    finally:
+        a.stop()
+        b.stop()
