@@ -173,7 +173,8 @@ class FederationConfig:
     outbox_max_bytes: int = 1073741824  # per peer: beyond it local senders are refused
     poll_interval_s: float = 5.0  # outbox re-read (other workers or nodes queue too)
     probe_interval_s: float = 30.0  # an idle peer is pinged this often (peer_up)
-    connect_timeout_s: float = 10.0
+    # QUIC handshake and each lookup through a peer (a client waits for key lookups)
+    connect_timeout_s: float = 5.0
 
 
 @dataclass(frozen=True)

@@ -59,9 +59,10 @@ class Federation:
         self.listener: FederationListener | None = None
         self._inbound: InboundHandler | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        for domain in self.settings.peers:
-            metrics.federation_peer_up.labels(peer=domain)
-            metrics.federation_queue_depth.labels(peer=domain)
+        for peer in self.settings.peers.values():
+            if peer.address:  # the peers we relay to (an address-less one only calls us)
+                metrics.federation_peer_up.labels(peer=peer.domain)
+                metrics.federation_queue_depth.labels(peer=peer.domain)
 
     @property
     def domain(self) -> str:
@@ -79,6 +80,10 @@ class Federation:
             elif domain not in self.settings.peers:
                 raise UnknownUser(f"{name!r}: {domain!r} is not a federation peer of this "
                                   "server")
+            elif not self.settings.peers[domain].address:
+                raise UnknownUser(f"{name!r}: peer {domain!r} has no address configured "
+                                  "here ([[federation.peers]] address), so nothing can be "
+                                  "relayed to it")
             else:
                 remote.append((user, domain))
         return list(dict.fromkeys(local)), list(dict.fromkeys(remote))
@@ -182,6 +187,8 @@ class Federation:
         loop = asyncio.get_running_loop()
         if relay:
             for peer in self.settings.peers.values():
+                if not peer.address:
+                    continue
                 relayer = Relayer(peer, self.settings, self.storage, self.metrics, self.link,
                                   on_removed, self.clock, fed.poll_interval_s,
                                   fed.probe_interval_s)

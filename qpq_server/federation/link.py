@@ -115,15 +115,17 @@ class PeerLink:
         async with asyncio.timeout(self.timeout):
             return await future
 
-    async def call(self, op: str, **fields: Any) -> dict[str, Any]:
+    async def call(self, op: str, timeout: float | None = None,
+                   **fields: Any) -> dict[str, Any]:
+        timeout = timeout or self.timeout
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(timeout):
                 answer = await self._protocol.request({"op": op, **fields})
         except TimeoutError:
             # A peer that went away without closing (killed, network gone) looks open
             # until the idle timeout: give up on this link so the next call reconnects.
             self.close()
-            raise LinkError("unreachable", f"no answer to {op} within {self.timeout:g}s"
+            raise LinkError("unreachable", f"no answer to {op} within {timeout:g}s"
                             ) from None
         if not answer.get("ok"):
             error = answer.get("error") or {}

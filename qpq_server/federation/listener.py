@@ -31,6 +31,8 @@ log = logging.getLogger("qpq.federation")
 ERR_REFUSED = 0x103
 _MAX_FRAME = 16 * 1024 * 1024  # a relay batch: several messages of max_frame_bytes
 _MAX_PREAUTH_BYTES = 16384
+_INTERNAL: dict[str, Any] = {"ok": False, "error": {"code": "internal",
+                                                    "message": "internal error"}}
 
 
 class PeerState:
@@ -118,8 +120,11 @@ class _Protocol(QuicConnectionProtocol):
             response = error_body(exc)
         except QpqError as exc:
             log.error("federation request failed", extra={"code": exc.code})
-            response = {"ok": False, "error": {"code": "internal",
-                                               "message": "internal error"}}
+            response = _INTERNAL
+        except Exception:  # a bug answers `internal`; the connection and server live on
+            log.exception("unexpected error handling a federation request",
+                          extra={"op": str(request.get("op"))[:32]})
+            response = _INTERNAL
         self._reply(sid, response)
         if response.get("error", {}).get("code") == "refused":
             self.refuse(str(response["error"].get("message", "refused")))

@@ -33,6 +33,7 @@ log = logging.getLogger("qpq.federation")
 
 BATCH = 200
 BATCH_BYTES = 4 * 1024 * 1024
+RELAY_TIMEOUT_S = 60.0  # a batch of BATCH_BYTES over a slow link
 _PERMANENT = {"unknown_user", "forged_sender", "bad_request", "too_large"}
 
 
@@ -82,6 +83,10 @@ class Relayer:
                 log.error("federation outbox unavailable", extra={
                     "peer": self.peer.domain, "error": str(exc)})
                 delay = self.poll_interval_s
+            except Exception:  # a bug must not stop this peer's relaying for good
+                log.exception("federation relayer failed; retrying",
+                              extra={"peer": self.peer.domain})
+                delay = self.settings.retry_max_s
             if delay > 0:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(delay):
@@ -106,14 +111,24 @@ class Relayer:
         entries = await self._drop_expired(entries)
         if not entries:
             return 0.0
-        relays = []
+        relays, unreadable = [], []
         for entry in entries:
-            body = _unpack_entry(entry.payload)
-            relays.append({"id": entry.id, "from": f"{entry.sender}@{self.settings.domain}",
-                           "to": body["to"], "payload": body["payload"]})
+            try:
+                body = _unpack_entry(entry.payload)
+                relays.append({"id": entry.id, "to": str(body["to"]),
+                               "from": f"{entry.sender}@{self.settings.domain}",
+                               "payload": bytes(body["payload"])})
+            except (ValueError, KeyError, TypeError):
+                unreadable.append(entry)
+        if unreadable:  # written by this code, so only by a bug or a damaged store
+            await self._remove([e.id for e in unreadable])
+            self._count("rejected", len(unreadable))
+            log.error("unreadable federation outbox entries dropped", extra={
+                "peer": self.peer.domain, "count": len(unreadable)})
+            return 0.0
         try:
             link = await self._link(self.peer.domain)
-            answer = await link.call("relay", relays=relays)
+            answer = await link.call("relay", timeout=RELAY_TIMEOUT_S, relays=relays)
         except LinkError as exc:
             self._failures += 1
             self.metrics.federation_peer_up.labels(peer=self.peer.domain).set(0)
