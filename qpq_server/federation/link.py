@@ -104,6 +104,14 @@ class PeerLink:
     def alive(self) -> bool:
         return self._protocol.terminated is None
 
+    @property
+    def peer_certificate(self) -> x509.Certificate | None:
+        """The certificate the peer's listener presented (already verified against the
+        federation CA and its domain in the handshake): for expiry checks."""
+        tls = getattr(self._protocol._quic, "tls", None)
+        cert = getattr(tls, "_peer_certificate", None)  # aioquic keeps it on its TLS state
+        return cert if isinstance(cert, x509.Certificate) else None
+
     async def send_raw(self, data: bytes) -> dict[str, Any]:
         """Arbitrary bytes as one request stream (tests send hostile input)."""
         protocol = self._protocol

@@ -58,6 +58,8 @@ async def test_the_configured_peer_with_its_certificate_is_accepted(
     try:
         head = await link.call("kt", call="kt_head")
         assert "head" in head
+        assert link.peer_certificate == load_certificates(
+            root / "certs-b.example" / CERT)[0]
     finally:
         link.close()
 
