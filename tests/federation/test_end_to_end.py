@@ -99,3 +99,18 @@ async def test_unknown_domains_and_attachments_to_other_domains_are_refused_clea
                 await ca.conn.call("enqueue", session=session, recipients=recipients,
                                    payload=b"x", **extra)
             assert err.value.code == code and words in err.value.message, err.value
+
+
+def test_user_at_domain_on_a_server_that_does_not_federate_is_a_clear_error(
+        tmp_path: Path) -> None:
+    from qpq_server.devserver import running_server
+
+    with running_server(tmp_path) as srv:
+        profile = tmp_path / "p"
+        assert cli(srv, profile, "register", "solo").returncode == 0
+        for args in (("kt", "verify", "bob@b.example"),
+                     ("send", "solo", "bob@b.example", "hi")):
+            done = cli(srv, profile, *args)
+            assert done.returncode != 0
+            assert "does not federate" in done.stderr, done.stderr
+            assert "Traceback" not in done.stderr
