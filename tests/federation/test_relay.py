@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from qpq_server.devserver import await_until
 from tests.federation.conftest import Site, make_sites
 
@@ -96,21 +98,28 @@ async def test_peer_down_queues_then_delivers_all_once_in_order(
                             result="sent") == 6
 
 
+@pytest.mark.parametrize("backend", ["sqlcipher", "file"])
 async def test_a_restart_of_the_sender_while_relays_wait_loses_none(
-        sites: tuple[Site, Site], tmp_path: Path) -> None:
-    a, b = sites
-    bob = await register(b, tmp_path, "bob")
-    alice = await register(a, tmp_path, "alice")
-    b.stop()
-    payloads = [f"r{i}".encode() for i in range(4)]
-    await send_raw(a, alice, "bob@b.example", payloads)
-    a.stop()
-    a.start()
-    await await_until(lambda: a.running.metric("qpq_federation_queue_depth",
-                                               peer="b.example") == 4,
-                      20, "the queue read back after the restart")
+        backend: str, tmp_path: Path) -> None:
+    a, b = make_sites(tmp_path, {"storage": {"backend": backend}})
     b.start()
-    assert await inbox(b, bob, 4) == [("alice@a.example", p) for p in payloads]
+    a.start()
+    try:
+        bob = await register(b, tmp_path, "bob")
+        alice = await register(a, tmp_path, "alice")
+        b.stop()
+        payloads = [f"r{i}".encode() for i in range(4)]
+        await send_raw(a, alice, "bob@b.example", payloads)
+        a.stop()
+        a.start()
+        await await_until(lambda: a.running.metric("qpq_federation_queue_depth",
+                                                   peer="b.example") == 4,
+                          20, "the queue read back after the restart")
+        b.start()
+        assert await inbox(b, bob, 4) == [("alice@a.example", p) for p in payloads]
+    finally:
+        a.stop()
+        b.stop()
 
 
 async def test_relays_older_than_the_max_age_expire_counted(tmp_path: Path) -> None:
