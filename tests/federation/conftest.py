@@ -22,6 +22,10 @@ from qpq_server.devserver import (
     init_server_dir,
     start_server,
 )
+from qpq_server.secrets import read_env_file, write_env_file
+from tests.helpers.postgres import pg_cluster
+
+__all__ = ["pg_cluster"]  # the session's PostgreSQL, started only when a test asks
 
 DOMAINS = ("a.example", "b.example")
 
@@ -96,9 +100,10 @@ def federation_section(domain: str, certs: Path, ca: Path, port: int,
 
 
 def make_sites(root: Path, overrides: dict[str, dict[str, Any]] | None = None,
-               **extra: Any) -> tuple[Site, Site]:
+               dsns: tuple[str, str] | None = None, **extra: Any) -> tuple[Site, Site]:
     """Configs for a.example and b.example peering with each other (`extra` goes into
-    [federation], `overrides` into the other sections)."""
+    [federation], `overrides` into the other sections; `dsns`: each site's PostgreSQL
+    database, written to its .env)."""
     ca = make_ca(root / "ca")
     ports = {d: free_port(socket.SOCK_DGRAM) for d in DOMAINS}
     sites = []
@@ -111,6 +116,10 @@ def make_sites(root: Path, overrides: dict[str, dict[str, Any]] | None = None,
         config = init_server_dir(root / domain, {"federation": section,
                                                  "rate_limit": {"enabled": False},
                                                  **(overrides or {})})
+        if dsns is not None:
+            env = read_env_file(config.parent / ".env")
+            write_env_file(config.parent / ".env",
+                           {**env, "QPQ_DATABASE_URL": dsns[DOMAINS.index(domain)]})
         sites.append(Site(domain, config, ports[domain]))
     return sites[0], sites[1]
 

@@ -98,10 +98,14 @@ async def test_peer_down_queues_then_delivers_all_once_in_order(
                             result="sent") == 6
 
 
-@pytest.mark.parametrize("backend", ["sqlcipher", "file"])
+@pytest.mark.parametrize("backend", ["sqlcipher", "file", "postgres"])
 async def test_a_restart_of_the_sender_while_relays_wait_loses_none(
-        backend: str, tmp_path: Path) -> None:
-    a, b = make_sites(tmp_path, {"storage": {"backend": backend}})
+        backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    dsns = None
+    if backend == "postgres":
+        cluster = request.getfixturevalue("pg_cluster")
+        dsns = (cluster.new_database(), cluster.new_database())
+    a, b = make_sites(tmp_path, {"storage": {"backend": backend}}, dsns)
     b.start()
     a.start()
     try:
