@@ -135,3 +135,24 @@ async def test_the_listener_answers_hostile_input_and_closes_silent_connections(
     finally:
         idle.close()
     assert b.running.metric("qpq_federation_refused_total", reason="bad_signature") >= 1
+
+
+async def test_the_connecting_side_refuses_a_listener_with_the_wrong_certificate(
+        world: tuple[Site, Path], tmp_path: Path) -> None:
+    """The other half of mutual authentication: the TLS handshake checks the listener's
+    certificate against the federation CA and the peer's domain."""
+    b, root = world
+    certs = root / "certs-a.example"
+    init_ca(tmp_path / "other-ca")
+    other_ca = load_certificates(tmp_path / "other-ca" / "federation-ca.der")[0]
+    right_ca = load_certificates(root / "ca" / "federation-ca.der")[0]
+    for expected_domain, ca in (("c.example", right_ca), ("b.example", other_ca)):
+        with pytest.raises(LinkError) as err:
+            link = await open_link(f"127.0.0.1:{b.fed_port}", expected_domain, "a.example",
+                                   ca_pem=ca.public_bytes(Encoding.PEM),
+                                   certificate=load_certificates(certs / CERT)[0],
+                                   key=load_private_key(certs / KEY), timeout=5.0)
+            link.close()
+        assert err.value.code == "unreachable"
+        assert "certificate" in str(err.value).lower() or "hostname" in str(err.value), \
+            err.value
