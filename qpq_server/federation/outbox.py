@@ -27,7 +27,7 @@ from qpq_server.federation.settings import FederationSettings, Peer
 from qpq_server.metrics import ServerMetrics
 from qpq_server.storage.base import Storage, StoredMessage
 
-__all__ = ["Relayer", "pack_entry"]
+__all__ = ["Relayer", "backoff_delay", "pack_entry"]
 
 log = logging.getLogger("qpq.federation")
 
@@ -35,6 +35,13 @@ BATCH = 200
 BATCH_BYTES = 4 * 1024 * 1024
 RELAY_TIMEOUT_S = 60.0  # a batch of BATCH_BYTES over a slow link
 _PERMANENT = {"unknown_user", "forged_sender", "bad_request", "too_large"}
+
+
+def backoff_delay(failures: int, base_s: float, max_s: float, rng: random.Random) -> float:
+    """Exponential from `base_s` up to `max_s`, drawn from the upper half of that
+    ceiling, so servers retrying one recovered peer do not do it in lockstep."""
+    ceiling = min(max_s, base_s * 2.0 ** min(max(failures - 1, 0), 30))
+    return ceiling * rng.uniform(0.5, 1.0)
 
 
 def pack_entry(recipient: str, payload: bytes) -> bytes:
@@ -52,7 +59,8 @@ class Relayer:
     def __init__(self, peer: Peer, settings: FederationSettings, storage: Storage,
                  metrics: ServerMetrics, link: Callable[[str], Awaitable[PeerLink]],
                  on_removed: Callable[[int], None], clock: Callable[[], float],
-                 poll_interval_s: float, probe_interval_s: float) -> None:
+                 poll_interval_s: float, probe_interval_s: float,
+                 rng: random.Random | None = None) -> None:
         self.peer = peer
         self.settings = settings
         self.storage = storage
@@ -66,6 +74,7 @@ class Relayer:
         self.mailbox = outbox_mailbox(peer.domain)
         self._wake = asyncio.Event()
         self._failures = 0
+        self._rng = rng or random.Random()  # jitter only: not a secret
 
     def wake(self) -> None:
         self._wake.set()
@@ -94,11 +103,8 @@ class Relayer:
             self._wake.clear()
 
     def _backoff(self) -> float:
-        """Exponential from retry_base_s up to retry_max_s, with full jitter over the
-        upper half so many servers do not retry a recovered peer in lockstep."""
         s = self.settings
-        ceiling = min(s.retry_max_s, s.retry_base_s * 2 ** min(self._failures, 30))
-        return float(ceiling * random.uniform(0.5, 1.0))  # jitter, not a secret
+        return backoff_delay(self._failures, s.retry_base_s, s.retry_max_s, self._rng)
 
     async def relay_once(self) -> float:
         """One round; returns how long to wait before the next (0: go on at once)."""
