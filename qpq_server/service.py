@@ -782,15 +782,20 @@ class Service:
             raise QuotaExceeded("mailbox full for: " + ", ".join(full[:10]))
 
     # -- what federation peers' relays use (federation.inbound.Delivery) ----------------
-    async def check_relay_quotas(self, sender: str, recipient: str, size: int) -> None:
-        """A remote sender is quota-checked like a local one (bytes per minute, the
-        recipient's mailbox)."""
-        await self._check_enqueue_quotas(sender, [recipient], size)
+    async def relay_mailboxes(self, recipient: str) -> list[str]:
+        """The queues a relayed message to `recipient` goes to: one per device."""
+        mailboxes, _ = await self._mailboxes("", [recipient], {})
+        return mailboxes
 
-    def relayed(self, recipient: str) -> None:
-        self.metrics.enqueue_total.inc()
-        self._adjust_queue_depth(1)
-        self.notifier.notify([recipient])
+    async def check_relay_quotas(self, sender: str, mailboxes: list[str], size: int) -> None:
+        """A remote sender is quota-checked like a local one (bytes per minute, each
+        device's mailbox)."""
+        await self._check_enqueue_quotas(sender, mailboxes, size)
+
+    def relayed(self, mailboxes: list[str]) -> None:
+        self.metrics.enqueue_total.inc(len(mailboxes))
+        self._adjust_queue_depth(len(mailboxes))
+        self.notifier.notify(mailboxes)
 
     def relays_removed(self, count: int) -> None:
         """Entries left a federation outbox (relayed, rejected or expired)."""

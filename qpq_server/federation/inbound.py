@@ -43,10 +43,13 @@ _PERMANENT = {"unknown_user", "forged_sender", "bad_request", "too_large"}
 class Delivery(Protocol):
     """What the messaging service offers inbound relays and key lookups."""
 
-    async def check_relay_quotas(self, sender: str, recipient: str, size: int) -> None: ...
+    async def relay_mailboxes(self, recipient: str) -> list[str]:
+        """The recipient's queues (one per device)."""
 
-    def relayed(self, recipient: str) -> None:
-        """One relayed message was stored for recipient: count it, wake the recipient."""
+    async def check_relay_quotas(self, sender: str, mailboxes: list[str], size: int) -> None: ...
+
+    def relayed(self, mailboxes: list[str]) -> None:
+        """A relayed message was stored in these queues: count it, wake the devices."""
 
     async def keys_for(self, requester: str, username: str) -> dict[str, Any]: ...
 
@@ -167,14 +170,16 @@ class InboundHandler:
                 raise RateLimited(f"relays from {origin} exceed the peer rate limit")
             if not await self.storage.existing_users([recipient]):
                 raise UnknownUser(f"no user {recipient!r}")
-            await self.delivery.check_relay_quotas(f"{user}@{origin}", recipient, len(payload))
+            mailboxes = await self.delivery.relay_mailboxes(recipient)
+            await self.delivery.check_relay_quotas(f"{user}@{origin}", mailboxes,
+                                                   len(payload))
             stored = await self.storage.enqueue_relayed(origin, relay_id, f"{user}@{origin}",
-                                                        recipient, payload, self.clock())
+                                                        mailboxes, payload, self.clock())
         except RequestError as exc:  # quota and rate refusals too: retried in order later
             return exc.code
         if stored is None:
             return "duplicate"
-        self.delivery.relayed(recipient)
+        self.delivery.relayed(mailboxes)
         return "delivered"
 
     async def _ping(self, request: dict[str, Any], state: PeerState) -> dict[str, Any]:

@@ -112,11 +112,13 @@ class Storage(Protocol):
     async def mailbox_count(self, recipient: str) -> int:
         """Messages waiting for one recipient (a federation outbox's depth)."""
 
-    async def enqueue_relayed(self, origin: str, relay_id: int, sender: str, recipient: str,
-                              payload: bytes, now: float) -> int | None:
-        """Store a message a federation peer relayed, unless (origin, relay_id) was
-        stored before: the check and the message commit together, so a retried relay is
-        delivered exactly once. Return the message id, or None for a duplicate."""
+    async def enqueue_relayed(self, origin: str, relay_id: int, sender: str,
+                              recipients: Sequence[str], payload: bytes,
+                              now: float) -> list[int] | None:
+        """Store a message a federation peer relayed (one copy per recipient queue: the
+        user's devices), unless (origin, relay_id) was stored before: the check and the
+        copies commit together, so a retried relay is delivered exactly once. Return
+        the message ids, or None for a duplicate."""
 
     async def forget_relays(self, before: float) -> int:
         """Drop relay ids recorded before `before` (the peer stopped retrying them long

@@ -172,14 +172,15 @@ class FileStorage:
                     self._commit_relay(path, record)
 
     def _commit_relay(self, marker: Path, record: dict[str, Any]) -> None:
-        directory = self._queue_dir(record["recipient"])
-        if not directory.exists():
-            directory.mkdir(mode=0o700)
-            fsync_dir(directory.parent)
-        write_atomic(directory / f"{record['id']:020d}", _pack(
-            {"sender": record["sender"], "payload": record["payload"],
-             "sent_at": record["sent_at"]}))
-        write_atomic(marker, _pack({"id": record["id"], "seen_at": record["sent_at"]}))
+        body = _pack({"sender": record["sender"], "payload": record["payload"],
+                      "sent_at": record["sent_at"]})
+        for recipient, message_id in zip(record["recipients"], record["ids"], strict=True):
+            directory = self._queue_dir(recipient)
+            if not directory.exists():
+                directory.mkdir(mode=0o700)
+                fsync_dir(directory.parent)
+            write_atomic(directory / f"{message_id:020d}", body)
+        write_atomic(marker, _pack({"ids": record["ids"], "seen_at": record["sent_at"]}))
 
     def _recover_kt(self) -> tuple[int, int]:
         """Count whole records; cut off a torn tail left by a crash mid-append."""
@@ -458,22 +459,23 @@ class FileStorage:
     async def mailbox_count(self, recipient: str) -> int:
         return await self._read(lambda: len(_ids(self._queue_dir(recipient))))
 
-    async def enqueue_relayed(self, origin: str, relay_id: int, sender: str, recipient: str,
-                              payload: bytes, now: float) -> int | None:
-        def run() -> int | None:
+    async def enqueue_relayed(self, origin: str, relay_id: int, sender: str,
+                              recipients: Sequence[str], payload: bytes,
+                              now: float) -> list[int] | None:
+        def run() -> list[int] | None:
             marker = self._relay_path(origin, relay_id)
             if marker.exists():
                 return None
             if not marker.parent.exists():
                 marker.parent.mkdir(mode=0o700)
                 fsync_dir(marker.parent.parent)
-            message_id = self._new_id("message")
-            record = {"id": message_id, "recipient": recipient, "sender": sender,
+            ids = [self._new_id("message") for _ in recipients]
+            record = {"ids": ids, "recipients": list(recipients), "sender": sender,
                       "payload": payload, "sent_at": now}
             write_atomic(marker, _pack(record))  # the journal entry: replayed at open
             self._commit_relay(marker, record)
-            self._depth += 1
-            return message_id
+            self._depth += len(ids)
+            return ids
 
         return await self._write(run)
 

@@ -372,9 +372,10 @@ class PostgresStorage:
 
         return await self._run(run, write=False)
 
-    async def enqueue_relayed(self, origin: str, relay_id: int, sender: str, recipient: str,
-                              payload: bytes, now: float) -> int | None:
-        async def run(conn: Conn) -> int | None:
+    async def enqueue_relayed(self, origin: str, relay_id: int, sender: str,
+                              recipients: Sequence[str], payload: bytes,
+                              now: float) -> list[int] | None:
+        async def run(conn: Conn) -> list[int] | None:
             # ON CONFLICT DO NOTHING waits for a concurrent insert of the same id to
             # commit or roll back, so two nodes cannot both deliver one relay.
             seen = await conn.execute(
@@ -382,10 +383,13 @@ class PostgresStorage:
                 " ON CONFLICT DO NOTHING", (origin, relay_id, now))
             if seen.rowcount != 1:
                 return None
-            row = await _fetchone(conn, "INSERT INTO messages(recipient, sender, payload,"
-                                  " sent_at) VALUES (%s, %s, %s, %s) RETURNING id",
-                                  (recipient, sender, payload, now))
-            return int(row[0])
+            ids = []
+            for recipient in recipients:
+                row = await _fetchone(conn, "INSERT INTO messages(recipient, sender, payload,"
+                                      " sent_at) VALUES (%s, %s, %s, %s) RETURNING id",
+                                      (recipient, sender, payload, now))
+                ids.append(int(row[0]))
+            return ids
 
         return await self._run(run, write=True)
 

@@ -446,16 +446,17 @@ class SqlCipherStorage:
 
         return await self._read(run)
 
-    async def enqueue_relayed(self, origin: str, relay_id: int, sender: str, recipient: str,
-                              payload: bytes, now: float) -> int | None:
-        def run(conn: Connection) -> int | None:
+    async def enqueue_relayed(self, origin: str, relay_id: int, sender: str,
+                              recipients: Sequence[str], payload: bytes,
+                              now: float) -> list[int] | None:
+        def run(conn: Connection) -> list[int] | None:
             seen = conn.execute("INSERT OR IGNORE INTO relays_seen(origin, relay_id, seen_at)"
                                 " VALUES (?, ?, ?)", (origin, relay_id, now))
             if seen.rowcount == 0:
                 return None
-            cur = conn.execute("INSERT INTO messages(recipient, sender, payload, sent_at)"
-                               " VALUES (?, ?, ?, ?)", (recipient, sender, payload, now))
-            return int(cur.lastrowid)
+            return [int(conn.execute(
+                "INSERT INTO messages(recipient, sender, payload, sent_at) VALUES (?, ?, ?, ?)",
+                (recipient, sender, payload, now)).lastrowid) for recipient in recipients]
 
         return await self._write(run)
 

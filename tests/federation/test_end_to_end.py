@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from qpq_server.client import ClientError, KtViolation
-from qpq_server.devserver import await_until, wait_until
+from qpq_server.devices import wrap_label
+from qpq_server.devserver import await_until, running_server, wait_until
 from tests.federation.conftest import Site, cli
 
 
@@ -17,6 +18,14 @@ def recv(site: Site, profile: Path, user: str) -> list[dict[str, object]]:
     done = cli(site.running, profile, "recv", user, "--wait", "2", "--json")
     assert done.returncode == 0, done.stderr
     return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+
+
+def received(site: Site, profile: Path, user: str) -> list[dict[str, object]]:
+    """What arrives for `user` on this device, waiting for the relay."""
+    got: list[dict[str, object]] = []
+    wait_until(lambda: got.extend(recv(site, profile, user)) or got, 30,
+               f"a relayed message for {user} at {profile.name}")
+    return got
 
 
 def test_alice_sends_to_bob_at_the_peer_and_bob_replies(sites: tuple[Site, Site],
@@ -46,9 +55,10 @@ async def test_a_remote_key_is_verified_against_the_peers_log(
         await cb.register("carol", "pw")
     async with a.client(tmp_path) as ca:
         await ca.register("dave", "pw")
-        key = await ca._recipient_key(ca.profile("dave").session, "carol@b.example")
-        assert key.identity == cb.profile("carol").identity_public
-        assert key.username == "carol"  # the name carol's own envelopes use
+        carol = cb.profile("carol").identity_public
+        keys = await ca._recipient_keys(ca.profile("dave").session, "carol@b.example")
+        assert [k.identity for k in keys] == [carol]
+        assert keys[0].username == wrap_label("carol", carol)  # the name carol opens with
         # The peer's head was pinned apart from our own server's.
         pins = sorted(p.name for p in (tmp_path / "client-a.example" / "kt").iterdir())
         assert any("b.example" in p for p in pins) and len(pins) == 2
@@ -103,8 +113,6 @@ async def test_unknown_domains_and_attachments_to_other_domains_are_refused_clea
 
 def test_user_at_domain_on_a_server_that_does_not_federate_is_a_clear_error(
         tmp_path: Path) -> None:
-    from qpq_server.devserver import running_server
-
     with running_server(tmp_path) as srv:
         profile = tmp_path / "p"
         assert cli(srv, profile, "register", "solo").returncode == 0
@@ -114,3 +122,26 @@ def test_user_at_domain_on_a_server_that_does_not_federate_is_a_clear_error(
             assert done.returncode != 0
             assert "does not federate" in done.stderr, done.stderr
             assert "Traceback" not in done.stderr
+
+
+def test_every_device_of_a_remote_user_receives_and_own_devices_get_a_copy(
+        sites: tuple[Site, Site], tmp_path: Path) -> None:
+    from tests.server.test_e2e_attacks import link_device
+
+    a, b = sites
+    alice, bob1, bob2 = (tmp_path / n for n in ("alice", "bob1", "bob2"))
+    assert cli(a.running, alice, "register", "alice").returncode == 0
+    assert cli(b.running, bob1, "register", "bob").returncode == 0
+    link_device(b.running, bob1, bob2, "bob")
+    sent = cli(a.running, alice, "send", "alice", "bob@b.example", "to both devices")
+    assert sent.returncode == 0, sent.stderr
+    for device in (bob1, bob2):
+        assert [(m["from"], m["text"]) for m in received(b, device, "bob")] == [
+            ("alice@a.example", "to both devices")]
+    reply = cli(b.running, bob2, "send", "bob", "alice@a.example", "from bob2")
+    assert reply.returncode == 0, reply.stderr
+    back: list[dict[str, object]] = []
+    wait_until(lambda: back.extend(recv(a, alice, "alice")) or back, 30, "alice's reply")
+    assert [(m["from"], m["text"]) for m in back] == [("bob@b.example", "from bob2")]
+    copy = recv(b, bob1, "bob")  # bob2's message to another domain, on bob's other device
+    assert [(m["from"], m["text"]) for m in copy] == [("bob", "from bob2")]

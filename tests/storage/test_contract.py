@@ -244,43 +244,51 @@ async def test_one_message_to_many_recipients_returns_ids_in_recipient_order(
 async def test_a_relayed_message_is_stored_once_per_origin_and_relay_id(
         storage: Storage) -> None:
     await make_users(storage, "bob")
-    first = await storage.enqueue_relayed("a.example", 7, "alice@a.example", "bob", b"m", 1.0)
-    again = await storage.enqueue_relayed("a.example", 7, "alice@a.example", "bob", b"m", 2.0)
-    other = await storage.enqueue_relayed("c.example", 7, "carol@c.example", "bob", b"n", 3.0)
-    assert isinstance(first, int) and again is None and isinstance(other, int)
+
+    async def relay(origin: str, relay_id: int, sender: str, payload: bytes,
+                    now: float) -> list[int] | None:
+        return await storage.enqueue_relayed(origin, relay_id, sender, ["bob"], payload, now)
+
+    first = await relay("a.example", 7, "alice@a.example", b"m", 1.0)
+    again = await relay("a.example", 7, "alice@a.example", b"m", 2.0)
+    other = await relay("c.example", 7, "carol@c.example", b"n", 3.0)
+    assert first is not None and len(first) == 1 and again is None and other is not None
     got = await storage.fetch("bob", 10)
     assert [(m.sender, m.payload) for m in got] == [("alice@a.example", b"m"),
                                                    ("carol@c.example", b"n")]
     assert await storage.queue_depth() == 2
     # Acked, the relay id is still remembered: a late retry is not delivered again.
-    await storage.ack("bob", [first])
-    assert await storage.enqueue_relayed("a.example", 7, "alice@a.example", "bob", b"m",
-                                         4.0) is None
+    await storage.ack("bob", first)
+    assert await relay("a.example", 7, "alice@a.example", b"m", 4.0) is None
     assert await storage.forget_relays(2.5) == 1
-    assert await storage.enqueue_relayed("a.example", 7, "alice@a.example", "bob", b"m",
-                                         5.0) is not None
+    assert await relay("a.example", 7, "alice@a.example", b"m", 5.0) is not None
 
 
 async def test_concurrent_copies_of_one_relay_deliver_once(storage: Storage) -> None:
     await make_users(storage, "bob")
     results = await asyncio.gather(*(storage.enqueue_relayed(
-        "a.example", 1, "alice@a.example", "bob", b"x", 1.0) for _ in range(8)))
+        "a.example", 1, "alice@a.example", ["bob"], b"x", 1.0) for _ in range(8)))
     assert sum(r is not None for r in results) == 1
     assert len(await storage.fetch("bob", 10)) == 1
 
 
-async def test_relay_ids_survive_a_reopen(storage_factory: StorageFactory) -> None:
+async def test_relay_ids_survive_a_reopen_and_each_device_queue_gets_a_copy(
+        storage_factory: StorageFactory) -> None:
     s = storage_factory()
     await s.open()
     await make_users(s, "bob")
-    assert await s.enqueue_relayed("a.example", 3, "alice@a.example", "bob", b"m", 1.0)
+    ids = await s.enqueue_relayed("a.example", 3, "alice@a.example", ["bob", "bob#d2"],
+                                  b"m", 1.0)
+    assert ids is not None and len(set(ids)) == 2
     await s.close()
     s = storage_factory()
     await s.open()
     try:
-        assert await s.enqueue_relayed("a.example", 3, "alice@a.example", "bob", b"m",
+        assert await s.enqueue_relayed("a.example", 3, "alice@a.example", ["bob"], b"m",
                                        2.0) is None
         assert [m.payload for m in await s.fetch("bob", 10)] == [b"m"]
+        assert [m.payload for m in await s.fetch("bob#d2", 10)] == [b"m"]
+        assert await s.queue_depth() == 2
     finally:
         await s.close()
 
