@@ -18,7 +18,6 @@ from qpq_server.client import QpqClient
 from qpq_server.devserver import (
     BIN,
     RunningServer,
-    free_port,
     init_server_dir,
     start_server,
 )
@@ -99,13 +98,27 @@ def federation_section(domain: str, certs: Path, ca: Path, port: int,
             **extra}
 
 
+def distinct_udp_ports(count: int) -> list[int]:
+    """Free UDP ports, all different (held open together while the kernel picks)."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 def make_sites(root: Path, overrides: dict[str, dict[str, Any]] | None = None,
                dsns: tuple[str, str] | None = None, **extra: Any) -> tuple[Site, Site]:
     """Configs for a.example and b.example peering with each other (`extra` goes into
     [federation], `overrides` into the other sections; `dsns`: each site's PostgreSQL
     database, written to its .env)."""
     ca = make_ca(root / "ca")
-    ports = {d: free_port(socket.SOCK_DGRAM) for d in DOMAINS}
+    fed_a, fed_b, quic_a, quic_b = distinct_udp_ports(4)
+    ports = dict(zip(DOMAINS, (fed_a, fed_b), strict=True))
+    quic = dict(zip(DOMAINS, (quic_a, quic_b), strict=True))
     sites = []
     for domain in DOMAINS:
         other = next(d for d in DOMAINS if d != domain)
@@ -113,9 +126,10 @@ def make_sites(root: Path, overrides: dict[str, dict[str, Any]] | None = None,
         section = federation_section(domain, certs, ca, ports[domain],
                                      [{"domain": other, "address": f"127.0.0.1:{ports[other]}"}],
                                      **extra)
-        config = init_server_dir(root / domain, {"federation": section,
-                                                 "rate_limit": {"enabled": False},
-                                                 **(overrides or {})})
+        sections = {"rate_limit": {"enabled": False}, **(overrides or {})}
+        sections["server"] = {**sections.get("server", {}),
+                              "listen": f"127.0.0.1:{quic[domain]}"}
+        config = init_server_dir(root / domain, {"federation": section, **sections})
         if dsns is not None:
             env = read_env_file(config.parent / ".env")
             write_env_file(config.parent / ".env",
