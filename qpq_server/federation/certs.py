@@ -52,10 +52,14 @@ def init_ca(out: Path, name: str = "qpq federation", days: int = 3650) -> list[P
     cert_path, key_path = out / CA_CERT, out / CA_KEY
     _refuse_existing(cert_path, key_path)
     key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} CA")])
+    # A name of its own (and key identifiers below): while peers trust the old and the
+    # new CA side by side, a verifier must be able to tell which one issued a cert.
+    serial = x509.random_serial_number()
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME,
+                                            f"{name} CA {serial % 16**8:08x}")])
     now = _now()
     cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .public_key(key.public_key()).serial_number(serial)
             .not_valid_before(now - dt.timedelta(minutes=5))
             .not_valid_after(now + dt.timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
@@ -98,6 +102,8 @@ def issue_cert(ca_dir: Path, domain: str, out: Path, days: int = 365,
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
                                                   ExtendedKeyUsageOID.CLIENT_AUTH]),
                            critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                ca_key.public_key()), critical=False)
             .sign(ca_key, hashes.SHA256()))
     _write_key(key_path, key)
     write_private_file(cert_path, cert.public_bytes(serialization.Encoding.DER), 0o644)
