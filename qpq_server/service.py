@@ -784,8 +784,10 @@ class Service:
     # -- what federation peers' relays use (federation.inbound.Delivery) ----------------
     async def relay_mailboxes(self, recipient: str) -> list[str]:
         """The queues a relayed message to `recipient` goes to: one per device."""
-        mailboxes, _ = await self._mailboxes("", [recipient], {})
-        return mailboxes
+        account = await self.storage.get_account(recipient)
+        devices = await self.devices.load(account) if account else {}
+        # no keys published yet: the account's own queue (as a local enqueue does)
+        return list(dict.fromkeys(r.mailbox for r in devices.values())) or [recipient]
 
     async def check_relay_quotas(self, sender: str, mailboxes: list[str], size: int) -> None:
         """A remote sender is quota-checked like a local one (bytes per minute, each
