@@ -106,9 +106,9 @@ async def test_a_restart_of_the_sender_while_relays_wait_loses_none(
         cluster = request.getfixturevalue("pg_cluster")
         dsns = (cluster.new_database(), cluster.new_database())
     a, b = make_sites(tmp_path, {"storage": {"backend": backend}}, dsns)
-    b.start()
-    a.start()
     try:
+        b.start()
+        a.start()
         bob = await register(b, tmp_path, "bob")
         alice = await register(a, tmp_path, "alice")
         b.stop()
@@ -128,9 +128,9 @@ async def test_a_restart_of_the_sender_while_relays_wait_loses_none(
 
 async def test_relays_older_than_the_max_age_expire_counted(tmp_path: Path) -> None:
     a, b = make_sites(tmp_path, relay_max_age_s=1.0, remember_relays_s=10.0)
-    b.start()
-    a.start()
     try:
+        b.start()
+        a.start()
         await register(b, tmp_path, "bob")
         alice = await register(a, tmp_path, "alice")
         b.stop()
@@ -159,9 +159,9 @@ async def test_peer_up_follows_a_quiet_peer_through_probes(sites: tuple[Site, Si
 
 async def test_with_two_workers_every_worker_queues_and_one_relays(tmp_path: Path) -> None:
     a, b = make_sites(tmp_path, {"server": {"workers": 2}})
-    b.start()
-    a.start()
     try:
+        b.start()
+        a.start()
         bob = await register(b, tmp_path, "bob")
         alice = await register(a, tmp_path, "alice")
         payloads = [f"w{i}".encode() for i in range(8)]
