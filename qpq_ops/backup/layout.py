@@ -118,9 +118,11 @@ def restore_target(dep: Deployment, member: str) -> Path:
             "secrets/env": dep.env_file,
             "secrets/tls_cert": dep.config.tls_cert_path,
             "secrets/tls_key": dep.config.tls_key_path,
-            "secrets/federation_cert": dep.config.path(fed.federation_cert or "federation/cert"),
-            "secrets/federation_key": dep.config.path(fed.federation_key or "federation/key"),
-            "secrets/federation_ca": dep.config.path(fed.federation_ca or "federation/ca"),
+            "secrets/federation_cert": dep.config.path(
+                fed.federation_cert or "federation-cert.der"),
+            "secrets/federation_key": dep.config.path(
+                fed.federation_key or "federation-key.der"),
+            "secrets/federation_ca": dep.config.path(fed.federation_ca or "federation-ca.der"),
         }
         if member in fixed:
             return fixed[member]
