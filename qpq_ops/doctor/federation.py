@@ -142,21 +142,33 @@ class Reachability:
     reachable: bool
     detail: str
     seconds: float
+    certificate_refused: bool = False
+    """It answered, but its certificate failed our check (CA, validity, domain)."""
 
 
-def probe_peer(host: str, port: int, server_name: str, timeout: float) -> Reachability:
+# TLS alerts our side raises on a bad peer certificate, as QUIC CRYPTO_ERROR (0x100 + alert)
+_BAD_CERTIFICATE_CODES = {0x100 + alert for alert in (42, 43, 44, 45, 46, 48)}
+
+
+def probe_peer(host: str, port: int, server_name: str, timeout: float,
+               ca_pem: bytes | None = None) -> Reachability:
     """One QUIC handshake attempt to `host:port` within `timeout` seconds.
 
-    Only the first answer matters: a completed handshake or a refusal (wrong ALPN, a
-    certificate the peer does not accept) both prove the peer's listener answers over
-    this path. No answer in time means the address, the firewall or the peer is down.
+    Any answer proves the peer's listener answers over this path: a completed handshake,
+    or a refusal (wrong ALPN). No answer in time means the address, the firewall or the
+    peer is down. With `ca_pem` (the federation CA) the peer's certificate must also be
+    signed by it, valid now and name `server_name`, as the relay requires; a failure is
+    reachable but `certificate_refused`.
     """
     started = time.monotonic()
     deadline = started + timeout
     configuration = QuicConfiguration(is_client=True, alpn_protocols=[FEDERATION_ALPN],
                                       server_name=server_name)
-    # Reachability only: the peer's certificate is judged by the relay, not here.
-    configuration.verify_mode = 0  # ssl.CERT_NONE
+    if ca_pem is None:
+        configuration.verify_mode = 0  # ssl.CERT_NONE: reachability only
+    else:
+        configuration.verify_mode = 2  # ssl.CERT_REQUIRED
+        configuration.cadata = ca_pem
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
     except OSError as exc:
@@ -175,12 +187,17 @@ def probe_peer(host: str, port: int, server_name: str, timeout: float) -> Reacha
                     connection.close()
                     for data, addr in connection.datagrams_to_send(now=time.monotonic()):
                         sock.sendto(data, addr)
+                    checked = ("; certificate signed by the federation CA for "
+                               f"{server_name}" if ca_pem is not None else "")
                     return Reachability(True, f"QUIC handshake completed in "
-                                        f"{elapsed * 1000:.0f} ms", elapsed)
+                                        f"{elapsed * 1000:.0f} ms{checked}", elapsed)
                 if isinstance(event, ConnectionTerminated):
                     if not answered:
                         break  # our own give-up (no answer): reported below
                     why = event.reason_phrase or f"error {event.error_code}"
+                    if ca_pem is not None and event.error_code in _BAD_CERTIFICATE_CODES:
+                        return Reachability(True, f"answered, but its certificate is "
+                                            f"refused: {why}", elapsed, True)
                     return Reachability(True, "answered and closed the handshake "
                                         f"({why})", elapsed)
                 event = connection.next_event()
@@ -214,7 +231,8 @@ def probe_peer(host: str, port: int, server_name: str, timeout: float) -> Reacha
     return Reachability(False, f"no QUIC answer within {timeout:g} s", timeout)
 
 
-def peer_result(peer: FederationPeer, config_path: Path, timeout: float) -> CheckResult:
+def peer_result(peer: FederationPeer, config_path: Path, timeout: float,
+                ca_pem: bytes | None = None) -> CheckResult:
     check_id, title = f"federation_peer:{peer.domain}", f"Federation peer {peer.domain}"
     if not peer.address:
         return CheckResult(check_id, title, CheckState.SKIPPED,
@@ -225,7 +243,13 @@ def peer_result(peer: FederationPeer, config_path: Path, timeout: float) -> Chec
     except ValueError as exc:  # the config check reports the same problem
         return CheckResult(check_id, title, CheckState.CRITICAL, f"address {exc}",
                            f"fix [[federation.peers]] address in {config_path}")
-    result = probe_peer(host, port, peer.domain, timeout)
+    result = probe_peer(host, port, peer.domain, timeout, ca_pem)
+    if result.certificate_refused:
+        return CheckResult(
+            check_id, title, CheckState.CRITICAL, f"{peer.address}: {result.detail}",
+            f"relays to {peer.domain} fail: its operator must present a certificate of "
+            "the federation CA for their domain (qpq-ops rotate federation)",
+            result.seconds)
     if result.reachable:
         return CheckResult(check_id, title, CheckState.OK,
                            f"{peer.address}: {result.detail}", value=result.seconds)
@@ -243,5 +267,20 @@ def federation_results(config: Config, config_path: Path, now: float,
     if not config.federation.enabled:
         return []
     results = [certificate_result(config, config_path, now)]
-    results += [peer_result(peer, config_path, timeout) for peer in config.federation.peers]
+    ca_pem = _ca_pem(config)
+    results += [peer_result(peer, config_path, timeout, ca_pem)
+                for peer in config.federation.peers]
     return results
+
+
+def _ca_pem(config: Config) -> bytes | None:
+    """The federation CA(s) as PEM, to judge peers' certificates; None if unreadable
+    (the certificate row says why; peers are then probed for reachability only)."""
+    value = config.federation.federation_ca
+    if not value:
+        return None
+    try:
+        cas = _load_cas(config.path(value))
+    except (OSError, ValueError):
+        return None
+    return b"".join(ca.public_bytes(serialization.Encoding.PEM) for ca in cas)

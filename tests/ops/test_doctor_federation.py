@@ -166,6 +166,7 @@ def test_good_certificate_and_reachable_peer_are_ok(deployment: Deployment,
     assert 364 < cert.value < 366
     assert peer.state is CheckState.OK, peer
     assert "handshake completed" in peer.detail
+    assert "certificate signed by the federation CA for b.example" in peer.detail
 
 
 def test_unreachable_peer_is_critical_within_the_timeout(deployment: Deployment,
@@ -182,6 +183,25 @@ def test_unreachable_peer_is_critical_within_the_timeout(deployment: Deployment,
     assert rows["federation_peer:b.example"].state is CheckState.OK
     # a peer without an address connects to us: nothing to probe
     assert rows["federation_peer:d.example"].state is CheckState.SKIPPED
+
+
+@pytest.mark.parametrize(("issuer", "domain", "expires_in_s", "why"), [
+    ("other", "b.example", 365 * DAY, "refused"),
+    ("ours", "z.example", 365 * DAY, "doesn't match"),
+    ("ours", "b.example", -DAY, "no longer valid"),
+])
+def test_a_peer_certificate_the_relay_would_refuse_is_critical(
+        deployment: Deployment, ca: tuple[x509.Certificate, Key], issuer: str, domain: str,
+        expires_in_s: float, why: str) -> None:
+    signer = ca if issuer == "ours" else make_ca("someone else's CA")
+    cert, key = make_leaf(signer, domain, expires_in_s=expires_in_s)
+    with Listener(cert, key) as bad:
+        rows = federation_rows(federating(deployment, FederationPeer("b.example",
+                                                                     bad.address)))
+    row = rows["federation_peer:b.example"]
+    assert row.state is CheckState.CRITICAL, row
+    assert "certificate is refused" in row.detail and why in row.detail, row
+    assert "federation CA" in row.fix
 
 
 def test_any_answer_counts_as_reachable(ca: tuple[x509.Certificate, Key]) -> None:
