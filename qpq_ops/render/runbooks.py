@@ -265,7 +265,8 @@ RUNBOOKS: tuple[Runbook, ...] = (
             "Is the peer's federation port (UDP 7001) reachable from here, and ours from "
             "there (firewall, address in `[[federation.peers]]`)?",
             "Has a federation certificate expired or been issued by another CA, or for "
-            "another domain (qpq_federation_relay_total by result)?",
+            "another domain? Relays failing show in qpq_federation_relay_total by result "
+            "here; the side that refuses counts qpq_federation_refused_total by reason.",
         ),
         commands=(
             "qpq-ops doctor --config /path/to/data/qpq-server.toml",
