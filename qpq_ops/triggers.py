@@ -1,4 +1,5 @@
-"""The scaling triggers (the guide's nine plus qpq's process_cpu), defined once as data.
+"""The scaling triggers (the guide's nine plus qpq's process_cpu and federation), defined
+once as data.
 
 Alert rules, dashboard thresholds, the docs table and `qpq-ops check-triggers` are all
 generated from `TRIGGERS`; change a threshold here and every consumer follows.
@@ -26,6 +27,8 @@ __all__ = [
     "BACKUP_CRITICAL_AGE_S",
     "BACKUP_MAX_AGE_S",
     "DEFAULT_SCOPE",
+    "FEDERATION_DOWN_WINDOW",
+    "FEDERATION_GROWTH_WINDOW",
     "RATE_WINDOW",
     "RUNBOOK_DOC",
     "TLS_EXPIRY_CRITICAL_S",
@@ -34,6 +37,7 @@ __all__ = [
     "TRIGGER_IDS",
     "BusyPercent",
     "Direction",
+    "FederationPeers",
     "Gauge",
     "Measure",
     "PerMinute",
@@ -65,6 +69,7 @@ TRIGGER_IDS: tuple[str, ...] = (
     "connections",
     "tls_handshake_latency",
     "process_cpu",
+    "federation",
 )
 
 # Health thresholds that are not scaling triggers; the alert rules, the dashboard, the
@@ -305,13 +310,62 @@ class ProcessBusyPercent:
         return f"100 * max by (instance) (rate({sel}[{self.window}]))"
 
 
+FEDERATION_DOWN_WINDOW = "5m"
+"""A peer counts as unreachable when every relay attempt failed for this long."""
+FEDERATION_GROWTH_WINDOW = "15m"
+"""A peer's outbound queue counts as growing when it grew over this whole window."""
+
+
+@dataclass(frozen=True)
+class FederationPeers:
+    """The worst federation peer of an instance, as a level: 0 every peer fine, 1 a
+    peer's outbound queue kept growing for `growth_window` (its 5-minute slope stayed
+    above zero), 2 a peer unreachable (`peer_up == 0`) for the whole `down_window`.
+
+    The windows are inside the expression (two conditions, two windows), so the trigger
+    itself has no sustain window. A server without federation exports none of these
+    series: the trigger then does not apply (`Trigger.optional`).
+    """
+
+    peer_up: str = "qpq_federation_peer_up"
+    queue_depth: str = "qpq_federation_queue_depth"
+    down_window: str = FEDERATION_DOWN_WINDOW
+    growth_window: str = FEDERATION_GROWTH_WINDOW
+    slope_window: str = "5m"
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return (self.peer_up, self.queue_depth)
+
+    @property
+    def window(self) -> str:
+        """How far back the expression reads (the growth window plus one slope)."""
+        return f"{_window_s(self.growth_window) + _window_s(self.slope_window)}s"
+
+    def promql(self, extra: str = "") -> str:
+        up = _select(self.peer_up, "", extra)
+        depth = _select(self.queue_depth, "", extra)
+        # Each condition counts only when the series reaches back over its whole window
+        # (`present_over_time ... offset`): a Prometheus started two minutes ago has not
+        # seen a peer down for five. label_replace keeps the two conditions of one peer
+        # apart, so `or` keeps both and the max picks the worse one.
+        down = (f"2 * (max_over_time({up}[{self.down_window}]) == bool 0) "
+                f"and present_over_time({up}[{self.down_window}] offset {self.down_window})")
+        growing = (f"min_over_time(deriv({depth}[{self.slope_window}])"
+                   f"[{self.growth_window}:1m]) > bool 0 "
+                   f"and present_over_time({depth}[{self.slope_window}] "
+                   f"offset {self.growth_window})")
+        return (f'max by (instance) (label_replace({down}, "condition", "unreachable", "", "")'
+                f' or label_replace({growing}, "condition", "queue_growing", "", ""))')
+
+
 Measure = (Gauge | PerMinute | Quantile | RatioPercent | UsedPercent | BusyPercent
-           | ProcessBusyPercent)
+           | ProcessBusyPercent | FederationPeers)
 
 
 # --- the trigger ---------------------------------------------------------------------------
 
-Unit = Literal["percent", "seconds", "messages", "per_minute"]
+Unit = Literal["percent", "seconds", "messages", "per_minute", "level"]
 
 
 @dataclass(frozen=True)
@@ -336,6 +390,12 @@ class Trigger:
     action: str
     source: Source
     direction: Direction = Direction.ABOVE
+    levels: tuple[str, ...] = ()
+    """For unit "level": what each level 0, 1, ... means (alert summaries say it)."""
+    optional: str = ""
+    """When set, why an instance may export none of the trigger's series (a feature
+    switched off): the trigger then does not apply there and is listed as skipped with
+    this reason, neither no-data nor a silent ok."""
 
     @property
     def expr(self) -> str:
@@ -553,6 +613,26 @@ TRIGGERS: tuple[Trigger, ...] = (
         "nodes; a 4-core host at 25 % can have one saturated worker.",
         source=Source.QPQ,
     ),
+    Trigger(
+        id="federation",
+        title="Federation peers",
+        measures="The worst peer of the instance: 1 when a peer's outbound queue "
+        "(qpq_federation_queue_depth) kept growing for 15 minutes, 2 when a peer was "
+        "unreachable (qpq_federation_peer_up == 0) for 5 minutes, else 0.",
+        unit="level",
+        measure=FederationPeers(),
+        warning=0.0,
+        critical=1.0,
+        sustain_s=0,
+        alert_for_s=0,
+        action="Find the peer (`qpq-ops doctor --config PATH`, the dashboard's peer "
+        "panels), check its address, firewall (UDP 7001) and federation certificate; "
+        "relays wait in the durable queue meanwhile.",
+        source=Source.QPQ,
+        levels=("every peer fine", "a peer's outbound queue growing for 15 minutes",
+                "a peer unreachable for 5 minutes"),
+        optional="federation is not enabled there (no qpq_federation_* series)",
+    ),
 )
 
 _BY_ID = {t.id: t for t in TRIGGERS}
@@ -581,6 +661,8 @@ def validate_triggers(triggers: tuple[Trigger, ...]) -> None:
                 f"trigger {t.id}: critical {t.critical} is not stricter than "
                 f"warning {t.warning} ({t.direction})"
             )
+        if t.unit == "level" and len(t.levels) != int(t.critical) + 2:
+            raise ValueError(f"trigger {t.id}: name every level up to critical + 1")
         if t.sustain_s < 0 or t.alert_for_s < t.sustain_s:
             raise ValueError(f"trigger {t.id}: need 0 <= sustain_s <= alert_for_s")
 

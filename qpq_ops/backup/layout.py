@@ -12,7 +12,9 @@ Member names:
                               that backend is used (instead of `db/qpq.db`)
 - `secrets/env`               the `.env` beside the config (only with --include-secrets)
 - `secrets/tls_cert`, `secrets/tls_key`   the serving certificate and key
-- `secrets/data/...`          key files under the data dir: `keys/`, `federation/`
+- `secrets/data/...`          key files under the data dir: `keys/`, `federation/`, and
+                               DESIGN.md's `federation-*` files (cert, key, CA, CA key,
+                               bundle, `.previous`) at its top
 - `secrets/federation_{cert,key,ca}`      federation files configured outside the data dir
 
 Secrets stay out by default: a key stored beside the data it protects protects nothing.
@@ -37,6 +39,8 @@ DB_MEMBER = "db/qpq.db"
 DATA_TREES = {"blobs": "blob", "opaque": "opaque", "kt": "kt"}
 """Trees under the data dir that are data (member `data/<tree>/...`), by kind."""
 SECRET_TREES = ("keys", "federation")
+FEDERATION_PREFIX = "federation-"
+"""Top-level data-dir files of federation (federation-cert.der, ...), backed up as secrets."""
 """Trees under the data dir that hold keys (member `secrets/data/<tree>/...`)."""
 
 
@@ -91,6 +95,12 @@ def source_files(dep: Deployment, include_secrets: bool) -> list[Source]:
         found.append(Source("secrets/tls_key", "secret", dep.config.tls_key_path))
         for tree in SECRET_TREES:
             found.extend(_tree(dep.data_dir / tree, f"secrets/data/{tree}", "secret"))
+        # DESIGN.md's federation files (and rotate's CA key, bundle and .previous) sit
+        # at the top of the data dir, where no tree covers them
+        found.extend(Source(f"secrets/data/{path.name}", "secret", path)
+                     for path in sorted(dep.data_dir.glob(f"{FEDERATION_PREFIX}*"))
+                     if path.is_file() and not path.is_symlink()
+                     and not path.name.endswith(".tmp"))
         found.extend(_federation_files(dep))
     return found
 
@@ -118,12 +128,17 @@ def restore_target(dep: Deployment, member: str) -> Path:
             "secrets/env": dep.env_file,
             "secrets/tls_cert": dep.config.tls_cert_path,
             "secrets/tls_key": dep.config.tls_key_path,
-            "secrets/federation_cert": dep.config.path(fed.federation_cert or "federation/cert"),
-            "secrets/federation_key": dep.config.path(fed.federation_key or "federation/key"),
-            "secrets/federation_ca": dep.config.path(fed.federation_ca or "federation/ca"),
+            "secrets/federation_cert": dep.config.path(
+                fed.federation_cert or "federation-cert.der"),
+            "secrets/federation_key": dep.config.path(
+                fed.federation_key or "federation-key.der"),
+            "secrets/federation_ca": dep.config.path(fed.federation_ca or "federation-ca.der"),
         }
         if member in fixed:
             return fixed[member]
+        if (len(parts) == 3 and parts[1] == "data"
+                and parts[2].startswith(FEDERATION_PREFIX)):
+            return dep.data_dir / parts[2]
         if len(parts) >= 4 and parts[1] == "data" and parts[2] in SECRET_TREES:
             return dep.data_dir.joinpath(*parts[2:])
     raise ArchiveDamaged(f"archive member {member!r} is not part of the qpq backup layout")

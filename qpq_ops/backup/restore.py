@@ -21,7 +21,13 @@ from qpq_ops.backup.archive import ExtractedMember, extract_archive, read_manife
 from qpq_ops.backup.database import open_db, schema_version
 from qpq_ops.backup.doctor import DoctorReport, run_doctor
 from qpq_ops.backup.filestore import file_complete_purge, file_mark_pending, file_restore_state
-from qpq_ops.backup.layout import DATA_TREES, DB_MEMBER, SECRET_TREES, restore_target
+from qpq_ops.backup.layout import (
+    DATA_TREES,
+    DB_MEMBER,
+    FEDERATION_PREFIX,
+    SECRET_TREES,
+    restore_target,
+)
 from qpq_ops.backup.manifest import Manifest
 from qpq_ops.backup.pgdump import (
     DUMP_MEMBER,
@@ -214,17 +220,20 @@ def _place(req: RestoreRequest, staging: Path, members: list[ExtractedMember],
         give_to(placed, owner)
         return
     placed += [data_dir / tree for tree in SECRET_TREES]
-    placed += [restore_target(dep, m.name) for m in members
-               if m.name.startswith("secrets/") and not m.name.startswith("secrets/data/")]
+    # single files: the fixed secrets, and the top-level federation-* files of the data dir
+    single = [m for m in members if m.name.startswith("secrets/") and (
+        not m.name.startswith("secrets/data/")
+        or (m.name.count("/") == 2
+            and m.name.rsplit("/", 1)[1].startswith(FEDERATION_PREFIX)))]
+    placed += [restore_target(dep, m.name) for m in single]
     for tree in SECRET_TREES:
         if (staging / "secrets" / "data" / tree).is_dir():
             _place_tree(staging / "secrets" / "data" / tree, data_dir / tree, aside, data_dir)
-    for member in members:
-        if member.name.startswith("secrets/") and not member.name.startswith("secrets/data/"):
-            target = restore_target(dep, member.name)
-            _move_aside(target, aside, data_dir)
-            target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            os.replace(member.path, target)
+    for member in single:
+        target = restore_target(dep, member.name)
+        _move_aside(target, aside, data_dir)
+        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.replace(member.path, target)
     give_to(placed, owner)
 
 

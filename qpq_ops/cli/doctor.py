@@ -69,8 +69,10 @@ def doctor(
 ) -> None:
     """Check a qpq box before and after go-live: sysctl, open files, config, /readyz,
     TLS expiry (warning < 30 days, critical < 7), free disk vs the capacity plan, last
-    backup age, clock offset, whether Prometheus scrapes the server, and (backend
-    postgres) that the database answers, its version and schema.
+    backup age, clock offset, whether Prometheus scrapes the server, (backend
+    postgres) that the database answers, its version and schema, and (federation
+    enabled) our federation certificate (CA, expiry, domain, key) and each peer's
+    reachability by one QUIC handshake attempt.
 
     One line per check with the fix to apply. Exit 2 if any check is critical, else 1 if
     any is warning, else 3 if any has no data, else 0 (skipped checks never fail).

@@ -197,7 +197,7 @@ def federation(
     days: Annotated[int, typer.Option("--days", min=1, help="Certificate validity.")] = 365,
     finish: Annotated[bool, typer.Option(
         "--finish", help="Once every peer has switched: delete the previous key and CA, "
-        "shrink ca-bundle.pem to the current CA.")] = False,
+        "shrink the CA bundle (federation-ca-bundle.pem) to the current CA.")] = False,
     dry_run: DryRunOpt = False,
     json_out: JsonOpt = False,
 ) -> None:

@@ -167,13 +167,16 @@ def check_triggers(
         "--sustain-scale", hidden=True, help="Compress sustain windows (tests only).",
     )] = 1.0,
 ) -> None:
-    """Evaluate the scaling triggers of the scaling guide (and qpq's worker CPU).
+    """Evaluate the scaling triggers of the scaling guide (and qpq's worker CPU and
+    federation peers).
 
     States: ok, warning, critical, no-data. A target that is down, a metric missing
     for one instance, and a value beyond a threshold whose sustain window has not been
     observed yet ("not sustained yet") are no-data, never ok. Every target of the qpq
-    and node jobs (from `up`) gets a row. Exit code: 2 if any trigger is critical, else
-    1 if any is warning, else 3 if any has no data or the source failed, else 0.
+    and node jobs (from `up`) gets a row. The federation trigger applies only where
+    federation series exist; elsewhere it is listed once as not evaluated. Exit code:
+    2 if any trigger is critical, else 1 if any is warning, else 3 if any has no data
+    or the source failed, else 0.
 
     Examples: `check-triggers --prometheus-url http://127.0.0.1:9091 --instance node1`;
     without Prometheus, `check-triggers --metrics-url 127.0.0.1:9090 --node-metrics-url

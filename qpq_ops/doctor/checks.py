@@ -25,6 +25,7 @@ from cryptography import x509
 from qpq_ops.capacity import CapacityPlan
 from qpq_ops.deployment import Deployment
 from qpq_ops.doctor.clock import ClockReading, read_clock
+from qpq_ops.doctor.federation import federation_results
 from qpq_ops.doctor.model import CheckResult, CheckState
 from qpq_ops.errors import ParseError, SourceError
 from qpq_ops.evaluate.exposition import parse
@@ -405,7 +406,19 @@ def check_database(inputs: DoctorInputs) -> CheckResult:
     return CheckResult("database", title, CheckState.OK, shown, value=float(schema))
 
 
-Check = Callable[[DoctorInputs], CheckResult]
+def check_federation(inputs: DoctorInputs) -> list[CheckResult]:
+    """Our federation certificate and each peer's reachability (federation enabled)."""
+    title = "Federation"
+    deployment = inputs.deployment
+    if deployment is None:
+        return [_config_refused("federation", title)]
+    results = federation_results(deployment.config, inputs.config_path, inputs.now,
+                                 inputs.timeout)
+    return results or [CheckResult("federation", title, CheckState.SKIPPED,
+                                   "[federation] enabled = false")]
+
+
+Check = Callable[[DoctorInputs], CheckResult | list[CheckResult]]
 
 CHECKS: tuple[tuple[str, Check], ...] = (
     ("sysctl", check_sysctl_values),
@@ -418,6 +431,7 @@ CHECKS: tuple[tuple[str, Check], ...] = (
     ("clock", check_clock),
     ("prometheus", check_prometheus_scrape),
     ("database", check_database),
+    ("federation", check_federation),
 )
 
 CHECK_IDS: tuple[str, ...] = tuple(check_id for check_id, _ in CHECKS)

@@ -6,6 +6,8 @@
 - `evaluate_direct(metrics_url, ...)`: two scrapes `sample_s` apart; a sustained trigger
   beyond a threshold is no-data ("not sustained yet"); host triggers without
   node_exporter are listed once in `Evaluation.skipped`.
+In both, an optional trigger (federation) without any series does not apply: it is
+listed in `Evaluation.skipped` with its reason, never as a no-data row.
 Both return an `Evaluation` (results, worst `status`, DESIGN.md `exit_code`, `to_json()`)
 or raise `qpq_ops.errors.SourceError` with a one-line message.
 """

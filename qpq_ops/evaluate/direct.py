@@ -7,6 +7,8 @@ can (worker CPU from `process_cpu_seconds_total`); host triggers need node_expor
 (`node_metrics_url`) and without it are listed once as skipped, not as failing rows.
 A sustained trigger (CPU) that reads ok is ok (no window can be worse than now); one
 that reads beyond a threshold is no-data "not sustained yet": the sample is no window.
+The federation trigger is alike (its windows are in the measure), and on a server
+without federation series it does not apply: listed as skipped, never no-data.
 """
 
 from __future__ import annotations
@@ -22,7 +24,16 @@ import httpx
 from qpq_ops.errors import ParseError, SourceError
 from qpq_ops.evaluate.exposition import Exposition, compute, parse
 from qpq_ops.evaluate.model import Evaluation, TriggerResult
-from qpq_ops.triggers import DEFAULT_SCOPE, TRIGGERS, Quantile, Scope, Source, State, Trigger
+from qpq_ops.triggers import (
+    DEFAULT_SCOPE,
+    TRIGGERS,
+    FederationPeers,
+    Quantile,
+    Scope,
+    Source,
+    State,
+    Trigger,
+)
 
 __all__ = ["evaluate_direct", "http_url", "metrics_endpoint", "scrape"]
 
@@ -65,8 +76,11 @@ def scrape(client: httpx.Client, url: str) -> tuple[Exposition, float]:
 
 
 def _result(trigger: Trigger, instance: str, first: Exposition, second: Exposition,
-            dt: float, scope: Scope) -> TriggerResult:
+            dt: float, scope: Scope) -> TriggerResult | None:
+    """The trigger's row; None when an optional trigger does not apply (no series)."""
     value = compute(trigger.measure, first, second, dt, trigger.local_matchers(scope))
+    if value is None and trigger.optional:
+        return None
     if value is None:
         return TriggerResult(trigger, instance, State.NO_DATA, None,
                              note="metric absent: " + ", ".join(trigger.metrics))
@@ -74,6 +88,14 @@ def _result(trigger: Trigger, instance: str, first: Exposition, second: Expositi
         return TriggerResult(trigger, instance, State.OK, None,
                              note=f"no observations in the {dt:.1f} s sample")
     state = trigger.state_for(value)
+    if isinstance(trigger.measure, FederationPeers) and state is not State.OK:
+        measure = trigger.measure
+        return TriggerResult(
+            trigger, instance, State.NO_DATA, None, current=value,
+            note=f"not sustained yet: level {value:.0f} now, but a {dt:.0f} s sample cannot "
+            f"show {measure.down_window} down or {measure.growth_window} of growth "
+            "(use --prometheus-url)",
+        )
     if trigger.sustain_s > 0 and state is not State.OK:
         return TriggerResult(
             trigger, instance, State.NO_DATA, None, current=value,
@@ -112,13 +134,19 @@ def evaluate_direct(
         second = scrape_all()
 
     results = []
-    skipped = tuple(t.id for t in triggers if t.source not in sources)
+    skipped = [t.id for t in triggers if t.source not in sources]
+    notes = (["host triggers need node_exporter: give --node-metrics-url (e.g. "
+              "127.0.0.1:9100) or use --prometheus-url"] if skipped else [])
     for trigger in triggers:
         if trigger.source not in sources:
             continue
         instance = urlsplit(sources[trigger.source]).netloc
         (a, ta), (b, tb) = first[trigger.source], second[trigger.source]
-        results.append(_result(trigger, instance, a, b, max(tb - ta, 1e-3), scope))
-    note = ("host triggers need node_exporter: give --node-metrics-url (e.g. "
-            "127.0.0.1:9100) or use --prometheus-url" if skipped else "")
-    return Evaluation("direct", sources[Source.QPQ], started, tuple(results), skipped, note)
+        result = _result(trigger, instance, a, b, max(tb - ta, 1e-3), scope)
+        if result is None:
+            skipped.append(trigger.id)
+            notes.append(f"{trigger.id}: {trigger.optional}")
+        else:
+            results.append(result)
+    return Evaluation("direct", sources[Source.QPQ], started, tuple(results), tuple(skipped),
+                      "; ".join(notes))

@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from qpq_ops.errors import ParseError
 from qpq_ops.triggers import (
     BusyPercent,
+    FederationPeers,
     Gauge,
     Measure,
     PerMinute,
@@ -143,7 +144,24 @@ def compute(measure: Measure, first: Exposition, second: Exposition, dt: float,
         if not deltas:
             return None
         return 100 * (1 - math.fsum(d / dt for d in deltas.values()) / len(deltas))
+    if isinstance(measure, FederationPeers):
+        return _federation_level(measure, first, second)
     raise TypeError(f"unknown measure {measure!r}")
+
+
+def _federation_level(measure: FederationPeers, first: Exposition,
+                      second: Exposition) -> float | None:
+    """The worst peer now: 2 down in both scrapes, 1 queue grew between them, else 0.
+    Two scrapes cannot show the windows; the caller reports a bad level as "not
+    sustained yet". None when the server exports no federation series at all."""
+    up_now, depth_now = second.series(measure.peer_up), second.series(measure.queue_depth)
+    if not up_now and not depth_now:
+        return None
+    up_before, depth_before = first.series(measure.peer_up), first.series(measure.queue_depth)
+    levels = [0.0]
+    levels += [2.0 for k, v in up_now.items() if v == 0 and up_before.get(k) == 0]
+    levels += [1.0 for k, v in depth_now.items() if k in depth_before and v > depth_before[k]]
+    return max(levels)
 
 
 def _used_percent(measure: UsedPercent, scrape: Exposition, matchers: str) -> float | None:

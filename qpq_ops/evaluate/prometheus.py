@@ -3,6 +3,9 @@
 Every target of the scope's jobs (from `up`) gets a row per trigger of its source, so a
 node that is down, or an instance missing a metric, reads no-data, never ok; instances
 that have series but no `up` of their own (federated or honor_labels data) get rows too.
+An optional trigger (`Trigger.optional`: federation) gets rows only where its series
+exist; where none do it does not apply, and a trigger without any row is listed as
+skipped with its reason (neither no-data nor a silent ok).
 
 For a sustained trigger (`sustain_s > 0`) the state comes from the least bad value over
 the window, `min_over_time((expr)[W:step])` (max for "below" triggers), and only when the
@@ -135,6 +138,11 @@ def _results_for(plan: _Plan, current: list[PromSample], sustained: list[PromSam
                  count: list[PromSample], targets: dict[str, float]) -> list[TriggerResult]:
     """Rows for one plan; `targets` maps each `up` instance of the trigger's job to up."""
     now = _by_instance(current)
+    if plan.trigger.optional:
+        # Rows only where the feature exports series: elsewhere it does not apply (an
+        # instance that is down reads no-data in every other trigger already).
+        return [_instant_result(plan.trigger, i, v) for i, v in sorted(now.items())
+                if targets.get(i, 1.0) == 1.0]
     expected = set(targets) if plan.instance is None else (
         {plan.instance} & set(targets))
     if not now and not expected:
@@ -209,4 +217,7 @@ def evaluate_prometheus(
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
         querier.close()
-    return Evaluation("prometheus", querier.url, when, tuple(results))
+    present = {r.trigger.id for r in results}
+    skipped = tuple(t.id for t in triggers if t.optional and t.id not in present)
+    note = "; ".join(f"{t.id}: {t.optional}" for t in triggers if t.id in skipped)
+    return Evaluation("prometheus", querier.url, when, tuple(results), skipped, note)

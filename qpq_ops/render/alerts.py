@@ -96,13 +96,17 @@ def trigger_alert(trigger: Trigger, severity: Severity) -> AlertRule:
     title = _title(trigger)
     threshold = human_value(trigger.unit, trigger.threshold(severity))
     held = f" for at least {duration_text(trigger.alert_for_s)}" if trigger.alert_for_s else ""
+    summary = f"{title} {side} {threshold} on {{{{ $labels.instance }}}}"
+    if trigger.levels:  # a level says what happened better than its number
+        first_bad = int(trigger.threshold(severity)) + 1
+        summary = f"{title}: {trigger.levels[first_bad]} on {{{{ $labels.instance }}}}"
     return AlertRule(
         name=trigger_alert_name(trigger, severity),
         group="qpq-triggers",
         expr=f"{trigger_record(trigger)} {trigger.comparison(severity)}",
         for_s=trigger.alert_for_s,
         severity=severity,
-        summary=f"{title} {side} {threshold} on {{{{ $labels.instance }}}}",
+        summary=summary,
         description=(
             f"{title} on {{{{ $labels.instance }}}} is "
             f"{value_template(trigger.unit)}{held} "

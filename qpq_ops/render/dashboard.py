@@ -264,7 +264,21 @@ def layout() -> tuple[RowSpec, ...]:
             PanelSpec("Key-transparency log", "Leaves in the key-transparency log "
                       "(qpq_kt_log_size).", (_q(f"qpq_kt_log_size{SEL}"),), width=12),
         )),
-        RowSpec("Federation, certificates and backups", (
+        RowSpec("Federation", (
+            _trigger_panel("federation", "Federation peers (worst level)"),
+            PanelSpec("Federation peer up",
+                      "1 when the last relay attempt to the peer succeeded "
+                      "(qpq_federation_peer_up); 5 minutes at 0 is the federation "
+                      "trigger's critical level.",
+                      (_q(f"qpq_federation_peer_up{_qpq_sel()}", "{{instance}} {{peer}}"),)),
+            PanelSpec("Federation outbound queue",
+                      "Relays waiting in the durable outbound queue per peer "
+                      "(qpq_federation_queue_depth); growing for 15 minutes is the "
+                      "federation trigger's warning level.",
+                      (_q(f"qpq_federation_queue_depth{_qpq_sel()}",
+                          "{{instance}} {{peer}}"),)),
+        )),
+        RowSpec("Federation relay, certificates and backups", (
             PanelSpec("Federation relay",
                       "Messages relayed to and from peers per second, by result.",
                       (_q(_rate("qpq_federation_relay_total", ("peer", "result")),

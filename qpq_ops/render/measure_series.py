@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from qpq_ops.render.settings import current
 from qpq_ops.triggers import (
     BusyPercent,
+    FederationPeers,
     Gauge,
     Measure,
     PerMinute,
@@ -26,7 +27,8 @@ from qpq_ops.triggers import (
 )
 
 __all__ = ["FOREIGN_MOUNTPOINT", "SCRAPE_INTERVALS_S", "STEP_S", "InputSeries",
-           "per_minute_increment", "series_for", "window_seconds"]
+           "per_minute_increment", "series_for", "window_seconds",
+           "window_seconds_of"]
 
 STEP_S = 15
 """Sample spacing of the synthetic series (the bundle's scrape interval)."""
@@ -121,7 +123,11 @@ def _sel(metric: str, labels: dict[str, str]) -> str:
 
 def window_seconds(measure: Measure) -> int:
     """How long the measure needs data before it reads exactly (its rate window)."""
-    window = getattr(measure, "window", "0s")
+    return window_seconds_of(getattr(measure, "window", "0s"))
+
+
+def window_seconds_of(window: str) -> int:
+    """'5m' -> 300."""
     match = re.fullmatch(r"(\d+)([smh])", window)
     if match is None:
         raise ValueError(f"unsupported window {window!r}")
@@ -205,6 +211,18 @@ def series_for(trigger: Trigger, instance: str, value: float, step_s: int = STEP
                 InputSeries(_sel(measure.total, excluded), _TOTAL, 0),
             ]
         return series
+    if isinstance(measure, FederationPeers):
+        # level 0: peer up, queue steady; 1: peer up, queue growing; 2: peer down.
+        # A second, healthy peer on the same instance must not hide the bad one.
+        if value not in (0, 1, 2):
+            raise ValueError(f"trigger {trigger.id}: levels are 0, 1 or 2, not {value}")
+        bad, good = {**base, "peer": "b.example"}, {**base, "peer": "c.example"}
+        return [
+            InputSeries(_sel(measure.peer_up, bad), 0 if value == 2 else 1, 0),
+            InputSeries(_sel(measure.queue_depth, bad), 5, 1 if value >= 1 else 0),
+            InputSeries(_sel(measure.peer_up, good), 1, 0),
+            InputSeries(_sel(measure.queue_depth, good), 3, 0),
+        ]
     if isinstance(measure, Quantile):
         # 90 % of the observations in (0, value], the rest above it: the q > 0.9 rank
         # falls in the +Inf bucket and histogram_quantile returns the highest finite

@@ -17,6 +17,7 @@ from qpq_ops.render.settings import current
 from qpq_ops.triggers import (
     TRIGGERS,
     BusyPercent,
+    FederationPeers,
     Gauge,
     Measure,
     PerMinute,
@@ -91,6 +92,8 @@ def _operations(measure: Measure) -> str:
         return f"busy_percent_{window}"
     if isinstance(measure, ProcessBusyPercent):
         return f"max_busy_percent_{window}"
+    if isinstance(measure, FederationPeers):
+        return "worst_peer_level"
     raise NotImplementedError(f"no record name for measure {type(measure).__name__}")
 
 

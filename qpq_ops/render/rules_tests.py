@@ -31,6 +31,7 @@ from qpq_ops.render.measure_series import (
     InputSeries,
     series_for,
     window_seconds,
+    window_seconds_of,
 )
 from qpq_ops.render.recording_rules import PATH as RECORDING_PATH
 from qpq_ops.render.recording_rules import trigger_record
@@ -43,8 +44,10 @@ from qpq_ops.triggers import (
     TLS_EXPIRY_WARNING_S,
     TRIGGERS,
     Direction,
+    FederationPeers,
     PerMinute,
     Severity,
+    State,
     Trigger,
 )
 
@@ -111,6 +114,9 @@ def trigger_levels(trigger: Trigger) -> dict[str, float]:
     """Values of the test instances by name: ok, at and just beyond each threshold,
     between the thresholds (`warning`) and well beyond critical."""
     w, c = trigger.warning, trigger.critical
+    if trigger.unit == "level":
+        # discrete levels: nothing lies between or just beyond them
+        return {"ok": w, "warning": c, "critical": c + 1}
     sign = 1 if trigger.direction is Direction.ABOVE else -1
 
     def just_beyond(x: float) -> float:
@@ -157,6 +163,8 @@ def trigger_group(trigger: Trigger, step_s: int = STEP_S) -> TestGroup:
         # Every instance already reads its level, but `for:` has not passed yet.
         early = trigger.alert_for_s - 60
         checks += [AlertCheck(early, trigger_alert(trigger, sev).name) for sev in Severity]
+    if isinstance(trigger.measure, FederationPeers):
+        checks += _federation_early(trigger, instances)
     for severity in (Severity.WARNING, Severity.CRITICAL):
         alert = trigger_alert(trigger, severity)
         firing = tuple(
@@ -174,6 +182,22 @@ def trigger_group(trigger: Trigger, step_s: int = STEP_S) -> TestGroup:
     )
     return TestGroup(f"trigger {trigger.id} scraped every {duration_text(step_s)}", step_s,
                      samples, tuple(series), tuple(checks), (sample_check,))
+
+
+def _federation_early(trigger: Trigger, instances: dict[str, float]) -> list[AlertCheck]:
+    """Both conditions hold from the first sample: a minute before the down window
+    nothing fires; a minute after it the unreachable peer fires both alerts, but the
+    growing queue stays quiet until its own window has passed."""
+    assert isinstance(trigger.measure, FederationPeers)
+    down_s = window_seconds_of(trigger.measure.down_window)
+    checks = [AlertCheck(down_s - 60, trigger_alert(trigger, sev).name) for sev in Severity]
+    down = [(inst, v) for inst, v in sorted(instances.items())
+            if trigger.state_for(v) is State.CRITICAL]
+    for severity in Severity:
+        alert = trigger_alert(trigger, severity)
+        checks.append(AlertCheck(down_s + 60, alert.name, tuple(
+            _fired(alert, {"instance": inst}, v) for inst, v in down)))
+    return checks
 
 
 _AT_LEAST = {

@@ -252,6 +252,34 @@ RUNBOOKS: tuple[Runbook, ...] = (
         ),
     ),
     Runbook(
+        anchor="federation",
+        title="Federation peers",
+        symptom="Messages to users of another domain are not delivered: a peer has been "
+        "unreachable for 5 minutes (critical) or its outbound queue has kept growing for "
+        "15 minutes (warning). Nothing is lost: relays wait in the durable per-peer queue "
+        "and are retried with backoff until they expire.",
+        checks=(
+            "Which peer? `qpq-ops doctor --config PATH` checks every peer's certificate "
+            "and reachability; the dashboard's Federation row shows peer up and queue "
+            "depth per peer.",
+            "Is the peer's federation port (UDP 7001) reachable from here, and ours from "
+            "there (firewall, address in `[[federation.peers]]`)?",
+            "Has a federation certificate expired or been issued by another CA, or for "
+            "another domain? Relays failing show in qpq_federation_relay_total by result "
+            "here; the side that refuses counts qpq_federation_refused_total by reason.",
+        ),
+        commands=(
+            "qpq-ops doctor --config /path/to/data/qpq-server.toml",
+            f"qpq-ops check-triggers --prometheus-url {_PROM} --trigger federation",
+        ),
+        fix=(
+            "Fix the path (firewall, address) or ask the peer's operator to; the queue "
+            "drains by itself once the peer answers.",
+            "Rotate an expired or foreign certificate: `qpq-ops rotate federation "
+            "--config PATH` (docs/operations/federation.md).",
+        ),
+    ),
+    Runbook(
         anchor="instance_down",
         title="Target down",
         symptom="Prometheus cannot scrape a qpq server or a node_exporter: the process is "

@@ -10,7 +10,7 @@ from qpq_ops.render.alerts import all_alerts
 from qpq_ops.render.dashboard import layout
 from qpq_ops.render.recording_rules import recording_rules
 from qpq_ops.render.units import duration_text, human_value
-from qpq_ops.triggers import TRIGGERS, Direction, Severity, Trigger
+from qpq_ops.triggers import TRIGGERS, Direction, FederationPeers, Severity, Trigger
 
 __all__ = [
     "alerts_table",
@@ -44,6 +44,9 @@ def threshold_text(trigger: Trigger, severity: Severity) -> str:
 
 def _sustain(trigger: Trigger) -> str:
     sustained = f"sustained {duration_text(trigger.sustain_s)}" if trigger.sustain_s else "instant"
+    if isinstance(trigger.measure, FederationPeers):  # two windows, inside the measure
+        sustained = (f"down {trigger.measure.down_window}, growing "
+                     f"{trigger.measure.growth_window}")
     return f"{sustained}; alert after {duration_text(trigger.alert_for_s)}"
 
 

@@ -30,6 +30,8 @@ def human_value(unit: Unit, value: float) -> str:
         return f"{value * 1000:g} ms" if value < 1 else f"{value:g} s"
     if unit == "messages":
         return f"{value:,.0f}" if float(value).is_integer() else f"{value:,}"
+    if unit == "level":
+        return f"level {value:g}"
     return f"{value:g}/min"
 
 
@@ -42,6 +44,8 @@ def value_template(unit: Unit) -> str:
     if unit == "messages":
         # not `humanize`: it prints 99,999 as "100k", over a 100,000 threshold
         return '{{ printf "%.0f" $value }}'
+    if unit == "level":
+        return 'level {{ printf "%.0f" $value }}'
     return '{{ printf "%.0f" $value }}/min'
 
 
@@ -53,6 +57,8 @@ def go_format(unit: Unit, value: float) -> str:
         return go_humanize_duration(value)
     if unit == "messages":
         return f"{value:.0f}"
+    if unit == "level":
+        return f"level {value:.0f}"
     return f"{value:.0f}/min"
 
 
@@ -116,4 +122,4 @@ def duration_text(seconds: int) -> str:
 def grafana_unit(unit: Unit) -> str:
     """Grafana field unit id for a trigger unit."""
     return {"percent": "percent", "seconds": "s", "messages": "short",
-            "per_minute": "short"}[unit]
+            "per_minute": "short", "level": "short"}[unit]

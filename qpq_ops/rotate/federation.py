@@ -1,11 +1,14 @@
 """`rotate federation`: a new federation key + certificate signed by the federation CA.
 
 Paths come from `[federation] federation_cert / federation_key / federation_ca`, else
-`DATA_DIR/federation/{cert,key,ca}.pem`; the CA's private key is `ca-key.pem` beside the
-CA certificate. Without a CA (or with `--new-ca`) a new CA is made first; the previous
-CA stays in `ca-bundle.pem` (new + previous) so both are trusted during the switch, and
-the steps peers must take are returned. Federation certificates carry both serverAuth
-and clientAuth: the federation link is mutual TLS.
+DESIGN.md's `DATA_DIR/federation-{cert,key,ca}.der`; the CA's private key sits beside
+the CA certificate as `qpq-server federation init-ca` writes it (`federation-ca-key.der`
+for `federation-ca.der`, `NAME-key.SUFFIX` in general). Files ending in `.der` are read
+and written as DER (the layout of `qpq-server federation init-ca/issue-cert`), others as
+PEM; either is read. Without a CA (or with `--new-ca`) a new CA is made first; the
+previous CA stays in `NAME-bundle.pem` (new + previous: DER holds one certificate) so
+both can be trusted during the switch, and the steps peers must take are returned.
+Federation certificates carry both serverAuth and clientAuth: the link is mutual TLS.
 """
 
 from __future__ import annotations
@@ -42,21 +45,52 @@ class FederationPaths:
 
     @property
     def ca_key(self) -> Path:
-        return self.ca.with_name("ca-key.pem")
+        """`federation-ca-key.der` beside `federation-ca.der` (init-ca's layout)."""
+        return self.ca.with_name(f"{self.ca.stem}-key{self.ca.suffix}")
 
     @property
     def ca_bundle(self) -> Path:
-        return self.ca.with_name("ca-bundle.pem")
+        return self.ca.with_name(f"{self.ca.stem}-bundle.pem")
 
 
 def federation_paths(dep: Deployment) -> FederationPaths:
     fed, cfg = dep.config.federation, dep.config
-    base = dep.data_dir / "federation"
+    base = dep.data_dir
     return FederationPaths(
-        cfg.path(fed.federation_cert) if fed.federation_cert else base / "cert.pem",
-        cfg.path(fed.federation_key) if fed.federation_key else base / "key.pem",
-        cfg.path(fed.federation_ca) if fed.federation_ca else base / "ca.pem",
+        cfg.path(fed.federation_cert) if fed.federation_cert else base / "federation-cert.der",
+        cfg.path(fed.federation_key) if fed.federation_key else base / "federation-key.der",
+        cfg.path(fed.federation_ca) if fed.federation_ca else base / "federation-ca.der",
     )
+
+
+def _is_der(path: Path) -> bool:
+    return path.suffix.lower() == ".der"
+
+
+def _cert_bytes(path: Path, cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.DER) if _is_der(path) else pem(cert)
+
+
+def _key_bytes(path: Path, key: ec.EllipticCurvePrivateKey) -> bytes:
+    if not _is_der(path):
+        return key_pem(key)
+    return key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _read_cert(path: Path) -> x509.Certificate:
+    """The (first) certificate of a DER or PEM file."""
+    data = path.read_bytes()
+    if b"-----BEGIN" in data:
+        return x509.load_pem_x509_certificates(data)[0]
+    return x509.load_der_x509_certificate(data)
+
+
+def _read_key(path: Path) -> object:
+    data = path.read_bytes()
+    if b"-----BEGIN" in data:
+        return serialization.load_pem_private_key(data, password=None)
+    return serialization.load_der_private_key(data, password=None)
 
 
 def _new_ca(domain: str, now: dt.datetime, days: int,
@@ -111,8 +145,8 @@ def _load_ca(paths: FederationPaths,
         raise Refused(f"the federation CA {paths.ca} exists but its key {paths.ca_key} does "
                       "not: sign a CSR with that CA yourself, or pass --new-ca")
     try:
-        cert = x509.load_pem_x509_certificate(paths.ca.read_bytes())
-        key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=None)
+        cert = _read_cert(paths.ca)
+        key = _read_key(paths.ca_key)
     except (OSError, ValueError, TypeError) as exc:
         raise Refused(f"cannot read the federation CA: {type(exc).__name__}") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
@@ -128,8 +162,10 @@ def rotate_federation(dep: Deployment, *, dry_run: bool, new_ca: bool = False,
     moment = dt.datetime.fromtimestamp(now(), dt.UTC)
     existing_ca = None if new_ca else _load_ca(paths)
     make_ca = new_ca or existing_ca is None
-    old_leaf = x509.load_pem_x509_certificate(paths.cert.read_bytes()) \
-        if paths.cert.is_file() else None
+    try:
+        old_leaf = _read_cert(paths.cert) if paths.cert.is_file() else None
+    except ValueError:
+        old_leaf = None  # unreadable: replaced all the same
     steps = []
     if make_ca:
         steps.append(f"create a new federation CA at {paths.ca} (key {paths.ca_key})")
@@ -137,7 +173,8 @@ def rotate_federation(dep: Deployment, *, dry_run: bool, new_ca: bool = False,
     next_steps: list[str] = []
     if make_ca:
         next_steps += [
-            f"send {paths.ca} (the CA certificate, never ca-key.pem) to the operator of "
+            f"send {paths.ca} (the CA certificate, never {paths.ca_key.name}) to the "
+            "operator of "
             "every federation peer",
             "each peer adds it to its federation_ca trust (keep the previous CA there "
             f"until this node presents the new certificate; {paths.ca_bundle.name} holds "
@@ -155,12 +192,12 @@ def rotate_federation(dep: Deployment, *, dry_run: bool, new_ca: bool = False,
                               tuple(next_steps))
     if make_ca:
         ca_cert, ca_key = _new_ca(domain, moment, ca_days)
-        old_ca = paths.ca.read_bytes() if paths.ca.is_file() else b""
+        old_ca = pem(_read_cert(paths.ca)) if paths.ca.is_file() else b""
         for path in (paths.ca, paths.ca_key):
             if path.is_file():
                 write_private_file(path.with_name(path.name + ".previous"), path.read_bytes())
-        write_private_file(paths.ca_key, key_pem(ca_key))
-        write_private_file(paths.ca, pem(ca_cert), 0o644)
+        write_private_file(paths.ca_key, _key_bytes(paths.ca_key, ca_key))
+        write_private_file(paths.ca, _cert_bytes(paths.ca, ca_cert), 0o644)
         write_private_file(paths.ca_bundle, pem(ca_cert) + old_ca, 0o644)
     else:
         assert existing_ca is not None
@@ -170,8 +207,8 @@ def rotate_federation(dep: Deployment, *, dry_run: bool, new_ca: bool = False,
     for path in (paths.cert, paths.key):
         if path.is_file():
             write_private_file(path.with_name(path.name + ".previous"), path.read_bytes())
-    write_private_file(paths.key, key_pem(leaf_key))
-    write_private_file(paths.cert, pem(leaf), 0o644)
+    write_private_file(paths.key, _key_bytes(paths.key, leaf_key))
+    write_private_file(paths.cert, _cert_bytes(paths.cert, leaf), 0o644)
     written = [paths.cert, paths.key, paths.ca, paths.ca_key, paths.ca_bundle]
     give_to([*written, *(p.with_name(p.name + ".previous") for p in written)],
             owner_of(dep.data_dir))
@@ -187,7 +224,7 @@ def rotate_federation(dep: Deployment, *, dry_run: bool, new_ca: bool = False,
 def finish_federation(dep: Deployment, *, dry_run: bool,
                       now: Callable[[], float] = time.time) -> RotationResult:
     """After every peer trusts the new CA and sees the new certificate: delete the
-    previous keys and CA, and shrink `ca-bundle.pem` to the current CA."""
+    previous keys and CA, and shrink the CA bundle to the current CA."""
     paths = federation_paths(dep)
     previous = [p.with_name(p.name + ".previous")
                 for p in (paths.key, paths.cert, paths.ca_key, paths.ca)]
@@ -202,10 +239,9 @@ def finish_federation(dep: Deployment, *, dry_run: bool,
     for path in present:
         path.unlink()
     if paths.ca_bundle.exists() and paths.ca.is_file():
-        write_private_file(paths.ca_bundle, paths.ca.read_bytes(), 0o644)
+        write_private_file(paths.ca_bundle, pem(_read_cert(paths.ca)), 0o644)
         give_to([paths.ca_bundle], owner_of(dep.data_dir))
-    current = x509.load_pem_x509_certificate(paths.cert.read_bytes()) \
-        if paths.cert.is_file() else None
+    current = _read_cert(paths.cert) if paths.cert.is_file() else None
     record = append_audit(dep.data_dir, AuditRecord(
         KIND, "finish", now(), cert_fingerprint(current) if current else "",
         details={"dropped": ", ".join(p.name for p in present)}))

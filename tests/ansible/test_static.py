@@ -161,7 +161,8 @@ def test_example_inventory_has_a_single_node_and_a_multi_node_group(tmp_path: Pa
     inventory = json.loads(run.stdout)
     assert len(inventory["single_node"]["hosts"]) == 1
     assert len(inventory["multi_node"]["hosts"]) >= 2
-    assert set(inventory["qpq_servers"]["children"]) == {"single_node", "multi_node"}
+    assert set(inventory["qpq_servers"]["children"]) == {"single_node", "multi_node",
+                                                         "federated"}
     assert "single_node" in inventory["qpq_monitoring"]["children"]
     for host in inventory["multi_node"]["hosts"] + inventory["single_node"]["hosts"]:
         assert inventory["_meta"]["hostvars"][host]["qpq_server_domain"]

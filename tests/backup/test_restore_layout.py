@@ -26,6 +26,8 @@ def test_restore_keeps_the_kt_key_here_when_the_archive_has_none(tmp_path: Path)
 def test_with_secrets_brings_back_the_env_and_tls_and_moves_the_old_ones_aside(
         tmp_path: Path) -> None:
     source = with_database(init_data_dir(tmp_path / "src"))
+    # federation certificates in the data dir, as `rotate federation` keeps them there
+    assert ops("rotate", "federation", "--config", source).exit_code == 0
     created = ops("backup", "create", "--config", source, "--dest", tmp_path / "b",
                   "--no-textfile", "--include-secrets", "--json")
     assert created.exit_code == 0 and created.json()["includes_secrets"]
@@ -37,7 +39,9 @@ def test_with_secrets_brings_back_the_env_and_tls_and_moves_the_old_ones_aside(
     assert restored.exit_code == 0, restored.stderr
     report = restored.json()
     assert report["secrets_restored"] and not report["rekeyed"]
-    for name in (".env", "tls/cert.pem", "tls/key.pem", "keys/session.key"):
+    for name in (".env", "tls/cert.pem", "tls/key.pem", "keys/session.key",
+                 "federation-cert.der", "federation-key.der", "federation-ca.der",
+                 "federation-ca-key.der"):
         assert (fresh.parent / name).read_bytes() == (source.parent / name).read_bytes()
     assert (Path(report["aside_dir"]) / ".env").read_text() == old_env
 

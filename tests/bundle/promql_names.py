@@ -1,6 +1,6 @@
 """Metric names read by a PromQL expression (enough PromQL for our rules and panels).
 
-Strips string literals, label matchers, ranges, grouping clauses and Grafana
+Strips string literals, label matchers, ranges, offsets, grouping clauses and Grafana
 variables, then keeps identifiers that are not functions, aggregations or keywords.
 """
 
@@ -19,6 +19,7 @@ _KEYWORDS = {
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'')
 _BRACES = re.compile(r"\{[^{}]*\}")
 _RANGE = re.compile(r"\[[^\]]*\]")
+_OFFSET = re.compile(r"\boffset\s+-?\d+[a-z]+")
 _GROUPING = re.compile(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^()]*\)")
 _VARIABLE = re.compile(r"\$\{?[A-Za-z_][A-Za-z0-9_]*\}?")
 _NUMBER = re.compile(r"(?<![A-Za-z0-9_:])\d+(\.\d+)?([eE][+-]?\d+)?")
@@ -30,6 +31,7 @@ def metric_names(expr: str) -> set[str]:
     text = _VARIABLE.sub(" ", text)
     text = _BRACES.sub(" ", text)
     text = _RANGE.sub(" ", text)
+    text = _OFFSET.sub(" ", text)
     text = _GROUPING.sub(" ", text)
     text = _NUMBER.sub(" ", text)
     names: set[str] = set()

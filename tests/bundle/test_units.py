@@ -56,7 +56,9 @@ def test_template_expansion_refuses_constructs_it_cannot_predict() -> None:
 
 
 def _read_back(text: str) -> float:
-    """The number an operator reads in an alert's value text ('99999', '5ms', '90.0%')."""
+    """The number an operator reads in an alert's value text ('99999', '5ms', '90.0%',
+    'level 1')."""
+    text = text.removeprefix("level ")
     for suffix, scale in (("/min", 1.0), ("%", 1.0), ("ms", 1e-3), ("us", 1e-6), ("s", 1.0)):
         if text.endswith(suffix):
             return float(text.removesuffix(suffix)) * scale

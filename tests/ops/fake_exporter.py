@@ -47,18 +47,23 @@ class Profile:
     handshake_s: float | None = None
     enqueue_per_s: float | None = None
     worker_cpu: float | None = None        # percent of one core, busiest worker
+    peer_up: float | None = None           # qpq_federation_peer_up of peer b.example
+    peer_queue_per_min: float | None = None  # growth of b.example's outbound queue
 
 
 # Inputs that put every trigger in one state.
 OK = Profile(cpu_busy=20, mem_used=50, disk_used=40, db_write_s=0.003, queue_depth=10,
              rate_limit_per_min=30, login_failures_per_min=6, conn_active=10, conn_max=1000,
-             handshake_s=0.03, enqueue_per_s=2, worker_cpu=20)
+             handshake_s=0.03, enqueue_per_s=2, worker_cpu=20, peer_up=1,
+             peer_queue_per_min=0)
 WARN = Profile(cpu_busy=80, mem_used=80, disk_used=75, db_write_s=0.007, queue_depth=20_000,
                rate_limit_per_min=300, login_failures_per_min=120, conn_active=850,
-               conn_max=1000, handshake_s=0.2, enqueue_per_s=3, worker_cpu=88)
+               conn_max=1000, handshake_s=0.2, enqueue_per_s=3, worker_cpu=88, peer_up=1,
+               peer_queue_per_min=6)
 CRIT = Profile(cpu_busy=95, mem_used=95, disk_used=95, db_write_s=0.03, queue_depth=200_000,
                rate_limit_per_min=3000, login_failures_per_min=1200, conn_active=990,
-               conn_max=1000, handshake_s=2.0, enqueue_per_s=5, worker_cpu=99)
+               conn_max=1000, handshake_s=2.0, enqueue_per_s=5, worker_cpu=99, peer_up=0,
+               peer_queue_per_min=6)
 
 
 def expected_values(p: Profile) -> dict[str, float]:
@@ -72,6 +77,8 @@ def expected_values(p: Profile) -> dict[str, float]:
         "login_failures": p.login_failures_per_min,
         "connections": 100 * p.conn_active / p.conn_max,
         "tls_handshake_latency": expected_p95(p.handshake_s),
+        # levels: 2 a peer down, 1 its queue growing, 0 fine
+        "federation": 2 if p.peer_up == 0 else (1 if p.peer_queue_per_min else 0),
     }  # type: ignore[return-value]
 
 
@@ -165,6 +172,13 @@ class FakeInstance:
             out.append(("process_cpu_seconds_total", {"worker": "1"},
                         self._integral(t, "worker_cpu")))
             out.append(("process_cpu_seconds_total", {"worker": "2"}, 1.0))
+        if p.peer_up is not None:
+            # peer b.example as the profile says, and a healthy c.example beside it
+            out.append(("qpq_federation_peer_up", {"peer": "b.example"}, p.peer_up))
+            out.append(("qpq_federation_queue_depth", {"peer": "b.example"},
+                        10 + self._integral(t, "peer_queue_per_min")))
+            out.append(("qpq_federation_peer_up", {"peer": "c.example"}, 1.0))
+            out.append(("qpq_federation_queue_depth", {"peer": "c.example"}, 3.0))
         return out
 
 
@@ -176,7 +190,7 @@ def _rate(profile: Profile, name: str) -> float | None:
         return None if profile.cpu_busy is None else profile.cpu_busy / 100
     if name in ("db_write_s", "handshake_s"):
         return None if getattr(profile, name) is None else OBS_PER_S
-    if name in ("rate_limit_per_min", "login_failures_per_min"):
+    if name in ("rate_limit_per_min", "login_failures_per_min", "peer_queue_per_min"):
         value = getattr(profile, name)
         return None if value is None else value / 60
     if name == "enqueue_per_s":

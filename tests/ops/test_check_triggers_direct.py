@@ -70,7 +70,9 @@ def test_real_server_and_node_exporter_in_direct_mode(server: RunningServer,
                                                       node_exporter: str) -> None:
     code, doc = direct("--metrics-url", server.metrics_url, "--node-metrics-url", node_exporter)
     rows = {t["id"]: t for t in doc["triggers"]}
-    assert doc["skipped"]["ids"] == []
+    # federation is off: its trigger does not apply, said once (never a failing row)
+    assert doc["skipped"]["ids"] == ["federation"]
+    assert "federation is not enabled" in doc["skipped"]["reason"]
     # a sample cannot show a 5-minute window: ok when ok now, else "not sustained yet"
     for sustained in ("cpu", "process_cpu"):
         row = rows[sustained]
@@ -95,9 +97,10 @@ def test_direct_mode_without_node_exporter_exits_0_on_a_healthy_server(
     code, doc = direct("--metrics-url", server.metrics_url)
     rows = {t["id"]: t for t in doc["triggers"]}
     # host triggers are said once, not as failing rows
-    assert doc["skipped"]["ids"] == ["cpu", "memory", "disk_usage"]
+    assert doc["skipped"]["ids"] == ["cpu", "memory", "disk_usage", "federation"]
     assert "--node-metrics-url" in doc["skipped"]["reason"]
-    assert set(rows) == set(TRIGGER_IDS) - {"cpu", "memory", "disk_usage"}
+    assert "federation: federation is not enabled" in doc["skipped"]["reason"]
+    assert set(rows) == set(TRIGGER_IDS) - {"cpu", "memory", "disk_usage", "federation"}
     # the qpq process's own CPU is answered from process_cpu_seconds_total
     assert rows["process_cpu"]["value"] is not None and rows["process_cpu"]["state"] == "ok"
     assert doc["status"] == "ok" and code == 0
@@ -122,7 +125,7 @@ def test_direct_mode_turns_counters_into_rates(fake: FakeExporter, instance: str
                                                code: int) -> None:
     page = f"{fake.url}/metrics/{instance}"
     exit_code, doc = direct("--metrics-url", page, "--node-metrics-url", page,
-                            *triggers_except("cpu", "process_cpu"))
+                            *triggers_except("cpu", "process_cpu", "federation"))
     assert exit_code == code
     want = expected_values(profile)
     for row in doc["triggers"]:
@@ -137,6 +140,14 @@ def test_direct_mode_turns_counters_into_rates(fake: FakeExporter, instance: str
     else:
         assert row["state"] == "no-data" and "not sustained yet" in row["note"]
         assert row["current"] == pytest.approx(want["process_cpu"], rel=0.05)
+    # federation: a peer down or a queue growing now is no 5- or 15-minute window either
+    _, doc = direct("--metrics-url", page, "--trigger", "federation")
+    (row,) = doc["triggers"]
+    if state == "ok":
+        assert row["state"] == "ok" and row["value"] == 0
+    else:
+        assert row["state"] == "no-data" and "not sustained yet" in row["note"], row
+        assert row["current"] == want["federation"]
 
 
 def test_direct_mode_absent_metrics_are_no_data(fake: FakeExporter) -> None:

@@ -56,7 +56,9 @@ class Stack:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("prom-stack")
     now = time.time()
-    t0 = now - 900  # the 5m sustain window of 5m rates reaches 10 minutes back
+    # the 5m sustain window of 5m rates reaches 10 minutes back; federation's growth
+    # window needs a sample from before its 15 minutes
+    t0 = now - 1200
     exporter = FakeExporter([
         FakeInstance("ok", [(t0, OK)]),
         FakeInstance("warn", [(t0, WARN)]),
@@ -157,6 +159,20 @@ def test_absent_metrics_are_no_data_never_ok(stack: Stack) -> None:
                    "login_failures", "tls_handshake_latency", "process_cpu"):
         assert states[absent] == "no-data"
     assert exit_code == 3
+
+
+def test_federation_without_its_series_is_skipped_not_no_data_nor_ok(stack: Stack) -> None:
+    # "partial" and the real server export no federation series: federation is off there
+    for doc in (check(stack, "--instance", "partial")[1],
+                check_real(stack, "--instance", "realhost")[1]):
+        assert "federation" not in {t["id"] for t in doc["triggers"]}
+        assert doc["skipped"]["ids"] == ["federation"]
+        assert "federation is not enabled" in doc["skipped"]["reason"]
+    # where some instance federates, only that instance gets a row
+    code, doc = check(stack, "--trigger", "federation")
+    rows = {t["instance"]: t["state"] for t in doc["triggers"]}
+    assert rows == {"ok": "ok", "warn": "warning", "crit": "critical"}
+    assert doc["skipped"]["ids"] == [] and code == 2
 
 
 def test_several_instances_are_evaluated_separately(stack: Stack) -> None:

@@ -24,7 +24,7 @@ from qpq_ops.triggers import (
 DESIGN_IDS = [
     "cpu", "memory", "disk_usage", "disk_io_latency", "delivery_queue_depth",
     "rate_limit_hits", "login_failures", "connections", "tls_handshake_latency",
-    "process_cpu",
+    "process_cpu", "federation",
 ]
 
 GUIDE_THRESHOLDS = {
@@ -33,6 +33,7 @@ GUIDE_THRESHOLDS = {
     "rate_limit_hits": (100, 1000), "login_failures": (50, 500),
     "connections": (80, 95), "tls_handshake_latency": (0.1, 0.5),
     "process_cpu": (80, 95),  # qpq's own: percent of the one core a worker can use
+    "federation": (0, 1),  # levels: 1 a queue growing 15 min, 2 a peer down 5 min
 }
 
 
@@ -42,7 +43,7 @@ def test_guide_triggers_then_process_cpu_in_design_order_with_thresholds() -> No
         assert (t.warning, t.critical) == GUIDE_THRESHOLDS[t.id]
         assert t.runbook_anchor == t.id
         assert t.runbook == f"{RUNBOOK_DOC}#{t.id}"
-        assert t.unit in ("percent", "seconds", "messages", "per_minute")
+        assert t.unit in ("percent", "seconds", "messages", "per_minute", "level")
         assert t.action and t.title and t.measures
 
 
@@ -145,3 +146,26 @@ def test_worst_state_orders_critical_warning_nodata_ok() -> None:
     assert worst_state([State.WARNING, State.CRITICAL, State.OK]) is State.CRITICAL
     assert worst_state([State.OK]) is State.OK
     assert worst_state([]) is State.NO_DATA
+
+
+def test_federation_reads_both_peer_metrics_per_instance_with_their_windows() -> None:
+    expr = get_trigger("federation").expr_in(DEFAULT_SCOPE, '{instance="a:9090"}')
+    sel = '{job="qpq",instance="a:9090"}'
+    assert f"max_over_time(qpq_federation_peer_up{sel}[5m]) == bool 0" in expr
+    assert f"min_over_time(deriv(qpq_federation_queue_depth{sel}[5m])[15m:1m]) > bool 0" in expr
+    # each condition needs data from before its window: no alert from a fresh Prometheus
+    assert f"present_over_time(qpq_federation_peer_up{sel}[5m] offset 5m)" in expr
+    assert f"present_over_time(qpq_federation_queue_depth{sel}[5m] offset 15m)" in expr
+    assert expr.startswith("max by (instance) (")
+
+
+def test_only_federation_is_optional_and_says_why() -> None:
+    assert {t.id for t in TRIGGERS if t.optional} == {"federation"}
+    assert "federation is not enabled" in get_trigger("federation").optional
+
+
+def test_a_level_trigger_must_name_every_level() -> None:
+    bad = dataclasses.replace(get_trigger("federation"), levels=("ok", "queue"))
+    table = tuple(bad if t.id == "federation" else t for t in TRIGGERS)
+    with pytest.raises(ValueError, match="name every level"):
+        validate_triggers(table)

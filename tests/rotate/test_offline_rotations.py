@@ -145,50 +145,50 @@ def _verify(leaf: x509.Certificate, ca: x509.Certificate, name: str) -> None:
 
 def test_federation_rotation_issues_certificates_that_chain_to_the_ca(tmp_path: Path) -> None:
     config = init_data_dir(tmp_path / "d")
-    fed = config.parent / "federation"
+    fed = config.parent  # DESIGN.md's names in the data dir, DER like issue-cert writes
     before = tree_digest(config.parent)
     assert ops("rotate", "federation", "--config", config, "--dry-run").exit_code == 0
     assert tree_digest(config.parent) == before
 
     first = ops("rotate", "federation", "--config", config, "--json")
     assert first.exit_code == 0, first.stderr
-    ca1 = x509.load_pem_x509_certificate((fed / "ca.pem").read_bytes())
-    leaf1 = x509.load_pem_x509_certificate((fed / "cert.pem").read_bytes())
+    ca1 = x509.load_der_x509_certificate((fed / "federation-ca.der").read_bytes())
+    leaf1 = x509.load_der_x509_certificate((fed / "federation-cert.der").read_bytes())
     _verify(leaf1, ca1, "localhost")
-    assert (fed / "ca-key.pem").stat().st_mode & 0o777 == 0o600
-    assert any("send" in s and "ca.pem" in s for s in first.json()["next_steps"])
+    assert (fed / "federation-ca-key.der").stat().st_mode & 0o777 == 0o600
+    assert any("send" in s and "federation-ca.der" in s for s in first.json()["next_steps"])
 
     second = ops("rotate", "federation", "--config", config, "--json")
     assert second.exit_code == 0
-    leaf2 = x509.load_pem_x509_certificate((fed / "cert.pem").read_bytes())
+    leaf2 = x509.load_der_x509_certificate((fed / "federation-cert.der").read_bytes())
     assert leaf2.serial_number != leaf1.serial_number
-    assert x509.load_pem_x509_certificate((fed / "ca.pem").read_bytes()) == ca1  # CA kept
+    assert x509.load_der_x509_certificate((fed / "federation-ca.der").read_bytes()) == ca1  # CA kept
     _verify(leaf2, ca1, "localhost")
     assert "peers need do nothing" in second.json()["next_steps"][0]
 
     third = ops("rotate", "federation", "--config", config, "--new-ca", "--json")
     assert third.exit_code == 0
-    ca2 = x509.load_pem_x509_certificate((fed / "ca.pem").read_bytes())
-    leaf3 = x509.load_pem_x509_certificate((fed / "cert.pem").read_bytes())
+    ca2 = x509.load_der_x509_certificate((fed / "federation-ca.der").read_bytes())
+    leaf3 = x509.load_der_x509_certificate((fed / "federation-cert.der").read_bytes())
     _verify(leaf3, ca2, "localhost")
     with pytest.raises(VerificationError):
         _verify(leaf3, ca1, "localhost")
-    bundle = x509.load_pem_x509_certificates((fed / "ca-bundle.pem").read_bytes())
+    bundle = x509.load_pem_x509_certificates((fed / "federation-ca-bundle.pem").read_bytes())
     assert bundle == [ca2, ca1]
     assert leaf3.not_valid_after_utc > dt.datetime.now(dt.UTC)
 
     finished = ops("rotate", "federation", "--config", config, "--finish", "--json")
     assert finished.exit_code == 0, finished.stderr
     assert not list(fed.glob("*.previous"))
-    assert x509.load_pem_x509_certificates((fed / "ca-bundle.pem").read_bytes()) == [ca2]
+    assert x509.load_pem_x509_certificates((fed / "federation-ca-bundle.pem").read_bytes()) == [ca2]
     _verify(leaf3, ca2, "localhost")
 
 
 def test_federation_rotation_without_the_ca_key_is_refused(tmp_path: Path) -> None:
     config = init_data_dir(tmp_path / "d")
     assert ops("rotate", "federation", "--config", config).exit_code == 0
-    (config.parent / "federation" / "ca-key.pem").unlink()
+    (config.parent / "federation-ca-key.der").unlink()
     before = tree_digest(config.parent)
     result = ops("rotate", "federation", "--config", config)
-    assert result.exit_code == 64 and "ca-key.pem" in result.stderr
+    assert result.exit_code == 64 and "federation-ca-key.der" in result.stderr
     assert tree_digest(config.parent) == before

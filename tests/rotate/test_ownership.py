@@ -34,7 +34,7 @@ def test_rotations_leave_files_owned_by_the_data_dirs_owner(tmp_path: Path) -> N
     written = [data / ".env", data / "tls" / "cert.pem", data / "tls" / "key.pem",
                data / "tls" / "cert.pem.previous", data / "tls" / "next-key.pem",
                data / "tls" / "trust-bundle.pem", data / "opaque" / "setup-v2.bin",
-               data / "federation" / "key.pem", data / "federation" / "ca-key.pem",
+               data / "federation-key.der", data / "federation-ca-key.der",
                data / "audit" / "rotations.jsonl", data / "audit"]
     assert _owners(written) == {owner}
 
