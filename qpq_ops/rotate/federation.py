@@ -184,8 +184,8 @@ def rotate_federation(dep: Deployment, *, dry_run: bool, new_ca: bool = False,
         ]
     else:
         next_steps.append("peers need do nothing: they already trust this CA")
-    next_steps.append("restart qpq-server so its federation listener presents the new "
-                      "certificate (federation reload on SIGHUP is not built yet)")
+    next_steps.append("reload qpq-server (SIGHUP, `systemctl reload qpq-server`) so its "
+                      "federation listener presents the new certificate")
     if dry_run:
         return RotationResult(KIND, "rotate", True, "",
                               cert_fingerprint(old_leaf) if old_leaf else "", tuple(steps),
