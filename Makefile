@@ -29,7 +29,7 @@ lint: $(STAMP)
 typecheck: lint
 
 pytest: $(STAMP) sysdeps
-	$(BIN)/pytest -n 2 --dist loadfile --ignore=tests/host
+	$(BIN)/pytest -n 2 --dist loadfile --ignore=tests/host --durations=30
 
 # deploy.yml on a Debian 12 root booted with systemd as PID 1 (needs root; the root file
 # system is built once by debootstrap and cached in /var/cache/qpq-test-host).

@@ -18,9 +18,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection
-from aioquic.quic.events import ConnectionTerminated, HandshakeCompleted
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -160,6 +157,11 @@ def probe_peer(host: str, port: int, server_name: str, timeout: float,
     signed by it, valid now and name `server_name`, as the relay requires; a failure is
     reachable but `certificate_refused`.
     """
+    # Imported here: the ops CLI must not load a QUIC stack until a peer is probed.
+    from aioquic.quic.configuration import QuicConfiguration
+    from aioquic.quic.connection import QuicConnection
+    from aioquic.quic.events import ConnectionTerminated, HandshakeCompleted
+
     started = time.monotonic()
     deadline = started + timeout
     configuration = QuicConfiguration(is_client=True, alpn_protocols=[FEDERATION_ALPN],

@@ -115,7 +115,12 @@ async def test_nodes_share_accounts_sessions_and_wake_each_others_long_polls(
             await qb.login("bob", "pw-b")  # registered on A, logged in on B
             latency = await wake_across(qa, qb, b, "across nodes")
             assert latency < 2.0, f"cross-node wake-up took {latency:.2f}s"
-            # alice's session was minted by A; B accepts it (one session key).
+            # alice's session was minted by A; B accepts it (one session key). The
+            # profile keys sessions by the address it was given, so hand A's session to
+            # B's address, as one name in front of both nodes would.
+            alice = qa.profile("alice")
+            alice.servers[qb.server] = alice.servers[qa.server]
+            alice.save()
             await qb.send_text("alice", ["bob"], "sent through B")
             assert [m.text for m in await qa.receive("bob")] == ["sent through B"]
             # One key-transparency log: B's view has A's appends.
