@@ -14,18 +14,16 @@ both sides print the same one.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes
 
 from qpq_server.client.errors import ClientError, IdentityChanged
-from qpq_server.client.profile import locked
+from qpq_server.client.profile import locked, server_file_name
 from qpq_server.fsutil import write_atomic
 
 __all__ = ["ContactPins", "fingerprint_digits", "safety_number"]
 
-_SAFE = re.compile(r"[^A-Za-z0-9._-]")
 _ITERATIONS = 5200
 
 
@@ -55,7 +53,7 @@ def safety_number(user_a: str, identity_a: bytes, user_b: str, identity_b: bytes
 
 class ContactPins:
     def __init__(self, profile_dir: Path, server: str) -> None:
-        self.path = profile_dir / "contacts" / f"{_SAFE.sub('_', server or 'default')}.json"
+        self.path = profile_dir / "contacts" / f"{server_file_name(server)}.json"
 
     def _load(self) -> dict[str, str]:
         try:

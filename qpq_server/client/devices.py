@@ -13,16 +13,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import re
 import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from qpq_server.client.errors import ClientError, KtViolation
-from qpq_server.client.kt import KtVerifier
-from qpq_server.client.profile import Profile
+from qpq_server.client.kt import Caller, KtVerifier
+from qpq_server.client.profile import Profile, server_file_name
 from qpq_server.devices import (
     LINK_CODE_TTL_S,
     device_id,
@@ -37,15 +36,7 @@ from qpq_server.identity import identity_change_message, verify_signature
 __all__ = ["DeviceBook", "DeviceInfo", "check_devices", "link_code", "new_link_code",
            "start_link", "wait_and_endorse"]
 
-_SAFE = re.compile(r"[^A-Za-z0-9._-]")
 _CODE_ALPHABET = "ABCDEFGHJKMNPQRSTVWXYZ23456789"  # no 0/O, 1/I/L: read aloud, typed
-
-
-class Caller(Protocol):
-    server: str
-
-    async def call(self, op: str, timeout: float | None = None,
-                   **fields: Any) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -78,7 +69,7 @@ class DeviceBook:
     approvals (MAC keys, kept until they expire)."""
 
     def __init__(self, profile_dir: Path, server: str, username: str) -> None:
-        self.path = (profile_dir / "devices" / _SAFE.sub("_", server or "default")
+        self.path = (profile_dir / "devices" / server_file_name(server)
                      / f"{username}.json")
 
     def _load(self) -> dict[str, Any]:

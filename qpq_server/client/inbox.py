@@ -18,24 +18,22 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from qpq_server.client.profile import locked
+from qpq_server.client.profile import locked, server_file_name
 from qpq_server.fsutil import write_atomic
 
 __all__ = ["DeliveryLog"]
 
-_SAFE = re.compile(r"[^A-Za-z0-9._-]")
 KEEP_IDS = 10_000  # newest ids kept when the log is compacted: far more than one fetch
 
 
 class DeliveryLog:
     def __init__(self, profile_dir: Path, server: str, username: str) -> None:
-        directory = profile_dir / "inbox" / _SAFE.sub("_", server or "default")
+        directory = profile_dir / "inbox" / server_file_name(server)
         self.path = directory / f"{username}.delivered"
         self.failures_path = directory / f"{username}.failures.jsonl"
         self._lock = directory / f"{username}.lock"

@@ -11,12 +11,12 @@ raised as a KtViolation, which the CLI reports loudly and never silently re-pins
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from qpq_server.client.errors import ClientError, KtViolation
+from qpq_server.client.profile import server_file_name
 from qpq_server.fsutil import write_atomic
 from qpq_server.kt.keymap import verify_map_inclusion
 from qpq_server.kt.merkle import ProofError, leaf_hash, verify_consistency, verify_inclusion
@@ -24,7 +24,6 @@ from qpq_server.kt.sth import SignedTreeHead, kt_leaf, verify_tree_head
 
 __all__ = ["KeyVerified", "KtVerifier", "KtViolation"]
 
-_SAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
 class Caller(Protocol):
@@ -46,7 +45,7 @@ class KeyVerified:
 class KtVerifier:
     def __init__(self, conn: Caller, profile_dir: Path) -> None:
         self._conn = conn
-        server = _SAFE.sub("_", conn.server or "default")
+        server = server_file_name(conn.server)
         self.pin_path = profile_dir / "kt" / f"{server}.json"
 
     # -- pins --------------------------------------------------------------------------

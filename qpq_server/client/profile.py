@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,7 +36,15 @@ from qpq_server.client.e2e import public_bytes
 from qpq_server.fsutil import write_atomic
 from qpq_server.identity import signed_prekey_message
 
-__all__ = ["Profile", "ServerState", "default_profile_dir", "locked"]
+__all__ = ["Profile", "ServerState", "default_profile_dir", "locked", "server_file_name"]
+
+_UNSAFE_IN_FILE_NAME = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def server_file_name(server: str | None) -> str:
+    """The name a server's files carry in the profile (KT state, contacts, devices,
+    inbox): its address with anything a file name should not hold replaced."""
+    return _UNSAFE_IN_FILE_NAME.sub("_", server or "default")
 
 SIGNED_PREKEY_ROTATE_S = 7 * 86400
 SIGNED_PREKEYS_KEPT = 4  # the current one and three predecessors (a month of mail)
