@@ -20,7 +20,12 @@ from qpq_server import eventloop
 from qpq_server.blobs.store import BlobStore
 from qpq_server.blobs.transfer import BlobTransfers
 from qpq_server.config import Config, load_config, parse_hostport
-from qpq_server.core import ServerCore, build_core, load_session_signer
+from qpq_server.core import (
+    ServerCore,
+    build_core,
+    load_session_signer,
+    refuse_interrupted_restore,
+)
 from qpq_server.errors import ConfigError, QpqError, StorageError
 from qpq_server.fsutil import write_atomic
 from qpq_server.http import HealthServer
@@ -81,6 +86,7 @@ class ServerApp:
 
     async def run(self) -> None:
         async with contextlib.AsyncExitStack() as stack:
+            refuse_interrupted_restore(self.config.data_dir)
             await self.storage.open()
             stack.push_async_callback(self.storage.close)
             notifier = await self._start_notifier(stack)

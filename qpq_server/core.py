@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qpq_server.auth.access import AccessTokens
@@ -26,12 +27,12 @@ from qpq_server.notifier import DeliveryNotifier, InProcessNotifier
 from qpq_server.protocol.dispatch import Dispatcher
 from qpq_server.secrets import ServerSecrets
 from qpq_server.service import Service
-from qpq_server.storage.base import RESTORE_STATE_KEY, Storage
+from qpq_server.storage.base import RESTORE_JOURNAL, RESTORE_STATE_KEY, Storage
 
 if TYPE_CHECKING:
     from qpq_server.federation.hub import Federation
 
-__all__ = ["ServerCore", "build_core", "load_session_signer"]
+__all__ = ["ServerCore", "build_core", "load_session_signer", "refuse_interrupted_restore"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,17 @@ def load_session_signer(config: Config) -> SessionSigner:
     except OSError as exc:
         raise ConfigError(f"cannot read session key {path}: {exc.strerror}") from None
     return SessionSigner(key, config.server.session_ttl_s)
+
+
+def refuse_interrupted_restore(data_dir: Path) -> None:
+    """Before storage opens: a restore killed while renaming files may have left the old
+    database without its WAL; opening it then would lose the rows the WAL holds."""
+    if (data_dir / RESTORE_JOURNAL).exists():
+        raise StorageError(
+            f"a restore into {data_dir} was interrupted while placing files "
+            f"({RESTORE_JOURNAL} is there); run `qpq-ops restore --resume` (it rolls the "
+            "interrupted restore back: the old data goes back in place) or rerun the restore"
+        )
 
 
 async def _refuse_unfinished_restore(storage: Storage) -> None:

@@ -12,15 +12,17 @@ import datetime as dt
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import sqlcipher3
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from qpq_ops.backup.archive import ExtractedMember, extract_archive, read_manifest
 from qpq_ops.backup.database import open_db, schema_version
 from qpq_ops.backup.doctor import DoctorReport, run_doctor
 from qpq_ops.backup.filestore import file_complete_purge, file_mark_pending, file_restore_state
+from qpq_ops.backup.journal import PlaceJournal, roll_back
 from qpq_ops.backup.layout import (
     DATA_TREES,
     DB_MEMBER,
@@ -75,6 +77,7 @@ class RestoreResult:
     env_key_written: bool           # QPQ_DB_KEY added to a .env that had none
     doctor: DoctorReport
     aside_schema: str | None = None  # postgres: where the previous tables went
+    recovered: str | None = None     # an interrupted restore rolled back first: what it did
 
 
 def existing_data(dep: Deployment) -> list[Path]:
@@ -107,10 +110,7 @@ def _postgres_precheck(dep: Deployment) -> list[str]:
 
 def _precheck(req: RestoreRequest) -> Manifest:
     dep = req.deployment
-    pid = running_pid(dep.config)
-    if pid is not None:
-        raise Refused(f"qpq-server is running (pid {pid}) on {dep.data_dir}; stop it first "
-                      "(restore never writes under a running server, even with --force)")
+    _refuse_running(dep)
     existing = existing_data(dep)
     postgres = dep.config.storage.backend == "postgres"
     if postgres and (tables := _postgres_precheck(dep)) and not req.force:
@@ -162,37 +162,67 @@ def _keys(req: RestoreRequest, members: list[ExtractedMember],
     return opening, final
 
 
-def _move_aside(path: Path, aside: Path, data_dir: Path) -> None:
-    if not path.exists():
-        return
+def _aside_path(path: Path, aside: Path, data_dir: Path) -> Path:
     try:
         rel = path.relative_to(data_dir)
     except ValueError:
         rel = Path("outside") / path.name
-    dest = aside / rel
+    return aside / rel
+
+
+def _move_aside(path: Path, dest: Path) -> None:
+    if not path.exists():
+        return
     dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.replace(path, dest)
 
 
-def _place_database(staged: Path, live: Path, aside: Path, data_dir: Path) -> None:
+def _checkpoint_old(live: Path, keys: tuple[Secret | None, ...]) -> None:
+    """Fold the old database's WAL into its file, so moving the WAL aside moves no rows.
+    Best effort: a database no key opens (the reason to restore, sometimes) keeps its WAL
+    and relies on the journal alone."""
+    if not Path(f"{live}-wal").exists():
+        return
+    for key in dict.fromkeys(k.reveal() for k in keys if k is not None):
+        try:
+            conn = open_db(live, Secret(key))
+            try:
+                busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            finally:
+                conn.close()
+        except (OpsError, sqlcipher3.Error):
+            continue  # not this key, or a damaged file
+        if busy == 0:
+            return
+
+
+def _place_database(staged: Path, live: Path, aside: Path, data_dir: Path,
+                    journal: PlaceJournal) -> None:
     """The old database is hard-linked aside (so there is never a moment without a
     database file), its WAL and shm moved aside (so they are never applied to the new
-    file), then the staged file replaces it in one rename."""
+    file), then the staged file replaces it in one rename. The journal lets a rerun put
+    the old file and its WAL back together if this is killed half-way."""
     live.parent.mkdir(parents=True, exist_ok=True)
+    keep = _aside_path(live, aside, data_dir)
+    journal.database(live, keep)
     if live.exists():
-        keep = aside / live.name
         keep.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
             os.link(live, keep)
-        except OSError:
-            shutil.copy2(live, keep)
+        except OSError:  # no hard links here: a whole copy, renamed in once complete
+            partial = keep.with_name(keep.name + ".partial")
+            shutil.copy2(live, partial)
+            os.replace(partial, keep)
     for suffix in _DB_SIDECARS:
-        _move_aside(Path(f"{live}{suffix}"), aside, data_dir)
+        _move_aside(Path(f"{live}{suffix}"), Path(f"{keep}{suffix}"))
     os.replace(staged, live)
 
 
-def _place_tree(staging_root: Path, target: Path, aside: Path, data_dir: Path) -> None:
-    _move_aside(target, aside, data_dir)
+def _place_tree(staging_root: Path, target: Path, aside: Path, data_dir: Path,
+                journal: PlaceJournal) -> None:
+    dest = _aside_path(target, aside, data_dir)
+    journal.moving(target, dest)
+    _move_aside(target, dest)
     if staging_root.is_dir():
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staging_root, target)
@@ -202,17 +232,28 @@ def _place_tree(staging_root: Path, target: Path, aside: Path, data_dir: Path) -
 
 def _place(req: RestoreRequest, staging: Path, members: list[ExtractedMember],
            aside: Path) -> None:
+    """Every rename journaled first; the journal goes once the last one is done."""
+    dep = req.deployment
+    data_dir = dep.data_dir
+    journal = PlaceJournal(data_dir, aside)
+    _place_files(req, staging, members, aside, journal)
+    journal.finish()
+
+
+def _place_files(req: RestoreRequest, staging: Path, members: list[ExtractedMember],
+                 aside: Path, journal: PlaceJournal) -> None:
     dep = req.deployment
     data_dir = dep.data_dir
     if dep.config.storage.backend == "file":
-        _place_tree(staging / "data" / "store", dep.config.file_store_dir, aside, data_dir)
+        _place_tree(staging / "data" / "store", dep.config.file_store_dir, aside, data_dir,
+                    journal)
     elif dep.config.storage.backend == "sqlcipher":
-        _place_database(staging / DB_MEMBER, dep.db_path, aside, data_dir)
+        _place_database(staging / DB_MEMBER, dep.db_path, aside, data_dir, journal)
     for tree in DATA_TREES:
         staged = staging / "data" / tree
         if tree != "blobs" and not staged.is_dir():
             continue  # an archive without OPAQUE setups or KT key: keep the ones here
-        _place_tree(staged, data_dir / tree, aside, data_dir)
+        _place_tree(staged, data_dir / tree, aside, data_dir, journal)
     owner = owner_of(data_dir)
     placed = [dep.db_path, dep.config.file_store_dir, aside,
               *(data_dir / tree for tree in DATA_TREES)]
@@ -228,10 +269,13 @@ def _place(req: RestoreRequest, staging: Path, members: list[ExtractedMember],
     placed += [restore_target(dep, m.name) for m in single]
     for tree in SECRET_TREES:
         if (staging / "secrets" / "data" / tree).is_dir():
-            _place_tree(staging / "secrets" / "data" / tree, data_dir / tree, aside, data_dir)
+            _place_tree(staging / "secrets" / "data" / tree, data_dir / tree, aside, data_dir,
+                        journal)
     for member in single:
         target = restore_target(dep, member.name)
-        _move_aside(target, aside, data_dir)
+        dest = _aside_path(target, aside, data_dir)
+        journal.moving(target, dest)
+        _move_aside(target, dest)
         target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.replace(member.path, target)
     give_to(placed, owner)
@@ -265,7 +309,22 @@ def _unused(path: Path) -> Path:
     return candidate
 
 
+def _refuse_running(dep: Deployment) -> None:
+    pid = running_pid(dep.config)
+    if pid is not None:
+        raise Refused(f"qpq-server is running (pid {pid}) on {dep.data_dir}; stop it first "
+                      "(restore never writes under a running server, even with --force)")
+
+
 def restore_archive(req: RestoreRequest, progress: ProgressFn | None = None) -> RestoreResult:
+    """Roll back an interrupted restore if one left its journal, then restore."""
+    _refuse_running(req.deployment)
+    recovered = roll_back(req.deployment.data_dir)
+    result = _restore(req, progress)
+    return replace(result, recovered=recovered.describe() if recovered else None)
+
+
+def _restore(req: RestoreRequest, progress: ProgressFn | None) -> RestoreResult:
     dep = req.deployment
     _precheck(req)
     _remove_stale_staging(dep.data_dir)
@@ -316,6 +375,7 @@ def restore_archive(req: RestoreRequest, progress: ProgressFn | None = None) -> 
         finally:
             conn.close()
         # -- from here on the data dir changes ------------------------------------------
+        _checkpoint_old(dep.db_path, (dep.db_key({}), opening))
         _place(req, staging, members, aside)
         return _complete(req, manifest, aside, opening, final, rekeyed, migrated_from)
     finally:
@@ -378,7 +438,8 @@ def _finish(dep: Deployment, db_key: Secret) -> int:
 
 
 def resume_restore(dep: Deployment) -> RestoreResult:
-    """Finish an interrupted restore: run the purge step if it is pending, then the doctor."""
+    """Finish an interrupted restore: roll back one killed while placing files (the old
+    data is then in place), run the purge step if it is pending, then the doctor."""
     pid = running_pid(dep.config)
     if pid is not None:
         raise Refused(f"qpq-server is running (pid {pid}); a pending restore cannot be "
@@ -386,6 +447,8 @@ def resume_restore(dep: Deployment) -> RestoreResult:
     db_key = dep.db_key()
     if db_key is None:
         raise Refused(f"QPQ_DB_KEY is not set (environment or {dep.env_file})")
+    recovered = roll_back(dep.data_dir)
     purged = _finish(dep, db_key)
     return RestoreResult(None, None, purged, False, None, False, False,
-                         run_doctor(dep, db_key))
+                         run_doctor(dep, db_key),
+                         recovered=recovered.describe() if recovered else None)

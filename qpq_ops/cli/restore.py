@@ -30,6 +30,7 @@ def _result_json(result: RestoreResult) -> dict[str, object]:
         "secrets_restored": result.secrets_restored,
         "env_key_written": result.env_key_written,
         "aside_schema": result.aside_schema,
+        "recovered": result.recovered,
         "doctor": {"ok": result.doctor.ok,
                    "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail}
                               for c in result.doctor.checks]},
@@ -45,6 +46,8 @@ def _print_result(result: RestoreResult) -> None:
         table.add_row(check.name, styled_state("ok" if check.ok else "critical"), check.detail)
     out().print(table)
     console = err()
+    if result.recovered:
+        console.print(result.recovered)
     if result.aside_dir:
         console.print(f"previous data moved aside to {result.aside_dir} (delete it yourself "
                       "once the restored server is confirmed good)")

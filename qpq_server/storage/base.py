@@ -10,11 +10,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-__all__ = ["RESTORE_STATE_KEY", "Account", "CommitObserver", "HealthProbe", "KeyPackage", "KtLeaf",
-           "Storage", "StoredMessage"]
+__all__ = ["RESTORE_JOURNAL", "RESTORE_STATE_KEY", "Account", "CommitObserver", "HealthProbe",
+           "KeyPackage", "KtLeaf", "Storage", "StoredMessage"]
 
 RESTORE_STATE_KEY = "restore_state"
 """Meta key set by `qpq-ops restore`; the server refuses to start until it reads 'done'."""
+RESTORE_JOURNAL = ".qpq-restore-journal"
+"""In the data dir while `qpq-ops restore` is placing files: the server refuses to start."""
 
 CommitObserver = Callable[[float], None]
 """Called with the duration in seconds of each durable commit (for the I/O latency metric)."""
