@@ -88,6 +88,7 @@ class FileStorage:
         self._next: dict[str, int] = {}
         self._meta: dict[str, str] = {}
         self._depth = 0
+        self._usage: dict[str, int] = {}  # queue file bytes per mailbox (the quota's)
         self._kt_count = 0
         self._kt_bytes = 0
 
@@ -145,10 +146,14 @@ class FileStorage:
         self._meta = dict(_unpack(meta_path.read_bytes())) if meta_path.exists() else {}
         self._finish_relays()
         depth, highest = 0, 0
+        self._usage = {}
         for queue in (self._root / "queues").iterdir():
             ids = _ids(queue)
             depth += len(ids)
             highest = max([highest, *ids])
+            # The quota's per-mailbox total: counted once here, then kept by the writer.
+            self._usage[queue.name.removeprefix("u-")] = sum(
+                (queue / f"{i:020d}").stat().st_size for i in ids)
         self._depth = depth
         # Start after every id that may have been handed out (a whole reserved block).
         self._counters["message"] = max(self._counters.get("message", 1), highest + 1)
@@ -171,7 +176,8 @@ class FileStorage:
                 if "payload" in record:
                     self._commit_relay(path, record)
 
-    def _commit_relay(self, marker: Path, record: dict[str, Any]) -> None:
+    def _commit_relay(self, marker: Path, record: dict[str, Any]) -> int:
+        """Write the relayed message into each queue; its file size, per queue."""
         body = _pack({"sender": record["sender"], "payload": record["payload"],
                       "sent_at": record["sent_at"]})
         for recipient, message_id in zip(record["recipients"], record["ids"], strict=True):
@@ -181,6 +187,7 @@ class FileStorage:
                 fsync_dir(directory.parent)
             write_atomic(directory / f"{message_id:020d}", body)
         write_atomic(marker, _pack({"ids": record["ids"], "seen_at": record["sent_at"]}))
+        return len(body)
 
     def _recover_kt(self) -> tuple[int, int]:
         """Count whole records; cut off a torn tail left by a crash mid-append."""
@@ -394,6 +401,7 @@ class FileStorage:
                 write_atomic(directory / f"{message_id:020d}", body, sync_dir=False)
                 ids.append(message_id)
                 dirs.append(directory)
+                self._usage[recipient] = self._usage.get(recipient, 0) + len(body)
             for directory in dict.fromkeys(dirs):
                 fsync_dir(directory)
             self._depth += len(ids)
@@ -424,20 +432,10 @@ class FileStorage:
         return await self._read(run)
 
     async def mailbox_bytes(self, recipients: Sequence[str]) -> dict[str, int]:
-        def run() -> dict[str, int]:
-            usage: dict[str, int] = {}
-            for recipient in dict.fromkeys(recipients):
-                directory = self._queue_dir(recipient)
-                total = 0
-                for message_id in _ids(directory):
-                    # File size bounds the payload size closely (a small msgpack header).
-                    with contextlib.suppress(FileNotFoundError):
-                        total += (directory / f"{message_id:020d}").stat().st_size
-                if total:
-                    usage[recipient] = total
-            return usage
-
-        return await self._read(run)
+        # Queue file bytes: they bound the payload bytes closely (a small msgpack header).
+        # Kept by the single writer thread; a dict read is atomic, no thread hop needed.
+        usage = self._usage
+        return {r: usage[r] for r in dict.fromkeys(recipients) if usage.get(r, 0) > 0}
 
     async def ack(self, recipient: str, message_ids: Sequence[int]) -> int:
         ids = list(dict.fromkeys(message_ids))
@@ -446,9 +444,12 @@ class FileStorage:
             directory = self._queue_dir(recipient)
             deleted = 0
             for message_id in ids:
+                path = directory / f"{message_id:020d}"
                 with contextlib.suppress(FileNotFoundError):
-                    (directory / f"{message_id:020d}").unlink()
+                    size = path.stat().st_size
+                    path.unlink()
                     deleted += 1
+                    self._usage[recipient] = self._usage.get(recipient, 0) - size
             if deleted:
                 fsync_dir(directory)
                 self._depth -= deleted
@@ -473,8 +474,10 @@ class FileStorage:
             record = {"ids": ids, "recipients": list(recipients), "sender": sender,
                       "payload": payload, "sent_at": now}
             write_atomic(marker, _pack(record))  # the journal entry: replayed at open
-            self._commit_relay(marker, record)
+            body_bytes = self._commit_relay(marker, record)
             self._depth += len(ids)
+            for recipient in recipients:
+                self._usage[recipient] = self._usage.get(recipient, 0) + body_bytes
             return ids
 
         return await self._write(run)

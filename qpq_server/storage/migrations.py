@@ -50,6 +50,30 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX relays_seen_at ON relays_seen(seen_at);
     """,
+    # 4: each mailbox's stored payload bytes, kept by triggers in the same transaction as
+    # every insert and delete, so the quota check reads one row instead of the mailbox
+    """
+    CREATE TABLE mailbox_usage (
+        recipient TEXT PRIMARY KEY,
+        bytes INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    INSERT INTO mailbox_usage(recipient, bytes)
+        SELECT recipient, sum(length(payload)) FROM messages GROUP BY recipient;
+    CREATE TRIGGER messages_usage_insert AFTER INSERT ON messages BEGIN
+        INSERT INTO mailbox_usage(recipient, bytes) VALUES (NEW.recipient, length(NEW.payload))
+            ON CONFLICT(recipient) DO UPDATE SET bytes = bytes + excluded.bytes;
+    END;
+    CREATE TRIGGER messages_usage_delete AFTER DELETE ON messages BEGIN
+        UPDATE mailbox_usage SET bytes = bytes - length(OLD.payload)
+            WHERE recipient = OLD.recipient;
+    END;
+    CREATE TRIGGER messages_usage_update AFTER UPDATE OF recipient, payload ON messages BEGIN
+        UPDATE mailbox_usage SET bytes = bytes - length(OLD.payload)
+            WHERE recipient = OLD.recipient;
+        INSERT INTO mailbox_usage(recipient, bytes) VALUES (NEW.recipient, length(NEW.payload))
+            ON CONFLICT(recipient) DO UPDATE SET bytes = bytes + excluded.bytes;
+    END;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

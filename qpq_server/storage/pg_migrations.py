@@ -52,6 +52,32 @@ PG_MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX relays_seen_at ON relays_seen(seen_at);
     """,
+    # 3: each mailbox's stored payload bytes, kept by triggers in the same transaction as
+    # every insert and delete, so the quota check reads one row instead of the mailbox
+    """
+    CREATE TABLE mailbox_usage (
+        recipient TEXT COLLATE "C" PRIMARY KEY,
+        bytes BIGINT NOT NULL
+    );
+    INSERT INTO mailbox_usage(recipient, bytes)
+        SELECT recipient, sum(octet_length(payload)) FROM messages GROUP BY recipient;
+    CREATE FUNCTION messages_usage() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF TG_OP IN ('DELETE', 'UPDATE') THEN
+            UPDATE mailbox_usage SET bytes = bytes - octet_length(OLD.payload)
+                WHERE recipient = OLD.recipient;
+        END IF;
+        IF TG_OP IN ('INSERT', 'UPDATE') THEN
+            INSERT INTO mailbox_usage(recipient, bytes)
+                VALUES (NEW.recipient, octet_length(NEW.payload))
+                ON CONFLICT (recipient)
+                DO UPDATE SET bytes = mailbox_usage.bytes + excluded.bytes;
+        END IF;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER messages_usage AFTER INSERT OR DELETE OR UPDATE OF recipient, payload
+        ON messages FOR EACH ROW EXECUTE FUNCTION messages_usage();
+    """,
 )
 
 PG_SCHEMA_VERSION = len(PG_MIGRATIONS)

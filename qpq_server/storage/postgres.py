@@ -307,17 +307,20 @@ class PostgresStorage:
     async def enqueue(self, sender: str, recipients: Sequence[str], payload: bytes,
                       now: float) -> list[int]:
         async def run(conn: Conn) -> list[int]:
-            # Pipelined: one round trip for a message to many recipients, ids in order.
+            # Pipelined: one round trip for a message to many recipients. Inserted in
+            # name order: each insert locks its mailbox_usage row, and one order for
+            # every transaction means two enqueues never deadlock.
+            order = sorted(range(len(recipients)), key=recipients.__getitem__)
             async with conn.pipeline():
                 cursors = [await conn.execute(
                     "INSERT INTO messages(recipient, sender, payload, sent_at)"
-                    " VALUES (%s, %s, %s, %s) RETURNING id", (recipient, sender, payload, now))
-                    for recipient in recipients]
-            ids = []
-            for cur in cursors:
+                    " VALUES (%s, %s, %s, %s) RETURNING id",
+                    (recipients[i], sender, payload, now)) for i in order]
+            ids = [0] * len(recipients)
+            for i, cur in zip(order, cursors, strict=True):
                 row = await cur.fetchone()
                 assert row is not None
-                ids.append(int(row[0]))
+                ids[i] = int(row[0])
             return ids
 
         return await self._run(run, write=True)
@@ -348,8 +351,8 @@ class PostgresStorage:
 
         async def run(conn: Conn) -> dict[str, int]:
             cur = await conn.execute(
-                "SELECT recipient, sum(octet_length(payload)) FROM messages"
-                " WHERE recipient = ANY(%s) GROUP BY recipient", (names,))
+                "SELECT recipient, bytes FROM mailbox_usage"
+                " WHERE recipient = ANY(%s) AND bytes > 0", (names,))
             return {str(r[0]): int(r[1]) for r in await cur.fetchall()}
 
         return await self._run(run, write=False) if names else {}
@@ -383,12 +386,12 @@ class PostgresStorage:
                 " ON CONFLICT DO NOTHING", (origin, relay_id, now))
             if seen.rowcount != 1:
                 return None
-            ids = []
-            for recipient in recipients:
+            ids = [0] * len(recipients)
+            for i in sorted(range(len(recipients)), key=recipients.__getitem__):
                 row = await _fetchone(conn, "INSERT INTO messages(recipient, sender, payload,"
                                       " sent_at) VALUES (%s, %s, %s, %s) RETURNING id",
-                                      (recipient, sender, payload, now))
-                ids.append(int(row[0]))
+                                      (recipients[i], sender, payload, now))
+                ids[i] = int(row[0])  # name order, as in enqueue (no deadlock)
             return ids
 
         return await self._run(run, write=True)

@@ -74,6 +74,19 @@ def connect_sqlcipher(path: Path, db_key: Secret, *, busy_timeout_ms: int = 5000
     return conn
 
 
+def _statements(script: str) -> list[str]:
+    """`script` cut into whole statements (a trigger body holds `;` of its own), so each
+    runs inside the migration's transaction (`executescript` would commit first)."""
+    statements, pending = [], ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlcipher3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                statements.append(pending)
+            pending = ""
+    return statements
+
+
 def migrate(conn: Connection) -> int:
     (version,) = conn.execute("PRAGMA user_version").fetchone()
     if version > SCHEMA_VERSION:
@@ -89,9 +102,8 @@ def migrate(conn: Connection) -> int:
             conn.execute("COMMIT")
             continue
         try:
-            for statement in MIGRATIONS[target].split(";"):
-                if statement.strip():
-                    conn.execute(statement)
+            for statement in _statements(MIGRATIONS[target]):
+                conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {target + 1}")
             conn.execute("COMMIT")
         except BaseException:
@@ -415,8 +427,8 @@ class SqlCipherStorage:
         def run(conn: Connection) -> dict[str, int]:
             marks = ",".join("?" * len(names))
             rows = conn.execute(
-                f"SELECT recipient, sum(length(payload)) FROM messages"  # noqa: S608
-                f" WHERE recipient IN ({marks}) GROUP BY recipient", names).fetchall()
+                f"SELECT recipient, bytes FROM mailbox_usage"  # noqa: S608
+                f" WHERE recipient IN ({marks}) AND bytes > 0", names).fetchall()
             return {str(r[0]): int(r[1]) for r in rows}
 
         return self._read_inline(run) if names else {}
