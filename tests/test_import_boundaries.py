@@ -149,12 +149,14 @@ def test_server_never_imports_ops(edges: list[Edge]) -> None:
 
 
 # What qpq_ops may take from the server: configuration, data-dir layout, secrets, storage,
-# the error tree and file helpers, key/cert helpers for rotation, the version; the client
+# the error tree and file helpers, key/cert helpers for rotation (federation certificates
+# included), the version; the client
 # library and the throwaway launcher only for the commands that talk QUIC (lazily).
 OPS_MAY_USE = (
     "qpq_server.config", "qpq_server.datadir", "qpq_server.secrets", "qpq_server.storage",
     "qpq_server.errors", "qpq_server.fsutil", "qpq_server.tls", "qpq_server.auth.opaque",
     "qpq_server.metrics", "qpq_server.devserver", "qpq_server.client",
+    "qpq_server.federation.certs",  # one builder of federation certificates (rotation)
 )
 
 

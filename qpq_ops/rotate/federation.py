@@ -20,9 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from qpq_ops.deployment import Deployment
 from qpq_ops.errors import Refused
@@ -30,6 +29,8 @@ from qpq_ops.ownership import give_to, owner_of
 from qpq_ops.rotate.audit import AuditRecord, append_audit
 from qpq_ops.rotate.certs import cert_fingerprint, key_pem, pem
 from qpq_ops.rotate.result import RotationResult
+from qpq_server.errors import ConfigError
+from qpq_server.federation import certs as fed_certs
 from qpq_server.tls import write_private_file
 
 __all__ = ["FederationPaths", "federation_paths", "finish_federation", "rotate_federation"]
@@ -80,61 +81,7 @@ def _key_bytes(path: Path, key: ec.EllipticCurvePrivateKey) -> bytes:
 
 def _read_cert(path: Path) -> x509.Certificate:
     """The (first) certificate of a DER or PEM file."""
-    data = path.read_bytes()
-    if b"-----BEGIN" in data:
-        return x509.load_pem_x509_certificates(data)[0]
-    return x509.load_der_x509_certificate(data)
-
-
-def _read_key(path: Path) -> object:
-    data = path.read_bytes()
-    if b"-----BEGIN" in data:
-        return serialization.load_pem_private_key(data, password=None)
-    return serialization.load_der_private_key(data, password=None)
-
-
-def _new_ca(domain: str, now: dt.datetime, days: int,
-            ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"qpq federation CA {domain}"),
-                      x509.NameAttribute(NameOID.ORGANIZATION_NAME, domain)])
-    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=days))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(
-                digital_signature=False, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(ski, critical=False)
-            .sign(key, hashes.SHA256()))
-    return cert, key
-
-
-def _leaf(domain: str, ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey,
-          now: dt.datetime, days: int) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    not_after = min(now + dt.timedelta(days=days), ca.not_valid_after_utc)
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, domain)]))
-            .issuer_name(ca.subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(not_after)
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(domain)]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                                  ExtendedKeyUsageOID.CLIENT_AUTH]),
-                           critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                ca_key.public_key()), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    return cert, key
+    return fed_certs.load_certificates(path)[0]
 
 
 def _load_ca(paths: FederationPaths,
@@ -145,13 +92,9 @@ def _load_ca(paths: FederationPaths,
         raise Refused(f"the federation CA {paths.ca} exists but its key {paths.ca_key} does "
                       "not: sign a CSR with that CA yourself, or pass --new-ca")
     try:
-        cert = _read_cert(paths.ca)
-        key = _read_key(paths.ca_key)
-    except (OSError, ValueError, TypeError) as exc:
-        raise Refused(f"cannot read the federation CA: {type(exc).__name__}") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise Refused(f"{paths.ca_key}: only EC CA keys are supported")
-    return cert, key
+        return _read_cert(paths.ca), fed_certs.load_private_key(paths.ca_key)
+    except ConfigError as exc:
+        raise Refused(f"cannot read the federation CA: {exc}") from None
 
 
 def rotate_federation(dep: Deployment, *, dry_run: bool, new_ca: bool = False,
@@ -164,7 +107,7 @@ def rotate_federation(dep: Deployment, *, dry_run: bool, new_ca: bool = False,
     make_ca = new_ca or existing_ca is None
     try:
         old_leaf = _read_cert(paths.cert) if paths.cert.is_file() else None
-    except ValueError:
+    except ConfigError:
         old_leaf = None  # unreadable: replaced all the same
     steps = []
     if make_ca:
@@ -191,7 +134,7 @@ def rotate_federation(dep: Deployment, *, dry_run: bool, new_ca: bool = False,
                               cert_fingerprint(old_leaf) if old_leaf else "", tuple(steps),
                               tuple(next_steps))
     if make_ca:
-        ca_cert, ca_key = _new_ca(domain, moment, ca_days)
+        ca_cert, ca_key = fed_certs.new_ca(f"qpq federation {domain}", ca_days, moment)
         old_ca = pem(_read_cert(paths.ca)) if paths.ca.is_file() else b""
         for path in (paths.ca, paths.ca_key):
             if path.is_file():
@@ -202,7 +145,11 @@ def rotate_federation(dep: Deployment, *, dry_run: bool, new_ca: bool = False,
     else:
         assert existing_ca is not None
         ca_cert, ca_key = existing_ca
-    leaf, leaf_key = _leaf(domain, ca_cert, ca_key, moment, days)
+    try:
+        leaf, leaf_key = fed_certs.new_leaf(domain, ca_cert, ca_key, days,
+                                  moment - dt.timedelta(minutes=5))
+    except ConfigError as exc:
+        raise Refused(f"[federation] domain: {exc}") from None
     leaf.verify_directly_issued_by(ca_cert)
     for path in (paths.cert, paths.key):
         if path.is_file():

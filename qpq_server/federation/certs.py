@@ -1,5 +1,7 @@
 """Federation certificates: a CA, per-domain certificates it signs, and the checks a
-server runs on a peer's certificate.
+server runs on a peer's certificate. The one place they are built: `qpq-server
+federation init-ca/issue-cert` and `qpq-ops rotate federation` both call `new_ca` and
+`new_leaf`.
 
 Files are DER as DESIGN.md names them (`federation-ca.der`, `federation-cert.der`,
 `federation-key.der`); the loaders also read PEM (and PEM bundles of several CAs),
@@ -21,8 +23,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from qpq_server.errors import ConfigError
 from qpq_server.tls import write_private_file
 
-__all__ = ["CA_CERT", "CA_KEY", "CERT", "KEY", "Refusal", "certificate_domain", "init_ca",
-           "issue_cert", "load_certificates", "load_private_key", "verify_peer_certificate"]
+__all__ = ["CA_CERT", "CA_KEY", "CERT", "KEY", "Refusal", "certificate_domain", "check_domain",
+           "init_ca", "issue_cert", "load_certificates", "load_private_key", "new_ca",
+           "new_leaf", "verify_peer_certificate"]
 
 CA_CERT = "federation-ca.der"
 CA_KEY = "federation-ca-key.der"
@@ -47,17 +50,17 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
                                                serialization.NoEncryption()))
 
 
-def init_ca(out: Path, name: str = "qpq federation", days: int = 3650) -> list[Path]:
-    """A new federation CA in `out`: its certificate (0644) and its key (0600)."""
-    cert_path, key_path = out / CA_CERT, out / CA_KEY
-    _refuse_existing(cert_path, key_path)
+def new_ca(name: str = "qpq federation", days: int = 3650,
+           now: dt.datetime | None = None,
+           ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A new federation CA certificate and its key (nothing written)."""
     key = ec.generate_private_key(ec.SECP256R1())
     # A name of its own (and key identifiers below): while peers trust the old and the
     # new CA side by side, a verifier must be able to tell which one issued a cert.
     serial = x509.random_serial_number()
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME,
                                             f"{name} CA {serial % 16**8:08x}")])
-    now = _now()
+    now = now or _now()
     cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
             .public_key(key.public_key()).serial_number(serial)
             .not_valid_before(now - dt.timedelta(minutes=5))
@@ -70,25 +73,20 @@ def init_ca(out: Path, name: str = "qpq federation", days: int = 3650) -> list[P
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
                            critical=False)
             .sign(key, hashes.SHA256()))
-    _write_key(key_path, key)
-    write_private_file(cert_path, cert.public_bytes(serialization.Encoding.DER), 0o644)
-    return [cert_path, key_path]
+    return cert, key
 
 
-def issue_cert(ca_dir: Path, domain: str, out: Path, days: int = 365,
-               not_before: dt.datetime | None = None) -> list[Path]:
-    """A key and certificate for `domain` signed by the CA in `ca_dir` (serverAuth and
-    clientAuth: both ends of a federation link present it)."""
+def check_domain(domain: str) -> None:
     if not domain or any(c in domain for c in " @/:") or len(domain) > 253:
         raise ConfigError(f"--domain {domain!r} is not a domain name")
-    ca_cert_path, ca_key_path = ca_dir / CA_CERT, ca_dir / CA_KEY
-    if not ca_cert_path.is_file() or not ca_key_path.is_file():
-        raise ConfigError(f"no federation CA in {ca_dir} (needs {CA_CERT} and {CA_KEY}; "
-                          "make one with `qpq-server federation init-ca --out DIR`)")
-    cert_path, key_path = out / CERT, out / KEY
-    _refuse_existing(cert_path, key_path)
-    ca = load_certificates(ca_cert_path)[0]
-    ca_key = load_private_key(ca_key_path)
+
+
+def new_leaf(domain: str, ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey,
+             days: int = 365, not_before: dt.datetime | None = None,
+             ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A key and certificate for `domain` signed by `ca` (serverAuth and clientAuth:
+    both ends of a federation link present it), never outliving the CA."""
+    check_domain(domain)
     key = ec.generate_private_key(ec.SECP256R1())
     start = not_before or _now() - dt.timedelta(minutes=5)
     not_after = min(start + dt.timedelta(days=days), ca.not_valid_after_utc)
@@ -99,12 +97,41 @@ def issue_cert(ca_dir: Path, domain: str, out: Path, days: int = 365,
             .not_valid_before(start).not_valid_after(not_after)
             .add_extension(x509.SubjectAlternativeName([x509.DNSName(domain)]), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
                                                   ExtendedKeyUsageOID.CLIENT_AUTH]),
                            critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
                 ca_key.public_key()), critical=False)
             .sign(ca_key, hashes.SHA256()))
+    return cert, key
+
+
+def init_ca(out: Path, name: str = "qpq federation", days: int = 3650) -> list[Path]:
+    """A new federation CA in `out`: its certificate (0644) and its key (0600)."""
+    cert_path, key_path = out / CA_CERT, out / CA_KEY
+    _refuse_existing(cert_path, key_path)
+    cert, key = new_ca(name, days)
+    _write_key(key_path, key)
+    write_private_file(cert_path, cert.public_bytes(serialization.Encoding.DER), 0o644)
+    return [cert_path, key_path]
+
+
+def issue_cert(ca_dir: Path, domain: str, out: Path, days: int = 365,
+               not_before: dt.datetime | None = None) -> list[Path]:
+    """`new_leaf` for the CA in `ca_dir`, written to `out`."""
+    check_domain(domain)
+    ca_cert_path, ca_key_path = ca_dir / CA_CERT, ca_dir / CA_KEY
+    if not ca_cert_path.is_file() or not ca_key_path.is_file():
+        raise ConfigError(f"no federation CA in {ca_dir} (needs {CA_CERT} and {CA_KEY}; "
+                          "make one with `qpq-server federation init-ca --out DIR`)")
+    cert_path, key_path = out / CERT, out / KEY
+    _refuse_existing(cert_path, key_path)
+    cert, key = new_leaf(domain, load_certificates(ca_cert_path)[0],
+                         load_private_key(ca_key_path), days, not_before)
     _write_key(key_path, key)
     write_private_file(cert_path, cert.public_bytes(serialization.Encoding.DER), 0o644)
     return [cert_path, key_path]

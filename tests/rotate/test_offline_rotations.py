@@ -10,7 +10,15 @@ import pytest
 from cryptography import x509
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
+import qpq_ops.rotate.federation as rotate_federation_module
 from qpq_server.errors import WrongDatabaseKey
+from qpq_server.federation.certs import (
+    CA_CERT,
+    CERT,
+    init_ca,
+    issue_cert,
+    verify_peer_certificate,
+)
 from qpq_server.secrets import Secret, read_env_file, write_env_file
 from qpq_server.storage.sqlcipher import connect_sqlcipher, key_pragma
 from tests.backup.support import ops, populate, tree_digest
@@ -192,3 +200,25 @@ def test_federation_rotation_without_the_ca_key_is_refused(tmp_path: Path) -> No
     result = ops("rotate", "federation", "--config", config)
     assert result.exit_code == 64 and "federation-ca-key.der" in result.stderr
     assert tree_digest(config.parent) == before
+
+
+def test_federation_certificates_have_one_implementation(tmp_path: Path) -> None:
+    """`rotate federation` and `qpq-server federation init-ca/issue-cert` make the same
+    certificates because one module (qpq_server.federation.certs) builds them both."""
+    source = Path(rotate_federation_module.__file__).read_text()
+    assert "CertificateBuilder" not in source, "qpq_ops builds federation certs itself"
+    config = init_data_dir(tmp_path / "d")
+    assert ops("rotate", "federation", "--config", config).exit_code == 0
+    init_ca(tmp_path / "ca")
+    issue_cert(tmp_path / "ca", "localhost", tmp_path / "leaf")
+
+    def shape(path: Path) -> tuple[list[str], bool]:
+        cert = x509.load_der_x509_certificate(path.read_bytes())
+        return sorted(e.oid.dotted_string for e in cert.extensions), "CA" in str(cert.subject)
+
+    assert shape(config.parent / "federation-ca.der") == shape(tmp_path / "ca" / CA_CERT)
+    assert shape(config.parent / "federation-cert.der") == shape(tmp_path / "leaf" / CERT)
+    ops_ca = x509.load_der_x509_certificate((config.parent / "federation-ca.der").read_bytes())
+    ops_leaf = x509.load_der_x509_certificate(
+        (config.parent / "federation-cert.der").read_bytes())
+    assert verify_peer_certificate(ops_leaf, [ops_ca]) == "localhost"
