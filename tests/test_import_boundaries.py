@@ -167,6 +167,19 @@ def test_ops_uses_only_the_servers_public_pieces(edges: list[Edge]) -> None:
     assert not bad, "\n".join(bad)
 
 
+# STYLE.md: transport code in one place. The QUIC glue (aioquic.asyncio) is imported by
+# the server's listener, the one client-side helper (the client library and federation
+# links both connect through it) and the federation listener.
+QUIC_GLUE = ("qpq_server.transport.quic", "qpq_server.transport.quic_client",
+             "qpq_server.federation.listener")
+
+
+def test_quic_client_connections_come_from_one_helper(edges: list[Edge]) -> None:
+    bad = [str(e) for e in edges if _under(e.imported, "aioquic.asyncio")
+           and e.importer not in QUIC_GLUE]
+    assert not bad, "\n".join(bad)
+
+
 def test_triggers_definition_imports_no_cli_or_renderer(edges: list[Edge]) -> None:
     bad = violations(edges, ("qpq_ops.triggers",),
                      ("qpq_ops.cli", "qpq_ops.render", "qpq_ops.evaluate", "typer", "rich"))
@@ -183,6 +196,7 @@ def test_renderers_and_check_triggers_never_import_each_other(edges: list[Edge])
 def test_client_library_imports_only_codec_and_kt_verification(edges: list[Edge]) -> None:
     bad = violations(edges, ("qpq_server.client",), ("qpq_server",),
                      allowed=("qpq_server.client", "qpq_server.protocol.codec",
+                              "qpq_server.transport.quic_client",
                               "qpq_server.kt.merkle", "qpq_server.kt.sth",
                               "qpq_server.kt.keymap", "qpq_server.identity",
                               "qpq_server.devices",  # pure: device ids, sets, link codes

@@ -1,32 +1,26 @@
 """A QUIC connection to a qpq server: one request per stream, futures per stream.
 
-We resolve the handshake ourselves on `HandshakeCompleted` (aioquic's wait_connected
-can miss it when wrapped in timeouts) and read `StreamDataReceived` directly.
+The QUIC plumbing (handshake, request futures, connecting) is
+`qpq_server.transport.quic_client`, shared with federation links; this adds the
+multi-frame streams of blob transfers and the client's error codes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
-from aioquic.quic.events import (
-    ConnectionTerminated,
-    HandshakeCompleted,
-    QuicEvent,
-    StreamDataReceived,
-    StreamReset,
-)
+from aioquic.quic.events import StreamDataReceived
 
 from qpq_server.client.errors import ClientError
 from qpq_server.protocol.codec import FrameDecoder, encode_frame
+from qpq_server.transport.quic_client import RequestProtocol, open_quic
 
 __all__ = ["ClientError", "QpqConnection", "connect"]
 
@@ -42,14 +36,16 @@ StreamItem = dict[str, Any] | ClientError | None
 """A frame of a multi-frame stream, an error ending it, or None at its end."""
 
 
-class _ClientProtocol(QuicConnectionProtocol):
+class _ClientProtocol(RequestProtocol):
+    """Requests (one frame back) plus multi-frame streams for blob transfers."""
+
     def __init__(self, quic: QuicConnection, **kwargs: Any) -> None:
         super().__init__(quic, **kwargs)
-        loop = asyncio.get_running_loop()
-        self.handshake: asyncio.Future[None] = loop.create_future()
-        self._pending: dict[int, tuple[FrameDecoder, asyncio.Future[dict[str, Any]]]] = {}
         self._streams: dict[int, tuple[FrameDecoder, asyncio.Queue[StreamItem]]] = {}
-        self.terminated: str | None = None
+
+    def failure(self, kind: str, message: str) -> Exception:
+        code = {"closed": "connection_closed"}.get(kind, kind)
+        return ClientError(code, message.replace("the peer", "the server", 1))
 
     def open_stream(self, first: dict[str, Any], end: bool = False,
                     ) -> tuple[int, asyncio.Queue[StreamItem]]:
@@ -79,7 +75,9 @@ class _ClientProtocol(QuicConnectionProtocol):
         stream = self._quic._streams.get(sid)
         return len(stream.sender._buffer) if stream is not None else 0
 
-    def _stream_event(self, event: StreamDataReceived) -> None:
+    def other_stream_data(self, event: StreamDataReceived) -> bool:
+        if event.stream_id not in self._streams:
+            return False
         decoder, queue = self._streams[event.stream_id]
         try:
             for frame in decoder.feed(event.data):
@@ -89,77 +87,22 @@ class _ClientProtocol(QuicConnectionProtocol):
         except Exception as exc:
             queue.put_nowait(ClientError("bad_response", str(exc)))
             self._streams.pop(event.stream_id, None)
-            return
+            return True
         if event.end_stream:
             queue.put_nowait(None)
             self._streams.pop(event.stream_id, None)
+        return True
 
-    def request(self, message: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
-        if self.terminated is not None:
-            raise ClientError("connection_closed", self.terminated)
-        sid = self._quic.get_next_available_stream_id()
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._pending[sid] = (FrameDecoder(_MAX_RESPONSE), future)
-        self._quic.send_stream_data(sid, encode_frame(message), end_stream=True)
-        self.transmit()
-        return future
+    def stream_reset(self, stream_id: int, error: Exception) -> None:
+        stream = self._streams.pop(stream_id, None)
+        if stream is not None and isinstance(error, ClientError):
+            stream[1].put_nowait(error)
 
-    def send_raw(self, data: bytes, end_stream: bool = True) -> asyncio.Future[dict[str, Any]]:
-        """Send arbitrary bytes on a new stream (tests use this for hostile input)."""
-        sid = self._quic.get_next_available_stream_id()
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._pending[sid] = (FrameDecoder(_MAX_RESPONSE), future)
-        self._quic.send_stream_data(sid, data, end_stream=end_stream)
-        self.transmit()
-        return future
-
-    def quic_event_received(self, event: QuicEvent) -> None:
-        if isinstance(event, HandshakeCompleted):
-            if not self.handshake.done():
-                self.handshake.set_result(None)
-        elif isinstance(event, StreamDataReceived):
-            if event.stream_id in self._streams:
-                self._stream_event(event)
-                return
-            entry = self._pending.get(event.stream_id)
-            if entry is None:
-                return
-            decoder, future = entry
-            try:
-                frames = decoder.feed(event.data)
-            except Exception as exc:
-                self._pending.pop(event.stream_id, None)
-                if not future.done():
-                    future.set_exception(ClientError("bad_response", str(exc)))
-                return
-            if frames:
-                self._pending.pop(event.stream_id, None)
-                if not future.done():
-                    future.set_result(frames[0])
-            elif event.end_stream:
-                self._pending.pop(event.stream_id, None)
-                if not future.done():
-                    future.set_exception(ClientError("bad_response", "stream ended early"))
-        elif isinstance(event, StreamReset):
-            stream = self._streams.pop(event.stream_id, None)
-            if stream is not None:
-                stream[1].put_nowait(ClientError("stream_reset", "server reset the stream"))
-            entry = self._pending.pop(event.stream_id, None)
-            if entry and not entry[1].done():
-                entry[1].set_exception(ClientError("stream_reset", "server reset the stream"))
-        elif isinstance(event, ConnectionTerminated):
-            reason = event.reason_phrase or f"connection closed (error {event.error_code})"
-            self.terminated = reason
-            error = ClientError("connection_closed", reason)
-            if not self.handshake.done():
-                self.handshake.set_exception(error)
-            for _decoder, future in self._pending.values():
-                if not future.done():
-                    future.set_exception(error)
-            self._pending.clear()
-            for _decoder, queue in self._streams.values():
+    def terminated_with(self, error: Exception) -> None:
+        for _decoder, queue in self._streams.values():
+            if isinstance(error, ClientError):
                 queue.put_nowait(error)
-            self._streams.clear()
+        self._streams.clear()
 
 
 class QpqConnection:
@@ -285,25 +228,11 @@ async def connect(server: str, auth_token: str, *, ca: Path | None = None,
             configuration.load_verify_locations(cafile=str(ca))
         except (OSError, ssl.SSLError) as exc:
             raise ClientError("usage", f"cannot read CA certificate {ca}: {exc}") from None
-    loop = asyncio.get_running_loop()
+    transport, protocol = await open_quic(
+        host, port, configuration, _ClientProtocol, timeout=timeout, target=server,
+        unreachable=lambda message: ClientError("unreachable", message),
+        local_host=local_host)
     try:
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-    except OSError as exc:
-        raise ClientError("unreachable", f"cannot resolve {host}: {exc}") from None
-    family, _, _, _, addr = infos[0]
-    quic = QuicConnection(configuration=configuration)
-    transport, proto = await loop.create_datagram_endpoint(
-        lambda: _ClientProtocol(quic), family=family,
-        local_addr=(local_host or ("0.0.0.0" if family == socket.AF_INET else "::"), 0))
-    protocol = proto
-    try:
-        protocol.connect(addr)
-        try:
-            async with asyncio.timeout(timeout):
-                await protocol.handshake
-        except TimeoutError:
-            raise ClientError("unreachable", f"no QUIC handshake with {server} "
-                              f"within {timeout:g}s") from None
         connection = QpqConnection(protocol, timeout, server)
         if hello:
             connection.hello = await connection.call("hello", token=auth_token)

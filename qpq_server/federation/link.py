@@ -5,19 +5,9 @@ in the channel (see `auth`), then one request per bidirectional stream."""
 from __future__ import annotations
 
 import asyncio
-import socket
 from typing import Any
 
-from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection
-from aioquic.quic.events import (
-    ConnectionTerminated,
-    HandshakeCompleted,
-    QuicEvent,
-    StreamDataReceived,
-    StreamReset,
-)
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -25,11 +15,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from qpq_server.config import parse_hostport
 from qpq_server.federation import ALPN
 from qpq_server.federation.auth import auth_message, sign
-from qpq_server.protocol.codec import FrameDecoder, encode_frame
+from qpq_server.transport.quic_client import RequestProtocol, open_quic
 
 __all__ = ["LinkError", "PeerLink", "open_link"]
-
-_MAX_FRAME = 64 * 1024 * 1024
 
 
 class LinkError(Exception):
@@ -41,54 +29,10 @@ class LinkError(Exception):
         self.code = code
 
 
-class _Protocol(QuicConnectionProtocol):
-    def __init__(self, quic: QuicConnection, **kwargs: Any) -> None:
-        super().__init__(quic, **kwargs)
-        self.handshake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending: dict[int, tuple[FrameDecoder, asyncio.Future[dict[str, Any]]]] = {}
-        self.terminated: str | None = None
-
-    def request(self, message: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
-        if self.terminated is not None:
-            raise LinkError("unreachable", self.terminated)
-        sid = self._quic.get_next_available_stream_id()
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._pending[sid] = (FrameDecoder(_MAX_FRAME), future)
-        self._quic.send_stream_data(sid, encode_frame(message), end_stream=True)
-        self.transmit()
-        return future
-
-    def _settle(self, sid: int, result: dict[str, Any] | LinkError) -> None:
-        entry = self._pending.pop(sid, None)
-        if entry is None or entry[1].done():
-            return
-        if isinstance(result, LinkError):
-            entry[1].set_exception(result)
-        else:
-            entry[1].set_result(result)
-
-    def quic_event_received(self, event: QuicEvent) -> None:
-        if isinstance(event, HandshakeCompleted) and not self.handshake.done():
-            self.handshake.set_result(None)
-        elif isinstance(event, StreamDataReceived) and event.stream_id in self._pending:
-            try:
-                frames = self._pending[event.stream_id][0].feed(event.data)
-            except Exception as exc:  # a garbled answer ends only this request
-                self._settle(event.stream_id, LinkError("bad_response", str(exc)))
-                return
-            if frames:
-                self._settle(event.stream_id, frames[0])
-            elif event.end_stream:
-                self._settle(event.stream_id, LinkError("bad_response", "stream ended early"))
-        elif isinstance(event, StreamReset):
-            self._settle(event.stream_id, LinkError("unreachable", "peer reset the stream"))
-        elif isinstance(event, ConnectionTerminated):
-            self.terminated = event.reason_phrase or f"closed (error {event.error_code})"
-            error = LinkError("unreachable", self.terminated)
-            if not self.handshake.done():
-                self.handshake.set_exception(error)
-            for sid in list(self._pending):
-                self._settle(sid, error)
+class _Protocol(RequestProtocol):
+    def failure(self, kind: str, message: str) -> Exception:
+        # a reset stream or a closed connection: the peer is unreachable for now
+        return LinkError("bad_response" if kind == "bad_response" else "unreachable", message)
 
 
 class PeerLink:
@@ -114,14 +58,8 @@ class PeerLink:
 
     async def send_raw(self, data: bytes) -> dict[str, Any]:
         """Arbitrary bytes as one request stream (tests send hostile input)."""
-        protocol = self._protocol
-        sid = protocol._quic.get_next_available_stream_id()
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        protocol._pending[sid] = (FrameDecoder(_MAX_FRAME), future)
-        protocol._quic.send_stream_data(sid, data, end_stream=True)
-        protocol.transmit()
         async with asyncio.timeout(self.timeout):
-            return await future
+            return await self._protocol.send_raw(data)
 
     async def call(self, op: str, timeout: float | None = None,
                    **fields: Any) -> dict[str, Any]:
@@ -158,25 +96,12 @@ async def open_link(address: str, peer_domain: str, own_domain: str, *,
     configuration = QuicConfiguration(is_client=True, alpn_protocols=[ALPN],
                                       idle_timeout=idle_timeout, server_name=peer_domain)
     configuration.load_verify_locations(cadata=ca_pem)
-    loop = asyncio.get_running_loop()
-    try:
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-    except OSError as exc:
-        raise LinkError("unreachable", f"cannot resolve {host}: {exc}") from None
-    family, _, _, _, addr = infos[0]
-    quic = QuicConnection(configuration=configuration)
-    transport, protocol = await loop.create_datagram_endpoint(
-        lambda: _Protocol(quic), family=family,
-        local_addr=(local_host or ("0.0.0.0" if family == socket.AF_INET else "::"), 0))
+    transport, protocol = await open_quic(
+        host, port, configuration, _Protocol, timeout=timeout,
+        target=f"{peer_domain} at {address}",
+        unreachable=lambda message: LinkError("unreachable", message), local_host=local_host)
     link = PeerLink(protocol, transport, timeout)
     try:
-        protocol.connect(addr)
-        try:
-            async with asyncio.timeout(timeout):
-                await protocol.handshake
-        except TimeoutError:
-            raise LinkError("unreachable", f"no QUIC handshake with {peer_domain} at "
-                            f"{address} within {timeout:g}s") from None
         if not authenticate:
             return link
         hello = await link.call("fed_hello", domain=own_domain)

@@ -1,1 +1,2 @@
-"""Network transports: QUIC (the only module importing aioquic.asyncio)."""
+"""Network transports: QUIC (`quic` serves, `quic_client` connects: the only modules
+importing aioquic.asyncio, with the federation listener) and WebSocket."""
