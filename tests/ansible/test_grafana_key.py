@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import re
 import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,18 +30,50 @@ def _new_key(home: Path, uid: str) -> str:
     return re.findall(r"^fpr:+([0-9A-F]{40}):", listing, re.M)[0]
 
 
+GPG_DAEMONS = ("gpg-agent", "keyboxd", "dirmngr")
+ROLE_HOME_SUFFIX = ".qpq-grafana-key"  # the role's throwaway home (tasks/apt_key.yml)
+
+
+def _daemons(marker: str) -> list[str]:
+    """gpg daemons whose command line names `marker` (their --homedir)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue  # the process ended meanwhile
+        if Path(argv[0].decode(errors="replace")).name in GPG_DAEMONS and any(
+                marker.encode() in arg for arg in argv):
+            found.append(b" ".join(argv).decode(errors="replace"))
+    return found
+
+
+def _assert_no_daemon_survives(marker: str, deadline_s: float = 10.0) -> None:
+    deadline = time.monotonic() + deadline_s
+    while (left := _daemons(marker)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not left, f"gpg daemons left running: {left}"
+
+
 @pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
     base = tmp_path_factory.mktemp("gpg")
     home = base / "home"
     home.mkdir(mode=0o700)
-    pinned = _new_key(home, "Pinned Repo <repo@example.org>")
-    other = _new_key(home, "Someone Else <other@example.org>")
-    both = base / "both.asc"
-    both.write_text(_gpg(home, "--armor", "--export", pinned, other))
-    only_other = base / "other.asc"
-    only_other.write_text(_gpg(home, "--armor", "--export", other))
-    return {"pinned": pinned, "other": other, "both": both, "only_other": only_other}
+    try:
+        pinned = _new_key(home, "Pinned Repo <repo@example.org>")
+        other = _new_key(home, "Someone Else <other@example.org>")
+        both = base / "both.asc"
+        both.write_text(_gpg(home, "--armor", "--export", pinned, other))
+        only_other = base / "other.asc"
+        only_other.write_text(_gpg(home, "--armor", "--export", other))
+        yield {"pinned": pinned, "other": other, "both": both, "only_other": only_other}
+    finally:
+        # Making keys started a gpg-agent for this home; it would outlive the test.
+        subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], check=False,
+                       capture_output=True, timeout=60)
+    _assert_no_daemon_survives(str(home))
+    _assert_no_daemon_survives(ROLE_HOME_SUFFIX)
 
 
 def _run(tmp_path: Path, url_file: object, fingerprint: object) -> PlaybookRun:
