@@ -59,7 +59,7 @@ from qpq_server.notifier import DeliveryNotifier
 from qpq_server.protocol import validate as v
 from qpq_server.protocol.dispatch import ConnectionState, Handler
 from qpq_server.ratelimit import RateLimiter
-from qpq_server.storage.base import Account, Storage, StoredMessage
+from qpq_server.storage.base import Account, Expected, Storage, StoredMessage
 
 if TYPE_CHECKING:
     from qpq_server.federation.hub import Federation
@@ -81,8 +81,10 @@ _FRESH_LOGIN_S = 120.0
 class KeyLog(Protocol):
     """The key-transparency log as the messaging core uses it."""
 
-    async def publish(self, username: str, identity_key: bytes) -> int:
-        """Store the key and append its leaf; returns the leaf index."""
+    async def publish(self, username: str, identity_key: bytes,
+                      expected: Expected | None = None) -> int:
+        """Store the key and append its leaf (with `expected`: only if the stored key is
+        still that, else ServerBusy); returns the leaf index."""
 
     def proof_for(self, username: str, identity_key: bytes) -> dict[str, Any] | None:
         """Inclusion proof of (username, key) in the current head, or None."""
@@ -501,16 +503,14 @@ class Service:
                                   read: bytes | None) -> None:
         """Log the new set first (clients check it), then the records that annotate it:
         `load` reconciles a crash between the two from the logged set. `read` is the set
-        the change started from: another process (worker, node) that changed it since
-        makes this change retry rather than drop the other's device."""
-        account = await self.storage.get_account(user)
-        if account is None or account.identity_key != read:
-            raise ServerBusy("the account's devices changed meanwhile; retry")
+        the change started from: storage writes the new set only if it is still that (a
+        compare-and-set), so another process (worker, node) that changed it since makes
+        this change retry (server_busy) rather than drop the other's device."""
         value = join_device_set(r.identity for r in devices.values())
         if self.kt is not None:  # logged: clients verify every key set they fetch
-            await self.kt.publish(user, value)
+            await self.kt.publish(user, value, expected=Expected(read))
         else:
-            await self.storage.set_identity_key(user, value)
+            await self.storage.set_identity_key(user, value, expected=Expected(read))
         await self.devices.save(user, devices)
 
     async def _consume_link(self, user: str, verifier: bytes | None) -> None:

@@ -22,7 +22,7 @@ from qpq_server.kt.merkle import MerkleTree, leaf_hash
 from qpq_server.kt.sth import SignedTreeHead, TreeHeadSigner, kt_leaf, parse_kt_leaf
 from qpq_server.protocol import validate as v
 from qpq_server.protocol.dispatch import ConnectionState, Handler
-from qpq_server.storage.base import Storage
+from qpq_server.storage.base import Expected, Storage
 
 __all__ = ["KtLog", "kt_ops", "load_signer"]
 
@@ -95,10 +95,14 @@ class KtLog:
         if self._on_size is not None:
             self._on_size(len(self._tree))
 
-    async def publish(self, username: str, identity_key: bytes) -> int:
+    async def publish(self, username: str, identity_key: bytes,
+                      expected: Expected | None = None) -> int:
+        """Log and set `identity_key` (with `expected`: only if the key is still that,
+        else ServerBusy and nothing logged)."""
         async with self._lock:
             index = await self._storage.publish_identity_key(
-                username, identity_key, kt_leaf(username, identity_key), self._clock())
+                username, identity_key, kt_leaf(username, identity_key), self._clock(),
+                expected=expected)
             await self._catch_up()
             return index
 

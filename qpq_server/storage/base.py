@@ -10,8 +10,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-__all__ = ["RESTORE_JOURNAL", "RESTORE_STATE_KEY", "Account", "CommitObserver", "HealthProbe",
-           "KeyPackage", "KtLeaf", "Storage", "StoredMessage"]
+from qpq_server.errors import ServerBusy
+
+__all__ = ["RESTORE_JOURNAL", "RESTORE_STATE_KEY", "Account", "CommitObserver", "Expected",
+           "HealthProbe", "KeyPackage", "KtLeaf", "Storage", "StoredMessage",
+           "device_set_changed"]
 
 RESTORE_STATE_KEY = "restore_state"
 """Meta key set by `qpq-ops restore`; the server refuses to start until it reads 'done'."""
@@ -29,6 +32,15 @@ class Account:
     setup_version: int
     identity_key: bytes | None
     created_at: float
+
+
+@dataclass(frozen=True)
+class Expected:
+    """A compare-and-set condition: the account's identity key (its device set) must
+    still be `identity_key` (None: never published) when the write commits, else the
+    write raises ServerBusy and changes nothing (another worker or node changed it)."""
+
+    identity_key: bytes | None
 
 
 @dataclass(frozen=True)
@@ -56,6 +68,11 @@ class KtLeaf:
     created_at: float
 
 
+def device_set_changed(username: str) -> ServerBusy:
+    """The error of a compare-and-set on `username`'s identity key that lost."""
+    return ServerBusy(f"the devices of {username!r} changed meanwhile; retry")
+
+
 class Storage(Protocol):
     async def open(self) -> None: ...
 
@@ -74,13 +91,16 @@ class Storage(Protocol):
 
     async def existing_users(self, usernames: Sequence[str]) -> set[str]: ...
 
-    async def set_identity_key(self, username: str, identity_key: bytes) -> None: ...
+    async def set_identity_key(self, username: str, identity_key: bytes,
+                               expected: Expected | None = None) -> None: ...
 
     async def publish_identity_key(
-        self, username: str, identity_key: bytes, kt_leaf: bytes, now: float
+        self, username: str, identity_key: bytes, kt_leaf: bytes, now: float,
+        expected: Expected | None = None,
     ) -> int:
         """Set the identity key and append its key-transparency leaf in one durable
-        commit; return the leaf's index (0-based, consecutive)."""
+        commit; return the leaf's index (0-based, consecutive). With `expected`, only
+        if the key is still that (else ServerBusy, nothing written)."""
 
     async def kt_leaves(self, start: int = 0) -> list[KtLeaf]:
         """Key-transparency leaves from index `start` on, in log order."""

@@ -41,7 +41,15 @@ import msgpack
 
 from qpq_server.errors import StorageError, UserExists
 from qpq_server.fsutil import fsync_dir, write_atomic
-from qpq_server.storage.base import Account, CommitObserver, KeyPackage, KtLeaf, StoredMessage
+from qpq_server.storage.base import (
+    Account,
+    CommitObserver,
+    Expected,
+    KeyPackage,
+    KtLeaf,
+    StoredMessage,
+    device_set_changed,
+)
 
 __all__ = ["FileStorage"]
 
@@ -299,14 +307,28 @@ class FileStorage:
         return await self._read(
             lambda: {n for n in names if self._account_path(n).exists()}) if names else set()
 
-    async def set_identity_key(self, username: str, identity_key: bytes) -> None:
-        await self._write(lambda: self._update_account(username, identity_key=identity_key))
+    def _check_expected(self, username: str, expected: Expected | None) -> None:
+        """The compare of a compare-and-set (on the one writer thread: nothing can change
+        the account between it and the write)."""
+        record = self._read_account(username)
+        if expected is not None and record is not None and \
+                record.get("identity_key") != expected.identity_key:
+            raise device_set_changed(username)
+
+    async def set_identity_key(self, username: str, identity_key: bytes,
+                               expected: Expected | None = None) -> None:
+        def run() -> None:
+            self._check_expected(username, expected)
+            self._update_account(username, identity_key=identity_key)
+
+        await self._write(run)
 
     async def publish_identity_key(self, username: str, identity_key: bytes, kt_leaf: bytes,
-                                   now: float) -> int:
+                                   now: float, expected: Expected | None = None) -> int:
         def run() -> int:
             if self._read_account(username) is None:
                 raise StorageError(f"no account {username!r} to publish a key for")
+            self._check_expected(username, expected)
             # Log first: a crash in between leaves a logged publication that did not take
             # effect (harmless), never a served key the log does not show.
             index = self._append_kt(username, kt_leaf, now)

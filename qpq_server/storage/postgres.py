@@ -23,7 +23,15 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from qpq_server.errors import StorageError, StorageUnavailable, UserExists
 from qpq_server.secrets import Secret
-from qpq_server.storage.base import Account, CommitObserver, KeyPackage, KtLeaf, StoredMessage
+from qpq_server.storage.base import (
+    Account,
+    CommitObserver,
+    Expected,
+    KeyPackage,
+    KtLeaf,
+    StoredMessage,
+    device_set_changed,
+)
 from qpq_server.storage.pg_migrations import PG_MIGRATIONS, PG_SCHEMA_VERSION
 
 __all__ = ["PostgresStorage", "describe_pg_error", "dsn_password"]
@@ -236,19 +244,36 @@ class PostgresStorage:
 
         return await self._run(run, write=False) if names else set()
 
-    async def set_identity_key(self, username: str, identity_key: bytes) -> None:
+    @staticmethod
+    async def _swap_identity_key(conn: Conn, username: str, identity_key: bytes,
+                                 expected: Expected | None) -> int:
+        """Rows changed; a lost compare-and-set raises. The UPDATE waits for a
+        concurrent one on the row and then re-checks its condition on the new value."""
+        if expected is None:
+            cur = await conn.execute("UPDATE accounts SET identity_key = %s WHERE username = %s",
+                                     (identity_key, username))
+            return max(cur.rowcount, 0)
+        cur = await conn.execute(
+            "UPDATE accounts SET identity_key = %s WHERE username = %s"
+            " AND identity_key IS NOT DISTINCT FROM %s::bytea",
+            (identity_key, username, expected.identity_key))
+        if cur.rowcount == 1:
+            return 1
+        if await _fetchone(conn, "SELECT 1 FROM accounts WHERE username = %s", (username,)):
+            raise device_set_changed(username)
+        return 0
+
+    async def set_identity_key(self, username: str, identity_key: bytes,
+                               expected: Expected | None = None) -> None:
         async def run(conn: Conn) -> None:
-            await conn.execute("UPDATE accounts SET identity_key = %s WHERE username = %s",
-                               (identity_key, username))
+            await self._swap_identity_key(conn, username, identity_key, expected)
 
         await self._run(run, write=True)
 
     async def publish_identity_key(self, username: str, identity_key: bytes, kt_leaf: bytes,
-                                   now: float) -> int:
+                                   now: float, expected: Expected | None = None) -> int:
         async def run(conn: Conn) -> int:
-            cur = await conn.execute("UPDATE accounts SET identity_key = %s WHERE username = %s",
-                                     (identity_key, username))
-            if cur.rowcount != 1:
+            if await self._swap_identity_key(conn, username, identity_key, expected) != 1:
                 raise StorageError(f"no account {username!r} to publish a key for")
             # Appends from every node queue on one lock, so indexes stay consecutive; the
             # key and its leaf commit together or not at all.

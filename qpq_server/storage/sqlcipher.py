@@ -32,7 +32,15 @@ import sqlcipher3
 
 from qpq_server.errors import StorageError, UserExists, WrongDatabaseKey
 from qpq_server.secrets import Secret
-from qpq_server.storage.base import Account, CommitObserver, KeyPackage, KtLeaf, StoredMessage
+from qpq_server.storage.base import (
+    Account,
+    CommitObserver,
+    Expected,
+    KeyPackage,
+    KtLeaf,
+    StoredMessage,
+    device_set_changed,
+)
 from qpq_server.storage.migrations import MIGRATIONS, SCHEMA_VERSION
 
 __all__ = ["SqlCipherStorage", "connect_sqlcipher", "key_pragma"]
@@ -309,17 +317,31 @@ class SqlCipherStorage:
 
         return self._read_inline(run) if names else set()
 
-    async def set_identity_key(self, username: str, identity_key: bytes) -> None:
-        await self._write(lambda conn: conn.execute(
-            "UPDATE accounts SET identity_key = ? WHERE username = ?", (identity_key, username)
-        ))
+    @staticmethod
+    def _swap_identity_key(conn: Connection, username: str, identity_key: bytes,
+                           expected: Expected | None) -> int:
+        """Rows changed; a lost compare-and-set raises (one writer: the check and the
+        write are one step)."""
+        if expected is None:
+            return int(conn.execute("UPDATE accounts SET identity_key = ? WHERE username = ?",
+                                    (identity_key, username)).rowcount)
+        changed = int(conn.execute(
+            "UPDATE accounts SET identity_key = ? WHERE username = ? AND identity_key IS ?",
+            (identity_key, username, expected.identity_key)).rowcount)
+        if changed == 0 and conn.execute("SELECT 1 FROM accounts WHERE username = ?",
+                                         (username,)).fetchone():
+            raise device_set_changed(username)
+        return changed
+
+    async def set_identity_key(self, username: str, identity_key: bytes,
+                               expected: Expected | None = None) -> None:
+        await self._write(lambda conn: self._swap_identity_key(conn, username, identity_key,
+                                                               expected))
 
     async def publish_identity_key(self, username: str, identity_key: bytes, kt_leaf: bytes,
-                                   now: float) -> int:
+                                   now: float, expected: Expected | None = None) -> int:
         def run(conn: Connection) -> int:
-            cur = conn.execute("UPDATE accounts SET identity_key = ? WHERE username = ?",
-                               (identity_key, username))
-            if cur.rowcount != 1:
+            if self._swap_identity_key(conn, username, identity_key, expected) != 1:
                 raise StorageError(f"no account {username!r} to publish a key for")
             (index,) = conn.execute("SELECT coalesce(max(idx) + 1, 0) FROM kt_leaves").fetchone()
             conn.execute("INSERT INTO kt_leaves(idx, username, leaf, created_at)"

@@ -23,7 +23,7 @@ from qpq_server.devices import (
 )
 from qpq_server.kt.sth import parse_kt_leaf
 from qpq_server.protocol.dispatch import ConnectionState
-from qpq_server.storage.base import Storage
+from qpq_server.storage.base import Expected, Storage
 from tests.helpers.dispatch import Harness, code
 from tests.helpers.dispatch import harness as _harness
 
@@ -285,3 +285,45 @@ async def test_a_device_set_changed_by_another_process_meanwhile_is_not_overwrit
         assert code(raced) == "server_busy" and "retry" in raced["error"]["message"]
         account = await h.core.service.storage.get_account("race_bob")
         assert account is not None and account.identity_key == b"\x42" * 64
+
+
+class OtherNodeLinksAtTheLastMoment(OtherNodeLinksMeanwhile):
+    """Another process changes the device set after this one's last read, just before
+    its write: only a compare-and-set in storage catches that."""
+
+    async def get_meta(self, key: str) -> str | None:
+        return await self._storage.get_meta(key)
+
+    async def publish_identity_key(self, username: str, identity_key: bytes, kt_leaf: bytes,
+                                   now: float, expected: Expected | None = None) -> int:
+        if self.strike is not None:
+            self.strike = None
+            await self._storage.set_identity_key(username, b"\x43" * 64)
+        return await self._storage.publish_identity_key(username, identity_key, kt_leaf, now,
+                                                        expected=expected)
+
+
+async def test_two_concurrent_device_set_changes_never_overwrite_each_other(
+        tmp_path: Path) -> None:
+    wrapped: list[OtherNodeLinksAtTheLastMoment] = []
+
+    def wrap(storage: Storage) -> Storage:
+        wrapped.append(OtherNodeLinksAtTheLastMoment(storage))
+        return cast(Storage, wrapped[0])
+
+    async for h in _harness(tmp_path, wrap, rate_limit={"enabled": False}):
+        conn = await h.connect()
+        session = await h.session(conn, "race_carol")
+        first, _ = identity(1)
+        await h.call(conn, "publish_keys", session=session, identity_key=first,
+                     key_packages=[])
+        verifier = await link_code_for(h, conn, "race_carol", session, first)
+        wrapped[0].strike = b"go"
+        second, _ = identity(2)
+        raced = await h.call(conn, "publish_keys", session=session, identity_key=second,
+                             link_code=verifier, key_packages=[])
+        assert code(raced) == "server_busy" and "retry" in raced["error"]["message"]
+        account = await h.core.service.storage.get_account("race_carol")
+        assert account is not None and account.identity_key == b"\x43" * 64
+        leaves = await h.core.service.storage.kt_leaves()
+        assert [leaf.username for leaf in leaves].count("race_carol") == 1  # not logged
