@@ -79,8 +79,8 @@ def restore(
         "the old ones are moved aside.")] = False,
     identity: IdentityOpt = None,
     resume: Annotated[bool, typer.Option(
-        "--resume", help="Finish an interrupted restore (the key-package purge) and run "
-        "the doctor.")] = False,
+        "--resume", help="Finish an interrupted restore (roll back one killed while "
+        "placing files, run the key-package purge) and run the doctor.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON alone on stdout.")
                         ] = False,
 ) -> None:
