@@ -59,8 +59,6 @@ PG_MIGRATIONS: tuple[str, ...] = (
         recipient TEXT COLLATE "C" PRIMARY KEY,
         bytes BIGINT NOT NULL
     );
-    INSERT INTO mailbox_usage(recipient, bytes)
-        SELECT recipient, sum(octet_length(payload)) FROM messages GROUP BY recipient;
     CREATE FUNCTION messages_usage() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN
         IF TG_OP IN ('DELETE', 'UPDATE') THEN
@@ -77,6 +75,10 @@ PG_MIGRATIONS: tuple[str, ...] = (
     END $$;
     CREATE TRIGGER messages_usage AFTER INSERT OR DELETE OR UPDATE OF recipient, payload
         ON messages FOR EACH ROW EXECUTE FUNCTION messages_usage();
+    -- after the trigger: CREATE TRIGGER locks out other nodes' inserts and deletes until
+    -- this commits, so none falls between the count and the trigger
+    INSERT INTO mailbox_usage(recipient, bytes)
+        SELECT recipient, sum(octet_length(payload)) FROM messages GROUP BY recipient;
     """,
 )
 

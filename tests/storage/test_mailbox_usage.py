@@ -5,7 +5,7 @@ total updated in the same transaction as each insert and delete. These tests com
 with a full recount of what is stored (payload bytes in the SQL backends, queue file
 bytes in the file backend) through enqueue, relayed enqueue, ack (a device's queue
 emptied by unlink and a federation outbox's expired entries are acks too), a reopen,
-and a database migrated from before the total existed.
+and a database (SQLCipher, PostgreSQL) migrated from before the total existed.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import pytest
 from qpq_server.secrets import Secret
 from qpq_server.storage.base import Storage
 from qpq_server.storage.migrations import MIGRATIONS
+from qpq_server.storage.pg_migrations import PG_MIGRATIONS
+from qpq_server.storage.postgres import PostgresStorage
 from qpq_server.storage.sqlcipher import connect_sqlcipher, migrate
 from tests.helpers.postgres import PostgresCluster
 from tests.storage.conftest import make_factory
@@ -116,3 +118,24 @@ def test_a_sqlcipher_database_from_before_the_total_is_counted_at_migration(
             ("bob", 321)]
     finally:
         conn.close()
+
+
+async def test_a_postgres_database_from_before_the_total_is_counted_at_migration(
+        pg_cluster: PostgresCluster) -> None:
+    dsn = pg_cluster.new_database()
+    version = next(i for i, sql in enumerate(PG_MIGRATIONS, 1) if "mailbox_usage" in sql)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY,"
+                     " applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
+        for n, sql in enumerate(PG_MIGRATIONS[: version - 1], 1):
+            conn.execute(sql)  # type: ignore[call-overload]
+            conn.execute("INSERT INTO schema_version(version) VALUES (%s)", (n,))
+        for size in (1, 20, 300):
+            conn.execute("INSERT INTO messages(recipient, sender, payload, sent_at)"
+                         " VALUES ('bob', 'a', %s, 1.0)", (b"p" * size,))
+    storage = PostgresStorage(Secret(dsn), pool_size=2)
+    await storage.open()  # migrates
+    try:
+        assert await storage.mailbox_bytes(["bob", "nobody"]) == {"bob": 321}
+    finally:
+        await storage.close()
