@@ -46,6 +46,7 @@ from qpq_ops.errors import ArchiveDamaged, OpsError, Refused
 from qpq_ops.ownership import give_to, owner_of
 from qpq_ops.server_process import running_pid
 from qpq_server.secrets import Secret, read_env_file, write_env_file
+from qpq_server.storage.base import RESTORE_JOURNAL
 from qpq_server.storage.migrations import SCHEMA_VERSION
 from qpq_server.storage.pg_migrations import PG_SCHEMA_VERSION
 from qpq_server.storage.sqlcipher import key_pragma, migrate
@@ -447,6 +448,12 @@ def resume_restore(dep: Deployment) -> RestoreResult:
     db_key = dep.db_key()
     if db_key is None:
         raise Refused(f"QPQ_DB_KEY is not set (environment or {dep.env_file})")
+    if dep.config.storage.backend == "postgres" and (dep.data_dir / RESTORE_JOURNAL).exists():
+        # The database load committed before the files moved: rolling the files back
+        # would pair the restored database with the old files. Redo the whole restore.
+        raise Refused("a restore was killed while placing files, after its database load "
+                      "had committed; rerun the same `qpq-ops restore ARCHIVE --force` (it "
+                      "puts the old files back first, then restores everything)")
     recovered = roll_back(dep.data_dir)
     purged = _finish(dep, db_key)
     return RestoreResult(None, None, purged, False, None, False, False,

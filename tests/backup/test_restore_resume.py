@@ -7,9 +7,11 @@ import asyncio
 import subprocess
 from pathlib import Path
 
+from qpq_ops.backup.journal import PlaceJournal
 from qpq_server.secrets import Secret
+from qpq_server.storage.base import RESTORE_JOURNAL
 from qpq_server.storage.sqlcipher import connect_sqlcipher
-from tests.backup.support import db_key_of, ops, populate
+from tests.backup.support import db_key_of, ops, populate, with_database
 from tests.helpers.server import BIN, init_data_dir, start_server
 
 
@@ -54,3 +56,29 @@ def test_restore_without_an_archive_is_a_usage_error(tmp_path: Path) -> None:
     config = init_data_dir(tmp_path / "d")
     result = ops("restore", "--config", config)
     assert result.exit_code == 64 and "ARCHIVE" in result.stderr
+
+
+def test_a_restore_journal_blocks_the_server_and_resume_rolls_it_back(tmp_path: Path) -> None:
+    """A restore killed while renaming files leaves its journal: the server refuses to
+    start on the half-placed data dir; --resume undoes the recorded renames."""
+    target = with_database(init_data_dir(tmp_path / "dst"))
+    data_dir = target.parent
+    kt = data_dir / "kt"
+    before = sorted(p.name for p in kt.iterdir())
+    journal = PlaceJournal(data_dir, data_dir / "pre-restore-x")
+    journal.moving(kt, data_dir / "pre-restore-x" / "kt")
+    (data_dir / "pre-restore-x").mkdir()
+    kt.rename(data_dir / "pre-restore-x" / "kt")  # killed before the new kt/ came in
+
+    refused = subprocess.run([str(BIN / "qpq-server"), "run", "--config", str(target)],
+                             capture_output=True, text=True, timeout=30, env={"PATH": ""})
+    assert refused.returncode != 0
+    assert "restore --resume" in refused.stderr + refused.stdout
+
+    resumed = ops("restore", "--resume", "--config", target, "--json")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert "rolled back" in resumed.json()["recovered"]
+    assert sorted(p.name for p in kt.iterdir()) == before
+    assert not (data_dir / RESTORE_JOURNAL).exists()
+    assert not (data_dir / "pre-restore-x").exists()  # emptied by the rollback
+    start_server(target).stop()  # now it starts
