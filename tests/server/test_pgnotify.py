@@ -106,3 +106,12 @@ def test_payloads_join_names_under_the_notify_limit() -> None:
     assert len(out) == 3 and all(len(p.encode()) < 8000 for p in out)
     assert [n for p in out for n in p.split(" ")] == names
     assert payloads(["bob"]) == ["bob"] and payloads([]) == []
+
+
+async def test_notifications_are_sent_without_waiting_for_a_wal_flush(
+        pg_cluster: PostgresCluster) -> None:
+    # the wake-up is a hint after a durable commit: its own commit needs no flush
+    notifier = PgNotifier(Secret(pg_cluster.new_database()), channel_for("example.org"))
+    async with await notifier._connect_sender() as conn:
+        row = await (await conn.execute("SHOW synchronous_commit")).fetchone()
+    assert row == ("off",)
