@@ -42,11 +42,13 @@ def summarise(raw: Path, top: int) -> str:
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         frames = stack.split(";")
-        if "MainThread" not in frames[0]:
+        # [process;[child process;]] thread; frames (--subprocesses nests the processes)
+        head = next((i for i, f in enumerate(frames) if f.startswith("thread ")), 0)
+        if "MainThread" not in frames[head] or head == len(frames) - 1:
             continue
         total += int(count)
         own[frames[-1]] += int(count)
-        for frame in set(frames[1:]):
+        for frame in set(frames[head + 1:]):
             inclusive[frame] += int(count)
     if total == 0:
         return "no samples of the event-loop thread"

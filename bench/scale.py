@@ -1,6 +1,7 @@
 """How qpq scales with worker processes and nodes, side by side in one run (not a test).
 
     .venv/bin/python bench/scale.py [--seconds 8] [--connections 8] [--wakes 40] [--json]
+                                    [--repeat N] [--only SUBSTRING] [--profile]
 
 Scenarios, each on a fresh data dir (and a fresh database of one throw-away PostgreSQL
 from Debian's package, `qpq_server.devpostgres`):
@@ -17,6 +18,12 @@ cross-node wake-up latency (a fetch parked on node B answered after an enqueue t
 node A) p50/p95. Client, servers and PostgreSQL share this machine's cores (2 on the
 development box), so compare figures within one run: throughput cannot double when the
 load generator itself needs a core.
+
+`--repeat N` runs every scenario N times, round robin (so a burst of load from other
+work hits every scenario alike), and prints the medians and each round's figures.
+`--profile` samples every server process (supervisor and workers) with py-spy during the
+load (`.venv/bin/pip install py-spy` first) and prints each scenario's top frames, the
+event-loop threads summed; `--only SUBSTRING` runs the scenarios whose name contains it.
 """
 
 from __future__ import annotations
@@ -26,16 +33,21 @@ import asyncio
 import json
 import os
 import socket
+import statistics
 import subprocess
+import sys
 import tempfile
 import time
 import tomllib
 from collections.abc import AsyncIterator, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
-from dataclasses import asdict, dataclass
+from contextlib import AsyncExitStack, ExitStack, asynccontextmanager, contextmanager
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import tomli_w
+
+sys.path.insert(0, str(Path(__file__).parent))
+from profile_roundtrip import py_spy, summarise  # a sibling script, found via the line above
 
 from qpq_server.client import QpqClient, QpqConnection
 from qpq_server.devpostgres import PostgresCluster, postgres_cluster
@@ -189,6 +201,29 @@ async def wake_latencies(servers: list[RunningServer], tmp: Path, samples: int,
         return out
 
 
+def start_profiles(roots: list[int], tmp: Path, seconds: float,
+                   ) -> list[subprocess.Popen[str]]:
+    """py-spy on each node's process tree (supervisor and its workers), raw stacks."""
+    spies = [subprocess.Popen(
+        [py_spy(), "record", "--pid", str(pid), "--subprocesses", "--output",
+         str(tmp / f"spy-{pid}.txt"), "--format", "raw", "--rate", "200",
+         "--threads", "--duration", str(max(1, int(seconds))), "--nonblocking"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for pid in roots]
+    time.sleep(0.5)  # py-spy attaches before the load starts
+    return spies
+
+
+def finish_profiles(spies: list[subprocess.Popen[str]], tmp: Path, seconds: float,
+                    top: int) -> str:
+    for spy in spies:
+        _, err = spy.communicate(timeout=seconds + 60)
+        if spy.returncode != 0:
+            raise SystemExit(f"py-spy failed: {err.strip().splitlines()[-1:]}")
+    merged = tmp / "spy-all.txt"
+    merged.write_text("".join(p.read_text() for p in sorted(tmp.glob("spy-[0-9]*.txt"))))
+    return summarise(merged, top)
+
+
 async def scenario(name: str, backend: str, count: int, workers: int, args: argparse.Namespace,
                    cluster: PostgresCluster | None) -> Row:
     with tempfile.TemporaryDirectory(prefix="qpq-scale-") as raw:
@@ -197,9 +232,13 @@ async def scenario(name: str, backend: str, count: int, workers: int, args: argp
             async with clients(servers, args.connections, tmp) as conns:
                 roots = [s.process.pid for s in servers]
                 pg_roots = [postmaster_pid(cluster)] if cluster is not None else []
+                spies = start_profiles(roots, tmp, args.seconds) if args.profile else []
                 cpu0, pg0 = tree_cpu_s(roots), tree_cpu_s(pg_roots)
                 done, latencies, elapsed = await load(conns, args.seconds)
                 cpu1, pg1 = tree_cpu_s(roots), tree_cpu_s(pg_roots)
+                if spies:
+                    print(f"## {name}: {done / elapsed:.0f} round trips/s while sampled\n"
+                          + finish_profiles(spies, tmp, args.seconds, args.top), flush=True)
             wakes = await wake_latencies(servers, tmp, args.wakes) if count > 1 else []
     return Row(
         scenario=name, backend=backend, nodes=count, workers=workers,
@@ -238,27 +277,67 @@ async def main() -> None:
     parser.add_argument("--workers", type=int, default=2,
                         help="the N of the workers = N scenarios (default 2)")
     parser.add_argument("--json", action="store_true", help="print JSON alone")
+    parser.add_argument("--only", default="",
+                        help="run only the scenarios whose name contains this")
+    parser.add_argument("--profile", action="store_true",
+                        help="py-spy every server process under load; print the top frames")
+    parser.add_argument("--top", type=int, default=25, help="frames to print per profile")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds of every scenario; the table shows medians (default 1)")
     args = parser.parse_args()
-    if args.seconds <= 0 or args.connections < 1 or args.wakes < 1 or args.workers < 2:
-        parser.error("--seconds > 0, --connections >= 1, --wakes >= 1, --workers >= 2")
-    rows: list[Row] = []
+    if args.seconds <= 0 or args.connections < 1 or args.wakes < 1 or args.workers < 2 \
+            or args.repeat < 1 or args.top < 1:
+        parser.error("--seconds > 0, --connections >= 1, --wakes >= 1, --workers >= 2, "
+                     "--repeat >= 1, --top >= 1")
     n = args.workers
-    rows.append(await scenario("sqlcipher, 1 node, workers=1", "sqlcipher", 1, 1, args, None))
-    rows.append(await scenario(f"sqlcipher, 1 node, workers={n}", "sqlcipher", 1, n, args,
-                               None))
-    with postgres_cluster() as cluster:
-        for name, count, workers in (("postgres, 1 node, workers=1", 1, 1),
-                                     (f"postgres, 1 node, workers={n}", 1, n),
-                                     ("postgres, 2 nodes, workers=1 each", 2, 1)):
-            rows.append(await scenario(name, "postgres", count, workers, args, cluster))
+    chosen = [(name, backend, count, workers) for name, backend, count, workers in (
+        ("sqlcipher, 1 node, workers=1", "sqlcipher", 1, 1),
+        (f"sqlcipher, 1 node, workers={n}", "sqlcipher", 1, n),
+        ("postgres, 1 node, workers=1", "postgres", 1, 1),
+        (f"postgres, 1 node, workers={n}", "postgres", 1, n),
+        ("postgres, 2 nodes, workers=1 each", "postgres", 2, 1)) if args.only in name]
+    if not chosen:
+        parser.error(f"no scenario name contains {args.only!r}")
+    rounds: list[list[Row]] = []
+    with ExitStack() as stack:
+        cluster = stack.enter_context(postgres_cluster()) \
+            if any(c[1] == "postgres" for c in chosen) else None
+        for _ in range(args.repeat):  # every scenario once per round: runs alternate
+            rounds.append([await scenario(name, backend, count, workers, args,
+                                          cluster if backend == "postgres" else None)
+                           for name, backend, count, workers in chosen])
+    rows = [median_row([r[i] for r in rounds]) for i in range(len(chosen))]
     if args.json:
         print(json.dumps({"cores": os.cpu_count(), "connections": args.connections,
-                          "seconds": args.seconds, "rows": [asdict(r) for r in rows]},
-                         indent=2))
+                          "seconds": args.seconds, "repeat": args.repeat,
+                          "rows": [asdict(r) for r in rows],
+                          "rounds": [[asdict(r) for r in rnd] for rnd in rounds]}, indent=2))
         return
     print(f"{os.cpu_count()} cores (client, servers and PostgreSQL share them); "
-          f"{args.connections} connections, {args.seconds:g} s per scenario\n")
+          f"{args.connections} connections, {args.seconds:g} s per scenario"
+          + (f", medians of {args.repeat} alternating rounds" if args.repeat > 1 else "")
+          + "\n")
     print(table(rows))
+    if args.repeat > 1:
+        print("\nEach round (round trips/s, qpq CPU ms/rt, PostgreSQL CPU ms/rt):")
+        for i, (name, *_) in enumerate(chosen):
+            print(f"- {name}: " + "; ".join(
+                f"{r[i].round_trips_per_s:.0f}, {r[i].server_cpu_ms_per_rt:.2f}"
+                + (f", {r[i].postgres_cpu_ms_per_rt:.2f}"
+                   if r[i].postgres_cpu_ms_per_rt is not None else "") for r in rounds))
+
+
+def median_row(runs: list[Row]) -> Row:
+    """Each figure's median over the rounds of one scenario."""
+    def med(values: list[float | None]) -> float | None:
+        known = [v for v in values if v is not None]
+        return statistics.median(known) if known else None
+
+    first = runs[0]
+    figures = {f: med([getattr(r, f) for r in runs]) for f in (
+        "round_trips_per_s", "server_cpu_ms_per_rt", "postgres_cpu_ms_per_rt", "p50_ms",
+        "p95_ms", "wake_p50_ms", "wake_p95_ms")}
+    return replace(first, **figures)
 
 
 if __name__ == "__main__":

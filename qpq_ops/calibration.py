@@ -9,6 +9,9 @@ calibrate your own hardware and pass `--calibration FILE` for figures that fit i
 
 `load(path)` / `dump(calibration)` read and write the JSON `calibrate --out` writes;
 a malformed file raises `CalibrationError` with a one-line message.
+
+`POSTGRES_REFERENCE` is what one delivered message costs a shared PostgreSQL, measured
+by `bench/scale.py` (the `postgres` sizing of `capacity plan` uses it).
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from pathlib import Path
 
 from qpq_ops.errors import CalibrationError
 
-__all__ = ["REFERENCE", "Calibration", "dump", "load"]
+__all__ = ["POSTGRES_REFERENCE", "REFERENCE", "Calibration", "PostgresCost", "dump",
+           "load"]
 
 
 @dataclass(frozen=True)
@@ -109,5 +113,41 @@ REFERENCE = Calibration(
         "date": "2026-12-01",
         "seconds": "20",
         "idle_connections": "200",
+    },
+)
+
+
+@dataclass(frozen=True)
+class PostgresCost:
+    """What one message delivered (enqueue + fetch + ack) costs a shared PostgreSQL."""
+
+    cpu_s_per_message: float
+    """CPU of the postmaster and its backends (qpq's connections, LISTEN included)"""
+    source: str
+    """the measurement it comes from"""
+    machine: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.cpu_s_per_message) or self.cpu_s_per_message <= 0:
+            raise CalibrationError(f"cpu_s_per_message must be a positive number, got "
+                                   f"{self.cpu_s_per_message!r}")
+
+
+# `bench/scale.py --repeat 3` (8 connections, 8 s per scenario, three alternating rounds;
+# README, "Scaling: workers and nodes"): PostgreSQL CPU (postmaster and backends) per
+# enqueue+fetch+ack round trip, medians 0.27 ms (1 node, 1 worker), 0.31 ms (1 node, 2
+# workers), 0.30 ms (2 nodes): 0.30 ms, the multi-node figure, since this sizing is for
+# several nodes. Same shared 2-vCPU machine as REFERENCE, PostgreSQL 15 from Debian with
+# its default settings (synchronous_commit = on), load generator and qpq on the same
+# cores; runs on the same box while it was busier measured up to 0.6 ms (less batching
+# under contention, which a dedicated database host does not have).
+POSTGRES_REFERENCE = PostgresCost(
+    cpu_s_per_message=0.00030,
+    source="bench/scale.py --repeat 3, PostgreSQL CPU per round trip, 2 nodes (median)",
+    machine={
+        "cpu": "Intel(R) Xeon(R) Processor (2 vCPU KVM guest, shared)",
+        "cores": "2",
+        "postgresql": "15 (Debian), default settings",
+        "date": "2026-12-01",
     },
 )

@@ -21,9 +21,9 @@ Beyond one host (measured model): the nodes share one PostgreSQL
 - workers per host = ceil(workers / hosts) (never above cores per host);
 - PostgreSQL connections = hosts x workers per host x (pool_size + 1 LISTEN) + 10 for
   qpq-ops and the admin; max_connections is that with 25 % headroom;
-- PostgreSQL vCPUs = max(2, ceil(commits/s needed / `PG_COMMITS_PER_VCPU_S`)): an
-  assumption for small commits with `synchronous_commit = on` on SSD (qpq has no
-  PostgreSQL calibration yet; bench/scale.py measures the throughput of this box);
+- PostgreSQL vCPUs = max(2, ceil(peak messages/s x measured PostgreSQL CPU per message
+  / the `cpu` trigger's warning share)): the CPU per message is what bench/scale.py
+  measured (`qpq_ops.calibration.POSTGRES_REFERENCE`, enqueue + fetch + ack);
 - PostgreSQL memory = max(4 GB, 4 x 2 x `PG_HOT_WINDOW_S` of peak message bytes):
   shared_buffers (a quarter of it) holds the last 15 minutes of messages and their
   indexes (an assumption: most are fetched and deleted within minutes);
@@ -45,7 +45,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields, replace
 
-from qpq_ops.calibration import Calibration
+from qpq_ops.calibration import POSTGRES_REFERENCE, Calibration, PostgresCost
 from qpq_ops.errors import CapacityInputError
 from qpq_ops.triggers import get_trigger
 
@@ -79,9 +79,6 @@ DAYS_PER_MONTH = 30
 REQUESTS_PER_VCPU_S = 1_000
 REQUESTS_PER_MESSAGE = 2
 SINGLE_NODE_MAX_VCPUS = 32
-# Assumption (no PostgreSQL calibration yet): small durable commits one vCPU of a
-# PostgreSQL host sustains with synchronous_commit = on on SSD (group commit included).
-PG_COMMITS_PER_VCPU_S = 1_500
 PG_MIN_VCPUS = 2
 PG_MIN_MEMORY_BYTES = 4 * GB
 PG_WAL_BYTES = 2 * GB
@@ -279,6 +276,12 @@ class PostgresSizing:
     max_connections: int
     """connections with 25 % headroom: the `max_connections` setting"""
     commits_per_s: float
+    cpu_cores: float = 0.0
+    """PostgreSQL CPU at the peak message rate (measured CPU per message)"""
+    cpu_s_per_message: float = 0.0
+    """the measured PostgreSQL CPU per message delivered it is sized with"""
+    measured_by: str = ""
+    """where that figure comes from"""
 
 def memory_model(users: int) -> MemoryModel:
     """The guide's model: 5 KB/connection, 200 B/session, 100 B per rate-limit entry and
@@ -331,19 +334,25 @@ def measured_sizing(inputs: CapacityInputs, calibration: Calibration,
 
 
 def postgres_sizing(measured: MeasuredSizing, peak_message_bytes_per_s: float,
-                    retention_storage_bytes: int) -> PostgresSizing:
+                    retention_storage_bytes: int,
+                    cost: PostgresCost = POSTGRES_REFERENCE) -> PostgresSizing:
     """The shared PostgreSQL for `measured`'s hosts and workers."""
     connections = (measured.hosts * measured.workers_per_host * (PG_POOL_SIZE + 1)
                    + PG_EXTRA_CONNECTIONS)
+    peak_messages_per_s = measured.commits_needed_per_s / 2  # an enqueue and an ack each
+    cpu = peak_messages_per_s * cost.cpu_s_per_message
+    busy_share = get_trigger("cpu").warning / 100  # the host stays under its cpu warning
     return PostgresSizing(
-        vcpus=max(PG_MIN_VCPUS,
-                  math.ceil(measured.commits_needed_per_s / PG_COMMITS_PER_VCPU_S)),
+        vcpus=max(PG_MIN_VCPUS, math.ceil(cpu / busy_share)),
         memory_bytes=max(PG_MIN_MEMORY_BYTES,
                          math.ceil(4 * 2 * peak_message_bytes_per_s * PG_HOT_WINDOW_S)),
         disk_bytes=retention_storage_bytes + PG_WAL_BYTES,
         connections=connections,
         max_connections=math.ceil(connections * 1.25),
         commits_per_s=measured.commits_needed_per_s,
+        cpu_cores=cpu,
+        cpu_s_per_message=cost.cpu_s_per_message,
+        measured_by=cost.source,
     )
 
 

@@ -53,24 +53,13 @@ class DeviceRegistry:
         """The account's current devices (in the order they were added)."""
         if account.identity_key is None:
             return {}
-        try:
-            identities = split_device_set(account.identity_key)
-        except ValueError:
-            identities = [account.identity_key]  # not a set: treat as one legacy key
-        raw = await self._storage.get_meta(_META + account.username)
-        stored = _parse(raw) if raw else {}
-        records: dict[str, DeviceRecord] = {}
-        for record in sorted(stored.values(), key=lambda r: r.created_at):
-            if record.identity in identities:
-                records[record.id] = record
-        for identity in identities:  # logged but unrecorded: a pre-devices account
-            did = device_id(identity)
-            if did not in records:
-                taken = any(r.mailbox == account.username for r in records.values())
-                records[did] = DeviceRecord(
-                    did, identity, account.created_at,
-                    f"{account.username}#{did}" if taken else account.username)
-        return records
+        return _reconcile(account, await self._storage.get_meta(_META + account.username))
+
+    async def load_user(self, username: str,
+                        ) -> tuple[Account | None, dict[str, DeviceRecord]]:
+        """The account (None if there is none) and its devices, in one storage read."""
+        account, raw = await self._storage.account_with_meta(username, _META + username)
+        return account, _reconcile(account, raw) if account is not None else {}
 
     async def recorded(self, username: str) -> bool:
         """False for an account from before devices (nothing written yet)."""
@@ -97,3 +86,26 @@ def _parse(raw: str) -> dict[str, DeviceRecord]:
                                for k, v in r.get("endorsements", {}).items()},
                               bytes.fromhex(r.get("handover", "")))
             for did, r in data.items()}
+
+
+def _reconcile(account: Account, raw: str | None) -> dict[str, DeviceRecord]:
+    """The logged device set, with what the meta record `raw` adds to each device."""
+    if account.identity_key is None:
+        return {}
+    try:
+        identities = split_device_set(account.identity_key)
+    except ValueError:
+        identities = [account.identity_key]  # not a set: treat as one legacy key
+    stored = _parse(raw) if raw else {}
+    records: dict[str, DeviceRecord] = {}
+    for record in sorted(stored.values(), key=lambda r: r.created_at):
+        if record.identity in identities:
+            records[record.id] = record
+    for identity in identities:  # logged but unrecorded: a pre-devices account
+        did = device_id(identity)
+        if did not in records:
+            taken = any(r.mailbox == account.username for r in records.values())
+            records[did] = DeviceRecord(
+                did, identity, account.created_at,
+                f"{account.username}#{did}" if taken else account.username)
+    return records

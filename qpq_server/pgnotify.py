@@ -8,6 +8,10 @@ wakes its local waiters when a recipient's name arrives, and one that sends the 
 While the listening connection is down a wake-up can be missed, so on every (re)connect
 all local waiters are woken: they re-read their mailbox, which costs one query each and
 loses nothing. Reconnects back off; nothing polls.
+
+Every listening connection (each worker of each node) receives every notification, so
+a notification carries a whole burst of recipients, space-separated (names never hold
+a space): under load one notification per burst per listener, not one per recipient.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ log = logging.getLogger("qpq.pgnotify")
 _BACKOFF_MIN_S = 0.2
 _BACKOFF_MAX_S = 2.0
 _BATCH_MAX = 256
+# PostgreSQL refuses a NOTIFY payload of 8,000 bytes or more.
+_PAYLOAD_MAX = 7_900
 
 
 def channel_for(domain: str) -> str:
@@ -91,6 +97,15 @@ class PgNotifier:
         return await AsyncConnection.connect(self._dsn.reveal(), autocommit=True,
                                              connect_timeout=max(1, int(self._timeout)))
 
+    async def _connect_sender(self) -> AsyncConnection[Any]:
+        conn = await self._connect()
+        # A NOTIFY is a transaction of its own (PostgreSQL gives it a transaction id),
+        # so with the default synchronous_commit each burst waited for a WAL flush. A
+        # wake-up is a hint that is not worth a flush: the message it announces was
+        # committed, durably, before it was sent; NOTIFY is delivered at commit anyway.
+        await conn.execute("SET synchronous_commit = off")
+        return conn
+
     def _report(self, what: str, exc: BaseException) -> None:
         log.warning(f"PostgreSQL {what} connection lost; reconnecting",
                     extra={"error": describe_pg_error(exc, self._dsn.reveal())})
@@ -107,7 +122,7 @@ class PgNotifier:
                     self._local.wake_all()
                     async for note in conn.notifies():
                         if note.pid != self._sender_pid:
-                            self._local.notify((note.payload,))
+                            self._local.notify(note.payload.split(" "))
             except (psycopg.Error, OSError) as exc:
                 self._report("LISTEN", exc)
             self.listening.clear()
@@ -119,17 +134,16 @@ class PgNotifier:
         pending: list[str] = []
         while True:
             try:
-                async with await self._connect() as conn:
+                async with await self._connect_sender() as conn:
                     self._sender_pid = conn.info.backend_pid
                     backoff = _BACKOFF_MIN_S
                     while True:
                         if not pending:
                             pending = await self._next_batch()
-                        # One round trip for a burst of enqueues, not one per recipient.
-                        async with conn.pipeline():
-                            for name in pending:
-                                await conn.execute("SELECT pg_notify(%s, %s)",
-                                                   (self.channel, name))
+                        # One statement (one round trip, one commit) for a burst of
+                        # enqueues, its names in as few notifications as fit.
+                        await conn.execute("SELECT pg_notify(%s, p) FROM unnest(%s::text[])"
+                                           " AS p", (self.channel, payloads(pending)))
                         pending = []
             except (psycopg.Error, OSError) as exc:
                 self._report("NOTIFY", exc)
@@ -143,3 +157,20 @@ class PgNotifier:
         while len(names) < _BATCH_MAX and not self._outbox.empty():
             names[self._outbox.get_nowait()] = None
         return list(names)
+
+
+def payloads(names: list[str]) -> list[str]:
+    """The names joined by spaces into notification payloads under PostgreSQL's limit."""
+    out: list[str] = []
+    current: list[str] = []
+    size = 0
+    for name in names:
+        length = len(name.encode()) + 1
+        if current and size + length > _PAYLOAD_MAX:
+            out.append(" ".join(current))
+            current, size = [], 0
+        current.append(name)
+        size += length
+    if current:
+        out.append(" ".join(current))
+    return out

@@ -719,7 +719,10 @@ class Service:
         if blob_ids and remote:
             raise BadRequest("attachments cannot be relayed to other domains yet; send "
                              "them to local recipients only")
-        missing = set(recipients) - await self.storage.existing_users(recipients)
+        # Each recipient's account and devices in one read (the devices are needed
+        # below, so this also answers "does it exist" without a read of its own).
+        loaded = {name: await self.devices.load_user(name) for name in recipients}
+        missing = {name for name, (account, _) in loaded.items() if account is None}
         if missing:
             raise UnknownUser("unknown recipient(s): " + ", ".join(sorted(missing)))
         if blob_ids and (self.blobs is None
@@ -727,7 +730,8 @@ class Service:
             raise NotFound("the message names a blob this server does not hold")
         if self.draining:
             raise ServerBusy("server is shutting down; retry on reconnect")
-        mailboxes, refs = await self._mailboxes(sender, recipients, request)
+        mailboxes, refs = self._mailboxes(sender, {n: d for n, (_, d) in loaded.items()},
+                                          request)
         await self._check_enqueue_quotas(sender, mailboxes + [f"{u}@{d}" for u, d in remote],
                                          len(payload))
         if remote and self.federation is not None:
@@ -743,18 +747,17 @@ class Service:
         self.notifier.notify(mailboxes)
         return {"ids": ids}
 
-    async def _mailboxes(self, sender: str, recipients: list[str],
-                         request: dict[str, Any]) -> tuple[list[str], list[str]]:
-        """One copy per current device of each recipient; the sender among them means
-        the sender's *other* devices (the sending one, `device`, already has it).
-        Returns the queues and the blob references (USER/DEVICE) of those devices."""
+    def _mailboxes(self, sender: str, recipients: dict[str, dict[str, DeviceRecord]],
+                   request: dict[str, Any]) -> tuple[list[str], list[str]]:
+        """One copy per current device of each recipient (name -> its devices); the
+        sender among them means the sender's *other* devices (the sending one,
+        `device`, already has it). Returns the queues and the blob references
+        (USER/DEVICE) of those devices."""
         own = self._bound_device(request) or (
             v.get_str(request, "device", max_len=64) if request.get("device") else None)
         mailboxes: list[str] = []
         refs: list[str] = []
-        for name in recipients:
-            account = await self.storage.get_account(name)
-            devices = await self.devices.load(account) if account else {}
+        for name, devices in recipients.items():
             if not devices:  # no keys published yet: the account's own queue
                 mailboxes.append(name)
                 refs.append(name)
@@ -784,8 +787,7 @@ class Service:
     # -- what federation peers' relays use (federation.inbound.Delivery) ----------------
     async def relay_mailboxes(self, recipient: str) -> list[str]:
         """The queues a relayed message to `recipient` goes to: one per device."""
-        account = await self.storage.get_account(recipient)
-        devices = await self.devices.load(account) if account else {}
+        _, devices = await self.devices.load_user(recipient)
         # no keys published yet: the account's own queue (as a local enqueue does)
         return list(dict.fromkeys(r.mailbox for r in devices.values())) or [recipient]
 
@@ -838,8 +840,7 @@ class Service:
     async def _own_mailbox(self, user: str, request: dict[str, Any]) -> str:
         """The requesting device's queue: each device fetches and acks its own copies,
         so acking on one never deletes another's."""
-        account = await self.storage.get_account(user)
-        devices = await self.devices.load(account) if account else {}
+        _, devices = await self.devices.load_user(user)
         if not devices and request.get("device") is None:
             return user
         return self._device_of(user, devices, request).mailbox

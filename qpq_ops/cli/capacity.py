@@ -21,7 +21,6 @@ from qpq_ops.calibration import dump
 from qpq_ops.capacity import (
     BEYOND_ONE_NODE,
     NR_OPEN_DEFAULT,
-    PG_COMMITS_PER_VCPU_S,
     PG_EXTRA_CONNECTIONS,
     PG_MIN_VCPUS,
     PG_POOL_SIZE,
@@ -224,9 +223,10 @@ def _print_plan(result: CapacityPlan, sources: dict[str, str]) -> None:
             "-", f"{measured.commits_measured_per_s:,.0f}/s measured on the calibration host")
         if measured.postgres is not None:
             pg = measured.postgres
-            row("PostgreSQL vCPUs", str(pg.vcpus), "-",
-                f"commits/s needed / {PG_COMMITS_PER_VCPU_S:,} per vCPU (assumed), at least "
-                f"{PG_MIN_VCPUS}")
+            row("PostgreSQL vCPUs", f"{pg.vcpus} ({pg.cpu_cores:,.2f} cores busy)", "-",
+                f"{result.peak_messages_per_s:,.1f} msg/s x {pg.cpu_s_per_message * 1000:.2f} "
+                f"ms PostgreSQL CPU per message (measured: {pg.measured_by}), under the cpu "
+                f"warning; at least {PG_MIN_VCPUS}")
             row("PostgreSQL memory", _si(pg.memory_bytes), "-",
                 "4 x (2 x 15 min of peak message bytes) so shared_buffers holds them; "
                 "at least 4 GB")

@@ -13,7 +13,7 @@ from pathlib import Path, PurePosixPath
 import jinja2
 
 from qpq_ops import capacity
-from qpq_ops.calibration import REFERENCE
+from qpq_ops.calibration import POSTGRES_REFERENCE, REFERENCE
 from qpq_ops.render import tables
 from qpq_ops.render._files import HEADER, RenderedFile
 from qpq_ops.render.alerts import AlertRule, all_alerts
@@ -82,6 +82,7 @@ def _environment() -> jinja2.Environment:
         example=capacity.plan(EXAMPLE_INPUTS),
         measured=capacity.plan(EXAMPLE_INPUTS, REFERENCE),
         reference=REFERENCE,
+        postgres_cost=POSTGRES_REFERENCE,
         process_cpu=get_trigger("process_cpu"),
         Severity=Severity,
     )

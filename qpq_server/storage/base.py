@@ -85,6 +85,11 @@ class Storage(Protocol):
 
     async def get_account(self, username: str) -> Account | None: ...
 
+    async def account_with_meta(self, username: str,
+                                key: str) -> tuple[Account | None, str | None]:
+        """get_account and get_meta(key) in one read: a request's device lookup needs
+        both, and on PostgreSQL each read is a round trip."""
+
     async def update_password_file(
         self, username: str, password_file: bytes, setup_version: int
     ) -> None: ...

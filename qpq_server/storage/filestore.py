@@ -297,6 +297,10 @@ class FileStorage:
 
         return await self._read(run)
 
+    async def account_with_meta(self, username: str,
+                                key: str) -> tuple[Account | None, str | None]:
+        return await self.get_account(username), await self.get_meta(key)
+
     async def update_password_file(self, username: str, password_file: bytes,
                                    setup_version: int) -> None:
         await self._write(lambda: self._update_account(

@@ -5,6 +5,13 @@ Every write is one transaction, and a coroutine returns only after PostgreSQL ac
 its COMMIT (with the server's default `synchronous_commit = on`, that is after the WAL
 flush), so an acknowledged message survives a crash of either side.
 
+Round trips are what a request costs here (bench/README.md, "PostgreSQL profile"), so:
+connections are in autocommit mode and an operation that is one statement is sent as
+one (PostgreSQL commits it before answering, as durable as BEGIN/COMMIT around it, at a
+third of the round trips); only operations of several statements open a transaction.
+A pooled connection is probed before use only when it sat idle for a while: one that
+died with the server while in use is discarded when it comes back broken.
+
 The DSN (`QPQ_DATABASE_URL`) holds a password: it is passed to psycopg and nowhere else.
 Errors become one-line `StorageError`s built from psycopg's message with the password
 scrubbed out; the DSN itself is never part of one.
@@ -13,6 +20,7 @@ scrubbed out; the DSN itself is never part of one.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -44,6 +52,8 @@ Conn = AsyncConnection[Any]
 _MIGRATION_LOCK = 0x717071_0001
 _KT_APPEND_LOCK = 0x717071_0002
 _PING_TIMEOUT_S = 1.0
+# A connection used this recently is handed out unprobed (a probe is a round trip).
+_PROBE_IDLE_S = 1.0
 
 
 def dsn_password(dsn: str) -> str:
@@ -71,17 +81,22 @@ class PostgresStorage:
         self._timeout = connect_timeout_s
         self._on_commit = on_commit
         self._pool: AsyncConnectionPool[Conn] | None = None
+        self._last_used: weakref.WeakKeyDictionary[Conn, float] = weakref.WeakKeyDictionary()
 
     # -- lifecycle ---------------------------------------------------------------------
     def _new_pool(self) -> AsyncConnectionPool[Conn]:
         return AsyncConnectionPool(
             self._dsn.reveal(), min_size=1, max_size=self._pool_size, open=False,
             timeout=self._timeout, name="qpq",
-            # A connection that died with the server (restart, failover) is noticed and
-            # replaced when taken from the pool, not handed to a request.
-            check=AsyncConnectionPool.check_connection,
-            kwargs={"connect_timeout": max(1, int(self._timeout))},
+            # A connection that died with the server (restart, failover) while idle is
+            # noticed and replaced when taken from the pool, not handed to a request.
+            check=self._check_idle,
+            kwargs={"connect_timeout": max(1, int(self._timeout)), "autocommit": True},
         )
+
+    async def _check_idle(self, conn: Conn) -> None:
+        if time.monotonic() - self._last_used.get(conn, 0.0) > _PROBE_IDLE_S:
+            await AsyncConnectionPool.check_connection(conn)
 
     async def _open_pool(self) -> AsyncConnectionPool[Conn]:
         pool = self._new_pool()
@@ -146,7 +161,6 @@ class PostgresStorage:
         assert pool is not None
         try:
             async with pool.connection() as conn:
-                await conn.set_autocommit(True)
                 # Two nodes starting together must not both apply a migration: a session
                 # lock, held across the migrations, each committed in its own transaction.
                 await conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
@@ -154,7 +168,6 @@ class PostgresStorage:
                     await self._apply_migrations(conn)
                 finally:
                     await conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK,))
-                    await conn.set_autocommit(False)
         except PoolTimeout as exc:
             raise StorageError(self._unreachable(exc)) from None
         except psycopg.Error as exc:
@@ -179,17 +192,22 @@ class PostgresStorage:
 
     # -- plumbing ----------------------------------------------------------------------
     async def _run(self, fn: Callable[[Conn], Awaitable[T]], *, write: bool,
-                   timeout: float | None = None) -> T:
-        """Run fn in one transaction on a pooled connection; a write returns only after
-        PostgreSQL acknowledged the COMMIT."""
+                   timeout: float | None = None, atomic: bool = False) -> T:
+        """Run fn on a pooled (autocommit) connection: as it is when it sends one
+        statement, in one transaction when `atomic` (several statements). A write
+        returns only after PostgreSQL acknowledged the commit."""
         pool = self._pool
         if pool is None:
             raise StorageError("storage is closed")
         try:
             async with pool.connection(timeout=timeout) as conn:
                 started = time.perf_counter()
-                async with conn.transaction():
+                if atomic:  # several statements: all or none
+                    async with conn.transaction():
+                        result = await fn(conn)
+                else:
                     result = await fn(conn)
+                self._last_used[conn] = time.monotonic()
                 if write and self._on_commit is not None:
                     self._on_commit(time.perf_counter() - started)
                 return result
@@ -219,10 +237,21 @@ class PostgresStorage:
             row = await _fetchone(
                 conn, "SELECT username, password_file, setup_version, identity_key, created_at"
                 " FROM accounts WHERE username = %s", (username,))
-            if row is None:
-                return None
-            identity = bytes(row[3]) if row[3] is not None else None
-            return Account(str(row[0]), bytes(row[1]), int(row[2]), identity, float(row[4]))
+            return _account(row)
+
+        return await self._run(run, write=False)
+
+    async def account_with_meta(self, username: str,
+                                key: str) -> tuple[Account | None, str | None]:
+        async def run(conn: Conn) -> tuple[Account | None, str | None]:
+            # One row whether or not either exists: one round trip for both reads.
+            row = await _fetchone(
+                conn, "SELECT a.username, a.password_file, a.setup_version, a.identity_key,"
+                " a.created_at, m.value FROM (SELECT 1) AS one"
+                " LEFT JOIN accounts AS a ON a.username = %s"
+                " LEFT JOIN meta AS m ON m.key = %s", (username, key))
+            return _account(row if row[0] is not None else None), \
+                (str(row[5]) if row[5] is not None else None)
 
         return await self._run(run, write=False)
 
@@ -284,7 +313,7 @@ class PostgresStorage:
                                " VALUES (%s, %s, %s, %s)", (index, username, kt_leaf, now))
             return index
 
-        return await self._run(run, write=True)
+        return await self._run(run, write=True, atomic=True)
 
     async def kt_leaves(self, start: int = 0) -> list[KtLeaf]:
         async def run(conn: Conn) -> list[KtLeaf]:
@@ -305,7 +334,7 @@ class PostgresStorage:
             return await _count(conn, "SELECT count(*) FROM key_packages WHERE username = %s",
                                 (username,))
 
-        return await self._run(run, write=True)
+        return await self._run(run, write=True, atomic=True)
 
     async def take_key_package(self, username: str, prefix: bytes = b"") -> KeyPackage | None:
         async def run(conn: Conn) -> KeyPackage | None:
@@ -332,23 +361,24 @@ class PostgresStorage:
     async def enqueue(self, sender: str, recipients: Sequence[str], payload: bytes,
                       now: float) -> list[int]:
         async def run(conn: Conn) -> list[int]:
-            # Pipelined: one round trip for a message to many recipients. Inserted in
-            # name order: each insert locks its mailbox_usage row, and one order for
-            # every transaction means two enqueues never deadlock.
+            # One statement (one round trip, one commit) for a message to many recipients,
+            # the payload sent once. Rows go in in name order: each insert's trigger locks
+            # its mailbox_usage row, and one order for every transaction means two
+            # enqueues never deadlock. Ids drawn in that order ascend, so the k-th smallest
+            # id belongs to the k-th recipient by name.
             order = sorted(range(len(recipients)), key=recipients.__getitem__)
-            async with conn.pipeline():
-                cursors = [await conn.execute(
-                    "INSERT INTO messages(recipient, sender, payload, sent_at)"
-                    " VALUES (%s, %s, %s, %s) RETURNING id",
-                    (recipients[i], sender, payload, now)) for i in order]
+            cur = await conn.execute(
+                "INSERT INTO messages(recipient, sender, payload, sent_at)"
+                " SELECT r, %s, %s, %s FROM unnest(%s::text[]) WITH ORDINALITY AS t(r, n)"
+                " ORDER BY n RETURNING id",
+                (sender, payload, now, [recipients[i] for i in order]))
+            drawn = sorted(int(r[0]) for r in await cur.fetchall())
             ids = [0] * len(recipients)
-            for i, cur in zip(order, cursors, strict=True):
-                row = await cur.fetchone()
-                assert row is not None
-                ids[i] = int(row[0])
+            for i, message_id in zip(order, drawn, strict=True):
+                ids[i] = message_id
             return ids
 
-        return await self._run(run, write=True)
+        return await self._run(run, write=True) if recipients else []
 
     async def fetch(self, recipient: str, limit: int,
                     max_bytes: int | None = None) -> list[StoredMessage]:
@@ -419,7 +449,7 @@ class PostgresStorage:
                 ids[i] = int(row[0])  # name order, as in enqueue (no deadlock)
             return ids
 
-        return await self._run(run, write=True)
+        return await self._run(run, write=True, atomic=True)
 
     async def forget_relays(self, before: float) -> int:
         async def run(conn: Conn) -> int:
@@ -457,6 +487,13 @@ class PostgresStorage:
             return {str(k): str(v) for k, v in await cur.fetchall()}
 
         return await self._run(run, write=False)
+
+
+def _account(row: Any) -> Account | None:
+    if row is None:
+        return None
+    identity = bytes(row[3]) if row[3] is not None else None
+    return Account(str(row[0]), bytes(row[1]), int(row[2]), identity, float(row[4]))
 
 
 async def _fetchone(conn: Conn, sql: str, params: Sequence[Any] = ()) -> Any:

@@ -9,15 +9,22 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from qpq_ops.calibration import REFERENCE, Calibration, dump
+from qpq_ops.calibration import (
+    POSTGRES_REFERENCE,
+    REFERENCE,
+    Calibration,
+    PostgresCost,
+    dump,
+)
 from qpq_ops.capacity import (
     BEYOND_ONE_NODE,
     NR_OPEN_DEFAULT,
     CapacityInputs,
     plan,
+    postgres_sizing,
 )
 from qpq_ops.cli import app
-from qpq_ops.errors import CapacityInputError
+from qpq_ops.errors import CalibrationError, CapacityInputError
 
 runner = CliRunner()
 
@@ -372,7 +379,12 @@ def test_measured_model_recommends_workers_per_host_and_a_postgres_beyond_one_ho
     assert m.storage_backend == "postgres" and m.postgres is not None
     peak = 200_000 * 60 / 3600 * 2.5
     assert m.postgres.commits_per_s == pytest.approx(2 * peak)
-    assert m.postgres.vcpus == math.ceil(2 * peak / 1_500)
+    # sized from PostgreSQL's measured CPU per message, kept under the cpu warning (70 %)
+    pg_cpu = peak * POSTGRES_REFERENCE.cpu_s_per_message
+    assert m.postgres.cpu_cores == pytest.approx(pg_cpu)
+    assert m.postgres.vcpus == max(2, math.ceil(pg_cpu / 0.70))
+    assert m.postgres.cpu_s_per_message == POSTGRES_REFERENCE.cpu_s_per_message
+    assert "bench/scale.py" in m.postgres.measured_by
     assert m.postgres.connections == 3 * 4 * (4 + 1) + 10
     assert m.postgres.max_connections == math.ceil(m.postgres.connections * 1.25)
     assert m.postgres.memory_bytes == max(4 * 10**9, math.ceil(8 * peak * 2_000 * 900))
@@ -398,8 +410,29 @@ def test_cli_json_adds_the_postgres_keys_and_the_table_names_them(tmp_path: Path
     measured = doc["measured"]
     assert measured["storage_backend"] == "postgres" and measured["workers_per_host"] == 2
     assert set(measured["postgres"]) == {"vcpus", "memory_bytes", "disk_bytes", "connections",
-                                         "max_connections", "commits_per_s"}
+                                         "max_connections", "commits_per_s", "cpu_cores",
+                                         "cpu_s_per_message", "measured_by"}
     table = runner.invoke(app, args, env={"COLUMNS": "200"})
     assert table.exit_code == 0, table.output
-    for text in ("workers per host", "PostgreSQL max_connections", 'backend = "postgres"'):
+    for text in ("workers per host", "PostgreSQL max_connections", 'backend = "postgres"',
+                 "ms PostgreSQL CPU per message (measured: bench/scale.py"):
         assert text in table.stdout, text
+
+
+def test_postgres_vcpus_follow_the_measured_cpu_per_message() -> None:
+    busy = CapacityInputs(**{**TEN_K, "users": 200_000, "msgs_per_user_hour": 60,  # type: ignore[arg-type]
+                             "peak_factor": 2.5})
+    m = plan(busy, _calibration(), cores_per_host=4).measured
+    assert m is not None
+    peak = m.commits_needed_per_s / 2
+    costly = PostgresCost(cpu_s_per_message=0.01, source="test")
+    sized = postgres_sizing(m, 1.0, 0, costly)
+    assert sized.vcpus == math.ceil(peak * 0.01 / 0.70) and sized.measured_by == "test"
+    # a tiny cost still gets the floor
+    assert postgres_sizing(m, 1.0, 0, PostgresCost(1e-9, "test")).vcpus == 2
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
+def test_a_postgres_cost_must_be_a_positive_number(bad: float) -> None:
+    with pytest.raises(CalibrationError, match="cpu_s_per_message must be a positive number"):
+        PostgresCost(bad, "test")

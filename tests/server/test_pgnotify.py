@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from qpq_server.pgnotify import PgNotifier, channel_for
+from qpq_server.pgnotify import PgNotifier, channel_for, payloads
 from qpq_server.secrets import Secret
 from tests.helpers.postgres import PostgresCluster, pg_cluster
 
@@ -87,3 +87,31 @@ async def test_a_burst_of_notifies_wakes_every_remote_waiter(
     a.notify(names)
     a.notify(names[:10])  # repeats in a burst are sent once
     assert all(await asyncio.wait_for(asyncio.gather(*waiters), 10))
+
+
+async def test_a_burst_longer_than_one_notification_wakes_every_remote_waiter(
+        nodes: tuple[PgNotifier, PgNotifier]) -> None:
+    # 300 names of 64 characters: ~19 KB, more than PostgreSQL takes in one payload
+    a, b = nodes
+    names = [f"{i:03d}".ljust(64, "x") for i in range(300)]
+    waiters = [asyncio.create_task(b.wait(name, 10)) for name in names]
+    await asyncio.sleep(0)
+    a.notify(names)
+    assert all(await asyncio.wait_for(asyncio.gather(*waiters), 10))
+
+
+def test_payloads_join_names_under_the_notify_limit() -> None:
+    names = [f"{i:03d}".ljust(64, "x") for i in range(300)] + ["alice#0a1b"]
+    out = payloads(names)
+    assert len(out) == 3 and all(len(p.encode()) < 8000 for p in out)
+    assert [n for p in out for n in p.split(" ")] == names
+    assert payloads(["bob"]) == ["bob"] and payloads([]) == []
+
+
+async def test_notifications_are_sent_without_waiting_for_a_wal_flush(
+        pg_cluster: PostgresCluster) -> None:
+    # the wake-up is a hint after a durable commit: its own commit needs no flush
+    notifier = PgNotifier(Secret(pg_cluster.new_database()), channel_for("example.org"))
+    async with await notifier._connect_sender() as conn:
+        row = await (await conn.execute("SHOW synchronous_commit")).fetchone()
+    assert row == ("off",)

@@ -32,6 +32,18 @@ async def test_account_is_created_read_and_updated(storage: Storage) -> None:
         b"record2", 2, b"k" * 32)
 
 
+async def test_account_with_meta_reads_both_whichever_exists(storage: Storage) -> None:
+    assert await storage.account_with_meta("alice", "devices:alice") == (None, None)
+    await storage.set_meta("devices:alice", "{}")
+    assert await storage.account_with_meta("alice", "devices:alice") == (None, "{}")
+    await storage.create_account("alice", b"record", 1, 1234.5)
+    await storage.set_identity_key("alice", b"k" * 32)
+    account, value = await storage.account_with_meta("alice", "devices:bob")
+    assert value is None and account == await storage.get_account("alice")
+    assert account is not None and account.identity_key == b"k" * 32
+    assert await storage.account_with_meta("alice", "devices:alice") == (account, "{}")
+
+
 async def test_taken_username_is_refused_and_first_account_kept(storage: Storage) -> None:
     await storage.create_account("bob", b"first", 1, 1.0)
     with pytest.raises(UserExists):

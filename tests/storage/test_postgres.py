@@ -13,6 +13,7 @@ import pytest
 
 from qpq_server.errors import StorageError, StorageUnavailable
 from qpq_server.secrets import Secret
+from qpq_server.storage import postgres as pg_module
 from qpq_server.storage.pg_migrations import PG_SCHEMA_VERSION
 from qpq_server.storage.postgres import PostgresStorage, describe_pg_error
 from tests.helpers.ports import free_port
@@ -175,3 +176,64 @@ async def test_outage_is_server_busy_and_ping_brings_the_pool_back() -> None:
             assert await s.existing_users(["a"]) == {"a"}  # nothing committed was lost
         finally:
             await s.close()
+
+
+def _drop_backends(dsn: str) -> int:
+    """Terminate every other session on the database (what a failover does to them)."""
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        rows = admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                             " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                             ).fetchall()
+    return len(rows)
+
+
+async def test_a_connection_dropped_while_idle_is_replaced_before_a_request_gets_it(
+        pg_cluster: PostgresCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pg_module, "_PROBE_IDLE_S", 0.2)
+    dsn = pg_cluster.new_database()
+    s = PostgresStorage(Secret(dsn), pool_size=2)
+    await s.open()
+    try:
+        await s.create_account("a", b"pf", 1, 1.0)
+        assert _drop_backends(dsn) >= 1
+        await asyncio.sleep(0.3)  # idle past the probe threshold
+        assert await s.existing_users(["a"]) == {"a"}  # probed, replaced, served
+    finally:
+        await s.close()
+
+
+async def test_a_connection_dropped_while_busy_fails_one_request_then_is_discarded(
+        pg_cluster: PostgresCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Used a moment ago, so handed out unprobed (a probe per request is a round trip):
+    # the request gets server_busy (clients retry), the broken connection is dropped.
+    monkeypatch.setattr(pg_module, "_PROBE_IDLE_S", 60.0)  # "a moment" on a slow box
+    dsn = pg_cluster.new_database()
+    s = PostgresStorage(Secret(dsn), pool_size=1)
+    await s.open()
+    try:
+        await s.create_account("a", b"pf", 1, 1.0)
+        _drop_backends(dsn)
+        with pytest.raises(StorageUnavailable):
+            await s.existing_users(["a"])
+        assert await s.existing_users(["a"]) == {"a"}
+    finally:
+        await s.close()
+
+
+async def test_single_statement_operations_run_outside_an_explicit_transaction(
+        pg_cluster: PostgresCluster) -> None:
+    """Autocommit: a one-statement write is committed by PostgreSQL before it answers
+    (no BEGIN/COMMIT round trips), and a failed multi-statement one leaves nothing."""
+    dsn = pg_cluster.new_database()
+    s = PostgresStorage(Secret(dsn), pool_size=1)
+    await s.open()
+    try:
+        await s.create_account("r", b"pf", 1, 1.0)
+        ids = await s.enqueue("s", ["r"], b"x", 1.0)
+        with psycopg.connect(dsn) as other:  # another session sees it at once
+            assert other.execute("SELECT id FROM messages").fetchall() == [(ids[0],)]
+        with pytest.raises(StorageError):
+            await s.publish_identity_key("ghost", b"K" * 32, b"leaf", 1.0)
+        assert await s.kt_leaves() == []
+    finally:
+        await s.close()
