@@ -125,6 +125,23 @@ def database_tables(dsn: str) -> list[str]:
         return _tables(conn.cursor())
 
 
+def _functions(cur: Any) -> list[tuple[str, str]]:
+    # qpq's own functions (the mailbox_usage trigger's), not an extension's: an
+    # extension's functions move with the extension, never one by one.
+    cur.execute("SELECT p.proname, pg_get_function_identity_arguments(p.oid)"
+                " FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
+                " WHERE n.nspname = %s AND NOT EXISTS (SELECT 1 FROM pg_depend d"
+                " WHERE d.objid = p.oid AND d.deptype = 'e') ORDER BY 1, 2", (SCHEMA,))
+    return [(str(name), str(args)) for name, args in cur.fetchall()]
+
+
+def database_functions(dsn: str) -> list[tuple[str, str]]:
+    """qpq's functions in its schema (name, argument list): they move aside with the
+    tables, or the dump's CREATE FUNCTION would find them in the way."""
+    with _connect(dsn) as conn:
+        return _functions(conn.cursor())
+
+
 def other_sessions(dsn: str) -> int:
     """Other connections to the same database (a qpq node still running)."""
     with _connect(dsn) as conn:
@@ -203,13 +220,18 @@ def _upsert(key: str, value: str) -> str:
         sql.Literal(key), sql.Literal(value)).as_string(None)
 
 
-def _move_aside_sql(tables: list[str], aside_schema: str) -> str:
+def _move_aside_sql(tables: list[str], functions: list[tuple[str, str]],
+                    aside_schema: str) -> str:
     from psycopg import sql
 
     schema = sql.Identifier(aside_schema)
     parts = [sql.SQL("CREATE SCHEMA {};").format(schema)]
     parts += [sql.SQL("ALTER TABLE {}.{} SET SCHEMA {};").format(
         sql.Identifier(SCHEMA), sql.Identifier(t), schema) for t in tables]
+    # The argument list comes from pg_get_function_identity_arguments (type names
+    # PostgreSQL itself printed), so it is SQL as written, not input from anyone.
+    parts += [sql.SQL("ALTER FUNCTION {}.{}(" + args + ") SET SCHEMA {};").format(
+        sql.Identifier(SCHEMA), sql.Identifier(name), schema) for name, args in functions]
     return " ".join(p.as_string(None) for p in parts)
 
 
@@ -232,7 +254,8 @@ def restore_dump(dsn: str, dump: Path, archive_name: str, aside_schema: str | No
     text = script.read_text()
     text = re.sub(r"(?m)^CREATE SCHEMA public;$", "", text)
     script.write_text(text)
-    before = _move_aside_sql(database_tables(dsn), aside_schema) if aside_schema else ""
+    before = (_move_aside_sql(database_tables(dsn), database_functions(dsn), aside_schema)
+              if aside_schema else "")
     argv = [tool("psql"), "--no-psqlrc", "--quiet", "--single-transaction",
             "--set=ON_ERROR_STOP=1"]
     if before:
