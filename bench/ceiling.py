@@ -8,7 +8,10 @@ own process on loopback and are driven by qpq's own client (`_ClientProtocol.req
 one frame out on a new stream, one frame back), so the only difference is the server.
 
 * round trips per second and p50/p95/p99 at 1, 10 and 100 connections (qpq's round
-  trip: one enqueue + fetch + ack, durable; the echo's: one frame);
+  trip: one E2E-sized message enqueued, durable, and fetched by a fetch that carries
+  the previous message's ack, as `qpq-client recv` does: two requests; the echo's: one
+  frame). `--round-trip separate` is the old three (enqueue, fetch, ack), and
+  `--compare-round-trips` loads qpq both ways in one run;
 * handshakes per second and handshake p95 with 16 concurrent connects;
 * server RSS per idle connection with `--idle` idle connections.
 
@@ -189,7 +192,15 @@ def echo_prepare() -> Callable[[QpqConnection, int], Awaitable[Callable[[], Awai
     return prepare
 
 
-def qpq_prepare() -> Callable[[QpqConnection, int], Awaitable[Callable[[], Awaitable[None]]]]:
+ROUND_TRIPS = {
+    "carried": "enqueue, then fetch carrying the previous message's ack (2 requests)",
+    "separate": "enqueue, fetch, ack (3 requests: before fetch carried acks)",
+}
+"""What a qpq round trip is: one E2E-sized message enqueued (durable) and fetched."""
+
+
+def qpq_prepare(round_trip: str = "carried",
+                ) -> Callable[[QpqConnection, int], Awaitable[Callable[[], Awaitable[None]]]]:
     import opaque_ke_py as opaque
 
     password = b"ceiling bench password"
@@ -206,20 +217,29 @@ def qpq_prepare() -> Callable[[QpqConnection, int], Awaitable[Callable[[], Await
         sess = (await conn.call("login_finish", login_id=r["login_id"],
                                 finalization=fin.get_message()))["session"]
         payload = b"x" * 200
+        shown: list[int] = []  # fetched, acked by the next fetch (as `qpq-client recv`)
 
-        async def step() -> None:  # one E2E-sized enqueue, fetched and acked: durable
+        async def carried() -> None:
+            await conn.call("enqueue", session=sess, recipients=[user], payload=payload)
+            got = await conn.call("fetch", session=sess, limit=1, ack=shown)
+            shown[:] = [m["id"] for m in got["messages"]]
+
+        async def separate() -> None:
             await conn.call("enqueue", session=sess, recipients=[user], payload=payload)
             got = await conn.call("fetch", session=sess, limit=1)
             await conn.call("ack", session=sess, ids=[m["id"] for m in got["messages"]])
 
-        return step
+        return {"carried": carried, "separate": separate}[round_trip]
 
     return prepare
 
 
 async def measure_target(target: Target, conn_counts: list[int], seconds: float,
-                         total_handshakes: int, idle: int) -> dict[str, Any]:
+                         total_handshakes: int, idle: int, load_only: bool = False,
+                         ) -> dict[str, Any]:
     per_n = {str(n): await load(target, n, seconds) for n in conn_counts}
+    if load_only:
+        return {"load": per_n}
     return {"load": per_n, **await handshakes(target, total_handshakes),
             "rss_per_conn_bytes": await idle_rss(target, idle)}
 
@@ -238,6 +258,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     overrides = {"rate_limit": {"enabled": False},
                  "quic": {"max_unauthenticated_per_address": idle + 64}}
     results["qpq_event_loop"] = loop_name("auto")
+    results["qpq_round_trip"] = ROUND_TRIPS[args.round_trip]
     with tempfile.TemporaryDirectory() as tmp, running_server(Path(tmp),
                                                               overrides=overrides) as srv:
         echo = start_echo(srv)
@@ -246,11 +267,17 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                 "aioquic": Target("aioquic", f"127.0.0.1:{echo[1]}", "", srv.ca_cert,
                                   echo[0].pid, False, echo_prepare()),
                 "qpq": Target("qpq", srv.address, srv.auth_token, srv.ca_cert,
-                              srv.process.pid, True, qpq_prepare()),
+                              srv.process.pid, True, qpq_prepare(args.round_trip)),
             }
             for name, target in targets.items():
                 results[name] = await measure_target(target, conn_counts, seconds,
                                                      total_handshakes, idle)
+            if args.compare_round_trips:  # the other round trip, same server, same run
+                other = next(r for r in ROUND_TRIPS if r != args.round_trip)
+                results[f"qpq_{other}"] = await measure_target(
+                    Target("qpq", srv.address, srv.auth_token, srv.ca_cert,
+                           srv.process.pid, True, qpq_prepare(other)),
+                    conn_counts, seconds, total_handshakes, idle, load_only=True)
             if args.qh3:
                 qh3_echo = start_echo(srv, "qh3")
                 try:
@@ -268,7 +295,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                 ) as srv2:
                     results[f"qpq_on_{other}"] = await measure_target(
                         Target("qpq", srv2.address, srv2.auth_token, srv2.ca_cert,
-                               srv2.process.pid, True, qpq_prepare()),
+                               srv2.process.pid, True, qpq_prepare(args.round_trip)),
                         conn_counts, seconds, total_handshakes, idle)
         finally:
             echo[0].kill()
@@ -309,6 +336,7 @@ def start_echo(srv: RunningServer, stack: str = "aioquic") -> tuple[subprocess.P
 
 
 def print_table(r: dict[str, Any]) -> None:
+    print(f"qpq round trip: {r['qpq_round_trip']}; aioquic's: one frame echoed")
     print(f"{'':24}{'aioquic echo':>16}{'qpq':>16}{'qpq/aioquic':>14}")
     for n in r["qpq"]["load"]:
         a, q = r["aioquic"]["load"][n], r["qpq"]["load"][n]
@@ -321,11 +349,15 @@ def print_table(r: dict[str, Any]) -> None:
                        ("rss_per_conn_bytes", "RSS per idle conn (B)")):
         a, q = r["aioquic"][key], r["qpq"][key]
         print(f"{label:<24}{a:>16.1f}{q:>16.1f}{q / a if a else float('nan'):>14.2f}")
-    for key in [k for k in r if k.startswith("qpq_on_") or k == "qh3_echo"]:
+    for key in [k for k in r if k.startswith("qpq_on_") or k == "qh3_echo"
+                or k[4:] in ROUND_TRIPS]:
         o, a = r[key], r["aioquic"]
         loads = ", ".join(f"{o['load'][n]['roundtrips_per_s']:.0f} rt/s @ {n} "
                           f"({o['load'][n]['roundtrips_per_s'] / a['load'][n]['roundtrips_per_s']:.2f})"
                           for n in o["load"])
+        if key[4:] in ROUND_TRIPS:
+            print(f"qpq, round trip {ROUND_TRIPS[key[4:]]}: {loads} [ratio to aioquic echo]")
+            continue
         label = ("qh3 echo (reference)" if key == "qh3_echo"
                  else f"qpq on {key[7:]} (default: {r['qpq_event_loop']})")
         print(f"{label}: {loads} [ratio to aioquic echo]; handshake p95 "
@@ -348,6 +380,11 @@ def main() -> None:
                         help="also run a qh3 echo server (pip install qh3) as a reference")
     parser.add_argument("--compare-loops", action="store_true",
                         help="also run qpq on the other event loop (asyncio / uvloop)")
+    parser.add_argument("--round-trip", choices=sorted(ROUND_TRIPS), default="carried",
+                        help="qpq's round trip: " + "; ".join(
+                            f"{k}: {v}" for k, v in ROUND_TRIPS.items()))
+    parser.add_argument("--compare-round-trips", action="store_true",
+                        help="also load qpq with the other round trip in the same run")
     args = parser.parse_args()
     results = asyncio.run(measure(args))
     if args.json:
