@@ -1,12 +1,12 @@
 """`fetch` carrying the previous page's acks (`ack: [int]`): one request fewer per
 delivered page. In process (a real Service on a real SQLCipher file) for the semantics
 and every hostile input, then over QUIC against a real server, and the client
-(`QpqClient.receive(defer_ack=True)`, which `qpq-client recv` uses)."""
+(`QpqClient.receive(defer_ack=True)`) and `qpq-client recv` itself."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +14,22 @@ import pytest
 
 from qpq_server.client import ClientError
 from qpq_server.devices import device_id
-from qpq_server.devserver import RunningServer
+from qpq_server.devserver import RunningServer, running_server
 from qpq_server.protocol.dispatch import ConnectionState
 from tests.helpers.dispatch import Harness, code
 from tests.helpers.dispatch import harness as _harness
 from tests.server.conftest import ClientFactory, raw_connection
+from tests.server.test_client_delivery import cli, ok, register, rows
 from tests.server.test_devices_dispatch import two_devices
+
+
+@pytest.fixture(scope="module")
+def paging(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """A server whose fetch pages hold at most 128 KiB of payload."""
+    with running_server(tmp_path_factory.mktemp("paging"), overrides={
+            "rate_limit": {"enabled": False}, "quic": {"max_frame_bytes": 65536},
+            "limits": {"max_response_bytes": 131072}}) as server:
+        yield server
 
 
 @pytest.fixture
@@ -208,3 +218,21 @@ async def test_a_deferred_receive_acks_on_the_next_fetch_and_on_flush(
         await c.flush_acks("fd_b")  # nothing left: no request
         assert server.metric("qpq_rpc_duration_seconds_count", op="ack") == acks_before + 1
         assert await c.receive("fd_b") == []
+
+
+def test_recv_carries_each_pages_ack_on_the_next_fetch(paging: RunningServer,
+                                                        tmp_path: Path) -> None:
+    """`qpq-client recv` over a mailbox the server pages by bytes: every page's ack rides
+    on the next fetch, at most one `ack` request at the end, nothing lost or shown twice."""
+    prof = tmp_path / "p"
+    register(paging, prof, "pr_a", "pr_b")
+    for i in range(5):  # ~40 KB each: a page (RESPONSE bytes) holds two or three
+        ok(cli(paging, prof, "send", "pr_a", "pr_b", stdin=f"{i}" + "x" * 40_000))
+    acks = paging.metric("qpq_rpc_duration_seconds_count", op="ack")
+    fetches = paging.metric("qpq_fetch_total")
+    shown = rows(ok(cli(paging, prof, "recv", "pr_b", "--json")))
+    assert [str(r["text"])[0] for r in shown] == ["0", "1", "2", "3", "4"]
+    assert paging.metric("qpq_fetch_total") - fetches >= 3  # paged
+    # At most one `ack` request: the last page's, unless a final (empty) fetch carried it.
+    assert paging.metric("qpq_rpc_duration_seconds_count", op="ack") - acks <= 1
+    assert rows(ok(cli(paging, prof, "recv", "pr_b", "--json"))) == []  # all were acked
