@@ -8,7 +8,10 @@ own process on loopback and are driven by qpq's own client (`_ClientProtocol.req
 one frame out on a new stream, one frame back), so the only difference is the server.
 
 * round trips per second and p50/p95/p99 at 1, 10 and 100 connections (qpq's round
-  trip: one enqueue + fetch + ack, durable; the echo's: one frame);
+  trip: one E2E-sized message enqueued, durable, and fetched by a fetch that carries
+  the previous message's ack, as `qpq-client recv` does: two requests; the echo's: one
+  frame). `--round-trip separate` is the old three (enqueue, fetch, ack), and
+  `--compare-round-trips` loads qpq both ways in one run;
 * handshakes per second and handshake p95 with 16 concurrent connects;
 * server RSS per idle connection with `--idle` idle connections.
 
@@ -136,6 +139,12 @@ async def open_conns(t: Target, n: int, stack: AsyncExitStack,
     return list(await asyncio.gather(*(one() for _ in range(n))))
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def load(t: Target, n: int, seconds: float) -> dict[str, float]:
     async with AsyncExitStack() as stack:
         conns = await open_conns(t, n, stack)
@@ -150,10 +159,18 @@ async def load(t: Target, n: int, seconds: float) -> dict[str, float]:
                 latencies.append(time.perf_counter() - started)
 
         began = time.perf_counter()
+        server_cpu, client_cpu = cpu_seconds(t.pid), time.process_time()
         await asyncio.gather(*(worker(s) for s in loops))
         elapsed = time.perf_counter() - began
+        server_cpu, client_cpu = (cpu_seconds(t.pid) - server_cpu,
+                                  time.process_time() - client_cpu)
+    done = max(len(latencies), 1)
+    # CPU per round trip, both sides: with client and server sharing the cores, the
+    # rate follows their sum (the load generator is qpq's own Python client).
     return {"roundtrips_per_s": len(latencies) / elapsed, "p50_ms": pct(latencies, .5) * 1e3,
-            "p95_ms": pct(latencies, .95) * 1e3, "p99_ms": pct(latencies, .99) * 1e3}
+            "p95_ms": pct(latencies, .95) * 1e3, "p99_ms": pct(latencies, .99) * 1e3,
+            "server_cpu_ms_per_rt": server_cpu / done * 1e3,
+            "client_cpu_ms_per_rt": client_cpu / done * 1e3}
 
 
 async def handshakes(t: Target, total: int) -> dict[str, float]:
@@ -189,7 +206,17 @@ def echo_prepare() -> Callable[[QpqConnection, int], Awaitable[Callable[[], Awai
     return prepare
 
 
-def qpq_prepare() -> Callable[[QpqConnection, int], Awaitable[Callable[[], Awaitable[None]]]]:
+ROUND_TRIPS = {
+    "carried": "enqueue, then fetch carrying the previous message's ack (2 requests)",
+    "separate": "enqueue, fetch, ack (3 requests: before fetch carried acks)",
+    "pipelined": "enqueue and, in flight with it, fetch of the previous message carrying"
+                 " the ack of the one before (2 requests at once)",
+}
+"""What a qpq round trip is: one E2E-sized message enqueued (durable) and fetched."""
+
+
+def qpq_prepare(round_trip: str = "carried",
+                ) -> Callable[[QpqConnection, int], Awaitable[Callable[[], Awaitable[None]]]]:
     import opaque_ke_py as opaque
 
     password = b"ceiling bench password"
@@ -206,20 +233,35 @@ def qpq_prepare() -> Callable[[QpqConnection, int], Awaitable[Callable[[], Await
         sess = (await conn.call("login_finish", login_id=r["login_id"],
                                 finalization=fin.get_message()))["session"]
         payload = b"x" * 200
+        shown: list[int] = []  # fetched, acked by the next fetch (as `qpq-client recv`)
 
-        async def step() -> None:  # one E2E-sized enqueue, fetched and acked: durable
+        async def carried() -> None:
+            await conn.call("enqueue", session=sess, recipients=[user], payload=payload)
+            got = await conn.call("fetch", session=sess, limit=1, ack=shown)
+            shown[:] = [m["id"] for m in got["messages"]]
+
+        async def separate() -> None:
             await conn.call("enqueue", session=sess, recipients=[user], payload=payload)
             got = await conn.call("fetch", session=sess, limit=1)
             await conn.call("ack", session=sess, ids=[m["id"] for m in got["messages"]])
 
-        return step
+        async def pipelined() -> None:  # order does not matter between the two
+            _, got = await asyncio.gather(
+                conn.call("enqueue", session=sess, recipients=[user], payload=payload),
+                conn.call("fetch", session=sess, limit=1, ack=shown))
+            shown[:] = [m["id"] for m in got["messages"]]
+
+        return {"carried": carried, "separate": separate, "pipelined": pipelined}[round_trip]
 
     return prepare
 
 
 async def measure_target(target: Target, conn_counts: list[int], seconds: float,
-                         total_handshakes: int, idle: int) -> dict[str, Any]:
+                         total_handshakes: int, idle: int, load_only: bool = False,
+                         ) -> dict[str, Any]:
     per_n = {str(n): await load(target, n, seconds) for n in conn_counts}
+    if load_only:
+        return {"load": per_n}
     return {"load": per_n, **await handshakes(target, total_handshakes),
             "rss_per_conn_bytes": await idle_rss(target, idle)}
 
@@ -238,6 +280,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     overrides = {"rate_limit": {"enabled": False},
                  "quic": {"max_unauthenticated_per_address": idle + 64}}
     results["qpq_event_loop"] = loop_name("auto")
+    results["qpq_round_trip"] = ROUND_TRIPS[args.round_trip]
     with tempfile.TemporaryDirectory() as tmp, running_server(Path(tmp),
                                                               overrides=overrides) as srv:
         echo = start_echo(srv)
@@ -246,11 +289,17 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                 "aioquic": Target("aioquic", f"127.0.0.1:{echo[1]}", "", srv.ca_cert,
                                   echo[0].pid, False, echo_prepare()),
                 "qpq": Target("qpq", srv.address, srv.auth_token, srv.ca_cert,
-                              srv.process.pid, True, qpq_prepare()),
+                              srv.process.pid, True, qpq_prepare(args.round_trip)),
             }
             for name, target in targets.items():
                 results[name] = await measure_target(target, conn_counts, seconds,
                                                      total_handshakes, idle)
+            if args.compare_round_trips:  # the other round trips, same server, same run
+                for other in (r for r in ROUND_TRIPS if r != args.round_trip):
+                    results[f"qpq_{other}"] = await measure_target(
+                        Target("qpq", srv.address, srv.auth_token, srv.ca_cert,
+                               srv.process.pid, True, qpq_prepare(other)),
+                        conn_counts, seconds, total_handshakes, idle, load_only=True)
             if args.qh3:
                 qh3_echo = start_echo(srv, "qh3")
                 try:
@@ -268,7 +317,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                 ) as srv2:
                     results[f"qpq_on_{other}"] = await measure_target(
                         Target("qpq", srv2.address, srv2.auth_token, srv2.ca_cert,
-                               srv2.process.pid, True, qpq_prepare()),
+                               srv2.process.pid, True, qpq_prepare(args.round_trip)),
                         conn_counts, seconds, total_handshakes, idle)
         finally:
             echo[0].kill()
@@ -309,23 +358,29 @@ def start_echo(srv: RunningServer, stack: str = "aioquic") -> tuple[subprocess.P
 
 
 def print_table(r: dict[str, Any]) -> None:
+    print(f"qpq round trip: {r['qpq_round_trip']}; aioquic's: one frame echoed")
     print(f"{'':24}{'aioquic echo':>16}{'qpq':>16}{'qpq/aioquic':>14}")
     for n in r["qpq"]["load"]:
         a, q = r["aioquic"]["load"][n], r["qpq"]["load"][n]
         print(f"round trips/s @ {n:>3} conns{a['roundtrips_per_s']:>14.0f}"
               f"{q['roundtrips_per_s']:>16.0f}{q['roundtrips_per_s'] / a['roundtrips_per_s']:>14.2f}")
-        for p in ("p50_ms", "p95_ms", "p99_ms"):
+        for p in ("p50_ms", "p95_ms", "p99_ms", "server_cpu_ms_per_rt",
+                  "client_cpu_ms_per_rt"):
             print(f"  {p:<22}{a[p]:>14.2f}{q[p]:>16.2f}{q[p] / a[p]:>14.2f}")
     for key, label in (("handshakes_per_s", "handshakes/s (16 conc.)"),
                        ("handshake_p95_ms", "handshake p95 ms"),
                        ("rss_per_conn_bytes", "RSS per idle conn (B)")):
         a, q = r["aioquic"][key], r["qpq"][key]
         print(f"{label:<24}{a:>16.1f}{q:>16.1f}{q / a if a else float('nan'):>14.2f}")
-    for key in [k for k in r if k.startswith("qpq_on_") or k == "qh3_echo"]:
+    for key in [k for k in r if k.startswith("qpq_on_") or k == "qh3_echo"
+                or k[4:] in ROUND_TRIPS]:
         o, a = r[key], r["aioquic"]
         loads = ", ".join(f"{o['load'][n]['roundtrips_per_s']:.0f} rt/s @ {n} "
                           f"({o['load'][n]['roundtrips_per_s'] / a['load'][n]['roundtrips_per_s']:.2f})"
                           for n in o["load"])
+        if key[4:] in ROUND_TRIPS:
+            print(f"qpq, round trip {ROUND_TRIPS[key[4:]]}: {loads} [ratio to aioquic echo]")
+            continue
         label = ("qh3 echo (reference)" if key == "qh3_echo"
                  else f"qpq on {key[7:]} (default: {r['qpq_event_loop']})")
         print(f"{label}: {loads} [ratio to aioquic echo]; handshake p95 "
@@ -348,6 +403,11 @@ def main() -> None:
                         help="also run a qh3 echo server (pip install qh3) as a reference")
     parser.add_argument("--compare-loops", action="store_true",
                         help="also run qpq on the other event loop (asyncio / uvloop)")
+    parser.add_argument("--round-trip", choices=sorted(ROUND_TRIPS), default="carried",
+                        help="qpq's round trip: " + "; ".join(
+                            f"{k}: {v}" for k, v in ROUND_TRIPS.items()))
+    parser.add_argument("--compare-round-trips", action="store_true",
+                        help="also load qpq with the other round trips in the same run")
     args = parser.parse_args()
     results = asyncio.run(measure(args))
     if args.json:

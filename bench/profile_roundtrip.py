@@ -3,8 +3,8 @@
     .venv/bin/pip install py-spy        # not a dependency: a tool for this script only
     .venv/bin/python bench/profile_roundtrip.py [--seconds S] [--conns N] [--top K]
 
-Starts qpq through `qpq_server.devserver`, drives it with ceiling.py's load (enqueue +
-fetch + ack per round trip) on N connections, samples the server with
+Starts qpq through `qpq_server.devserver`, drives it with ceiling.py's load (its round
+trip, `--round-trip`: by default enqueue + fetch carrying the previous ack) on N connections, samples the server with
 `py-spy record --format raw` meanwhile, and prints the event-loop thread's top frames
 by own time and by inclusive time (the other threads are the storage writer/readers,
 mostly waiting). The figures in bench/README.md come from this.
@@ -60,11 +60,12 @@ def summarise(raw: Path, top: int) -> str:
     return "\n".join(lines)
 
 
-async def profile(seconds: float, conns: int, out: Path) -> dict[str, float]:
+async def profile(seconds: float, conns: int, out: Path,
+                  round_trip: str = "carried") -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp, running_server(
             Path(tmp), overrides={"rate_limit": {"enabled": False}}) as srv:
         target = ceiling.Target("qpq", srv.address, srv.auth_token, srv.ca_cert,
-                                srv.process.pid, True, ceiling.qpq_prepare())
+                                srv.process.pid, True, ceiling.qpq_prepare(round_trip))
         await ceiling.load(target, conns, 1.0)  # warm up: accounts, caches
         spy = subprocess.Popen(
             [py_spy(), "record", "--pid", str(srv.process.pid), "--output", str(out),
@@ -84,12 +85,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="seconds of load")
     parser.add_argument("--conns", type=int, default=10, help="connections")
     parser.add_argument("--top", type=int, default=20, help="frames to print")
+    parser.add_argument("--round-trip", choices=sorted(ceiling.ROUND_TRIPS), default="carried",
+                        help="qpq's round trip (see ceiling.py --help)")
     args = parser.parse_args()
     if args.seconds <= 0 or args.conns < 1 or args.top < 1:
         parser.error("--seconds must be > 0, --conns and --top >= 1")
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "profile.txt"
-        result = asyncio.run(profile(args.seconds, args.conns, raw))
+        result = asyncio.run(profile(args.seconds, args.conns, raw, args.round_trip))
         print(f"{result['roundtrips_per_s']:.0f} round trips/s at {args.conns} connections "
               f"(p50 {result['p50_ms']:.1f} ms) while sampled")
         print(summarise(raw, args.top))

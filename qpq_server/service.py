@@ -811,8 +811,14 @@ class Service:
         limit = v.get_int(request, "limit", lo=1, hi=limits.max_fetch_batch,
                           default=limits.max_fetch_batch)
         wait_s = v.get_float(request, "wait_s", lo=0.0, hi=limits.max_wait_s, default=0.0)
+        # Acks carried by this fetch (what the client showed since its last one): one
+        # request fewer per delivered page. Validated with the rest, before any effect.
+        ack_ids = (v.get_int_list(request, "ack", max_items=limits.max_fetch_batch)
+                   if request.get("ack") is not None else [])
         self.metrics.fetch_total.inc()
         mailbox = await self._own_mailbox(user, request)
+        # Committed before the read, so the page never holds a message this fetch acked.
+        acked = await self._delete_acked(mailbox, ack_ids)
         messages = await self._fetch_page(mailbox, limit)
         deadline = time.monotonic() + wait_s
         # A wake-up is a hint, not a promise (a late or lost notification, a reconnecting
@@ -835,7 +841,7 @@ class Service:
         return {"messages": [
             {"id": m.id, "from": m.sender, "payload": m.payload, "sent_at": m.sent_at}
             for m in messages
-        ], "more": more}
+        ], "more": more, "acked": acked}
 
     async def _own_mailbox(self, user: str, request: dict[str, Any]) -> str:
         """The requesting device's queue: each device fetches and acks its own copies,
@@ -854,9 +860,16 @@ class Service:
     async def _ack(self, request: dict[str, Any], conn: ConnectionState) -> dict[str, Any]:
         user = self._session_user(request)
         ids = v.get_int_list(request, "ids", max_items=self.config.limits.max_fetch_batch)
-        deleted = await self.storage.ack(await self._own_mailbox(user, request), ids)
+        return {"deleted": await self._delete_acked(await self._own_mailbox(user, request), ids)}
+
+    async def _delete_acked(self, mailbox: str, ids: list[int]) -> int:
+        """Delete delivered messages of `mailbox` (the caller's own queue: ids of any
+        other queue match nothing, so they are ignored); return how many went."""
+        if not ids:
+            return 0
+        deleted = await self.storage.ack(mailbox, ids)
         self._adjust_queue_depth(-deleted)
-        return {"deleted": deleted}
+        return deleted
 
     def connection_closed(self, conn: ConnectionState) -> None:
         self.metrics.sessions_active.dec(len(conn.logged_in_as))

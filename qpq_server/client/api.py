@@ -69,6 +69,15 @@ class ReceivedMessage:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class _PendingAck:
+    """Messages a deferred `receive` handed over, to be acked by the next fetch."""
+
+    device: str
+    ids: list[int]
+    used: list[tuple[bytes, bytes]]  # (one-time key, replay id) to settle once acked
+
+
 def _rejected(item: dict[str, Any], code: str, why: object) -> ReceivedMessage:
     return ReceivedMessage(id=int(item["id"]), sender=str(item["from"]),
                            text=f"[rejected: {why}]", sent_at=float(item["sent_at"]),
@@ -108,6 +117,7 @@ class QpqClient:
         self.replays_dropped = 0  # envelopes already accepted once, dropped by `receive`
         self._devices_checked: set[str] = set()
         self._peer_kt: dict[str, KtVerifier] = {}  # other domains' logs, by domain
+        self._unacked: dict[str, _PendingAck] = {}  # per user: rides on the next fetch
 
     def profile(self, username: str) -> Profile:
         """The profile as it is on disk now (another process may have changed it): read
@@ -510,22 +520,45 @@ class QpqClient:
 
     async def receive(self, username: str, wait_s: float = 0.0, limit: int = 500,
                       before_ack: Callable[[ReceivedMessage], Awaitable[object]] | None = None,
-                      ) -> list[ReceivedMessage]:
+                      defer_ack: bool = False) -> list[ReceivedMessage]:
         """Fetch, authenticate, decrypt, hand each message to `before_ack` (which shows,
         saves or stores it), then ack. A message is acked only after `before_ack`
         returned for it: when it raises, the messages handed over before are acked, the
         exception propagates, and that message and the rest stay queued (they come
         again). Forged or undecryptable messages are handed over marked
         (`verified=False`) and acked; those from a contact whose key changed are handed
-        over but stay queued until `trust`; replays are dropped (`replays_dropped`)."""
+        over but stay queued until `trust`; replays are dropped (`replays_dropped`).
+
+        With `defer_ack` the ack is not sent now: the next `receive` of this user
+        carries it on its fetch (one request fewer per page), and `flush_acks` sends
+        what is left; call it before closing the connection."""
         session = self._session(username)
         timeout = self.conn.timeout + wait_s
         if username not in self._devices_checked:  # a device added behind our back?
             await self.check_own_devices(self.profile(username))
             self._devices_checked.add(username)
         device = device_id(self.profile(username).identity_public)
-        result = await self.conn.call("fetch", timeout=timeout, session=session,
-                                      wait_s=wait_s, limit=limit, device=device)
+        pending = self._unacked.pop(username, None)
+        if pending is not None and pending.device != device:  # keys changed meanwhile
+            self._unacked[username] = pending
+            await self.flush_acks(username)
+            pending = None
+        carried: dict[str, Any] = {"ack": pending.ids} if pending is not None else {}
+        try:
+            result = await self.conn.call("fetch", timeout=timeout, session=session,
+                                          wait_s=wait_s, limit=limit, device=device,
+                                          **carried)
+        except BaseException:
+            if pending is not None:  # not acked: keep it for the next fetch or flush
+                self._unacked[username] = pending
+            raise
+        if pending is not None:
+            if "acked" not in result:  # a server from before `fetch` took acks
+                await self._ack(username, session, device, pending.ids, pending.used)
+                shown = set(pending.ids)  # the fetch may have read them before the ack
+                result["messages"] = [m for m in result["messages"] if m["id"] not in shown]
+            else:
+                await self._settle_acked(username, pending.used)
         # Read after the (long) wait: another process may have added keys meanwhile.
         profile = self.profile(username)
         received: list[ReceivedMessage] = []
@@ -559,9 +592,13 @@ class QpqClient:
                 break
             handed.append(message)
         done = [m for m in handed if m.error != "identity_changed"]
+        ids, settle = ack_ids + [m.id for m in done], [used[m.id] for m in done]
+        if defer_ack and failure is None:
+            if ids:
+                self._unacked[username] = _PendingAck(device, ids, settle)
+            return handed
         try:
-            await self._ack(username, session, device, ack_ids + [m.id for m in done],
-                            [used[m.id] for m in done])
+            await self._ack(username, session, device, ids, settle)
         except ClientError:
             if failure is None:
                 raise
@@ -569,13 +606,29 @@ class QpqClient:
             raise failure
         return handed
 
+    async def flush_acks(self, username: str) -> None:
+        """Send the ack a deferred `receive` left for the next fetch (nothing if none)."""
+        pending = self._unacked.pop(username, None)
+        if pending is None:
+            return
+        try:
+            await self._ack(username, self._session(username), pending.device,
+                            pending.ids, pending.used)
+        except BaseException:
+            self._unacked[username] = pending
+            raise
+
     async def _ack(self, username: str, session: str, device: str, ids: list[int],
                    used: list[tuple[bytes, bytes]]) -> None:
-        """Ack `ids`, then forget the one-time keys they used and remember their replay
-        ids (under the profile lock), and top up key packages when running low."""
+        """Ack `ids`, then settle what they used (`_settle_acked`)."""
         if not ids:
             return
         await self.conn.call("ack", session=session, ids=ids, device=device)
+        await self._settle_acked(username, used)
+
+    async def _settle_acked(self, username: str, used: list[tuple[bytes, bytes]]) -> None:
+        """Once acked: forget the one-time keys the messages used and remember their
+        replay ids (under the profile lock), and top up key packages when running low."""
         with self._edit(username) as profile:
             for rpk, replay_id in used:
                 profile.forget_one_time(rpk)

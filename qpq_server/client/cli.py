@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
 import io
 import json
@@ -457,9 +458,16 @@ def recv(
                 tally.failed += failure is not None
 
         async def fetch_all() -> None:
-            await c.receive(user, wait_s=wait, before_ack=deliver)
-            while c.more_waiting:  # the server pages a large mailbox by bytes
-                await c.receive(user, before_ack=deliver)
+            # Each page's ack rides on the next page's fetch; the last one goes alone.
+            try:
+                await c.receive(user, wait_s=wait, before_ack=deliver, defer_ack=True)
+                while c.more_waiting:  # the server pages a large mailbox by bytes
+                    await c.receive(user, before_ack=deliver, defer_ack=True)
+            except Exception:
+                with contextlib.suppress(ClientError):  # the first error is the one to see
+                    await c.flush_acks(user)
+                raise
+            await c.flush_acks(user)
 
         try:
             await _logged_in(c, user, fetch_all)

@@ -53,6 +53,7 @@ FIELD_TYPES: dict[str, st.SearchStrategy[Any]] = {
     "signature": st.binary(min_size=63, max_size=65),
     "blobs": st.lists(st.binary(min_size=31, max_size=33), max_size=3),
     "ids": st.lists(st.integers(min_value=-5, max_value=2**63), max_size=8),
+    "ack": st.lists(st.integers(min_value=-5, max_value=2**63), max_size=8),  # on fetch
     "limit": st.integers(min_value=-1, max_value=1000),
     "wait_s": st.floats(min_value=-1.0, max_value=0.0) | st.just(0.0),
     "first": st.integers(min_value=-1, max_value=10),

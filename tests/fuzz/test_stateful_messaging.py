@@ -154,6 +154,29 @@ class Messaging(RuleBasedStateMachine):
         again = self.call(self.conns[c], "ack", session=session, ids=chosen)
         assert again["ok"] and again["deleted"] == 0, again
 
+    @precondition(lambda self: any(self.live_session(u) for u in self.users.values()))
+    @rule(data=st.data(), c=conns_ix)
+    def fetch_carrying_acks(self, data: st.DataObject, c: int) -> None:
+        """Acks on a fetch: the user's own go before the page is read; ids of anyone
+        else's messages (picked on purpose) change nothing."""
+        self.tick()
+        user = data.draw(st.sampled_from(
+            [u for _, u in sorted(self.users.items()) if self.live_session(u)]))
+        own = data.draw(st.lists(st.sampled_from(sorted(user.pending) or [0]), unique=True))
+        foreign = sorted(i for u in self.users.values() if u is not user for i in u.pending)
+        others = data.draw(st.lists(st.sampled_from(foreign or [0]), unique=True))
+        own = [i for i in own if i in user.pending]
+        others = [i for i in others if i not in user.pending]
+        r = self.call(self.conns[c], "fetch", session=self.live_session(user),
+                      ack=own + others)
+        assert r["ok"] and r["acked"] == len(own), (r, own, others)
+        for msg_id in own:
+            user.pending.pop(msg_id)
+            user.acked.add(msg_id)
+        got = r["messages"]
+        assert isinstance(got, list)
+        assert [int(m["id"]) for m in got] == sorted(user.pending)
+
     @rule(c=conns_ix)
     def reconnect(self, c: int) -> None:
         self.sh.h.core.service.connection_closed(self.conns[c])
