@@ -1,7 +1,8 @@
 """deploy.yml on a real Debian 12 host under systemd: what an operator's first day looks like.
 
 One host is booted for the module and deployed in order: `--check --diff` while it is
-fresh, the deploy, a second deploy (changed=0); then each test drives the running host.
+fresh, the deploy, a second deploy by a non-root sudo user (changed=0); then each test
+drives the running host.
 The tests run in file order and share that host.
 """
 
@@ -107,7 +108,7 @@ def deployed(host: SystemdHost, wheel: Path) -> Deployed:
 
 
 def deploy_fresh_host(host: SystemdHost, wheel: Path) -> Deployed:
-    """`--check --diff` on the fresh host, then deploy.yml twice."""
+    """`--check --diff` on the fresh host, then deploy.yml twice: as root, then as a sudo user."""
     inventory = {"all": {"children": {"qpq_servers": {"hosts": {"qpq-test-host": {
         "ansible_connection": "local", "ansible_python_interpreter": "/usr/bin/python3"}}}}}}
     host.path(WORK).mkdir(parents=True, exist_ok=True)
