@@ -7,10 +7,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# Non-root service user; /data is its only writable place.
+# Non-root service user; /data is its only writable place (and, for the compose backup
+# job, /backups and the metric dir: a new named volume takes this ownership).
 RUN groupadd --system --gid 10001 qpq \
  && useradd --system --uid 10001 --gid qpq --home-dir /data --shell /usr/sbin/nologin qpq \
- && mkdir -p /data && chown qpq:qpq /data && chmod 0750 /data
+ && mkdir -p /data /backups /var/lib/qpq-backup \
+ && chown qpq:qpq /data /backups /var/lib/qpq-backup \
+ && chmod 0750 /data /backups && chmod 0755 /var/lib/qpq-backup
 
 WORKDIR /opt/qpq
 COPY pyproject.toml README.md ./

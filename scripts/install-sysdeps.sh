@@ -7,6 +7,10 @@ command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
 command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
 [ -x /usr/bin/prometheus-node-exporter ] || need+=(prometheus-node-exporter)
 command -v age >/dev/null 2>&1 || need+=(age)
+# the backup role's off-host copy, run for real by tests/host (and amtool, which checks the
+# rendered Alertmanager config in tests/ansible/test_alertmanager_amtool.py)
+command -v rsync >/dev/null 2>&1 || need+=(rsync)
+command -v amtool >/dev/null 2>&1 || need+=(prometheus-alertmanager)
 # headless browser that opens `qpq-ops report` output in tests/ops/test_report_browser.py
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 # initdb/pg_ctl/postgres for the PostgreSQL backend's tests (tests/helpers/postgres.py)

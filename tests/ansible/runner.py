@@ -143,8 +143,9 @@ def build_wheelhouse(dest: Path) -> Path:
         shutil.copytree(REPO / package, src / package, dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     wheels = dest / "wheels"
+    # With the fast extra (uvloop), which the qpq_server role installs by default.
     subprocess.run([str(BIN / "pip"), "wheel", "-q", "--disable-pip-version-check",
-                    "-w", str(wheels), str(src)],
+                    "-w", str(wheels), f"{src}[fast]"],
                    check=True, capture_output=True, timeout=300)
     (wheel,) = wheels.glob("qpq-*.whl")
     return wheel

@@ -27,11 +27,13 @@ from pathlib import Path
 
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
-# What a fresh qpq host has before deploy.yml runs, plus node_exporter (deploy.yml's apt task
-# then finds it installed, so a test run does not go online for it).
+# What a fresh qpq host has before deploy.yml runs, plus what deploy.yml would install
+# (node_exporter, systemd-timesyncd, rsync for the off-host backup copy): its apt tasks then
+# find them installed, so a test run does not go online for them.
 PACKAGES = (
     "ca-certificates", "dbus", "iproute2", "nftables", "procps", "prometheus-node-exporter",
-    "python3", "python3-apt", "python3-venv", "sudo", "systemd", "systemd-sysv",
+    "python3", "python3-apt", "python3-venv", "rsync", "sudo", "systemd", "systemd-sysv",
+    "systemd-timesyncd",
 )
 # Bump when the way the root is prepared changes, so old tarballs are not reused.
 _LAYOUT = 1
