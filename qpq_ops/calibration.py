@@ -139,8 +139,9 @@ class PostgresCost:
 # workers), 0.30 ms (2 nodes): 0.30 ms, the multi-node figure, since this sizing is for
 # several nodes. Same shared 2-vCPU machine as REFERENCE, PostgreSQL 15 from Debian with
 # its default settings (synchronous_commit = on), load generator and qpq on the same
-# cores; runs on the same box while it was busier measured up to 0.6 ms (less batching
-# under contention, which a dedicated database host does not have).
+# cores. A second run right after, with the box busier (load average 9.5), measured
+# 0.51-0.80 ms per round: contention costs PostgreSQL CPU too (less batching), which a
+# dedicated database host does not have.
 POSTGRES_REFERENCE = PostgresCost(
     cpu_s_per_message=0.00030,
     source="bench/scale.py --repeat 3, PostgreSQL CPU per round trip, 2 nodes (median)",
