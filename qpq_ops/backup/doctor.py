@@ -40,8 +40,8 @@ _TYPES: dict[str, dict[str, tuple[str, ...]]] = {
     "kt_leaves": {"idx": ("integer",), "username": ("text",), "leaf": ("blob",),
                   "created_at": ("real", "integer")},
 }
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_SETUP = re.compile(r"^setup-v(\d+)\.bin$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
+_SETUP = re.compile(r"^setup-v(\d+)\.bin\Z")
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from qpq_server.secrets import Secret
 __all__ = ["VerifyReport", "check_extracted", "verify_archive"]
 
 ProgressFn = Callable[[int], None]
-_SHA256_NAME = re.compile(r"^[0-9a-f]{64}$")
+_SHA256_NAME = re.compile(r"^[0-9a-f]{64}\Z")
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from qpq_server.auth.opaque import create_setup
 __all__ = ["finish_opaque", "rotate_opaque", "setup_versions"]
 
 KIND = "opaque"
-_SETUP = re.compile(r"^setup-v(\d+)\.bin$")
+_SETUP = re.compile(r"^setup-v(\d+)\.bin\Z")
 
 
 def setup_versions(opaque_dir: Path) -> list[int]:

@@ -20,7 +20,7 @@ from qpq_server.tls import write_private_file
 
 __all__ = ["OpaqueServer", "PendingLogin", "create_setup"]
 
-_SETUP_FILE = re.compile(r"^setup-v(\d+)\.bin$")
+_SETUP_FILE = re.compile(r"^setup-v(\d+)\.bin\Z")
 _DUMMY_USER = b"\x00qpq-dummy"
 
 

@@ -40,7 +40,7 @@ from qpq_server.fsutil import fsync_dir, write_atomic
 
 __all__ = ["BlobInfo", "BlobStore", "HashMismatch", "QuotaExceeded", "Upload"]
 
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,12 @@ from typing import Any
 
 from qpq_server.errors import BadRequest, TooLarge
 
-__all__ = ["USERNAME_RE", "get_bytes", "get_bytes_list", "get_float", "get_int",
+__all__ = ["USERNAME_RE", "USERNAME_RULE", "get_bytes", "get_bytes_list", "get_float", "get_int",
            "get_int_list", "get_optional_bytes", "get_str", "get_str_list", "get_username"]
 
-USERNAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-_ADDRESS_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}@[A-Za-z0-9.-]{1,253}$")
+USERNAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}\Z")  # \Z: `$` would let "name\n" in
+USERNAME_RULE = "1 to 64 characters from A-Z a-z 0-9 . _ -"
+_ADDRESS_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}@[A-Za-z0-9.-]{1,253}\Z")
 
 
 def _get(req: dict[str, Any], name: str, required: bool) -> Any:
@@ -34,7 +35,7 @@ def get_str(req: dict[str, Any], name: str, *, max_len: int = 4096) -> str:
 def get_username(req: dict[str, Any], name: str = "username") -> str:
     value = get_str(req, name, max_len=64)
     if not USERNAME_RE.match(value):
-        raise BadRequest(f"field {name!r} must match {USERNAME_RE.pattern}")
+        raise BadRequest(f"field {name!r} must be {USERNAME_RULE}")
     return value
 
 

@@ -50,7 +50,7 @@ Connection = Any  # sqlcipher3 ships no type stubs
 _INLINE_READ_BYTES = 256 * 1024
 """A fetch page up to this many payload bytes is read on the event loop; above it the
 read is redone in the pool (decrypting megabytes would stall every connection)."""
-_HEX_KEY = re.compile(r"^[0-9a-fA-F]{64}$")
+_HEX_KEY = re.compile(r"^[0-9a-fA-F]{64}\Z")
 
 
 def key_pragma(db_key: Secret) -> str:
