@@ -10,8 +10,10 @@ one frame out on a new stream, one frame back), so the only difference is the se
 * round trips per second and p50/p95/p99 at 1, 10 and 100 connections (qpq's round
   trip: one E2E-sized message enqueued, durable, and fetched by a fetch that carries
   the previous message's ack, as `qpq-client recv` does: two requests; the echo's: one
-  frame). `--round-trip separate` is the old three (enqueue, fetch, ack), and
-  `--compare-round-trips` loads qpq both ways in one run;
+  frame). `--round-trip separate` is the old three (enqueue, fetch, ack),
+  `--round-trip pipelined` sends the enqueue and the fetch of the previous message at
+  once, and `--compare-round-trips` loads qpq every way in one run; CPU per round trip
+  of the server (from /proc) and of the load generator is printed with each;
 * handshakes per second and handshake p95 with 16 concurrent connects;
 * server RSS per idle connection with `--idle` idle connections.
 
