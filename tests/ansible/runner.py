@@ -175,7 +175,10 @@ def deploy_vars(root: Path, proc: Path, wheel: Path) -> dict[str, Any]:
         "qpq_server_domain": "chat.example.org",
         "qpq_server_python": sys.executable,
         "qpq_server_wheel": str(wheel),
-        "qpq_server_pip_extra_args": f"--no-index --find-links {wheel.parent}",
+        # --no-compile: byte-compiling the whole 450 MB venv was two thirds of pip's time in
+        # every deploy; the tests start the server, which compiles what it imports. The
+        # systemd-host test (tests/host) installs with the role's defaults, compiling.
+        "qpq_server_pip_extra_args": f"--no-index --find-links {wheel.parent} --no-compile",
         "qpq_server_listen": f"127.0.0.1:{free_port(socket.SOCK_DGRAM)}",
         "qpq_server_metrics_listen": f"127.0.0.1:{free_port()}",
         "qpq_server_auth_token": AUTH_TOKEN,
