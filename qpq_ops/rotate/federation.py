@@ -23,6 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+import qpq_server.federation.certs as fed_certs
 from qpq_ops.deployment import Deployment
 from qpq_ops.errors import Refused
 from qpq_ops.ownership import give_to, owner_of
@@ -30,7 +31,6 @@ from qpq_ops.rotate.audit import AuditRecord, append_audit
 from qpq_ops.rotate.certs import cert_fingerprint, key_pem, pem
 from qpq_ops.rotate.result import RotationResult
 from qpq_server.errors import ConfigError
-from qpq_server.federation import certs as fed_certs
 from qpq_server.tls import write_private_file
 
 __all__ = ["FederationPaths", "federation_paths", "finish_federation", "rotate_federation"]

@@ -37,6 +37,7 @@ SERVER_PIECES = (
     "qpq_server.metrics",  # the metric registry the catalogue is read from (issue 10)
     "qpq_server.client",  # `capacity calibrate` drives a throwaway server (lazy import)
     "qpq_server.devserver",  # ...started by the project's one launcher (lazy import)
+    "qpq_server.federation.certs",  # one builder of federation certificates (rotation)
 )
 
 
