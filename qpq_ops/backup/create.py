@@ -32,6 +32,7 @@ from qpq_ops.backup.textfile import write_backup_metrics
 from qpq_ops.deployment import Deployment
 from qpq_ops.errors import OpsError, Refused
 from qpq_server import __version__ as server_version
+from qpq_server.fsutil import fsync_dir
 from qpq_server.secrets import Secret
 from qpq_server.storage.migrations import SCHEMA_VERSION
 
@@ -102,14 +103,6 @@ def _remove_stale_temp_files(dest: Path) -> None:
             path.unlink(missing_ok=True)
         except PermissionError:
             continue
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _source_key(dep: Deployment) -> Secret:
@@ -213,7 +206,7 @@ def _publish(tmp_archive: Path, final: Path) -> None:
         os.link(tmp_archive, final)  # unlike a rename, never replaces an archive
     except FileExistsError:
         raise Refused(f"{final} already exists; not overwriting a backup") from None
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 def _write_failure(exc: OSError, req: BackupRequest) -> OpsError:

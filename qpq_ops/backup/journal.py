@@ -20,19 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qpq_server.fsutil import fsync_dir
 from qpq_server.storage.base import RESTORE_JOURNAL
 
 __all__ = ["PlaceJournal", "Rollback", "roll_back"]
 
 _DB_SIDECARS = ("-wal", "-shm")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove(path: Path) -> None:
@@ -62,7 +55,7 @@ class PlaceJournal:
         self.path = data_dir / RESTORE_JOURNAL
         self._write({"started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                      "aside": str(aside)}, mode="w")
-        _fsync_dir(data_dir)
+        fsync_dir(data_dir)
 
     def _write(self, record: dict[str, Any], mode: str = "a") -> None:
         with self.path.open(mode, encoding="utf-8") as fh:
@@ -84,7 +77,7 @@ class PlaceJournal:
 
     def finish(self) -> None:
         self.path.unlink()
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
 
 
 def _undo_move(rec: dict[str, Any]) -> bool:
@@ -160,5 +153,5 @@ def roll_back(data_dir: Path) -> Rollback | None:
     if header.get("aside"):
         _prune_empty(Path(header["aside"]))
     path.unlink()
-    _fsync_dir(data_dir)
+    fsync_dir(data_dir)
     return Rollback(str(header.get("started", "an unknown time")), undone)
