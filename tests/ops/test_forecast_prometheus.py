@@ -8,6 +8,7 @@ dates the written trends imply, within a day.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -95,6 +96,14 @@ def test_a_shorter_horizon_leaves_only_the_warning_line(stack: Stack) -> None:
         stack.now + synth.EXPECTED_DISK_CRITICAL_DAYS * DAY, abs=DAY)
 
 
+NEGATIVE_ZERO = re.compile(r"(?<![\w-])-0(?:\.0+)?(?![\d.])")
+
+
+def test_negative_zero_pattern_finds_numbers_not_dates() -> None:
+    assert NEGATIVE_ZERO.search("trend -0.0 %/day") and NEGATIVE_ZERO.search("(-0)")
+    assert not NEGATIVE_ZERO.search("until 2027-01-01, +0.0 %/day, -0.5 %/day")
+
+
 def test_flat_series_are_not_within_the_horizon(stack: Stack) -> None:
     code, doc = forecast(stack, "--instance", "flat")
     assert code == 0
@@ -107,7 +116,8 @@ def test_flat_series_are_not_within_the_horizon(stack: Stack) -> None:
                                 "--instance", "flat"], env={"COLUMNS": "250"})
     assert human.exit_code == 0
     assert "not within the horizon" in human.stdout
-    assert "-0" not in human.stdout  # a flat trend is +0, never -0.0
+    # A flat trend is +0, never -0 or -0.0 (a date such as 2027-01-01 is not a number).
+    assert not NEGATIVE_ZERO.search(human.stdout), human.stdout
 
 
 def test_too_little_history_says_so_and_exits_3(stack: Stack) -> None:
