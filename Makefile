@@ -5,6 +5,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
+# The suite starts hundreds of Python processes (servers, CLIs, every Ansible task); some
+# machines set PYTHONDONTWRITEBYTECODE, which makes each of them compile its modules anew.
+unexport PYTHONDONTWRITEBYTECODE
+
 .PHONY: demo test test-fast test-host lint typecheck pytest bench venv sysdeps render clean soak ceiling
 
 $(STAMP): pyproject.toml

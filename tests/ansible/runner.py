@@ -62,9 +62,17 @@ class PlaybookRun:
         return names
 
 
+# A private cache of the bytecode of Ansible's zipped module code (see zipcode/sitecustomize.py).
+ZIPCODE_DIR = Path(__file__).resolve().parent / "zipcode"
+ZIPCODE_CACHE = REPO / ".pytest_cache" / "ansible-zipcode"
+
+
 def ansible_env(work: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("QPQ_", "ANSIBLE_"))}
+    ZIPCODE_CACHE.mkdir(mode=0o700, parents=True, exist_ok=True)
     env.update(
+        PYTHONPATH=str(ZIPCODE_DIR),
+        QPQ_TEST_ZIPCODE_CACHE=str(ZIPCODE_CACHE),
         ANSIBLE_CONFIG=str(PLAYBOOKS / "ansible.cfg"),
         ANSIBLE_NOCOLOR="1",
         ANSIBLE_FORCE_COLOR="0",
