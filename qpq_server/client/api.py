@@ -118,6 +118,9 @@ class QpqClient:
         self._devices_checked: set[str] = set()
         self._peer_kt: dict[str, KtVerifier] = {}  # other domains' logs, by domain
         self._unacked: dict[str, _PendingAck] = {}  # per user: rides on the next fetch
+        # False once this server answered a fetch carrying acks without `acked` (a server
+        # from before `fetch` took them): from then on acks go alone, before the fetch.
+        self._fetch_takes_acks = True
 
     def profile(self, username: str) -> Profile:
         """The profile as it is on disk now (another process may have changed it): read
@@ -539,7 +542,8 @@ class QpqClient:
             self._devices_checked.add(username)
         device = device_id(self.profile(username).identity_public)
         pending = self._unacked.pop(username, None)
-        if pending is not None and pending.device != device:  # keys changed meanwhile
+        if pending is not None and (pending.device != device  # keys changed meanwhile
+                                    or not self._fetch_takes_acks):
             self._unacked[username] = pending
             await self.flush_acks(username)
             pending = None
@@ -554,9 +558,11 @@ class QpqClient:
             raise
         if pending is not None:
             if "acked" not in result:  # a server from before `fetch` took acks
+                self._fetch_takes_acks = False
                 await self._ack(username, session, device, pending.ids, pending.used)
-                shown = set(pending.ids)  # the fetch may have read them before the ack
-                result["messages"] = [m for m in result["messages"] if m["id"] not in shown]
+                # It read the page before the ack deleted it: read again, past it.
+                result = await self.conn.call("fetch", timeout=timeout, session=session,
+                                              wait_s=wait_s, limit=limit, device=device)
             else:
                 await self._settle_acked(username, pending.used)
         # Read after the (long) wait: another process may have added keys meanwhile.

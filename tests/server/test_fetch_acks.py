@@ -236,3 +236,47 @@ def test_recv_carries_each_pages_ack_on_the_next_fetch(paging: RunningServer,
     # At most one `ack` request: the last page's, unless a final (empty) fetch carried it.
     assert paging.metric("qpq_rpc_duration_seconds_count", op="ack") - acks <= 1
     assert rows(ok(cli(paging, prof, "recv", "pr_b", "--json"))) == []  # all were acked
+
+
+class ServerBeforeFetchAcks:
+    """A connection as a server from before `fetch` took acks answers it: such a server
+    ignores the request field it does not know (`ack`) and answers without `acked`."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+        self.fetch_acks_dropped = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+    async def call(self, op: str, **fields: Any) -> Any:
+        if op == "fetch" and fields.pop("ack", None) is not None:
+            self.fetch_acks_dropped += 1
+        result = await self._conn.call(op, **fields)
+        if op == "fetch":
+            result.pop("acked", None)
+        return result
+
+
+async def test_a_deferred_receive_against_an_older_server_acks_on_its_own(
+        server: RunningServer, client: ClientFactory) -> None:
+    async with client() as c:
+        await c.register("fo_a", "pw")
+        await c.register("fo_b", "pw")
+        for i in range(5):
+            await c.send_text("fo_a", ["fo_b"], f"m{i}")
+        old = ServerBeforeFetchAcks(c.conn)
+        c.conn = old
+        acks_before = server.metric("qpq_rpc_duration_seconds_count", op="ack")
+        got = []
+        for _ in range(3):
+            got += await c.receive("fo_b", limit=2, defer_ack=True)
+        # Each message once, in order, a full page each time: the first fetch that
+        # carried an ack read its page again (the server ignored the ack); the client
+        # acked alone, read again, and from then on acks before it fetches.
+        assert [m.text for m in got] == [f"m{i}" for i in range(5)]
+        assert old.fetch_acks_dropped == 1
+        assert server.metric("qpq_rpc_duration_seconds_count", op="ack") == acks_before + 2
+        await c.flush_acks("fo_b")
+        assert server.metric("qpq_rpc_duration_seconds_count", op="ack") == acks_before + 3
+        assert await c.receive("fo_b") == []  # everything was acked
