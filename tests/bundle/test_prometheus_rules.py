@@ -88,9 +88,18 @@ def test_boundary_cases_catch_greater_or_equal_for_every_threshold(
         alert = f"{trigger_record(trigger)} {trigger.comparison(severity)}\n"
         mutated = alert.replace(" > ", " >= ")
         tests = _mutated_bundle(repo, tmp_path / str(severity), alert, mutated)
-        triggers_test = [t for t in tests if t.endswith("qpq-triggers-test.yml")]
-        result = promtool("test", "rules", *triggers_test)
+        (triggers_test,) = [Path(t) for t in tests if t.endswith("qpq-triggers-test.yml")]
+        # This trigger's own generated tests must catch it (the others only cost time).
+        doc = yaml.safe_load(triggers_test.read_text())
+        doc["tests"] = [t for t in doc["tests"] if t["name"].startswith(f"trigger {trigger.id} ")]
+        assert len(doc["tests"]) == 2, [t["name"] for t in doc["tests"]]
+        own = triggers_test.with_name(f"{trigger.id}-test.yml")
+        own.write_text(yaml.safe_dump(doc, sort_keys=False))
+        result = promtool("test", "rules", str(own))
         assert result.returncode != 0, f"{trigger.id} {severity}: {result.stdout}"
+        # ... because the mutated alert fired where it must not (not a broken file).
+        output = result.stdout + result.stderr
+        assert f"alertname: {trigger_alert_name(trigger, severity)}," in output, output
 
 
 def test_a_foreign_job_and_a_counter_reset_are_in_the_generated_tests(repo: Path) -> None:
