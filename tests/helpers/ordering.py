@@ -1,0 +1,31 @@
+"""Longest files first: with `-n 2 --dist loadfile` a worker takes one whole file at a time,
+so a long file started last keeps one core busy after the other has run out of work.
+
+The list is the slowest files of a measured run (`--durations`, per file); a file not
+listed keeps its place after them. A stale list only costs time, never a test.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+LONGEST_FIRST = (
+    "tests/ansible/test_deploy.py",
+    "tests/ansible/test_postgres_role.py",
+    "tests/host/test_deploy_systemd.py",
+    "tests/ansible/test_day2.py",
+    "tests/ansible/test_federation.py",
+    "tests/ansible/test_shared_tls.py",
+    "tests/ansible/test_fast_extra.py",
+    "tests/ansible/test_preflight.py",
+    "tests/ansible/test_hashed_install.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+
+    def key(item: pytest.Item) -> int:
+        return rank.get(item.nodeid.split("::", 1)[0], len(rank))
+
+    items.sort(key=key)  # stable: the rest keep collection order
