@@ -1,27 +1,79 @@
-"""The `qpq-ops` Typer application: one module per command group, joined here."""
+"""The `qpq-ops` Typer application: one module per command group, joined here lazily.
+
+A command's module (and the heavy libraries behind it: psycopg, httpx, jinja2, numpy...)
+is imported only when that command runs; `COMMANDS` keeps each one's module and the
+short help the root `--help` lists, in the order it lists them.
+"""
 
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import typer
 
-from qpq_ops.cli import (
-    backup,
-    capacity,
-    doctor,
-    forecast,
-    render,
-    report,
-    restore,
-    rotate,
-    triggers,
-    tune,
-)
+from qpq_ops.cli._lazy import LazyEntry, lazy_group
 from qpq_ops.errors import OpsError
 from qpq_ops.exit_codes import ExitCode
 
-__all__ = ["app", "main"]
+__all__ = ["COMMANDS", "app", "main"]
+
+
+def _add_forecast(capacity_app: Any) -> None:
+    """`capacity forecast` lives in its own module (numpy, Prometheus history)."""
+    from qpq_ops.cli.forecast import forecast
+
+    if not any(c.name == "forecast" for c in capacity_app.registered_commands):
+        capacity_app.command("forecast")(forecast)
+
+
+# name -> where the command is built and the first paragraph of its help (a test holds
+# each line equal to the real command's help).
+COMMANDS: dict[str, LazyEntry] = {
+    "check-triggers": LazyEntry(
+        "qpq_ops.cli.triggers:check_triggers",
+        "Evaluate the scaling triggers of the scaling guide (and qpq's worker CPU and\n"
+        "federation peers)."),
+    "doctor": LazyEntry(
+        "qpq_ops.cli.doctor:doctor",
+        "Check a qpq box before and after go-live: sysctl, open files, config, /readyz,\n"
+        "TLS expiry (warning < 30 days, critical < 7), free disk vs the capacity plan, last\n"
+        "backup age, clock offset, whether Prometheus scrapes the server, (backend\n"
+        "postgres) that the database answers, its version and schema, and (federation\n"
+        "enabled) our federation certificate (CA, expiry, domain, key) and each peer's\n"
+        "reachability by one QUIC handshake attempt."),
+    "report": LazyEntry(
+        "qpq_ops.cli.report:report",
+        "Write an HTML report an operator can open anywhere (no network needed)."),
+    "restore": LazyEntry(
+        "qpq_ops.cli.restore:restore",
+        "Restore a backup into the config's data dir, then check it."),
+    "capacity": LazyEntry(
+        "qpq_ops.cli.capacity:app",
+        "Size a qpq deployment: storage, memory, vCPUs, sizing tier and host tuning.",
+        setup=_add_forecast),
+    "tune": LazyEntry(
+        "qpq_ops.cli.tune:app",
+        "Host tuning for QUIC: UDP buffers (sysctl) and the open-files limit. Prints the "
+        "recommended files; changes nothing unless --write is given."),
+    "render": LazyEntry(
+        "qpq_ops.cli.render:app",
+        "Regenerate the monitoring bundle from the trigger definition: Prometheus alert "
+        "and recording rules, promtool tests, the Grafana dashboard and the operations "
+        "docs. Paths are relative to --root (default: the qpq checkout around the current "
+        "directory). With --check nothing is written and the exit code is 1 when a file "
+        "differs."),
+    "backup": LazyEntry(
+        "qpq_ops.cli.backup:app",
+        "Online, consistent backups: the encrypted database (SQLite backup API, never a "
+        "raw copy of a live WAL file; with the postgres backend a pg_dump of one "
+        "snapshot), the blob store and the OPAQUE setups; secrets only with "
+        "--include-secrets. Each archive carries a manifest with sha256 of every member."),
+    "rotate": LazyEntry(
+        "qpq_ops.cli.rotate:app",
+        "Rotate secrets: each command shows its plan with --dry-run, never prints a "
+        "secret, and records what/when/fingerprint in DATA_DIR/audit/rotations.jsonl."),
+}
 
 app = typer.Typer(
     name="qpq-ops",
@@ -29,17 +81,13 @@ app = typer.Typer(
     "back it up, restore it and rotate its keys.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    cls=lazy_group(COMMANDS),
 )
-capacity.app.command("forecast")(forecast.forecast)
-app.add_typer(capacity.app, name="capacity")
-app.command("check-triggers")(triggers.check_triggers)
-app.add_typer(tune.app, name="tune")
-app.command("doctor")(doctor.doctor)
-app.command("report")(report.report)
-app.add_typer(render.app, name="render")
-app.add_typer(backup.app, name="backup")
-app.command("restore")(restore.restore)
-app.add_typer(rotate.app, name="rotate")
+
+
+@app.callback()
+def _root() -> None:
+    """No root options: Typer needs a callback to build a group with no eager commands."""
 
 
 def main() -> None:
