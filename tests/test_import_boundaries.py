@@ -231,6 +231,33 @@ def test_importing_the_ops_cli_loads_no_quic_or_websockets() -> None:
     assert not {m for m in loaded if _under(m, "aioquic", "websockets")}
 
 
+# Issue 17: the deploy and the tests run qpq-ops hundreds of times; a command pays only
+# for the libraries it uses (qpq_ops.cli loads each command's module on demand).
+HEAVY = ("psycopg", "requests", "prometheus_api_client", "httpx", "jinja2", "matplotlib",
+         "numpy", "scipy", "qpq_server.storage.postgres", "qpq_server.storage.sqlcipher")
+
+
+def _run_ops(*argv: str) -> str:
+    """Run qpq-ops in-process in this fresh interpreter; stdout is its output."""
+    return ("import contextlib, io\nfrom qpq_ops.cli import main\n"
+            f"sys.argv = ['qpq-ops', *{list(argv)!r}]\n"
+            "with contextlib.redirect_stdout(io.StringIO()) as help_text:\n"
+            "    try:\n        main()\n    except SystemExit as exc:\n"
+            "        assert exc.code == 0, exc.code\n"
+            "assert 'Usage: qpq-ops' in help_text.getvalue(), help_text.getvalue()")
+
+
+@pytest.mark.parametrize("statement", [
+    "import qpq_ops.cli", _run_ops("--help"), _run_ops("tune", "sysctl", "--help"),
+], ids=["import", "root-help", "tune-sysctl-help"])
+def test_the_ops_cli_loads_no_heavy_library_a_command_does_not_use(statement: str) -> None:
+    loaded = _loaded_after(statement)
+    assert not {m for m in loaded if _under(m, *HEAVY)}
+    if "tune" not in statement:  # listing the commands imports none of their modules
+        assert not {m for m in loaded if _under(m, "qpq_ops.cli")} - {
+            "qpq_ops.cli", "qpq_ops.cli._lazy"}
+
+
 def test_the_graph_walker_sees_type_checking_and_lazy_imports(tmp_path: Path) -> None:
     """The rules above are only as good as the walker: it must report every kind."""
     src = ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import a.b\n"

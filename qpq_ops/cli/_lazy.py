@@ -92,6 +92,9 @@ class LazyGroup(TyperGroup):
         self.commands = _LazyCommands(self.entries)
         self._listing = False
 
+    def list_commands(self, ctx: _click.Context) -> list[str]:
+        return list(self.commands)  # TyperGroup's walks .items(), which builds them all
+
     def get_command(self, ctx: _click.Context, cmd_name: str) -> _click.Command | None:
         commands = self.commands
         if (self._listing and isinstance(commands, _LazyCommands)
