@@ -258,6 +258,20 @@ def test_the_ops_cli_loads_no_heavy_library_a_command_does_not_use(statement: st
             "qpq_ops.cli", "qpq_ops.cli._lazy"}
 
 
+@pytest.mark.parametrize(("argv", "not_loaded"), [
+    (("capacity", "plan", "--help"), HEAVY),  # forecast's numpy/Prometheus stay out
+    (("capacity", "--help"), HEAVY),  # ...also when the group lists its commands
+    (("backup", "prune", "--help"), ("psycopg", "qpq_server.storage.postgres", "httpx",
+                                     "requests", "jinja2", "numpy")),
+    (("rotate", "tls", "--help"), ("psycopg", "qpq_server.storage.postgres", "httpx",
+                                   "requests", "jinja2", "numpy")),
+], ids=["capacity-plan", "capacity-help", "backup-prune", "rotate-tls"])
+def test_an_ops_command_loads_only_its_own_heavy_libraries(
+        argv: tuple[str, ...], not_loaded: tuple[str, ...]) -> None:
+    loaded = _loaded_after(_run_ops(*argv))
+    assert not {m for m in loaded if _under(m, *not_loaded)}
+
+
 def test_the_graph_walker_sees_type_checking_and_lazy_imports(tmp_path: Path) -> None:
     """The rules above are only as good as the walker: it must report every kind."""
     src = ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import a.b\n"

@@ -33,7 +33,6 @@ from typing import Any
 
 from qpq_ops.errors import ArchiveDamaged, OpsError, Refused
 from qpq_server.storage.base import RESTORE_STATE_KEY
-from qpq_server.storage.postgres import describe_pg_error
 
 __all__ = ["DUMP_MEMBER", "PgFacts", "PgSnapshot", "database_tables", "dump_counts",
            "dump_database", "other_sessions", "pg_facts", "pg_purge", "pg_restore_state",
@@ -84,6 +83,14 @@ def _split_dsn(dsn: str) -> tuple[str, dict[str, str]]:
     return make_conninfo(**{k: str(v) for k, v in params.items() if v is not None}), env
 
 
+def _describe(exc: BaseException, dsn: str) -> str:
+    # The backend module imports psycopg: only a postgres deployment pays for it, not
+    # every backup/restore/rotate command of a SQLite one (issue 17).
+    from qpq_server.storage.postgres import describe_pg_error
+
+    return describe_pg_error(exc, dsn)
+
+
 def _run(argv: list[str], dsn: str, what: str) -> subprocess.CompletedProcess[str]:
     try:
         done = subprocess.run(argv, check=False, capture_output=True, text=True,
@@ -92,7 +99,7 @@ def _run(argv: list[str], dsn: str, what: str) -> subprocess.CompletedProcess[st
         raise OpsError(f"{what} timed out") from None
     if done.returncode != 0:
         first = next((ln for ln in done.stderr.splitlines() if ln.strip()), "failed")
-        raise OpsError(f"{what} failed: {describe_pg_error(RuntimeError(first), dsn)}")
+        raise OpsError(f"{what} failed: {_describe(RuntimeError(first), dsn)}")
     return done
 
 
@@ -106,7 +113,7 @@ def _connect(dsn: str) -> Iterator[Any]:
         conn = psycopg.connect(dsn, connect_timeout=10, autocommit=True)
     except psycopg.Error as exc:
         raise OpsError(f"cannot connect to the database (QPQ_DATABASE_URL): "
-                       f"{describe_pg_error(exc, dsn)}") from None
+                       f"{_describe(exc, dsn)}") from None
     try:
         yield conn
     finally:

@@ -8,7 +8,6 @@ short help the root `--help` lists, in the order it lists them.
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 import typer
 
@@ -17,14 +16,6 @@ from qpq_ops.errors import OpsError
 from qpq_ops.exit_codes import ExitCode
 
 __all__ = ["COMMANDS", "app", "main"]
-
-
-def _add_forecast(capacity_app: Any) -> None:
-    """`capacity forecast` lives in its own module (numpy, Prometheus history)."""
-    from qpq_ops.cli.forecast import forecast
-
-    if not any(c.name == "forecast" for c in capacity_app.registered_commands):
-        capacity_app.command("forecast")(forecast)
 
 
 # name -> where the command is built and the first paragraph of its help (a test holds
@@ -50,8 +41,7 @@ COMMANDS: dict[str, LazyEntry] = {
         "Restore a backup into the config's data dir, then check it."),
     "capacity": LazyEntry(
         "qpq_ops.cli.capacity:app",
-        "Size a qpq deployment: storage, memory, vCPUs, sizing tier and host tuning.",
-        setup=_add_forecast),
+        "Size a qpq deployment: storage, memory, vCPUs, sizing tier and host tuning."),
     "tune": LazyEntry(
         "qpq_ops.cli.tune:app",
         "Host tuning for QUIC: UDP buffers (sysctl) and the open-files limit. Prints the "

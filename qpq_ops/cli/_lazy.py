@@ -10,7 +10,7 @@ imports nothing (tests/ops/test_cli_lazy.py pins that the line equals the real h
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,13 +27,10 @@ class LazyEntry:
 
     target: str
     short: str
-    setup: Callable[[Any], None] | None = None  # e.g. adds `capacity forecast` to the app
 
     def build(self, name: str) -> _click.Command:
         module, _, attribute = self.target.partition(":")
         obj = getattr(importlib.import_module(module), attribute)
-        if self.setup is not None:
-            self.setup(obj)
         # Build it exactly as `add_typer`/`command` on the root would have: as a member of
         # a throwaway group with Typer's default settings, then take it out.
         holder = typer.Typer(add_completion=False)
@@ -50,12 +47,15 @@ def _no_op() -> None:
 
 
 class _LazyCommands(MutableMapping[str, _click.Command]):
-    """The group's `commands`: every name is known up front, a command is built (its
-    module imported) the first time it is looked up."""
+    """The group's `commands`: every name is known up front, a lazy one is built (its
+    module imported) the first time it is looked up. Eager commands (a group's own,
+    given to it by Typer) come first, in their order, then the lazy ones."""
 
-    def __init__(self, entries: Mapping[str, LazyEntry]) -> None:
+    def __init__(self, entries: Mapping[str, LazyEntry],
+                 eager: Mapping[str, _click.Command]) -> None:
         self.entries = entries
-        self.loaded: dict[str, _click.Command] = {}
+        self.loaded: dict[str, _click.Command] = dict(eager)
+        self.names = [*eager, *(name for name in entries if name not in eager)]
 
     def __getitem__(self, name: str) -> _click.Command:
         if name not in self.loaded:
@@ -65,31 +65,35 @@ class _LazyCommands(MutableMapping[str, _click.Command]):
         return self.loaded[name]
 
     def __setitem__(self, name: str, command: _click.Command) -> None:
+        if name not in self.names:
+            self.names.append(name)
         self.loaded[name] = command
 
     def __delitem__(self, name: str) -> None:
+        if name in self.entries:
+            raise KeyError(f"{name} is a lazy command: it cannot be removed")
         del self.loaded[name]
+        self.names.remove(name)
 
     def __iter__(self) -> Iterator[str]:
-        yield from self.entries
-        yield from (name for name in self.loaded if name not in self.entries)
+        return iter(list(self.names))
 
     def __len__(self) -> int:
-        return len(set(self.entries) | set(self.loaded))
+        return len(self.names)
 
     def __contains__(self, name: object) -> bool:
-        return name in self.entries or name in self.loaded
+        return name in self.names
 
 
 class LazyGroup(TyperGroup):
-    """TyperGroup over `ENTRIES` (set by `lazy_group`); the root help lists each command
-    from its entry's short help, running a command imports only its own module."""
+    """TyperGroup with lazy `entries` (set by `lazy_group`) besides its own commands: its
+    help lists each from the entry's short help; running one imports only its module."""
 
     entries: Mapping[str, LazyEntry] = {}
 
     def __init__(self, **attrs: Any) -> None:
         super().__init__(**attrs)
-        self.commands = _LazyCommands(self.entries)
+        self.commands = _LazyCommands(self.entries, dict(self.commands))
         self._listing = False
 
     def list_commands(self, ctx: _click.Context) -> list[str]:
@@ -113,4 +117,4 @@ class LazyGroup(TyperGroup):
 
 def lazy_group(entries: Mapping[str, LazyEntry]) -> type[LazyGroup]:
     """A LazyGroup class bound to `entries` (Typer takes a class, not an instance)."""
-    return type("QpqOpsGroup", (LazyGroup,), {"entries": entries})
+    return type("LazyTyperGroup", (LazyGroup,), {"entries": entries})

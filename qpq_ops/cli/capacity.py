@@ -12,7 +12,6 @@ from typing import Annotated
 
 import typer
 import yaml
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -30,20 +29,28 @@ from qpq_ops.capacity import (
     plan,
 )
 from qpq_ops.cli._calibration import CalibrationOpt, calibration_or_fail
+from qpq_ops.cli._lazy import LazyEntry, lazy_group
 from qpq_ops.errors import (
     CalibrationRunError,
     CapacityInputError,
     SourceError,
 )
-from qpq_ops.evaluate.prometheus_client import PrometheusQuerier
 from qpq_ops.exit_codes import ExitCode
 from qpq_ops.tuning import write_atomic
 
 __all__ = ["app", "calibrate_command", "inputs_from_file", "observed_load", "plan_command"]
 
+# `capacity forecast` lives in its own module (numpy, Prometheus history), imported only
+# when it runs: `capacity plan` pays for neither (issue 17).
+FORECAST = LazyEntry(
+    "qpq_ops.cli.forecast:forecast",
+    "Forecast when disk, memory, connections vs cap and the delivery queue will cross\n"
+    "their scaling-trigger lines, and how many workers and hosts the load will need.")
+
 app = typer.Typer(
     help="Size a qpq deployment: storage, memory, vCPUs, sizing tier and host tuning.",
     no_args_is_help=True,
+    cls=lazy_group({"forecast": FORECAST}),
 )
 
 _INPUT_NAMES = tuple(f.name for f in fields(CapacityInputs))
@@ -118,6 +125,9 @@ def observed_load(url: str, lookback: str, timeout: float) -> dict[str, float | 
     Messages per user-hour is the observed enqueue rate divided by the peak, so that
     users x msgs/hr reproduces the observed total message rate.
     """
+    # Only `--from-prometheus` needs the HTTP client stack (issue 17: lazy imports).
+    from qpq_ops.evaluate.prometheus_client import PrometheusQuerier
+
     prom = PrometheusQuerier(url, timeout)
     try:
         peak = prom.query(f"max_over_time(sum(qpq_connections_active)[{lookback}:1m])")
@@ -406,6 +416,8 @@ def calibrate_command(
         fail(f"--idle-connections: must be 10 to 5,000, got {idle_connections}")
     if out_file is not None and not out_file.parent.is_dir():
         fail(f"--out: directory {out_file.parent} does not exist")
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
     from qpq_ops.calibrate import calibrate
 
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())

@@ -17,6 +17,7 @@ import pytest
 import typer.main
 
 from qpq_ops.cli import COMMANDS, app
+from qpq_ops.cli.capacity import FORECAST
 
 ORDER = ["check-triggers", "doctor", "report", "restore", "capacity", "tune", "render",
          "backup", "rotate"]
@@ -39,7 +40,13 @@ def test_the_root_lists_every_command_in_order_and_builds_them_on_demand() -> No
     ctx = root.make_context("qpq-ops", ["--help"], resilient_parsing=True)
     assert root.list_commands(ctx) == ORDER
     capacity = root.commands["capacity"]
-    assert "forecast" in capacity.commands  # added to the group when it is built
+    assert list(capacity.commands) == ["plan", "calibrate", "forecast"]
+
+
+def test_capacity_forecast_help_line_is_the_real_commands_first_paragraph() -> None:
+    capacity: Any = typer.main.get_command(app).commands["capacity"]  # type: ignore[attr-defined]
+    real = capacity.commands["forecast"]
+    assert FORECAST.short == _first_paragraph(real.help)
 
 
 def _root_help(load_first: bool, capsys: pytest.CaptureFixture[str]) -> str:
