@@ -9,6 +9,7 @@ import json
 import stat
 import subprocess
 import tomllib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,15 @@ def test_each_version_has_its_own_venv_and_current_points_at_it(deployed: Deploy
     assert (install / "venvs" / version / "bin" / "qpq-server").is_file()
 
 
+def test_the_fast_extra_is_installed_by_default(deployed: Deployed) -> None:
+    # qpq_server_fast_extra is on by default: a fresh deploy's venv has uvloop
+    # (tests/ansible/test_fast_extra.py turns it off and on again on a root of its own).
+    python = deployed.path("/opt/qpq/current/bin/python")
+    probe = subprocess.run([str(python), "-c", "import uvloop"], capture_output=True,
+                           text=True, timeout=60, check=False)
+    assert probe.returncode == 0, probe.stderr
+
+
 def test_a_failed_upgrade_leaves_the_running_version_in_place(
         deployed: Deployed, tmp_path: Path, qpq_wheel: Path) -> None:
     # A "new version" whose install fails: its wheel is not a zip file.
@@ -145,7 +155,8 @@ def test_a_failed_upgrade_leaves_the_running_version_in_place(
     before = current.readlink()
     unit = deployed.path("/etc/systemd/system/qpq-server.service").read_bytes()
     run = run_playbook("deploy.yml", tmp_path / "work",
-                       {**deployed.vars, "qpq_server_wheel": str(broken)}, tags="qpq_server")
+                       {**deployed.vars, "qpq_server_wheel": str(broken)},
+                       tags="qpq_server_install")
     assert run.rc != 0
     assert "fatal" in run.output and "Install qpq into the virtualenv" in run.output
     assert current.readlink() == before
@@ -289,7 +300,7 @@ def test_a_config_that_check_config_rejects_never_lands(deployed: Deployed) -> N
         "qpq_server_federation_cert": "/etc/qpq/federation/cert.pem",
         "qpq_server_federation_key": "/etc/qpq/federation/key.pem",
         "qpq_server_federation_ca": "/etc/qpq/federation/ca.pem",
-    }, tags="qpq_server")
+    }, tags="qpq_server_configure")  # the step that writes the config
     assert run.rc != 0
     assert "failed to validate" in run.output, run.output[-3000:]
     assert config_path.read_bytes() == before
@@ -308,77 +319,6 @@ def test_rules_that_promtool_rejects_never_land(deployed: Deployed, tmp_path: Pa
     assert not deployed.path("/etc/prometheus/qpq/alerts/broken.yml").exists()
 
 
-def test_rules_are_rendered_for_the_deployments_jobs_mountpoint_and_runbooks(
-        deployed: Deployed) -> None:
-    settings = {"qpq_prometheus_data_mountpoint": "/srv/qpq-data",
-                "qpq_prometheus_runbook_base_url": "https://git.example.org/ops/qpq/-/blob/main/docs",
-                "qpq_prometheus_qpq_job": "qpq-chat", "qpq_prometheus_node_job": "qpq-node"}
-    alerts = deployed.path("/etc/prometheus/qpq/alerts/qpq-alerts.yml")
-    try:
-        run = run_playbook("deploy.yml", deployed.work, {**deployed.vars, **settings},
-                           tags="qpq_prometheus")
-        assert run.rc == 0, run.output[-3000:]
-        text = alerts.read_text()
-        recording = deployed.path("/etc/prometheus/qpq/rules/qpq-recording.yml").read_text()
-        # The disk trigger (a recording rule) watches the deployment's data filesystem.
-        assert 'node_filesystem_avail_bytes{job="qpq-node",mountpoint="/srv/qpq-data"}' in recording
-        assert "https://git.example.org/ops/qpq/-/blob/main/docs/operations/" in text
-        assert 'job="qpq-chat"' in text and 'job=~"qpq-chat|qpq-node"' in text
-        assert 'job="qpq"' not in text + recording and 'job="node"' not in text + recording
-        config = yaml.safe_load(deployed.path("/etc/prometheus/prometheus.yml").read_text())
-        jobs = {job["job_name"] for job in config["scrape_configs"]}
-        assert {"qpq-chat", "qpq-node"} <= jobs and not {"qpq", "node"} & jobs
-    finally:
-        restored = run_playbook("deploy.yml", deployed.work, deployed.vars, tags="qpq_prometheus")
-        assert restored.rc == 0, restored.output[-3000:]
-    assert (deployed.path("/etc/prometheus/qpq/rules/qpq-recording.yml").read_text()
-            == (REPO / "prometheus/rules/qpq-recording.yml").read_text())
-
-
-def test_alertmanager_gets_qpqs_inhibit_rules_and_prometheus_sends_to_it(
-        deployed: Deployed) -> None:
-    settings = {"qpq_prometheus_alertmanager": True,
-                "qpq_prometheus_alertmanager_address": "127.0.0.1:9093"}
-    config_path = deployed.path("/etc/prometheus/alertmanager.yml")
-    try:
-        run = run_playbook("deploy.yml", deployed.work, {**deployed.vars, **settings},
-                           tags="qpq_prometheus")
-        assert run.rc == 0, run.output[-3000:]
-        config = yaml.safe_load(config_path.read_text())
-        down, critical = config["inhibit_rules"]
-        assert down == {"source_matchers": ['alertname="qpq_instance_down"'],
-                        "target_matchers": ['alertname=~"qpq_.+"',
-                                            'alertname!="qpq_instance_down"'],
-                        "equal": ["instance"]}
-        assert critical == {"source_matchers": ['severity="critical"', 'trigger=~".+"'],
-                            "target_matchers": ['severity="warning"', 'trigger=~".+"'],
-                            "equal": ["trigger", "instance"]}
-        # The names and labels the rules match are those qpq-ops renders: every trigger
-        # has a warning and a critical alert carrying its trigger label.
-        alerts = yaml.safe_load(deployed.path("/etc/prometheus/qpq/alerts/qpq-alerts.yml")
-                                .read_text())
-        rules = [r for g in alerts["groups"] for r in g["rules"]]
-        assert any(r["alert"] == "qpq_instance_down" for r in rules)
-        by_trigger: dict[str, set[str]] = {}
-        for rule in rules:
-            if "trigger" in rule["labels"]:
-                by_trigger.setdefault(rule["labels"]["trigger"], set()).add(
-                    rule["labels"]["severity"])
-        assert by_trigger and all(s == {"warning", "critical"} for s in by_trigger.values())
-        prometheus = yaml.safe_load(deployed.path("/etc/prometheus/prometheus.yml").read_text())
-        assert prometheus["alerting"]["alertmanagers"] == [
-            {"static_configs": [{"targets": ["127.0.0.1:9093"]}]}]
-        check = subprocess.run(["promtool", "check", "config",
-                                str(deployed.path("/etc/prometheus/prometheus.yml"))],
-                               capture_output=True, text=True, timeout=60, check=False)
-        assert check.returncode == 0, check.stdout + check.stderr
-    finally:
-        restored = run_playbook("deploy.yml", deployed.work, deployed.vars, tags="qpq_prometheus")
-        assert restored.rc == 0, restored.output[-3000:]
-    assert "alerting" not in yaml.safe_load(
-        deployed.path("/etc/prometheus/prometheus.yml").read_text())
-
-
 def test_a_rule_file_gone_from_the_repo_is_removed_from_the_host(deployed: Deployed) -> None:
     stale = deployed.path("/etc/prometheus/qpq/alerts/renamed-long-ago.yml")
     stale.write_text("groups: []\n")
@@ -386,3 +326,80 @@ def test_a_rule_file_gone_from_the_repo_is_removed_from_the_host(deployed: Deplo
     assert run.rc == 0, run.output[-3000:]
     assert not stale.exists()
     assert run.changed == 1, run.changed_tasks()
+
+
+# The monitoring settings of the last two tests, applied in ONE qpq_prometheus run (and
+# undone in one): neither setting touches what the other test reads. These tests come last
+# in the module, because the fixture restores the defaults only at the module's end.
+RULE_SETTINGS = {"qpq_prometheus_data_mountpoint": "/srv/qpq-data",
+                 "qpq_prometheus_runbook_base_url":
+                     "https://git.example.org/ops/qpq/-/blob/main/docs",
+                 "qpq_prometheus_qpq_job": "qpq-chat", "qpq_prometheus_node_job": "qpq-node"}
+ALERTMANAGER_SETTINGS = {"qpq_prometheus_alertmanager": True,
+                         "qpq_prometheus_alertmanager_address": "127.0.0.1:9093"}
+
+
+@pytest.fixture(scope="module")
+def customised_monitoring(deployed: Deployed) -> Iterator[PlaybookRun]:
+    """The deployed root's monitoring with RULE_SETTINGS and ALERTMANAGER_SETTINGS; at the
+    module's end a default run puts back the committed rules and drops the alerting."""
+    try:
+        yield run_playbook("deploy.yml", deployed.work, {
+            **deployed.vars, **RULE_SETTINGS, **ALERTMANAGER_SETTINGS}, tags="qpq_prometheus")
+    finally:
+        restored = run_playbook("deploy.yml", deployed.work, deployed.vars, tags="qpq_prometheus")
+        assert restored.rc == 0, restored.output[-3000:]
+        assert (deployed.path("/etc/prometheus/qpq/rules/qpq-recording.yml").read_text()
+                == (REPO / "prometheus/rules/qpq-recording.yml").read_text())
+        assert "alerting" not in yaml.safe_load(
+            deployed.path("/etc/prometheus/prometheus.yml").read_text())
+
+
+def test_rules_are_rendered_for_the_deployments_jobs_mountpoint_and_runbooks(
+        deployed: Deployed, customised_monitoring: PlaybookRun) -> None:
+    run = customised_monitoring
+    assert run.rc == 0, run.output[-3000:]
+    text = deployed.path("/etc/prometheus/qpq/alerts/qpq-alerts.yml").read_text()
+    recording = deployed.path("/etc/prometheus/qpq/rules/qpq-recording.yml").read_text()
+    # The disk trigger (a recording rule) watches the deployment's data filesystem.
+    assert 'node_filesystem_avail_bytes{job="qpq-node",mountpoint="/srv/qpq-data"}' in recording
+    assert "https://git.example.org/ops/qpq/-/blob/main/docs/operations/" in text
+    assert 'job="qpq-chat"' in text and 'job=~"qpq-chat|qpq-node"' in text
+    assert 'job="qpq"' not in text + recording and 'job="node"' not in text + recording
+    config = yaml.safe_load(deployed.path("/etc/prometheus/prometheus.yml").read_text())
+    jobs = {job["job_name"] for job in config["scrape_configs"]}
+    assert {"qpq-chat", "qpq-node"} <= jobs and not {"qpq", "node"} & jobs
+
+
+def test_alertmanager_gets_qpqs_inhibit_rules_and_prometheus_sends_to_it(
+        deployed: Deployed, customised_monitoring: PlaybookRun) -> None:
+    run = customised_monitoring
+    assert run.rc == 0, run.output[-3000:]
+    config = yaml.safe_load(deployed.path("/etc/prometheus/alertmanager.yml").read_text())
+    down, critical = config["inhibit_rules"]
+    assert down == {"source_matchers": ['alertname="qpq_instance_down"'],
+                    "target_matchers": ['alertname=~"qpq_.+"',
+                                        'alertname!="qpq_instance_down"'],
+                    "equal": ["instance"]}
+    assert critical == {"source_matchers": ['severity="critical"', 'trigger=~".+"'],
+                        "target_matchers": ['severity="warning"', 'trigger=~".+"'],
+                        "equal": ["trigger", "instance"]}
+    # The names and labels the rules match are those qpq-ops renders: every trigger
+    # has a warning and a critical alert carrying its trigger label.
+    alerts = yaml.safe_load(deployed.path("/etc/prometheus/qpq/alerts/qpq-alerts.yml")
+                            .read_text())
+    rules = [r for g in alerts["groups"] for r in g["rules"]]
+    assert any(r["alert"] == "qpq_instance_down" for r in rules)
+    by_trigger: dict[str, set[str]] = {}
+    for rule in rules:
+        if "trigger" in rule["labels"]:
+            by_trigger.setdefault(rule["labels"]["trigger"], set()).add(
+                rule["labels"]["severity"])
+    assert by_trigger and all(s == {"warning", "critical"} for s in by_trigger.values())
+    prometheus = yaml.safe_load(deployed.path("/etc/prometheus/prometheus.yml").read_text())
+    assert prometheus["alerting"]["alertmanagers"] == [
+        {"static_configs": [{"targets": ["127.0.0.1:9093"]}]}]
+    check = subprocess.run(["promtool", "check", "config",
+                            str(deployed.path("/etc/prometheus/prometheus.yml"))],
+                           capture_output=True, text=True, timeout=60, check=False)
+    assert check.returncode == 0, check.stdout + check.stderr

@@ -22,19 +22,19 @@ def _has_uvloop(root: Path) -> bool:
 
 def test_the_fast_extra_is_installed_by_default_and_left_out_when_off(
         tmp_path: Path, qpq_wheel: Path, sysctl_settings: dict[str, int]) -> None:
+    # A fresh default deploy's uvloop is checked on the deploy that tests/ansible/
+    # test_deploy.py shares (test_the_fast_extra_is_installed_by_default): no install of
+    # its own here. This root starts without the extra and gets it from the default.
     assert any(qpq_wheel.parent.glob("uvloop-*.whl"))  # the offline index has it
     proc = fake_proc(tmp_path / "proc", sysctl_settings)
-    plain, fast = tmp_path / "plain", tmp_path / "fast"
+    plain = tmp_path / "plain"
     off = run_playbook("deploy.yml", tmp_path / "work-plain",
                        {**deploy_vars(plain, proc, qpq_wheel), "qpq_server_fast_extra": False},
                        tags="qpq_server_install")
     assert off.rc == 0, off.output[-4000:]
     assert not _has_uvloop(plain)
-    on = run_playbook("deploy.yml", tmp_path / "work-fast", deploy_vars(fast, proc, qpq_wheel),
-                      tags="qpq_server_install")
-    assert on.rc == 0, on.output[-4000:]
-    assert _has_uvloop(fast)
-    # Turning it on later reinstalls into the same version's venv (the probe sees no uvloop).
+    # Turning it on later (the default) reinstalls into the same version's venv (the
+    # probe sees no uvloop).
     later = run_playbook("deploy.yml", tmp_path / "work-plain",
                          deploy_vars(plain, proc, qpq_wheel), tags="qpq_server_install")
     assert later.rc == 0, later.output[-4000:]
