@@ -1,17 +1,16 @@
 """Federation in the playbooks: the firewall opens the federation port only while
 federation is on, and only to the peers' addresses when they are known; the example
-inventory federates two single-node deployments; the server role writes vault
-certificates into the data dir and names them in the config.
+inventory federates two single-node deployments. That the server role writes vault
+certificates into the data dir and names them in the config is checked on the vault
+cluster that tests/ansible/test_shared_tls.py deploys anyway (one deploy for both).
 
 Real `ansible-playbook` runs into temporary roots (no systemd, no nft load)."""
 
 from __future__ import annotations
 
 import json
-import stat
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +20,9 @@ from tests.ansible.runner import (
     BIN,
     GRAFANA_PASSWORD,
     ansible_env,
-    deploy_vars,
     fake_proc,
     run_playbook,
 )
-from tests.helpers.ports import free_port
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -148,67 +145,3 @@ def test_example_inventory_federates_two_single_node_deployments(tmp_path: Path)
     # each is a single-node deployment: server and its own monitoring
     assert "federated" in inventory["qpq_servers"]["children"]
     assert "federated" in inventory["qpq_monitoring"]["children"]
-
-
-def _pem_pair(domain: str) -> tuple[str, str, str]:
-    """A federation CA, and a certificate + key for `domain` it signed (PEM)."""
-    import datetime as dt
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = dt.datetime.now(dt.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test federation CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now).not_valid_after(now + dt.timedelta(days=30))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, domain)]))
-            .issuer_name(ca_name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now).not_valid_after(now + dt.timedelta(days=30))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(domain)]), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    pem = serialization.Encoding.PEM
-    return (cert.public_bytes(pem).decode(),
-            key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
-                              serialization.NoEncryption()).decode(),
-            ca.public_bytes(pem).decode())
-
-
-def test_vault_certificates_land_in_the_data_dir_and_the_config_names_them(
-        tmp_path: Path, qpq_wheel: Path, sysctl_settings: dict[str, int]) -> None:
-    root = tmp_path / "root"
-    base = deploy_vars(root, fake_proc(tmp_path / "proc", sysctl_settings), qpq_wheel)
-    cert, key, ca = _pem_pair("chat.example.org")
-    peer = f"127.0.0.1:{free_port()}"
-    extra = {**base, "qpq_server_federation_enabled": True,
-             "qpq_server_federation_certificates": "vault",
-             "qpq_server_federation_cert_pem": cert, "qpq_server_federation_key_pem": key,
-             "qpq_server_federation_ca_pem": ca,
-             "qpq_server_federation_peers": [{"domain": "b.example", "address": peer}],
-             # nothing listens at the peer's address: the deploy's doctor would (rightly)
-             # fail on it, which is not what this test is about
-             "qpq_server_doctor_skip": ["federation"]}
-    first = run_playbook("deploy.yml", tmp_path / "work", extra, tags="qpq_server")
-    data = root / "var/lib/qpq"
-    written = {name: data / f"federation-{name}.pem" for name in ("cert", "key", "ca")}
-    assert written["cert"].read_text() == cert and written["ca"].read_text() == ca
-    assert written["key"].read_text() == key
-    assert stat.S_IMODE(written["key"].stat().st_mode) == 0o600
-    assert stat.S_IMODE(written["cert"].stat().st_mode) == 0o644
-    assert "BEGIN PRIVATE KEY" not in first.output  # no_log: the key is never printed
-    assert first.rc == 0, first.output[-4000:]
-    fed = tomllib.loads((data / "qpq-server.toml").read_text())["federation"]
-    assert fed["enabled"] is True and fed["domain"] == "chat.example.org"
-    assert (fed["federation_cert"], fed["federation_key"], fed["federation_ca"]) == (
-        str(written["cert"]), str(written["key"]), str(written["ca"]))
-    assert fed["peers"] == [{"domain": "b.example", "address": peer}]
-    second = run_playbook("deploy.yml", tmp_path / "work", extra, tags="qpq_server")
-    assert second.rc == 0 and second.changed == 0, second.changed_tasks()
