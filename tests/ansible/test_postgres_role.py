@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tomllib
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -171,43 +172,92 @@ def test_multi_node_example_inventory_puts_n_nodes_on_one_postgres(tmp_path: Pat
     assert syntax.returncode == 0, syntax.stdout + syntax.stderr
 
 
+def _deploy_nodes(work: Path, tags: str | None = None) -> PlaybookRun:
+    """deploy.yml with the inventory and vars written into `work`."""
+    cmd = [str(BIN / "ansible-playbook"), "-i", str(work / "inventory.yml"),
+           "playbooks/deploy.yml", "-e", f"@{work / 'extra-vars.json'}",
+           *(["--tags", tags] if tags else [])]
+    proc = subprocess.run(cmd, cwd=REPO, env=ansible_env(work), capture_output=True,
+                          text=True, timeout=600, check=False)
+    return parse_run(proc.returncode, proc.stdout + proc.stderr)
+
+
+@dataclass
+class PgNodes:
+    """deploy.yml (every role) onto two nodes on one PostgreSQL: node1 is also the database
+    host (the qpq_postgres role) and runs two workers; node2 joins with node1 as its
+    cluster seed. Two roots on this machine, one deploy for the two tests below."""
+
+    base: Path
+    work: Path
+    extra: dict[str, Any]
+    hosts: dict[str, dict[str, Any]]
+    dsn: str
+    first: PlaybookRun
+    _rerun: list[PlaybookRun] = field(default_factory=list)
+
+    def root(self, name: str) -> Path:
+        return Path(self.hosts[name]["qpq_root"])
+
+    def server(self, name: str) -> DeployedServer:
+        return DeployedServer(self.root(name), str(self.hosts[name]["qpq_server_metrics_listen"]),
+                              self.work / f"{name}.log")
+
+    def rerun(self) -> PlaybookRun:
+        """The server role once more (once, by the first caller)."""
+        if not self._rerun:
+            self._rerun.append(_deploy_nodes(self.work, tags="qpq_server"))
+        return self._rerun[0]
+
+
+@pytest.fixture(scope="module")
+def pg_nodes(tmp_path_factory: pytest.TempPathFactory, pg_cluster: PostgresCluster,
+             qpq_wheel: Path, sysctl_settings: dict[str, int]) -> PgNodes:
+    base = tmp_path_factory.mktemp("pg-nodes")
+    dsn = f"postgresql://qpq_node:{PASSWORD}@127.0.0.1:{pg_cluster.port}/qpq_cluster"
+    extra = {
+        **deploy_vars(base / "unused", fake_proc(base / "proc", sysctl_settings), qpq_wheel),
+        **_vars(base / "unused", pg_cluster),
+        "qpq_server_storage_backend": "postgres", "qpq_server_database_url": dsn,
+        "qpq_server_cluster_seed": "node1",
+    }
+    for per_host in ("qpq_root", "qpq_server_listen", "qpq_server_metrics_listen"):
+        extra.pop(per_host)
+    hosts: dict[str, dict[str, Any]] = {}
+    for name in ("node1", "node2"):
+        hosts[name] = {"ansible_connection": "local",
+                       "ansible_python_interpreter": sys.executable,
+                       "qpq_root": str(base / name),
+                       "qpq_server_listen": f"127.0.0.1:{free_port(socket.SOCK_DGRAM)}",
+                       "qpq_server_metrics_listen": f"127.0.0.1:{free_port()}"}
+    hosts["node1"]["qpq_server_workers"] = 2
+    work = base / "w"
+    work.mkdir()
+    (work / "inventory.yml").write_text(yaml.safe_dump({"all": {"children": {
+        "qpq_postgres": {"hosts": {"node1": hosts["node1"]}},
+        "qpq_servers": {"hosts": hosts}}}}))
+    (work / "extra-vars.json").write_text(json.dumps(extra))
+    return PgNodes(base=base, work=work, extra=extra, hosts=hosts, dsn=dsn,
+                   first=_deploy_nodes(work))
+
+
 def test_deploy_puts_a_node_with_workers_on_the_postgres_the_role_made(
-        tmp_path: Path, pg_cluster: PostgresCluster, qpq_wheel: Path,
-        sysctl_settings: dict[str, int]) -> None:
-    """deploy.yml with localhost as both the database host and a qpq node (workers = 2,
+        pg_nodes: PgNodes, tmp_path: Path) -> None:
+    """deploy.yml with node1 as both the database host and a qpq node (workers = 2,
     backend postgres, QPQ_DATABASE_URL from the vault's password); the deployed server
     then serves a client from that database."""
-    root = tmp_path / "root"
-    dsn = (f"postgresql://qpq_node:{PASSWORD}@127.0.0.1:{pg_cluster.port}/qpq_cluster")
-    extra = {
-        **deploy_vars(root, fake_proc(tmp_path / "proc", sysctl_settings), qpq_wheel),
-        **_vars(root, pg_cluster),
-        "qpq_server_storage_backend": "postgres", "qpq_server_workers": 2,
-        "qpq_server_database_url": dsn,
-    }
-    work = tmp_path / "w"
-    work.mkdir()
-    host = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
-    (work / "inventory.yml").write_text(yaml.safe_dump({"all": {"children": {
-        "qpq_postgres": {"hosts": {"localhost": host}},
-        "qpq_servers": {"hosts": {"localhost": host}}}}}))
-    (work / "extra-vars.json").write_text(json.dumps(extra))
-    cmd = [str(BIN / "ansible-playbook"), "-i", str(work / "inventory.yml"),
-           "playbooks/deploy.yml", "-e", f"@{work / 'extra-vars.json'}"]
-    proc = subprocess.run(cmd, cwd=REPO, env=ansible_env(work), capture_output=True,
-                          text=True, timeout=400, check=False)
-    run = parse_run(proc.returncode, proc.stdout + proc.stderr)
+    run, dsn = pg_nodes.first, pg_nodes.dsn
     assert run.rc == 0, run.output[-4000:]
     assert PASSWORD not in run.output
 
-    data = root / "var/lib/qpq"
+    data = pg_nodes.root("node1") / "var/lib/qpq"
     config = tomllib.loads((data / "qpq-server.toml").read_text())
     assert config["storage"]["backend"] == "postgres" and config["server"]["workers"] == 2
     assert PASSWORD not in (data / "qpq-server.toml").read_text()
     assert read_env(data / ".env")["QPQ_DATABASE_URL"] == dsn
     assert stat.S_IMODE((data / ".env").stat().st_mode) == 0o600
 
-    server = DeployedServer(root, extra["qpq_server_metrics_listen"], work / "server.log")
+    server = pg_nodes.server("node1")
     try:
         server.start(timeout=60)
 
@@ -229,42 +279,13 @@ def test_deploy_puts_a_node_with_workers_on_the_postgres_the_role_made(
 
 
 def test_a_second_node_takes_the_seed_nodes_cluster_secrets(
-        tmp_path: Path, pg_cluster: PostgresCluster, qpq_wheel: Path,
-        sysctl_settings: dict[str, int]) -> None:
+        pg_nodes: PgNodes, tmp_path: Path) -> None:
     """Two nodes (two roots on this machine) with qpq_server_cluster_seed: node2 gets
     node1's OPAQUE setup, session key and KT key, keeps its own certificate, and an account
     registered on node1 logs in on node2."""
-    dsn = pg_cluster.new_database()
-    extra = deploy_vars(tmp_path / "unused", fake_proc(tmp_path / "proc", sysctl_settings),
-                        qpq_wheel)
-    for per_host in ("qpq_root", "qpq_server_listen", "qpq_server_metrics_listen"):
-        extra.pop(per_host)
-    extra.update(qpq_server_storage_backend="postgres", qpq_server_database_url=dsn,
-                 qpq_server_cluster_seed="node1")
-    hosts = {}
-    for name in ("node1", "node2"):
-        hosts[name] = {"ansible_connection": "local",
-                       "ansible_python_interpreter": sys.executable,
-                       "qpq_root": str(tmp_path / name),
-                       "qpq_server_listen": f"127.0.0.1:{free_port(socket.SOCK_DGRAM)}",
-                       "qpq_server_metrics_listen": f"127.0.0.1:{free_port()}"}
-    work = tmp_path / "w"
-    work.mkdir()
-    (work / "inventory.yml").write_text(yaml.safe_dump(
-        {"all": {"children": {"qpq_servers": {"hosts": hosts}}}}))
-    (work / "extra-vars.json").write_text(json.dumps(extra))
-
-    def deploy() -> PlaybookRun:
-        cmd = [str(BIN / "ansible-playbook"), "-i", str(work / "inventory.yml"),
-               "playbooks/deploy.yml", "-e", f"@{work / 'extra-vars.json'}",
-               "--tags", "qpq_server"]
-        proc = subprocess.run(cmd, cwd=REPO, env=ansible_env(work), capture_output=True,
-                              text=True, timeout=500, check=False)
-        return parse_run(proc.returncode, proc.stdout + proc.stderr)
-
-    first = deploy()
+    first = pg_nodes.first
     assert first.rc == 0, first.output[-4000:]
-    one, two = (tmp_path / n / "var/lib/qpq" for n in ("node1", "node2"))
+    one, two = (pg_nodes.root(n) / "var/lib/qpq" for n in ("node1", "node2"))
     shared = sorted(p.relative_to(one) for d in ("opaque", "keys", "kt")
                     for p in (one / d).rglob("*") if p.is_file())
     assert shared and any(p.parts[0] == "opaque" for p in shared)
@@ -272,11 +293,10 @@ def test_a_second_node_takes_the_seed_nodes_cluster_secrets(
         assert (two / rel).read_bytes() == (one / rel).read_bytes(), rel
         assert stat.S_IMODE((two / rel).stat().st_mode) == 0o600, rel
     assert (two / "tls/cert.pem").read_bytes() != (one / "tls/cert.pem").read_bytes()
-    again = deploy()
+    again = pg_nodes.rerun()
     assert again.rc == 0 and again.changed == 0, again.changed_tasks()
 
-    servers = [DeployedServer(tmp_path / n, str(hosts[n]["qpq_server_metrics_listen"]),
-                              work / f"{n}.log") for n in ("node1", "node2")]
+    servers = [pg_nodes.server(n) for n in ("node1", "node2")]
     try:
         for server in servers:
             server.start(timeout=60)
