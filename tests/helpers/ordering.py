@@ -14,11 +14,13 @@ LONGEST_FIRST = (
     "tests/ansible/test_postgres_role.py",
     "tests/host/test_deploy_systemd.py",
     "tests/ansible/test_day2.py",
-    "tests/ansible/test_federation.py",
     "tests/ansible/test_shared_tls.py",
-    "tests/ansible/test_fast_extra.py",
     "tests/ansible/test_preflight.py",
+    "tests/ansible/test_federation.py",
+    "tests/federation/test_relay.py",
+    "tests/ansible/test_fast_extra.py",
     "tests/ansible/test_hashed_install.py",
+    "tests/server/test_client_delivery.py",
 )
 
 
