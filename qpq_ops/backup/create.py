@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
+import glob
 import os
 import resource
 import shutil
@@ -25,6 +26,7 @@ from qpq_ops.backup.manifest import (
     Manifest,
     Member,
     archive_name,
+    archive_prefix,
     fingerprint,
 )
 from qpq_ops.backup.pgdump import DUMP_MEMBER, dump_database
@@ -230,13 +232,31 @@ def _record_metrics(textfile_dir: Path | None, finished: float, size_bytes: int,
                       f"{exc.strerror}; the stale-backup alert will fire",)
 
 
+# Seconds to wait at most for a start time whose archive name is free.
+_NAME_WAIT_TRIES = 5
+
+
+def _unnamed_second(dest: Path, now: Callable[[], float]) -> float:
+    """A start time in a second no archive in `dest` is named after yet: names have
+    one-second resolution, and a backup right after another (a rotation rerun after a
+    killed one, a script) would otherwise be refused for a name that is taken."""
+    started = now()
+    for _ in range(_NAME_WAIT_TRIES):
+        prefix = archive_prefix(dt.datetime.fromtimestamp(started, dt.UTC))
+        if not any(dest.glob(glob.escape(prefix) + "*")):
+            break
+        time.sleep(1.0 - started % 1.0 + 0.01)
+        started = now()
+    return started  # still taken after the tries: _publish refuses, nothing is lost
+
+
 def create_backup(req: BackupRequest, progress: ProgressFn | None = None,
                   now: Callable[[], float] = time.time) -> BackupResult:
     """Snapshot the database, archive it with the blob store and OPAQUE setups (and the
     secrets when asked), write under a temp name, fsync, link to the final name. A
     failure at any point leaves no file under the final name and removes the temp files."""
     db_key = _source_key(req.deployment)
-    started = now()
+    started = _unnamed_second(req.dest, now)
     created = dt.datetime.fromtimestamp(started, dt.UTC)
     tmp_db, tmp_archive = _temp_paths(req.dest, started)
     try:

@@ -47,12 +47,16 @@ def fingerprint(secret: Secret | bytes) -> str:
     return "sha256:" + hashlib.sha256(b"qpq-fingerprint\x00" + raw).hexdigest()[:16]
 
 
+def archive_prefix(created: dt.datetime) -> str:
+    """The start of every archive name made in `created`'s second."""
+    return f"qpq-backup-{created.astimezone(dt.UTC).strftime('%Y%m%dT%H%M%SZ')}-"
+
+
 def archive_name(created: dt.datetime, server_version: str, schema: int,
                  with_secrets: bool, encrypted: bool = False) -> str:
-    stamp = created.astimezone(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     tail = "-with-secrets" if with_secrets else ""
     age = ".age" if encrypted else ""
-    return f"qpq-backup-{stamp}-v{server_version}-schema{schema}{tail}{ARCHIVE_SUFFIX}{age}"
+    return f"{archive_prefix(created)}v{server_version}-schema{schema}{tail}{ARCHIVE_SUFFIX}{age}"
 
 
 def parse_archive_name(name: str) -> dt.datetime | None:

@@ -4,6 +4,7 @@ schema: each refused with one clear line, and the existing data left exactly as 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import io
 import json
 import os
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from qpq_ops.backup.manifest import archive_prefix
 from qpq_server.secrets import Secret
 from qpq_server.storage.migrations import MIGRATIONS
 from qpq_server.storage.sqlcipher import connect_sqlcipher
@@ -236,3 +238,28 @@ def test_archive_of_another_schema_needs_force_then_migrates(tmp_path: Path) -> 
     assert forced.exit_code == 0, forced.stderr
     assert forced.json()["migrated_from"] == 1
     start_server(fresh).stop()  # the migrated, restored data dir serves
+
+
+def test_a_backup_in_the_same_second_as_another_gets_its_own_name(
+        setup: Setup, tmp_path: Path) -> None:
+    """Names have one-second resolution: a backup right after another (a rotation rerun
+    after a killed one) waits for a free second instead of being refused."""
+    dest = tmp_path / "b"
+    dest.mkdir()
+    first = ops("backup", "create", "--config", setup.source, "--dest", dest, "--no-textfile",
+                "--json")
+    assert first.exit_code == 0, first.stderr
+    made = Path(first.json()["archive"])
+    # Archives named after this second and the next, as a run just before would leave.
+    now = dt.datetime.now(dt.UTC)
+    taken = []
+    for ahead in (0, 1):
+        stamp = archive_prefix(now + dt.timedelta(seconds=ahead))
+        taken.append(dest / (stamp + made.name.split("-", 3)[3]))
+        if taken[-1] != made:
+            shutil.copy2(made, taken[-1])
+    again = ops("backup", "create", "--config", setup.source, "--dest", dest, "--no-textfile",
+                "--json")
+    assert again.exit_code == 0, again.stderr
+    assert Path(again.json()["archive"]) not in [*taken, made]
+    assert all(p.exists() for p in taken)
