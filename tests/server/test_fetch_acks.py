@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from qpq_server.client import ClientError
+from qpq_server.client import ClientError, QpqClient
 from qpq_server.devices import device_id
 from qpq_server.devserver import RunningServer, running_server
 from qpq_server.protocol.dispatch import ConnectionState
@@ -198,13 +198,18 @@ async def test_fetch_with_acks_over_quic(server: RunningServer, client: ClientFa
             assert last["acked"] == 1 and last["messages"] == []
 
 
+async def five_texts(c: QpqClient, sender: str, recipient: str) -> None:
+    """Register both, then queue "m0".."m4" from sender to recipient."""
+    await c.register(sender, "pw")
+    await c.register(recipient, "pw")
+    for i in range(5):
+        await c.send_text(sender, [recipient], f"m{i}")
+
+
 async def test_a_deferred_receive_acks_on_the_next_fetch_and_on_flush(
         server: RunningServer, client: ClientFactory) -> None:
     async with client() as c:
-        await c.register("fd_a", "pw")
-        await c.register("fd_b", "pw")
-        for i in range(5):
-            await c.send_text("fd_a", ["fd_b"], f"m{i}")
+        await five_texts(c, "fd_a", "fd_b")
         acks_before = server.metric("qpq_rpc_duration_seconds_count", op="ack")
         got = await c.receive("fd_b", limit=2, defer_ack=True)
         assert [m.text for m in got] == ["m0", "m1"]
@@ -261,10 +266,7 @@ class ServerBeforeFetchAcks:
 async def test_a_deferred_receive_against_an_older_server_acks_on_its_own(
         server: RunningServer, client: ClientFactory) -> None:
     async with client() as c:
-        await c.register("fo_a", "pw")
-        await c.register("fo_b", "pw")
-        for i in range(5):
-            await c.send_text("fo_a", ["fo_b"], f"m{i}")
+        await five_texts(c, "fo_a", "fo_b")
         old = ServerBeforeFetchAcks(c.conn)
         c.conn = old
         acks_before = server.metric("qpq_rpc_duration_seconds_count", op="ack")
