@@ -1,6 +1,8 @@
 """deploy.yml for real into a temporary root: idempotence, check mode, files, modes, config.
 
-One deploy (plus its second run) is shared by the module; each test reads what it wrote.
+One deploy (plus a second run of the monitoring roles) is shared by the module; each test
+reads what it wrote. The server-side roles' idempotence and check mode on a fresh host are
+proved on a real systemd host (tests/host/test_deploy_systemd.py).
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ import json
 import stat
 import subprocess
 import tomllib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,12 @@ from tests.ansible.runner import (
     run_playbook,
 )
 
-# Generous: the module's fixture deploys twice, and a deploy takes minutes on a loaded
-# 2-core machine (pip installs the wheelhouse).
+# Generous: the module's fixture deploys (then reruns the monitoring roles), and a deploy
+# takes minutes on a loaded 2-core machine (pip installs the wheelhouse).
 pytestmark = pytest.mark.timeout(1500)
+
+
+MONITORING_TAGS = "qpq_prometheus,qpq_grafana"
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,9 @@ def deployed(tmp_path_factory: pytest.TempPathFactory, qpq_wheel: Path,
     extra = deploy_vars(root, proc, qpq_wheel)
     first = run_playbook("deploy.yml", base / "work", extra)
     assert first.rc == 0, first.output[-4000:]
-    second = run_playbook("deploy.yml", base / "work", extra)
+    # The server-side roles' second run is tests/host's (a real systemd host, redeployed by
+    # a sudo user: changed=0); the monitoring roles run only here.
+    second = run_playbook("deploy.yml", base / "work", extra, tags=MONITORING_TAGS)
     return Deployed(root=root, work=base / "work", vars=extra, first=first, second=second)
 
 
@@ -64,7 +70,8 @@ def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-def test_first_deploy_changes_the_host_and_second_deploy_changes_nothing(deployed: Deployed) -> None:
+def test_first_deploy_changes_the_host_and_a_second_monitoring_run_changes_nothing(
+        deployed: Deployed) -> None:
     assert deployed.first.changed > 0
     assert deployed.second.rc == 0, deployed.second.output[-4000:]
     assert deployed.second.changed == 0, deployed.second.changed_tasks()
@@ -319,40 +326,28 @@ def test_rules_that_promtool_rejects_never_land(deployed: Deployed, tmp_path: Pa
     assert not deployed.path("/etc/prometheus/qpq/alerts/broken.yml").exists()
 
 
-def test_a_rule_file_gone_from_the_repo_is_removed_from_the_host(deployed: Deployed) -> None:
-    stale = deployed.path("/etc/prometheus/qpq/alerts/renamed-long-ago.yml")
-    stale.write_text("groups: []\n")
-    run = run_playbook("deploy.yml", deployed.work, deployed.vars, tags="qpq_prometheus")
-    assert run.rc == 0, run.output[-3000:]
-    assert not stale.exists()
-    assert run.changed == 1, run.changed_tasks()
-
-
-# The monitoring settings of the last two tests, applied in ONE qpq_prometheus run (and
-# undone in one): neither setting touches what the other test reads. These tests come last
-# in the module, because the fixture restores the defaults only at the module's end.
+# The monitoring settings of the next two tests, applied in ONE qpq_prometheus run: neither
+# setting touches what the other test reads. The module's last test undoes them with the
+# defaults, so these three come last, in this order.
 RULE_SETTINGS = {"qpq_prometheus_data_mountpoint": "/srv/qpq-data",
                  "qpq_prometheus_runbook_base_url":
                      "https://git.example.org/ops/qpq/-/blob/main/docs",
                  "qpq_prometheus_qpq_job": "qpq-chat", "qpq_prometheus_node_job": "qpq-node"}
+# What the default run after them changes, in order (Alertmanager's own config stays; no
+# Prometheus sends to it any more).
+UNDO_TASKS = ["TASK [qpq_prometheus : Install the recording and alert rules]",
+              "TASK [qpq_prometheus : Remove rule files the repo no longer has]",
+              "TASK [qpq_prometheus : Render prometheus.yml (checked by promtool check config)]"]
 ALERTMANAGER_SETTINGS = {"qpq_prometheus_alertmanager": True,
                          "qpq_prometheus_alertmanager_address": "127.0.0.1:9093"}
 
 
 @pytest.fixture(scope="module")
-def customised_monitoring(deployed: Deployed) -> Iterator[PlaybookRun]:
-    """The deployed root's monitoring with RULE_SETTINGS and ALERTMANAGER_SETTINGS; at the
-    module's end a default run puts back the committed rules and drops the alerting."""
-    try:
-        yield run_playbook("deploy.yml", deployed.work, {
-            **deployed.vars, **RULE_SETTINGS, **ALERTMANAGER_SETTINGS}, tags="qpq_prometheus")
-    finally:
-        restored = run_playbook("deploy.yml", deployed.work, deployed.vars, tags="qpq_prometheus")
-        assert restored.rc == 0, restored.output[-3000:]
-        assert (deployed.path("/etc/prometheus/qpq/rules/qpq-recording.yml").read_text()
-                == (REPO / "prometheus/rules/qpq-recording.yml").read_text())
-        assert "alerting" not in yaml.safe_load(
-            deployed.path("/etc/prometheus/prometheus.yml").read_text())
+def customised_monitoring(deployed: Deployed) -> PlaybookRun:
+    """The deployed root's monitoring with RULE_SETTINGS and ALERTMANAGER_SETTINGS (the
+    module's last test puts the defaults back)."""
+    return run_playbook("deploy.yml", deployed.work, {
+        **deployed.vars, **RULE_SETTINGS, **ALERTMANAGER_SETTINGS}, tags="qpq_prometheus")
 
 
 def test_rules_are_rendered_for_the_deployments_jobs_mountpoint_and_runbooks(
@@ -403,3 +398,23 @@ def test_alertmanager_gets_qpqs_inhibit_rules_and_prometheus_sends_to_it(
                             str(deployed.path("/etc/prometheus/prometheus.yml"))],
                            capture_output=True, text=True, timeout=60, check=False)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_a_default_run_undoes_the_settings_and_removes_a_rule_file_gone_from_the_repo(
+        deployed: Deployed, customised_monitoring: PlaybookRun) -> None:
+    """Last in the module: the defaults again, on a host that also holds a rule file the
+    repo no longer has. The committed rules come back, alerting goes, the stale file goes,
+    and nothing else changes."""
+    assert customised_monitoring.rc == 0, customised_monitoring.output[-3000:]
+    stale = deployed.path("/etc/prometheus/qpq/alerts/renamed-long-ago.yml")
+    stale.write_text("groups: []\n")
+    run = run_playbook("deploy.yml", deployed.work, deployed.vars, tags="qpq_prometheus")
+    assert run.rc == 0, run.output[-3000:]
+    assert not stale.exists()
+    for kind in ("rules", "alerts"):
+        for src in (REPO / "prometheus" / kind).glob("*.yml"):
+            assert deployed.path(f"/etc/prometheus/qpq/{kind}/{src.name}").read_text() \
+                == src.read_text(), src.name
+    assert "alerting" not in yaml.safe_load(
+        deployed.path("/etc/prometheus/prometheus.yml").read_text())
+    assert run.changed_tasks() == UNDO_TASKS, run.changed_tasks()
