@@ -184,9 +184,11 @@ def _deploy_nodes(work: Path, tags: str | None = None) -> PlaybookRun:
 
 @dataclass
 class PgNodes:
-    """deploy.yml (every role) onto two nodes on one PostgreSQL: node1 is also the database
-    host (the qpq_postgres role) and runs two workers; node2 joins with node1 as its
-    cluster seed. Two roots on this machine, one deploy for the two tests below."""
+    """deploy.yml's database and server roles onto two nodes on one PostgreSQL: node1 is
+    also the database host (the qpq_postgres role) and runs two workers; node2 joins with
+    node1 as its cluster seed. Two roots on this machine, one deploy for the two tests
+    below. The other server-side roles do nothing of their own for a PostgreSQL node; they
+    run in tests/ansible/test_deploy.py and on the systemd host (tests/host)."""
 
     base: Path
     work: Path
@@ -238,7 +240,7 @@ def pg_nodes(tmp_path_factory: pytest.TempPathFactory, pg_cluster: PostgresClust
         "qpq_servers": {"hosts": hosts}}}}))
     (work / "extra-vars.json").write_text(json.dumps(extra))
     return PgNodes(base=base, work=work, extra=extra, hosts=hosts, dsn=dsn,
-                   first=_deploy_nodes(work))
+                   first=_deploy_nodes(work, tags="qpq_postgres,qpq_server"))
 
 
 def test_deploy_puts_a_node_with_workers_on_the_postgres_the_role_made(
