@@ -35,7 +35,7 @@ typecheck: lint
 # The whole suite, tests/host included: one file per worker at a time (module fixtures deploy
 # once per file), so the systemd host fills the gaps the other files leave.
 pytest: $(STAMP) sysdeps
-	$(BIN)/pytest -n 2 --dist loadfile --durations=30
+	$(BIN)/pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=30
 
 # deploy.yml on a Debian 12 root booted with systemd as PID 1 (needs root; the root file
 # system is built once by debootstrap and cached in /var/cache/qpq-test-host). Part of
@@ -59,7 +59,7 @@ test-fast: $(STAMP)
 # The fault / fuzz / load harness, longer (issue 17): 50 kill -9 rounds, 20x the
 # hypothesis examples, 10 minutes of atheris, 60 s of load from 200 clients.
 soak: $(STAMP) sysdeps
-	QPQ_SOAK=1 $(BIN)/pytest -n 2 --dist loadfile -q -s --timeout 3600 tests/fuzz tests/faults
+	QPQ_SOAK=1 $(BIN)/pytest -n 2 --dist loadfile --no-loadscope-reorder -q -s --timeout 3600 tests/fuzz tests/faults
 
 bench: $(STAMP)
 	$(BIN)/python bench/throughput.py

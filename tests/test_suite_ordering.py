@@ -14,3 +14,12 @@ def test_the_longest_first_list_names_files_that_exist() -> None:
     missing = [path for path in LONGEST_FIRST if not (REPO / path).is_file()]
     assert not missing, missing
     assert len(set(LONGEST_FIRST)) == len(LONGEST_FIRST)
+
+
+def test_make_keeps_the_order_xdist_would_otherwise_change() -> None:
+    """Every `--dist loadfile` run in the Makefile keeps the collection order (xdist sorts
+    files by their number of tests by default, which undoes the list)."""
+    runs = [line for line in (REPO / "Makefile").read_text().splitlines()
+            if "--dist loadfile" in line]
+    assert runs
+    assert all("--no-loadscope-reorder" in line for line in runs), runs

@@ -1,5 +1,7 @@
 """Longest files first: with `-n 2 --dist loadfile` a worker takes one whole file at a time,
 so a long file started last keeps one core busy after the other has run out of work.
+xdist would reorder the files by their number of tests unless told not to: `make pytest`
+passes `--no-loadscope-reorder` (tests/test_suite_ordering.py holds it to that).
 
 The list is the slowest files of a measured run (`--durations`, per file); a file not
 listed keeps its place after them. A stale list only costs time, never a test.
@@ -11,16 +13,19 @@ import pytest
 
 LONGEST_FIRST = (
     "tests/ansible/test_deploy.py",
-    "tests/ansible/test_postgres_role.py",
-    "tests/host/test_deploy_systemd.py",
-    "tests/ansible/test_day2.py",
-    "tests/ansible/test_shared_tls.py",
-    "tests/ansible/test_preflight.py",
-    "tests/ansible/test_federation.py",
+    # Second, so the other worker starts on work that does not wait for the wheelhouse the
+    # first file builds (tests/ansible/conftest.py); every later playbook file reuses it.
     "tests/federation/test_relay.py",
+    "tests/host/test_deploy_systemd.py",
+    "tests/ansible/test_postgres_role.py",
+    "tests/ansible/test_shared_tls.py",
+    "tests/ansible/test_day2.py",
+    "tests/ansible/test_preflight.py",
+    "tests/server/test_client_delivery.py",
+    "tests/ansible/test_federation.py",
     "tests/ansible/test_fast_extra.py",
     "tests/ansible/test_hashed_install.py",
-    "tests/server/test_client_delivery.py",
+    "tests/server/test_lifecycle.py",
 )
 
 
