@@ -103,8 +103,8 @@ class Deployed:
 
 
 @pytest.fixture(scope="module")
-def deployed(host: SystemdHost, wheel: Path) -> Deployed:
-    return deploy_fresh_host(host, wheel)
+def deployed(host: SystemdHost, qpq_wheel: Path) -> Deployed:
+    return deploy_fresh_host(host, qpq_wheel)
 
 
 def deploy_fresh_host(host: SystemdHost, wheel: Path) -> Deployed:
@@ -143,7 +143,7 @@ def deploy_fresh_host(host: SystemdHost, wheel: Path) -> Deployed:
     assert first.rc == 0, first.output[-6000:] + host.journal(UNIT)
     # The redeploy is an operator's: a sudo user, the DB key now pinned as from a vault, so
     # the preflight must stat and read the 0700 data dir through become.
-    add_sudo_user(host, wheel)
+    add_sudo_user(host)
     db_key = re.search(r"(?m)^QPQ_DB_KEY=(\S+)$", host.path(f"{DATA}/.env").read_text())
     assert db_key
     second = run_playbook(host, "deploy.yml", {**extra, "qpq_server_db_key": db_key.group(1)},
@@ -151,7 +151,7 @@ def deploy_fresh_host(host: SystemdHost, wheel: Path) -> Deployed:
     return Deployed(host, extra, check_fresh, first, second)
 
 
-def add_sudo_user(host: SystemdHost, wheel: Path) -> None:
+def add_sudo_user(host: SystemdHost) -> None:
     """DEPLOYER, with passwordless sudo, able to run this checkout's ansible-playbook."""
     host.run(["useradd", "--create-home", "--shell", "/bin/bash", DEPLOYER])
     sudoers = host.path(f"/etc/sudoers.d/{DEPLOYER}")
@@ -160,10 +160,9 @@ def add_sudo_user(host: SystemdHost, wheel: Path) -> None:
     hosts = host.path("/etc/hosts")  # sudo resolves the host's name (minbase has no file)
     known = hosts.read_text() if hosts.exists() else "127.0.0.1 localhost\n"
     hosts.write_text(known + "127.0.1.1 qpq-test-host\n")
-    # The venv's interpreter is bound under the host's /root, the wheelhouse is a 0700
-    # temporary dir: let the account through to both (read-only binds, nothing to write).
+    # The venv's interpreter is bound under the host's /root: let the account through (a
+    # read-only bind, nothing to write). The wheelhouse is world-readable already.
     host.run(["chmod", "o+x", "/root"])
-    wheel.parent.chmod(0o755)
 
 
 def test_check_diff_on_a_fresh_host_succeeds(deployed: Deployed) -> None:
