@@ -23,7 +23,15 @@ import pytest
 
 from qpq_server.client import QpqClient, connect
 from qpq_server.tls import write_self_signed
-from tests.ansible.runner import AUTH_TOKEN, BIN, PLAYBOOKS, REPO, PlaybookRun, parse_run
+from tests.ansible.runner import (
+    AUTH_TOKEN,
+    BIN,
+    PLAYBOOKS,
+    REPO,
+    ZIPCODE_DIR,
+    PlaybookRun,
+    parse_run,
+)
 from tests.helpers.ports import free_port
 from tests.host.systemd_host import SystemdHost
 
@@ -50,6 +58,14 @@ SystemCallErrorNumber=EPERM
 """
 # The issue's target for `systemd-analyze security` (lower is more locked down).
 MAX_EXPOSURE = 2.0
+# The playbook tests' cache of the bytecode of Ansible's zipped module code
+# (tests/ansible/zipcode/sitecustomize.py): each module task is a fresh interpreter that
+# compiles ansible.module_utils from a zip again otherwise. Module code runs as root through
+# become in both deploys (the controller's own imports come from the venv's .pyc files), so
+# the cache is root's, private, and inside the host: the checkout is bound read-only.
+ZIPCODE_CACHE = "/var/cache/qpq-test-zipcode"
+# sudo resets the environment: the become step keeps the two variables the cache needs.
+ZIPCODE_SUDOERS = 'Defaults env_keep += "PYTHONPATH QPQ_TEST_ZIPCODE_CACHE"\n'
 
 
 def run_playbook(host: SystemdHost, playbook: str, extra_vars: Mapping[str, Any], *,
@@ -66,17 +82,28 @@ def run_playbook(host: SystemdHost, playbook: str, extra_vars: Mapping[str, Any]
     if check:
         cmd += ["--check", "--diff"]
     # The host's own PATH: this venv's bin/ on it would make the role's `python3` this
-    # venv's interpreter, which the service account cannot reach.
+    # venv's interpreter, which the service account cannot reach. Bytecode writing stays on
+    # (this machine's PYTHONDONTWRITEBYTECODE was copied in at first): the bound checkout and
+    # venv are read-only anyway, and the host's own Python writes only into its throwaway root.
     env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
            "ANSIBLE_CONFIG": str(PLAYBOOKS / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1",
            "ANSIBLE_LOCAL_TEMP": "/tmp/ansible-local" + ("" if user == "root" else f"-{user}"),
            "ANSIBLE_REMOTE_TEMP": "/tmp/ansible-remote" + ("" if user == "root" else f"-{user}"),
-           "ANSIBLE_RETRY_FILES_ENABLED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
+           "ANSIBLE_RETRY_FILES_ENABLED": "0",
+           "PYTHONPATH": str(ZIPCODE_DIR), "QPQ_TEST_ZIPCODE_CACHE": ZIPCODE_CACHE}
     if user != "root":
         env |= {"HOME": f"/home/{user}", "USER": user, "LOGNAME": user}
         cmd = ["runuser", "-u", user, "--", *cmd]
     proc = host.run(cmd, check=False, timeout=timeout, env=env, cwd=str(REPO))
     return parse_run(proc.returncode, proc.stdout + proc.stderr)
+
+
+def use_zipcode_cache(host: SystemdHost) -> None:
+    """The private ZIPCODE_CACHE, and sudo keeping its variables for the become step."""
+    host.run(["install", "-d", "-m", "0700", "-o", "root", "-g", "root", ZIPCODE_CACHE])
+    sudoers = host.path("/etc/sudoers.d/qpq-test-zipcode")
+    sudoers.write_text(ZIPCODE_SUDOERS)
+    sudoers.chmod(0o440)
 
 
 @dataclass
@@ -138,6 +165,7 @@ def deploy_fresh_host(host: SystemdHost, wheel: Path) -> Deployed:
     guard.parent.mkdir(parents=True, exist_ok=True)
     guard.write_text(TIMESYNCD_GUARD)
     host.systemctl("daemon-reload")
+    use_zipcode_cache(host)
     check_fresh = run_playbook(host, "deploy.yml", extra, check=True)
     first = run_playbook(host, "deploy.yml", extra)
     assert first.rc == 0, first.output[-6000:] + host.journal(UNIT)
@@ -310,6 +338,17 @@ def test_the_redeploy_ran_as_a_sudo_user_through_become(deployed: Deployed) -> N
     assert become, sudo_log[-3000:]
     assert host.path(f"/home/{DEPLOYER}/.ansible").is_dir()
     assert "qpq_server : Read the secrets in use" in deployed.second.output
+
+
+def test_module_code_ran_with_the_zipcode_cache(deployed: Deployed) -> None:
+    """Test speed, not the product: every deploy's module tasks reuse compiled module code."""
+    host = deployed.host
+    assert any(host.path(ZIPCODE_CACHE).iterdir()), "no module task wrote to ZIPCODE_CACHE"
+    # DEPLOYER's become keeps the cache's variables, as root's does.
+    env = {"PYTHONPATH": str(ZIPCODE_DIR), "QPQ_TEST_ZIPCODE_CACHE": ZIPCODE_CACHE}
+    kept = host.run(["runuser", "-u", DEPLOYER, "--", "sudo", "-n", "-H", "sh", "-c",
+                     'echo "$PYTHONPATH $QPQ_TEST_ZIPCODE_CACHE"'], env=env).stdout.split()
+    assert kept == [str(ZIPCODE_DIR), ZIPCODE_CACHE]
 
 
 def test_time_sync_runs_but_cannot_set_this_machines_clock(deployed: Deployed) -> None:
