@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import shlex
 import socket
@@ -66,6 +67,16 @@ MAX_EXPOSURE = 2.0
 ZIPCODE_CACHE = "/var/cache/qpq-test-zipcode"
 # sudo resets the environment: the become step keeps the two variables the cache needs.
 ZIPCODE_SUDOERS = 'Defaults env_keep += "PYTHONPATH QPQ_TEST_ZIPCODE_CACHE"\n'
+# What deploy.yml's roles (qpq_server, qpq_sysctl, qpq_ulimits, qpq_backup, qpq_firewall,
+# node_exporter) create on a fresh host with the vars below: none may exist after the check
+# run, all after the deploy (so this list cannot go stale unnoticed).
+DEPLOY_PATHS = (
+    "/opt/qpq", DATA, "/var/lib/qpq-backup", "/var/backups/qpq", OFFHOST, ACME_HOOK,
+    f"/etc/systemd/system/{UNIT}", f"/etc/systemd/system/{UNIT}.d/limits.conf",
+    "/etc/systemd/system/qpq-backup.service", "/etc/systemd/system/qpq-backup.timer",
+    "/etc/systemd/journald.conf.d/60-qpq.conf", "/etc/sysctl.d/99-qpq.conf",
+    "/etc/security/limits.d/99-qpq.conf", "/etc/nftables.d/qpq.nft",
+)
 
 
 def run_playbook(host: SystemdHost, playbook: str, extra_vars: Mapping[str, Any], *,
@@ -98,6 +109,23 @@ def run_playbook(host: SystemdHost, playbook: str, extra_vars: Mapping[str, Any]
     return parse_run(proc.returncode, proc.stdout + proc.stderr)
 
 
+def deploy_traces(host: SystemdHost, extra: Mapping[str, Any]) -> dict[str, bool]:
+    """Whether each trace of deploy.yml's work is on the host: DEPLOY_PATHS, the service
+    account, the lines it adds to files Debian ships, its node_exporter textfile metrics."""
+    traces = {path: os.path.lexists(host.path(path)) for path in DEPLOY_PATHS}
+    passwd = host.path("/etc/passwd").read_text()
+    traces["the qpq account in /etc/passwd"] = re.search(r"(?m)^qpq:", passwd) is not None
+    traces["the include of qpq.nft in /etc/nftables.conf"] = \
+        "qpq.nft" in host.path("/etc/nftables.conf").read_text()
+    listen = str(extra["qpq_prometheus_node_exporter_listen_address"])
+    traces["node_exporter's address in /etc/default/prometheus-node-exporter"] = \
+        listen in host.path("/etc/default/prometheus-node-exporter").read_text()
+    textfiles = host.path("/var/lib/prometheus/node-exporter")
+    traces["qpq metrics in /var/lib/prometheus/node-exporter"] = textfiles.is_dir() and any(
+        p.name.startswith("qpq") for p in textfiles.iterdir())
+    return traces
+
+
 def use_zipcode_cache(host: SystemdHost) -> None:
     """The private ZIPCODE_CACHE, and sudo keeping its variables for the become step."""
     host.run(["install", "-d", "-m", "0700", "-o", "root", "-g", "root", ZIPCODE_CACHE])
@@ -111,6 +139,9 @@ class Deployed:
     host: SystemdHost
     vars: dict[str, Any]
     check_fresh: PlaybookRun
+    # deploy_traces after the check run, then after the first deploy
+    traces_after_check: dict[str, bool]
+    traces_after_deploy: dict[str, bool]
     first: PlaybookRun
     second: PlaybookRun
 
@@ -167,8 +198,10 @@ def deploy_fresh_host(host: SystemdHost, wheel: Path) -> Deployed:
     host.systemctl("daemon-reload")
     use_zipcode_cache(host)
     check_fresh = run_playbook(host, "deploy.yml", extra, check=True)
+    traces_after_check = deploy_traces(host, extra)
     first = run_playbook(host, "deploy.yml", extra)
     assert first.rc == 0, first.output[-6000:] + host.journal(UNIT)
+    traces_after_deploy = deploy_traces(host, extra)
     # The redeploy is an operator's: a sudo user, the DB key now pinned as from a vault, so
     # the preflight must stat and read the 0700 data dir through become.
     add_sudo_user(host)
@@ -176,7 +209,8 @@ def deploy_fresh_host(host: SystemdHost, wheel: Path) -> Deployed:
     assert db_key
     second = run_playbook(host, "deploy.yml", {**extra, "qpq_server_db_key": db_key.group(1)},
                           user=DEPLOYER)
-    return Deployed(host, extra, check_fresh, first, second)
+    return Deployed(host, extra, check_fresh, traces_after_check, traces_after_deploy,
+                    first, second)
 
 
 def add_sudo_user(host: SystemdHost) -> None:
@@ -193,10 +227,16 @@ def add_sudo_user(host: SystemdHost) -> None:
     host.run(["chmod", "o+x", "/root"])
 
 
-def test_check_diff_on_a_fresh_host_succeeds(deployed: Deployed) -> None:
+def test_check_diff_on_a_fresh_host_reports_changes_and_writes_nothing(
+        deployed: Deployed) -> None:
     run = deployed.check_fresh
     assert run.rc == 0, run.output[-6000:]
     assert run.changed > 0  # it says what the deploy would do
+    written = [trace for trace, found in deployed.traces_after_check.items() if found]
+    assert written == [], "--check --diff changed the fresh host"
+    # The same probe sees every one of them once the deploy really ran: it can see them.
+    missed = [trace for trace, found in deployed.traces_after_deploy.items() if not found]
+    assert missed == [], "after the deploy, deploy_traces did not see these"
 
 
 def test_deploy_then_a_second_run_changes_nothing(deployed: Deployed) -> None:
