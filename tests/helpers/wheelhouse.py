@@ -6,7 +6,8 @@ prune old base temp dirs, and the systemd host binds it read-only while it runs.
 that starts the run (pytest alone, or xdist's controller) names a directory for the run in
 QPQ_TEST_WHEELHOUSE, which its workers inherit, and deletes it when the run ends, after every
 worker has finished; the first process that needs the wheels builds them under a lock.
-Directories left by runs that were killed are pruned after a day.
+Directories left by runs that were killed are pruned after a day. A QPQ_TEST_WHEELHOUSE set
+before pytest starts is used as it is and kept (built there once, reused by later runs).
 """
 
 from __future__ import annotations
