@@ -7,7 +7,8 @@ that starts the run (pytest alone, or xdist's controller) names a directory for 
 QPQ_TEST_WHEELHOUSE, which its workers inherit, and deletes it when the run ends, after every
 worker has finished; the first process that needs the wheels builds them under a lock.
 Directories left by runs that were killed are pruned after a day. A QPQ_TEST_WHEELHOUSE set
-before pytest starts is used as it is and kept (built there once, reused by later runs).
+before pytest starts is used and kept: built there once, then reused as built, even after the
+code changes.
 """
 
 from __future__ import annotations
