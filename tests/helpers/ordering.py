@@ -14,7 +14,8 @@ import pytest
 LONGEST_FIRST = (
     "tests/ansible/test_deploy.py",
     # Second, so the other worker starts on work that does not wait for the wheelhouse the
-    # first file builds (tests/ansible/conftest.py); every later playbook file reuses it.
+    # first file builds (tests/helpers/wheelhouse.py); every later playbook file and the
+    # systemd host reuse it.
     "tests/federation/test_relay.py",
     "tests/host/test_deploy_systemd.py",
     "tests/ansible/test_postgres_role.py",
