@@ -1,4 +1,7 @@
-"""Bad inputs stop deploy.yml in its first play, with a clear message, before any change."""
+"""Bad inputs stop deploy.yml in its first play, with a clear message, before any change.
+
+(Check mode on a fresh host, which reports changes and writes nothing, runs on the systemd
+host: tests/host/test_deploy_systemd.py.)"""
 
 from __future__ import annotations
 
@@ -90,11 +93,3 @@ def test_tuning_roles_without_qpq_ops_say_what_installs_it(
     assert run.rc != 0
     assert ("qpq_sysctl runs `qpq-ops tune sysctl`, which the qpq_server role installs"
             in " ".join(run.output.split())), run.output[-3000:]
-
-
-def test_check_mode_on_a_fresh_host_reports_changes_and_writes_nothing(
-        good_vars: dict[str, Any], tmp_path: Path) -> None:
-    run = run_playbook("deploy.yml", tmp_path / "work", good_vars, check=True)
-    assert run.rc == 0, run.output[-4000:]
-    assert run.changed > 0
-    assert not Path(good_vars["qpq_root"]).exists()
