@@ -3,9 +3,13 @@ the test with `qpq-server federation init-ca / issue-cert`."""
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
+import shutil
 import socket
 import subprocess
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -110,19 +114,34 @@ def distinct_udp_ports(count: int) -> list[int]:
             sock.close()
 
 
+@functools.cache
+def _pki_template() -> Path:
+    """One federation CA with a certificate per domain, made once per test process:
+    three `qpq-server` runs (~1.2 CPU-s) that every make_sites call repeated. Each test
+    gets its own copy (it may rewrite or replace files); a test about the CA or
+    issuing makes its own with make_ca / issue."""
+    root = Path(tempfile.mkdtemp(prefix="qpq-fed-pki-"))
+    atexit.register(shutil.rmtree, root, True)
+    ca = make_ca(root / "ca")
+    for domain in DOMAINS:
+        issue(ca, domain, root / f"certs-{domain}")
+    return root
+
+
 def make_sites(root: Path, overrides: dict[str, dict[str, Any]] | None = None,
                dsns: tuple[str, str] | None = None, **extra: Any) -> tuple[Site, Site]:
     """Configs for a.example and b.example peering with each other (`extra` goes into
     [federation], `overrides` into the other sections; `dsns`: each site's PostgreSQL
     database, written to its .env)."""
-    ca = make_ca(root / "ca")
+    template = _pki_template()
+    ca = shutil.copytree(template / "ca", root / "ca")
     fed_a, fed_b, quic_a, quic_b = distinct_udp_ports(4)
     ports = dict(zip(DOMAINS, (fed_a, fed_b), strict=True))
     quic = dict(zip(DOMAINS, (quic_a, quic_b), strict=True))
     sites = []
     for domain in DOMAINS:
         other = next(d for d in DOMAINS if d != domain)
-        certs = issue(ca, domain, root / f"certs-{domain}")
+        certs = shutil.copytree(template / f"certs-{domain}", root / f"certs-{domain}")
         section = federation_section(domain, certs, ca, ports[domain],
                                      [{"domain": other, "address": f"127.0.0.1:{ports[other]}"}],
                                      **extra)
