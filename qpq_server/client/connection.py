@@ -113,6 +113,8 @@ class QpqConnection:
         self.timeout = timeout
         self.server = server  # HOST:PORT as given: names the server's pinned KT head
         self.hello: dict[str, Any] = {}  # the server's answer to hello (domain, limits)
+        # how often call() retries a `rate_limited` answer (~5 s of backoff in all)
+        self.rate_limit_retries = _RATE_LIMIT_RETRIES
 
     @property
     def protocol(self) -> _ClientProtocol:
@@ -127,13 +129,13 @@ class QpqConnection:
         """Send one request; back off and retry while the server says `rate_limited`
         (a refused request did nothing, so retrying it is safe)."""
         delay = 0.1
-        for attempt in range(_RATE_LIMIT_RETRIES + 1):
+        for attempt in range(self.rate_limit_retries + 1):
             response = await self.call_raw({"op": op, **fields}, timeout)
             if response.get("ok"):
                 return response
             error = response.get("error") or {}
             code = str(error.get("code", "unknown"))
-            if code != "rate_limited" or attempt == _RATE_LIMIT_RETRIES:
+            if code != "rate_limited" or attempt == self.rate_limit_retries:
                 raise ClientError(code, str(error.get("message", "")))
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
