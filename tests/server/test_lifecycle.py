@@ -317,7 +317,9 @@ async def test_accounts_survive_an_opaque_setup_rotation(tmp_path: Path) -> None
 
 
 def test_postgres_backend_needs_a_usable_database_url(tmp_path: Path) -> None:
-    config = init_server_dir(tmp_path / "d", {"storage": {"backend": "postgres"}})
+    # connect_timeout_s: how long `run` waits for the closed port below (default 5 s)
+    config = init_server_dir(tmp_path / "d", {"storage": {"backend": "postgres",
+                                                          "connect_timeout_s": 1.0}})
     checked = run_cli("check-config", str(config), env=clean_env())
     assert checked.returncode == 1 and "needs QPQ_DATABASE_URL" in checked.stderr
     result = run_cli("run", "--config", str(config), env=clean_env())
