@@ -62,20 +62,26 @@ def _mutated_bundle(repo: Path, tmp_path: Path, old: str, new: str) -> list[str]
     return sorted(str(p) for p in (bundle / "tests").glob("*.yml"))
 
 
-@pytest.mark.parametrize(("old", "new"), [
+@pytest.mark.parametrize(("old", "new", "catcher"), [
     ("instance:qpq_trigger_cpu:busy_percent_rate5m > 70",
-     "instance:qpq_trigger_cpu:busy_percent_rate5m > 85"),
+     "instance:qpq_trigger_cpu:busy_percent_rate5m > 85", "qpq-triggers-test.yml"),
     ("instance:qpq_trigger_connections:percent > 95",
-     "instance:qpq_trigger_connections:percent > 99"),
-    ("    for: 5m\n", "    for: 1m\n"),
-    ("severity: critical\n      trigger: memory", "severity: warning\n      trigger: memory"),
-    ("time() < 1209600", "time() < 86400"),
+     "instance:qpq_trigger_connections:percent > 99", "qpq-triggers-test.yml"),
+    ("    for: 5m\n", "    for: 1m\n", "qpq-triggers-test.yml"),
+    ("severity: critical\n      trigger: memory", "severity: warning\n      trigger: memory",
+     "qpq-triggers-test.yml"),
+    ("time() < 1209600", "time() < 86400", "qpq-health-test.yml"),
 ], ids=["cpu-warning-threshold", "connections-critical-threshold", "for-window", "severity",
         "tls-expiry-window"])
 def test_promtool_tests_fail_when_an_alert_rule_drifts(
-        repo: Path, tmp_path: Path, old: str, new: str) -> None:
-    result = promtool("test", "rules", *_mutated_bundle(repo, tmp_path, old, new))
-    assert result.returncode != 0, result.stdout
+        repo: Path, tmp_path: Path, old: str, new: str, catcher: str) -> None:
+    """Only the test file that covers the rule runs (a failing subset fails the whole
+    `promtool test rules`, in ~1/4 of the time); it fails on an alert, not a broken file."""
+    (tests,) = [t for t in _mutated_bundle(repo, tmp_path, old, new) if t.endswith(catcher)]
+    result = promtool("test", "rules", tests)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "FAILED:" in output and "alertname: qpq_" in output, output
 
 
 @pytest.mark.parametrize("trigger", TRIGGERS, ids=lambda t: t.id)
