@@ -7,7 +7,7 @@ One launcher for `scripts/demo.py`, `bench/` and `tests/`::
         async with srv.connect() as conn:             # token and CA filled in
             await conn.call("ping")
 
-`init_server_dir` runs the real `qpq-server init` and rewrites the listen addresses to free
+`init_server_dir` runs what `qpq-server init` runs and rewrites the listen addresses to free
 127.0.0.1 ports; `start_server` waits for `/readyz` with a deadline; `stop()` sends TERM,
 waits, then KILLs. `wait_until` / `await_until` poll a predicate until a deadline, so tests
 never sleep-then-assert. The QUIC client (and so aioquic) is imported only by `connect()`.
@@ -142,13 +142,15 @@ def _wait_http_ready(url: str, process: subprocess.Popen[bytes], timeout: float,
 def init_server_dir(data_dir: Path,
                     overrides: dict[str, dict[str, Any]] | None = None) -> Path:
     """`qpq-server init` into data_dir, move its listeners to free loopback ports, apply
-    `overrides` ({section: {key: value}}); returns the config path."""
-    subprocess.run(
-        [str(BIN / "qpq-server"), "init", "--data-dir", str(data_dir)],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+    `overrides` ({section: {key: value}}); returns the config path.
+
+    The command's own function runs in this process: a `qpq-server init` process cost
+    ~0.5 CPU-s (the interpreter and CLI starting) for ~0.05 s of work, once per server
+    of every test. The command line itself is tested on its own (tests/server/
+    test_lifecycle.py, test_join.py)."""
+    from qpq_server.datadir import init_data_dir  # lazily: keys and TLS only when asked
+
+    init_data_dir(data_dir, "localhost")
     config_path = data_dir / "qpq-server.toml"
     config = tomllib.loads(config_path.read_text())
     config["server"]["listen"] = f"127.0.0.1:{free_port(socket.SOCK_DGRAM)}"
