@@ -233,8 +233,11 @@ def test_importing_the_ops_cli_loads_no_quic_or_websockets() -> None:
 
 # Issue 17: the deploy and the tests run qpq-ops hundreds of times; a command pays only
 # for the libraries it uses (qpq_ops.cli loads each command's module on demand).
+# pydantic: typer 0.29 coerces every parameter through it (~0.15 CPU-s per run); qpq
+# pins typer below that (pyproject.toml).
 HEAVY = ("psycopg", "requests", "prometheus_api_client", "httpx", "jinja2", "matplotlib",
-         "numpy", "scipy", "qpq_server.storage.postgres", "qpq_server.storage.sqlcipher")
+         "numpy", "scipy", "qpq_server.storage.postgres", "qpq_server.storage.sqlcipher",
+         "pydantic")
 
 
 def _run_ops(*argv: str) -> str:
@@ -256,6 +259,18 @@ def test_the_ops_cli_loads_no_heavy_library_a_command_does_not_use(statement: st
     if "tune" not in statement:  # listing the commands imports none of their modules
         assert not {m for m in loaded if _under(m, "qpq_ops.cli")} - {
             "qpq_ops.cli", "qpq_ops.cli._lazy"}
+
+
+def test_a_command_with_options_parses_them_without_pydantic() -> None:
+    """What the qpq_sysctl role runs on every deploy: options parsed, JSON printed."""
+    statement = ("import contextlib, io, json\nfrom qpq_ops.cli import main\n"
+                 "sys.argv = ['qpq-ops', 'tune', 'sysctl', '--json']\n"
+                 "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+                 "    try:\n        main()\n    except SystemExit as exc:\n"
+                 "        assert exc.code == 0, exc.code\n"
+                 "assert json.loads(out.getvalue())['settings']")
+    loaded = _loaded_after(statement)
+    assert not {m for m in loaded if _under(m, "pydantic", "pydantic_core")}
 
 
 @pytest.mark.parametrize(("argv", "not_loaded"), [
