@@ -32,10 +32,13 @@ lint: $(STAMP)
 
 typecheck: lint
 
+# Test processes for `make pytest` (`make test JOBS=3` on a machine with cores to spare).
+JOBS ?= 2
+
 # The whole suite, tests/host included: one file per worker at a time (module fixtures deploy
 # once per file), so the systemd host fills the gaps the other files leave.
 pytest: $(STAMP) sysdeps
-	$(BIN)/pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=30
+	$(BIN)/pytest -n $(JOBS) --dist loadfile --no-loadscope-reorder --durations=30
 
 # deploy.yml on a Debian 12 root booted with systemd as PID 1 (needs root; the root file
 # system is built once by debootstrap and cached in /var/cache/qpq-test-host). Part of
