@@ -170,7 +170,7 @@ def test_a_failed_upgrade_leaves_the_running_version_in_place(
     assert deployed.path("/etc/systemd/system/qpq-server.service").read_bytes() == unit
     server = DeployedServer(deployed.root, deployed.vars["qpq_server_metrics_listen"],
                             tmp_path / "server.log")
-    server.start()
+    server.start()  # the deployed install, still the running version: it answers /readyz
     try:
         assert server.ready(), server.log()
     finally:
@@ -285,16 +285,6 @@ def test_the_backup_unit_copies_archives_off_host_when_a_target_is_given(
         restored = run_playbook("deploy.yml", deployed.work, deployed.vars, tags="qpq_backup")
         assert restored.rc == 0, restored.output[-3000:]
     assert "rsync" not in unit.read_text()
-
-
-def test_the_deployed_install_runs_and_answers_readyz(deployed: Deployed) -> None:
-    server = DeployedServer(deployed.root, deployed.vars["qpq_server_metrics_listen"],
-                            deployed.work / "server.log")
-    try:
-        server.start()
-        assert server.ready()
-    finally:
-        server.stop()
 
 
 def test_a_config_that_check_config_rejects_never_lands(deployed: Deployed) -> None:

@@ -206,9 +206,11 @@ class PgNodes:
                               self.work / f"{name}.log")
 
     def rerun(self) -> PlaybookRun:
-        """The server role once more (once, by the first caller)."""
+        """The server role's configure and join steps once more, where the database URL
+        and the seed's secrets are written (once, by the first caller). The install step's
+        rerun is tests/host's second deploy."""
         if not self._rerun:
-            self._rerun.append(_deploy_nodes(self.work, tags="qpq_server"))
+            self._rerun.append(_deploy_nodes(self.work, tags="qpq_server_configure,qpq_server_join"))
         return self._rerun[0]
 
 

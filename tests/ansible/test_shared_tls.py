@@ -105,12 +105,13 @@ class VaultCluster:
     _rerun: list[PlaybookRun] = field(default_factory=list)
 
     def rerun(self) -> PlaybookRun:
-        """The server role once more with the same vars (run once, by the first caller:
-        the serving test calls it after its nodes ran)."""
+        """The server role's configure step once more with the same vars, where the vault's
+        certificates are written (run once, by the first caller: the serving test calls it
+        after its nodes ran). The install step's rerun is tests/host's second deploy."""
         if not self._rerun:
             self._rerun.append(run_playbook("deploy.yml", self.base / "work", self.extra,
                                             servers=SERVERS, host_vars=self.hosts,
-                                            tags="qpq_server"))
+                                            tags="qpq_server_configure"))
         return self._rerun[0]
 
 
