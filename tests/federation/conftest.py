@@ -11,7 +11,7 @@ import socket
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,9 +157,10 @@ def make_sites(root: Path, overrides: dict[str, dict[str, Any]] | None = None,
     return sites[0], sites[1]
 
 
-@pytest.fixture
-def sites(tmp_path: Path) -> Iterator[tuple[Site, Site]]:
-    a, b = make_sites(tmp_path)
+@contextmanager
+def started_sites(root: Path) -> Iterator[tuple[Site, Site]]:
+    """make_sites(root), both started, both stopped afterwards."""
+    a, b = make_sites(root)
     a.start()
     b.start()
     try:
@@ -167,3 +168,9 @@ def sites(tmp_path: Path) -> Iterator[tuple[Site, Site]]:
     finally:
         a.stop()
         b.stop()
+
+
+@pytest.fixture
+def sites(tmp_path: Path) -> Iterator[tuple[Site, Site]]:
+    with started_sites(tmp_path) as pair:
+        yield pair

@@ -12,21 +12,15 @@ import pytest
 from qpq_server.client import ClientError, KtViolation
 from qpq_server.devices import wrap_label
 from qpq_server.devserver import await_until, running_server, wait_until
-from tests.federation.conftest import Site, cli, make_sites
+from tests.federation.conftest import Site, cli, started_sites
 
 
 @pytest.fixture(scope="module")
 def sites(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Site, Site]]:
     """One pair for the module (each test has its own users and profiles, and none
     stops a site): a fresh pair per test cost ~2.6 CPU-s and ~3 s."""
-    a, b = make_sites(tmp_path_factory.mktemp("sites"))
-    a.start()
-    b.start()
-    try:
-        yield a, b
-    finally:
-        a.stop()
-        b.stop()
+    with started_sites(tmp_path_factory.mktemp("sites")) as pair:
+        yield pair
 
 
 def recv(site: Site, profile: Path, user: str) -> list[dict[str, object]]:
