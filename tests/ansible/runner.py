@@ -84,20 +84,29 @@ def ansible_env(work: Path) -> dict[str, str]:
     return env
 
 
+# How every inventory host here is reached: this machine, run with this interpreter.
+LOCAL_HOST: Mapping[str, str] = {"ansible_connection": "local",
+                                 "ansible_python_interpreter": sys.executable}
+# group -> host name -> that host's variables
+Groups = Mapping[str, Mapping[str, Mapping[str, Any]]]
+
+
 def write_inventory(path: Path, servers: Sequence[str] = ("localhost",),
-                    host_vars: Mapping[str, Mapping[str, Any]] | None = None) -> Path:
+                    host_vars: Mapping[str, Mapping[str, Any]] | None = None,
+                    groups: Groups | None = None) -> Path:
     """localhost in both groups the playbooks act on, run with this interpreter.
 
     More `servers` are more names for this same machine (connection local), for the
     playbooks' multi-host guards; `host_vars` gives one of them its own variables (extra
     vars would override them, so per-host values such as qpq_root go only here).
+    `groups` replaces both with groups of its own (each host gets LOCAL_HOST too).
     """
-    host = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
+    if groups is None:
+        groups = {"qpq_servers": {name: (host_vars or {}).get(name, {}) for name in servers},
+                  "qpq_monitoring": {"localhost": {}}}
     inventory = {"all": {"children": {
-        "qpq_servers": {"hosts": {name: {**host, **(host_vars or {}).get(name, {})}
-                                  for name in servers}},
-        "qpq_monitoring": {"hosts": {"localhost": host}},
-    }}}
+        group: {"hosts": {name: {**LOCAL_HOST, **own} for name, own in hosts.items()}}
+        for group, hosts in groups.items()}}}
     path.write_text(yaml.safe_dump(inventory))
     return path
 
@@ -106,14 +115,15 @@ def run_playbook(playbook: str, work: Path, extra_vars: Mapping[str, Any], *,
                  check: bool = False, tags: str | None = None,
                  servers: Sequence[str] = ("localhost",),
                  host_vars: Mapping[str, Mapping[str, Any]] | None = None,
+                 groups: Groups | None = None,
                  timeout: float = 600.0) -> PlaybookRun:
     """One `ansible-playbook` run; extra vars go in as JSON so types survive.
 
     `playbook` is one of playbooks/, or an absolute path (a test's own playbook, which
-    finds the roles through playbooks/ansible.cfg).
+    finds the roles through playbooks/ansible.cfg). The inventory: see write_inventory.
     """
     work.mkdir(parents=True, exist_ok=True)
-    inventory = write_inventory(work / "inventory.yml", servers, host_vars)
+    inventory = write_inventory(work / "inventory.yml", servers, host_vars, groups)
     vars_file = work / "extra-vars.json"
     vars_file.write_text(json.dumps(dict(extra_vars)))
     # From the repository root, as the issue spells it: `ansible-playbook -i INV playbooks/X.yml`.

@@ -9,7 +9,6 @@ import json
 import socket
 import stat
 import subprocess
-import sys
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +17,6 @@ from typing import Any
 
 import psycopg
 import pytest
-import yaml
 
 from qpq_server.client import QpqClient
 from qpq_server.devserver import free_port
@@ -32,8 +30,8 @@ from tests.ansible.runner import (
     ansible_env,
     deploy_vars,
     fake_proc,
-    parse_run,
     read_env,
+    run_playbook,
 )
 from tests.helpers.postgres import USER, PostgresCluster, pg_bindir, pg_cluster
 
@@ -54,18 +52,8 @@ def _scram_matches() -> Callable[[Any, str], bool]:
 
 def _deploy(work: Path, extra: dict[str, Any], check: bool = False) -> PlaybookRun:
     """deploy.yml with localhost in the qpq_postgres group only (the other plays idle)."""
-    work.mkdir(parents=True, exist_ok=True)
-    host = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
-    inventory = work / "inventory.yml"
-    inventory.write_text(yaml.safe_dump(
-        {"all": {"children": {"qpq_postgres": {"hosts": {"localhost": host}}}}}))
-    vars_file = work / "extra-vars.json"
-    vars_file.write_text(json.dumps(extra))
-    cmd = [str(BIN / "ansible-playbook"), "-i", str(inventory), "playbooks/deploy.yml",
-           "-e", f"@{vars_file}", *(["--check"] if check else [])]
-    proc = subprocess.run(cmd, cwd=REPO, env=ansible_env(work), capture_output=True,
-                          text=True, timeout=240, check=False)
-    return parse_run(proc.returncode, proc.stdout + proc.stderr)
+    return run_playbook("deploy.yml", work, extra, check=check,
+                        groups={"qpq_postgres": {"localhost": {}}}, timeout=240)
 
 
 def _vars(root: Path, cluster: PostgresCluster, **more: Any) -> dict[str, Any]:
@@ -172,16 +160,6 @@ def test_multi_node_example_inventory_puts_n_nodes_on_one_postgres(tmp_path: Pat
     assert syntax.returncode == 0, syntax.stdout + syntax.stderr
 
 
-def _deploy_nodes(work: Path, tags: str | None = None) -> PlaybookRun:
-    """deploy.yml with the inventory and vars written into `work`."""
-    cmd = [str(BIN / "ansible-playbook"), "-i", str(work / "inventory.yml"),
-           "playbooks/deploy.yml", "-e", f"@{work / 'extra-vars.json'}",
-           *(["--tags", tags] if tags else [])]
-    proc = subprocess.run(cmd, cwd=REPO, env=ansible_env(work), capture_output=True,
-                          text=True, timeout=600, check=False)
-    return parse_run(proc.returncode, proc.stdout + proc.stderr)
-
-
 @dataclass
 class PgNodes:
     """deploy.yml's database and server roles onto two nodes on one PostgreSQL: node1 is
@@ -195,7 +173,7 @@ class PgNodes:
     extra: dict[str, Any]
     hosts: dict[str, dict[str, Any]]
     dsn: str
-    first: PlaybookRun
+    first: PlaybookRun = field(init=False)  # deploy(tags="qpq_postgres,qpq_server")
     _rerun: list[PlaybookRun] = field(default_factory=list)
 
     def root(self, name: str) -> Path:
@@ -210,8 +188,13 @@ class PgNodes:
         and the seed's secrets are written (once, by the first caller). The install step's
         rerun is tests/host's second deploy."""
         if not self._rerun:
-            self._rerun.append(_deploy_nodes(self.work, tags="qpq_server_configure,qpq_server_join"))
+            self._rerun.append(self.deploy(tags="qpq_server_configure,qpq_server_join"))
         return self._rerun[0]
+
+    def deploy(self, tags: str) -> PlaybookRun:
+        """deploy.yml with node1 in qpq_postgres and both nodes in qpq_servers."""
+        return run_playbook("deploy.yml", self.work, self.extra, tags=tags, groups={
+            "qpq_postgres": {"node1": self.hosts["node1"]}, "qpq_servers": self.hosts})
 
 
 @pytest.fixture(scope="module")
@@ -229,20 +212,13 @@ def pg_nodes(tmp_path_factory: pytest.TempPathFactory, pg_cluster: PostgresClust
         extra.pop(per_host)
     hosts: dict[str, dict[str, Any]] = {}
     for name in ("node1", "node2"):
-        hosts[name] = {"ansible_connection": "local",
-                       "ansible_python_interpreter": sys.executable,
-                       "qpq_root": str(base / name),
+        hosts[name] = {"qpq_root": str(base / name),
                        "qpq_server_listen": f"127.0.0.1:{free_port(socket.SOCK_DGRAM)}",
                        "qpq_server_metrics_listen": f"127.0.0.1:{free_port()}"}
     hosts["node1"]["qpq_server_workers"] = 2
-    work = base / "w"
-    work.mkdir()
-    (work / "inventory.yml").write_text(yaml.safe_dump({"all": {"children": {
-        "qpq_postgres": {"hosts": {"node1": hosts["node1"]}},
-        "qpq_servers": {"hosts": hosts}}}}))
-    (work / "extra-vars.json").write_text(json.dumps(extra))
-    return PgNodes(base=base, work=work, extra=extra, hosts=hosts, dsn=dsn,
-                   first=_deploy_nodes(work, tags="qpq_postgres,qpq_server"))
+    nodes = PgNodes(base=base, work=base / "w", extra=extra, hosts=hosts, dsn=dsn)
+    nodes.first = nodes.deploy(tags="qpq_postgres,qpq_server")
+    return nodes
 
 
 def test_deploy_puts_a_node_with_workers_on_the_postgres_the_role_made(
