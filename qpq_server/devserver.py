@@ -150,7 +150,7 @@ def init_server_dir(data_dir: Path,
     test_lifecycle.py, test_join.py)."""
     from qpq_server.datadir import init_data_dir  # lazily: keys and TLS only when asked
 
-    init_data_dir(data_dir, "localhost")
+    init_data_dir(data_dir)  # its default domain, as `qpq-server init` without --domain
     config_path = data_dir / "qpq-server.toml"
     config = tomllib.loads(config_path.read_text())
     config["server"]["listen"] = f"127.0.0.1:{free_port(socket.SOCK_DGRAM)}"
