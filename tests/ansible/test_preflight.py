@@ -67,6 +67,24 @@ def test_bad_input_stops_in_preflight_with_a_clear_message_and_no_change(
     assert not Path(good_vars["qpq_root"]).exists()
 
 
+def test_a_run_limited_by_tags_checks_the_roles_it_runs_once(
+        good_vars: dict[str, Any], tmp_path: Path) -> None:
+    # A bad input of a role the tags leave out does not stop the run...
+    extra = {**good_vars, "qpq_grafana_admin_password": "admin"}
+    run = run_playbook("deploy.yml", tmp_path / "work", extra, tags="qpq_backup_preflight")
+    assert run.rc == 0, run.output[-3000:]
+    checks = [line.split("]")[0] + "]" for line in run.output.splitlines()
+              if line.startswith("TASK [") and " : Assert " in line]
+    # ...and the selected role's checks run once, in the first play.
+    assert checks and all(check.startswith("TASK [qpq_backup : ") for check in checks), checks
+    assert len(set(checks)) == len(checks), checks
+    # A step's tag selects its role: the server role's bad input stops the run.
+    bad = {**good_vars, "qpq_server_listen": "0.0.0.0"}
+    run = run_playbook("deploy.yml", tmp_path / "work", bad, tags="qpq_server_configure")
+    assert run.rc != 0 and "qpq_server_listen must be HOST:PORT" in run.output, run.output[-3000:]
+    assert "PLAY [Deploy the qpq server]" not in run.output
+
+
 def with_qpq_ops(root: Path) -> None:
     """This checkout's qpq-ops where the qpq_server role would install it (no pip run)."""
     venv_bin = root / "opt" / "qpq" / "venv" / "bin"
