@@ -7,12 +7,10 @@ import datetime as dt
 import json
 import shutil
 import time
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import tomli_w
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
@@ -258,35 +256,45 @@ def test_this_hosts_clock_reading_is_well_formed() -> None:
         assert reading.synchronised or reading.offset_s is None
 
 
+@pytest.fixture(scope="module")
+def prometheus(server: RunningServer, tmp_path_factory: pytest.TempPathFactory
+               ) -> Iterator[tuple[str, int]]:
+    """One Prometheus for the doctor's scrape checks: job qpq scrapes this server and a
+    port nothing listens on. Yields its URL and that dead port."""
+    dead = free_port()
+    live = server.metrics_url.removeprefix("http://")
+    with running_prometheus(tmp_path_factory.mktemp("doctor-prometheus"),
+                            [ScrapeJob("qpq", [live, f"127.0.0.1:{dead}"])]) as prom:
+        # both targets scraped once: the live one up, the dead one down
+        prom.wait_for('up{job="qpq"}', lambda result: len(result) == 2)
+        yield prom.url, dead
+
+
 def test_prometheus_scraping_the_server_is_ok_and_absent_is_warning(
-        server: RunningServer, host: dict[str, Path], tmp_path: Path) -> None:
-    target = server.metrics_url.removeprefix("http://")
-    with running_prometheus(tmp_path, [ScrapeJob("qpq", [target])]) as prom:
-        prom.wait_for_targets_up()
-        result = by_id(run_doctor(inputs(server, host, prometheus_url=prom.url)))["prometheus"]
-        assert result.state == "ok" and "'qpq'" in result.detail
-    with running_prometheus(tmp_path) as empty:
-        result = by_id(run_doctor(inputs(server, host, prometheus_url=empty.url)))["prometheus"]
-        assert result.state == "warning" and "no active target" in result.detail
+        server: RunningServer, host: dict[str, Path],
+        prometheus: tuple[str, int]) -> None:
+    url, _ = prometheus
+    result = by_id(run_doctor(inputs(server, host, prometheus_url=url)))["prometheus"]
+    assert result.state == "ok" and "'qpq'" in result.detail
+    # a server whose metrics address no job scrapes
+    elsewhere = configured(load_deployment(server.config_path), "metrics",
+                           listen=f"127.0.0.1:{free_port()}")
+    result = by_id(run_doctor(inputs(server, host, deployment=elsewhere,
+                                     prometheus_url=url)))["prometheus"]
+    assert result.state == "warning" and "no active target" in result.detail
     unreachable = f"http://127.0.0.1:{free_port()}"
     result = by_id(run_doctor(inputs(server, host, prometheus_url=unreachable)))["prometheus"]
     assert result.state == "no-data"
 
 
 def test_prometheus_target_down_is_critical(server: RunningServer, host: dict[str, Path],
-                                            tmp_path: Path) -> None:
-    # a second config whose metrics port nothing listens on, scraped by Prometheus
-    config = tomllib.loads(server.config_path.read_text())
-    port = free_port()
-    config["metrics"]["listen"] = f"127.0.0.1:{port}"
-    other = tmp_path / "qpq-server.toml"
-    other.write_text(tomli_w.dumps(config))
+                                            prometheus: tuple[str, int]) -> None:
+    # the deployment's metrics port is a target Prometheus finds down
+    url, dead = prometheus
     deployment = configured(load_deployment(server.config_path), "metrics",
-                            listen=f"127.0.0.1:{port}")
-    with running_prometheus(tmp_path, [ScrapeJob("qpq", [f"127.0.0.1:{port}"])]) as prom:
-        prom.wait_for('up{job="qpq"} == 0')
-        results = by_id(run_doctor(inputs(server, host, deployment=deployment,
-                                          prometheus_url=prom.url)))
+                            listen=f"127.0.0.1:{dead}")
+    results = by_id(run_doctor(inputs(server, host, deployment=deployment,
+                                      prometheus_url=url)))
     assert results["prometheus"].state == "critical"
     assert results["readyz"].state == "critical"
 

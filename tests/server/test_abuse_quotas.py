@@ -201,7 +201,9 @@ async def test_a_websocket_flood_is_held_back_not_buffered(srv: RunningServer,
     async with client(srv, tmp_path) as c:
         (session,) = await sessions(c, "ws_flood")
     url = "ws://" + tomllib.loads(srv.config_path.read_text())["websocket"]["listen"]
-    async with ws_connect(url, proxy=None, compression=None) as ws:
+    # The bridge reads nothing more while its two fetches are parked, the close frame
+    # included: the client waits close_timeout for the answer, then drops the connection.
+    async with ws_connect(url, proxy=None, compression=None, close_timeout=0.5) as ws:
         await ws.send(msgpack.packb({"op": "hello", "token": srv.auth_token, "id": 0}))
         await ws.recv()
         parked = msgpack.packb({"op": "fetch", "session": session, "wait_s": 30.0, "id": 1})
