@@ -1,5 +1,5 @@
-"""Longest files first: with `-n 2 --dist loadfile` a worker takes one whole file at a time,
-so a long file started last keeps one core busy after the other has run out of work.
+"""Longest files first: with `--dist loadfile` a worker takes one whole file at a time, so
+a long file started last keeps one core busy after the others have run out of work.
 xdist would reorder the files by their number of tests unless told not to: `make pytest`
 passes `--no-loadscope-reorder` (tests/test_suite_ordering.py holds it to that).
 
@@ -13,20 +13,25 @@ import pytest
 
 LONGEST_FIRST = (
     "tests/ansible/test_deploy.py",
-    # Second, so the other worker starts on work that does not wait for the wheelhouse the
-    # first file builds (tests/helpers/wheelhouse.py); every later playbook file and the
-    # systemd host reuse it.
-    "tests/federation/test_relay.py",
+    # The first three start together (`make test` runs three workers). The systemd host
+    # boots its guest while the first file builds the wheelhouse it then installs from
+    # (tests/helpers/wheelhouse.py); the third needs no wheel and keeps a core busy.
     "tests/host/test_deploy_systemd.py",
+    "tests/server/test_client_delivery.py",
     "tests/ansible/test_postgres_role.py",
     "tests/ansible/test_shared_tls.py",
     "tests/ansible/test_day2.py",
+    "tests/federation/test_relay.py",
     "tests/ansible/test_preflight.py",
-    "tests/server/test_client_delivery.py",
-    "tests/ansible/test_federation.py",
-    "tests/ansible/test_fast_extra.py",
     "tests/ansible/test_hashed_install.py",
+    "tests/ansible/test_fast_extra.py",
+    "tests/ansible/test_multi_host.py",
+    "tests/ansible/test_federation.py",
+    "tests/ansible/test_static.py",
+    "tests/server/test_blobs.py",
+    "tests/bundle/test_prometheus_rules.py",
     "tests/server/test_lifecycle.py",
+    "tests/server/test_postgres_nodes.py",
 )
 
 
