@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 
 ALPN = "qpq/1"
 HANDSHAKE_CONCURRENCY = 16
+HANDSHAKE_ROUNDS = 3  # per target, alternating with the other target
 
 
 # -- the ceiling: a bare aioquic echo server (runs as `ceiling.py --echo-server`) ---------
@@ -176,12 +177,27 @@ async def load(t: Target, n: int, seconds: float) -> dict[str, float]:
 
 
 async def handshakes(t: Target, total: int) -> dict[str, float]:
-    durations: list[float] = []
-    async with AsyncExitStack() as stack:
-        began = time.perf_counter()
-        await open_conns(t, total, stack, durations, hello=False)  # the handshake alone
-        elapsed = time.perf_counter() - began
-    return {"handshakes_per_s": total / elapsed, "handshake_p95_ms": pct(durations, .95) * 1e3}
+    return (await alternating_handshakes([t], total, rounds=1))[t.name]
+
+
+async def alternating_handshakes(targets: list[Target], total: int,
+                                 rounds: int) -> dict[str, dict[str, float]]:
+    """`total` handshakes on each target in turn, `rounds` times.
+
+    Each target is measured in the same client state: a target measured after another's
+    load and idle-connection phases had a 1.5-3x slower p95, whichever target it was."""
+    durations: dict[str, list[float]] = {t.name: [] for t in targets}
+    elapsed = dict.fromkeys(durations, 0.0)
+    for _ in range(rounds):
+        for t in targets:
+            async with AsyncExitStack() as stack:
+                began = time.perf_counter()
+                # the handshake alone
+                await open_conns(t, total, stack, durations[t.name], hello=False)
+                elapsed[t.name] += time.perf_counter() - began
+    return {name: {"handshakes_per_s": rounds * total / elapsed[name],
+                   "handshake_p95_ms": pct(durations[name], .95) * 1e3}
+            for name in durations}
 
 
 async def idle_rss(t: Target, n: int) -> float:
@@ -260,12 +276,14 @@ def qpq_prepare(round_trip: str = "carried",
 
 async def measure_target(target: Target, conn_counts: list[int], seconds: float,
                          total_handshakes: int, idle: int, load_only: bool = False,
-                         ) -> dict[str, Any]:
+                         handshakes_apart: bool = False) -> dict[str, Any]:
+    """Load at each connection count, handshakes (unless the caller measures them apart,
+    alternating targets), then RSS per idle connection."""
     per_n = {str(n): await load(target, n, seconds) for n in conn_counts}
     if load_only:
         return {"load": per_n}
-    return {"load": per_n, **await handshakes(target, total_handshakes),
-            "rss_per_conn_bytes": await idle_rss(target, idle)}
+    shakes = {} if handshakes_apart else await handshakes(target, total_handshakes)
+    return {"load": per_n, **shakes, "rss_per_conn_bytes": await idle_rss(target, idle)}
 
 
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -295,7 +313,13 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             }
             for name, target in targets.items():
                 results[name] = await measure_target(target, conn_counts, seconds,
-                                                     total_handshakes, idle)
+                                                     total_handshakes, idle,
+                                                     handshakes_apart=True)
+            # After both targets' other phases, so both are measured in one client state.
+            shakes = await alternating_handshakes(list(targets.values()), total_handshakes,
+                                                  HANDSHAKE_ROUNDS)
+            for name, measured in shakes.items():
+                results[name].update(measured)
             if args.compare_round_trips:  # the other round trips, same server, same run
                 for other in (r for r in ROUND_TRIPS if r != args.round_trip):
                     results[f"qpq_{other}"] = await measure_target(
