@@ -25,6 +25,10 @@ class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
     so `/healthz` keeps answering while descriptors are exhausted."""
 
     daemon_threads = True
+    # socketserver's default listen backlog is 5: more concurrent connects than that (two
+    # Prometheus servers, load-balancer health checks, doctor) lose their SYNs, which the
+    # client's kernel sends again only after a second.
+    request_queue_size = 128
     _spare: int | None = None
 
     def server_activate(self) -> None:

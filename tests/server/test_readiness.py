@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -42,6 +44,21 @@ def test_readyz_fails_while_the_event_loop_is_wedged_and_healthz_stays_up() -> N
         beat.cancel()
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
+        health.stop()
+
+
+def test_concurrent_health_checks_fit_in_the_listen_backlog() -> None:
+    health = HealthServer("127.0.0.1", free_port(), CollectorRegistry(), lambda: True)
+    health.start()
+    try:
+        listening = subprocess.run(["ss", "-ltnH", f"sport = :{health.port}"],
+                                   capture_output=True, text=True, check=True).stdout.split()
+        assert listening[0] == "LISTEN" and int(listening[2]) >= 64, listening  # Send-Q
+        with ThreadPoolExecutor(max_workers=32) as pool:
+            codes = list(pool.map(lambda _: _status(f"http://127.0.0.1:{health.port}/healthz"),
+                                  range(64)))
+        assert codes == [200] * 64
+    finally:
         health.stop()
 
 
