@@ -85,6 +85,22 @@ def test_a_run_limited_by_tags_checks_the_roles_it_runs_once(
     assert "PLAY [Deploy the qpq server]" not in run.output
 
 
+def test_a_role_run_on_its_own_checks_its_inputs(good_vars: dict[str, Any],
+                                                tmp_path: Path) -> None:
+    """Outside deploy.yml (no first play named it in qpq_inputs_checked) the role checks."""
+    playbook = tmp_path / "sysctl-alone.yml"
+    playbook.write_text("- name: The sysctl role alone\n"
+                        "  hosts: qpq_servers\n"
+                        "  gather_facts: false\n"
+                        "  roles: [qpq_sysctl]\n")
+    extra = {**good_vars, "qpq_sysctl_qpq_ops": "venv/bin/qpq-ops"}
+    run = run_playbook(str(playbook), tmp_path / "work", extra)
+    assert run.rc != 0
+    assert "TASK [qpq_sysctl : Assert the root, drop-in, proc and qpq-ops paths" in run.output
+    assert "must be absolute paths" in " ".join(run.output.split()), run.output[-3000:]
+    assert run.changed == 0
+
+
 def with_qpq_ops(root: Path) -> None:
     """This checkout's qpq-ops where the qpq_server role would install it (no pip run)."""
     venv_bin = root / "opt" / "qpq" / "venv" / "bin"
