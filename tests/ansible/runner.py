@@ -67,12 +67,17 @@ ZIPCODE_DIR = Path(__file__).resolve().parent / "zipcode"
 ZIPCODE_CACHE = REPO / ".pytest_cache" / "ansible-zipcode"
 
 
+def zipcode_env(cache: Path | str) -> dict[str, str]:
+    """The variables that turn that cache on, in `cache`, for Ansible and its modules (the
+    systemd host's sudo keeps exactly these)."""
+    return {"PYTHONPATH": str(ZIPCODE_DIR), "QPQ_TEST_ZIPCODE_CACHE": str(cache)}
+
+
 def ansible_env(work: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("QPQ_", "ANSIBLE_"))}
     ZIPCODE_CACHE.mkdir(mode=0o700, parents=True, exist_ok=True)
     env.update(
-        PYTHONPATH=str(ZIPCODE_DIR),
-        QPQ_TEST_ZIPCODE_CACHE=str(ZIPCODE_CACHE),
+        zipcode_env(ZIPCODE_CACHE),
         ANSIBLE_CONFIG=str(PLAYBOOKS / "ansible.cfg"),
         ANSIBLE_NOCOLOR="1",
         ANSIBLE_FORCE_COLOR="0",

@@ -32,6 +32,7 @@ from tests.ansible.runner import (
     ZIPCODE_DIR,
     PlaybookRun,
     parse_run,
+    zipcode_env,
 )
 from tests.helpers.ports import free_port
 from tests.host.systemd_host import SystemdHost
@@ -66,7 +67,7 @@ MAX_EXPOSURE = 2.0
 # the cache is root's, private, and inside the host: the checkout is bound read-only.
 ZIPCODE_CACHE = "/var/cache/qpq-test-zipcode"
 # sudo resets the environment: the become step keeps the two variables the cache needs.
-ZIPCODE_SUDOERS = 'Defaults env_keep += "PYTHONPATH QPQ_TEST_ZIPCODE_CACHE"\n'
+ZIPCODE_SUDOERS = f'Defaults env_keep += "{" ".join(zipcode_env(ZIPCODE_CACHE))}"\n'
 # What deploy.yml's roles (qpq_server, qpq_sysctl, qpq_ulimits, qpq_backup, qpq_firewall,
 # node_exporter) create on a fresh host with the vars below: none may exist after the check
 # run, all after the deploy (so this list cannot go stale unnoticed).
@@ -102,8 +103,7 @@ def run_playbook(host: SystemdHost, playbook: str, extra_vars: Mapping[str, Any]
            "ANSIBLE_CONFIG": str(PLAYBOOKS / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1",
            "ANSIBLE_LOCAL_TEMP": "/tmp/ansible-local" + ("" if user == "root" else f"-{user}"),
            "ANSIBLE_REMOTE_TEMP": "/tmp/ansible-remote" + ("" if user == "root" else f"-{user}"),
-           "ANSIBLE_RETRY_FILES_ENABLED": "0",
-           "PYTHONPATH": str(ZIPCODE_DIR), "QPQ_TEST_ZIPCODE_CACHE": ZIPCODE_CACHE}
+           "ANSIBLE_RETRY_FILES_ENABLED": "0", **zipcode_env(ZIPCODE_CACHE)}
     if user != "root":
         env |= {"HOME": f"/home/{user}", "USER": user, "LOGNAME": user}
         cmd = ["runuser", "-u", user, "--", *cmd]
@@ -388,9 +388,10 @@ def test_module_code_ran_with_the_zipcode_cache(deployed: Deployed) -> None:
     host = deployed.host
     assert any(host.path(ZIPCODE_CACHE).iterdir()), "no module task wrote to ZIPCODE_CACHE"
     # DEPLOYER's become keeps the cache's variables, as root's does.
-    env = {"PYTHONPATH": str(ZIPCODE_DIR), "QPQ_TEST_ZIPCODE_CACHE": ZIPCODE_CACHE}
+    env = zipcode_env(ZIPCODE_CACHE)
+    echo = " ".join(f'"${name}"' for name in env)
     kept = host.run(["runuser", "-u", DEPLOYER, "--", "sudo", "-n", "-H", "sh", "-c",
-                     'echo "$PYTHONPATH $QPQ_TEST_ZIPCODE_CACHE"'], env=env).stdout.split()
+                     f"echo {echo}"], env=env).stdout.split()
     assert kept == [str(ZIPCODE_DIR), ZIPCODE_CACHE]
 
 
