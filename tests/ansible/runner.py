@@ -50,16 +50,25 @@ class PlaybookRun:
     def changed(self) -> int:
         return self.recap.get("changed", -1)
 
+    def task_headers(self) -> list[str]:
+        """Each task run, in order, as `TASK [role : name]` (a task run twice is here twice)."""
+        return [_task_header(line) for line in self.output.splitlines()
+                if line.startswith("TASK [")]
+
     def changed_tasks(self) -> list[str]:
         """Task headers followed by a `changed:` line, for failure messages."""
         names: list[str] = []
         task = ""
         for line in self.output.splitlines():
             if line.startswith("TASK ["):
-                task = line.split("]")[0] + "]"
+                task = _task_header(line)
             elif line.startswith("changed:") and task not in names:
                 names.append(task)
         return names
+
+
+def _task_header(line: str) -> str:
+    return line.split("]", maxsplit=1)[0] + "]"
 
 
 # A private cache of the bytecode of Ansible's zipped module code (see zipcode/sitecustomize.py).

@@ -73,8 +73,7 @@ def test_a_run_limited_by_tags_checks_the_roles_it_runs_once(
     extra = {**good_vars, "qpq_grafana_admin_password": "admin"}
     run = run_playbook("deploy.yml", tmp_path / "work", extra, tags="qpq_backup_preflight")
     assert run.rc == 0, run.output[-3000:]
-    checks = [line.split("]")[0] + "]" for line in run.output.splitlines()
-              if line.startswith("TASK [") and " : Assert " in line]
+    checks = [task for task in run.task_headers() if " : Assert " in task]
     # ...and the selected role's checks run once, in the first play.
     assert checks and all(check.startswith("TASK [qpq_backup : ") for check in checks), checks
     assert len(set(checks)) == len(checks), checks
